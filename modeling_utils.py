@@ -1,0 +1,85 @@
+"""Pieces shared by the memory models (GradMem, RMT): the output contract and backbone loading.
+
+Both memory models wrap any Hugging Face causal LM (the "backbone"), built either from a config (trained from
+scratch) or from a pretrained name/path, and return a `MemoryModelOutput` whose `logits[:, j]` predicts query token
+`j` (labels are aligned with the query ids, not shifted), so one collator and one metrics function serve both.
+"""
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class MemoryModelOutput(ModelOutput):
+    """Output of a memory model's forward.
+
+    loss:   scalar training loss (None without labels).
+    logits: [B, Q, V]; logits[:, j] predicts query token j (aligned with `labels`, no shift needed).
+    memory: [B, M, d] the final memory, exactly as READ consumed it (a plain tensor: save it, read it later).
+    stats:  dict of detached 0-d tensors (inner-loop / memory statistics) for logging.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    memory: Optional[torch.Tensor] = None
+    stats: Optional[dict] = None
+
+
+def base_config_to_dict(base_config: Union[None, dict, PretrainedConfig]) -> Optional[dict]:
+    """A backbone config stored inside our own config must be a plain dict so that save/load round-trips."""
+    if base_config is None or isinstance(base_config, dict):
+        return base_config
+    if isinstance(base_config, PretrainedConfig):
+        return base_config.to_dict()
+    raise TypeError(f"base_config must be a dict or a PretrainedConfig, got {type(base_config).__name__}")
+
+
+def base_config_from_dict(base_config: dict) -> PretrainedConfig:
+    if "model_type" not in base_config:
+        raise ValueError("base_config has no 'model_type'; build it from a transformers config (e.g. LlamaConfig)")
+    config = dict(base_config)
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def build_causal_lm(
+    pretrained_model: Optional[str],
+    base_config: Optional[dict],
+    attn_implementation: Optional[str] = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """The backbone: `AutoModelForCausalLM` from a pretrained name/folder, or freshly initialised from a config."""
+    if (pretrained_model is None) == (base_config is None):
+        raise ValueError("give exactly one of pretrained_model (a hub id or local folder) and base_config")
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    if pretrained_model is not None:
+        return AutoModelForCausalLM.from_pretrained(pretrained_model, **kwargs, **from_pretrained_kwargs)
+    return AutoModelForCausalLM.from_config(base_config_from_dict(base_config), **kwargs)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The plain transformers model under a peft wrapper (or the model itself)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def get_backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack of a causal LM (`model` for llama, `transformer` for gpt2, `gpt_neox` for pythia)."""
+    lm = unwrap_peft(model)
+    backbone = getattr(lm, lm.base_model_prefix, None)
+    if backbone is None:
+        raise ValueError(f"cannot find the decoder of {type(lm).__name__} (base_model_prefix={lm.base_model_prefix!r})")
+    return backbone
+
+
+def hidden_size(config: PretrainedConfig) -> int:
+    """Width of the input embeddings (where memory vectors live)."""
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"cannot read the hidden size of a {type(config).__name__}")
