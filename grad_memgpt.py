@@ -1,0 +1,620 @@
+"""GradMem: a causal LM that writes a context into M memory vectors by K steps of test-time gradient descent.
+
+    WRITE  memory_0 = init (learned);  for k < K:  memory_{k+1} = memory_k - lr * grad_k,
+           grad_k = d/d memory_k of the per-sample reconstruction loss of the context given
+           [write_start; memory_k; write_end; context]  (weights frozen, only the memory moves)
+    READ   logits of the query given [read_start; memory_K; read_end; query]
+    TRAIN  the READ loss is backpropagated through the K WRITE updates (grad_mode="second": exact
+           second order; "first": first-order MAML; "none": memory treated as a constant), so the
+           weights, the memory init and the write-only parameters are meta-learned.
+
+Sequence layouts (C control tokens on each side of the memory, mem_offset = M + 2C):
+    WRITE  [write_start (C)] [memory (M)] [write_end (C)] [context (S)]   position mem_offset-1+t predicts context t
+    READ   [read_start (C)]  [memory (M)] [read_end (C)]  [query (Q)]     position mem_offset-1+j predicts query j
+No attention mask and no position ids are passed: inputs are right-padded, so under causal attention real tokens
+never see padding, and positions restart at 0 in both sequences.
+
+Inner loss (per sample i): mean cross-entropy over the sample's real (non-pad) context tokens; the batch loss is the
+SUM over samples, so d loss / d memory_i = d loss_i / d memory_i: the inner lr is per sample and independent of the
+batch size and of padding. A row whose context is all padding has zero loss and zero gradient: it is not written.
+
+The memory returned by `write` is exactly what READ consumes (after `mem_proj`, or after the per-sample fast
+projection), a plain [B, M, d] tensor: it can be saved with torch.save and read later by a freshly loaded model.
+
+Stats (dict of detached 0-d float32 tensors, computed without host synchronisation):
+    inner_loss                      mean per-sample inner loss after the final update (at memory_K), written rows;
+                                    measured with one extra forward without graph (no backward)
+    inner_loss_step_{k}, k=0..K     mean per-sample inner loss at memory_k (k=K is inner_loss), written rows
+    inner_grad_norm_mean/max/min    per-sample L2 norm of the raw (unclipped) inner gradient w.r.t. the memory
+                                    (the un-projected memory variable), over written rows and the K steps
+    mem_norm_mean/max/min           per-sample norm of the final memory as READ consumes it, all rows
+    delta_mem_norm_mean/max/min     per-sample norm of (final memory - initial memory), both as READ consumes
+                                    them, written rows
+    written_frac                    fraction of rows with at least one real context token
+  forward() adds:
+    target_loss                     token-weighted mean READ cross-entropy over labels != -100
+    inner_loss_outer                (add_inner_loss_to_outer only) the inner-loss term added to the outer loss,
+                                    before the weight: mean per-sample loss at memory_{K-1}, with graph
+With K=0 (or an empty context tensor) there is no WRITE and only mem_norm_*, delta_mem_norm_* and written_frac are
+reported.
+"""
+import contextlib
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+
+import attn_double_bwd
+from modeling_utils import (
+    MemoryModelOutput,
+    base_config_from_dict,
+    base_config_to_dict,
+    build_causal_lm,
+    get_backbone,
+    hidden_size,
+    unwrap_peft,
+)
+
+GRAD_MODES = ("none", "first", "second")
+MEM_PROJ_MODES = ("none", "proj", "per_sample")
+
+# LoRA targets of the write-phase adapters when none are given (every linear layer of the decoder blocks).
+DEFAULT_WRITE_LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+# Inner Adam hyper-parameters (fixed, as in the reference; the inner lr is `lr`).
+ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
+
+
+class GradMemGPTConfig(PretrainedConfig):
+    """Configuration of a GradMem model (see the module docstring for the algorithm).
+
+    Backbone: exactly one of `pretrained_model` (hub id or local folder) and `base_config` (a transformers config
+    or its dict; stored as a plain dict so that save/load round-trips). The model checks that one is given.
+    """
+
+    model_type = "grad_memgpt"
+
+    def __init__(
+        self,
+        pretrained_model: Optional[str] = None,
+        base_config: Union[None, dict, PretrainedConfig] = None,
+        n_mem_tokens: int = 8,
+        K: int = 2,
+        lr: float = 0.01,
+        use_adam: bool = False,
+        grad_mode: str = "second",
+        last_K_second_order: Optional[int] = None,
+        n_ctrl_tokens: int = 0,
+        inner_clip_value: Optional[float] = None,
+        inner_clip_norm: Optional[float] = None,
+        use_mem_proj: bool = False,
+        mem_proj_mode: str = "none",
+        use_write_head: bool = False,
+        use_write_lora: bool = False,
+        write_lora_r: int = 8,
+        write_lora_alpha: int = 16,
+        write_lora_dropout: float = 0.0,
+        write_lora_target_modules: Union[None, str, Sequence[str]] = None,
+        freeze_backbone: bool = False,
+        use_gradient_checkpointing: bool = False,
+        attn_implementation: str = "eager",
+        add_inner_loss_to_outer: bool = False,
+        inner_loss_weight: Optional[float] = None,
+        **kwargs,
+    ):
+        self.pretrained_model = pretrained_model
+        self.base_config = base_config_to_dict(base_config)
+        self.n_mem_tokens = n_mem_tokens
+        self.K = K
+        self.lr = lr
+        self.use_adam = use_adam
+        self.grad_mode = grad_mode
+        self.last_K_second_order = last_K_second_order
+        self.n_ctrl_tokens = n_ctrl_tokens
+        self.inner_clip_value = inner_clip_value
+        self.inner_clip_norm = inner_clip_norm
+        self.use_mem_proj = use_mem_proj
+        self.mem_proj_mode = mem_proj_mode
+        self.use_write_head = use_write_head
+        self.use_write_lora = use_write_lora
+        self.write_lora_r = write_lora_r
+        self.write_lora_alpha = write_lora_alpha
+        self.write_lora_dropout = write_lora_dropout
+        if isinstance(write_lora_target_modules, str) and write_lora_target_modules != "auto":
+            write_lora_target_modules = [name.strip() for name in write_lora_target_modules.split(",") if name.strip()]
+        elif write_lora_target_modules == "auto":
+            write_lora_target_modules = None
+        self.write_lora_target_modules = None if write_lora_target_modules is None else list(write_lora_target_modules)
+        self.freeze_backbone = freeze_backbone
+        self.use_gradient_checkpointing = use_gradient_checkpointing
+        self.attn_implementation = attn_implementation
+        self.add_inner_loss_to_outer = add_inner_loss_to_outer
+        if add_inner_loss_to_outer and inner_loss_weight is None:
+            inner_loss_weight = 1.0
+        self.inner_loss_weight = inner_loss_weight
+        super().__init__(**kwargs)
+        self.validate_options()
+
+    @property
+    def n_second_order_steps(self) -> int:
+        """How many of the last inner steps are differentiated through (create_graph) when training."""
+        if self.grad_mode != "second":
+            return 0
+        return self.K if self.last_K_second_order is None else self.last_K_second_order
+
+    def validate_options(self):
+        """Raise a ValueError naming the option (and the fix) for every invalid or incompatible setting."""
+        def fail(message):
+            raise ValueError(f"GradMemGPTConfig: {message}")
+
+        if self.pretrained_model is not None and self.base_config is not None:
+            fail("give either pretrained_model or base_config, not both")
+        if self.grad_mode not in GRAD_MODES:
+            fail(f"unknown grad_mode {self.grad_mode!r}; choose one of {GRAD_MODES}")
+        if not isinstance(self.K, int) or self.K < 0:
+            fail(f"K (number of inner steps) must be an integer >= 0, got {self.K!r}")
+        if not isinstance(self.n_mem_tokens, int) or self.n_mem_tokens < 1:
+            fail(f"n_mem_tokens must be an integer >= 1, got {self.n_mem_tokens!r}")
+        if not isinstance(self.n_ctrl_tokens, int) or self.n_ctrl_tokens < 0:
+            fail(f"n_ctrl_tokens must be an integer >= 0, got {self.n_ctrl_tokens!r}")
+        if self.lr < 0:
+            fail(f"the inner lr must be >= 0, got {self.lr}")
+        if self.last_K_second_order is not None:
+            if self.grad_mode != "second" and self.last_K_second_order != 0:
+                fail(f"last_K_second_order={self.last_K_second_order} needs grad_mode='second' "
+                     f"(got {self.grad_mode!r}); leave it unset")
+            if not isinstance(self.last_K_second_order, int) or not 0 <= self.last_K_second_order <= self.K:
+                fail(f"last_K_second_order must be an integer in [0, K={self.K}], got {self.last_K_second_order!r}")
+        for name in ("inner_clip_value", "inner_clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                fail(f"{name} must be > 0 or None, got {value}")
+        if self.mem_proj_mode not in MEM_PROJ_MODES:
+            fail(f"unknown mem_proj_mode {self.mem_proj_mode!r}; choose one of {MEM_PROJ_MODES}")
+        if self.use_mem_proj != (self.mem_proj_mode != "none"):
+            fail(f"use_mem_proj={self.use_mem_proj} contradicts mem_proj_mode={self.mem_proj_mode!r}: "
+                 "use_mem_proj must be True exactly when mem_proj_mode is 'proj' or 'per_sample'")
+        if self.use_write_lora:
+            if self.write_lora_r < 1:
+                fail(f"write_lora_r must be >= 1, got {self.write_lora_r}")
+            if not 0.0 <= self.write_lora_dropout < 1.0:
+                fail(f"write_lora_dropout must be in [0, 1), got {self.write_lora_dropout}")
+            if self.grad_mode != "second" and not self.add_inner_loss_to_outer:
+                fail(f"use_write_lora with grad_mode={self.grad_mode!r} and add_inner_loss_to_outer=False: the "
+                     "write adapters would never receive a gradient; use grad_mode='second' or add the inner loss")
+            if self.use_gradient_checkpointing:
+                fail("use_write_lora cannot be combined with use_gradient_checkpointing: recomputation in the "
+                     "backward would run with the adapters in the wrong (READ/WRITE) state")
+        elif self.write_lora_target_modules is not None:
+            fail("write_lora_target_modules is set but use_write_lora is False")
+        if self.add_inner_loss_to_outer:
+            if self.K < 1:
+                fail("add_inner_loss_to_outer needs K >= 1 (there is no inner loss without inner steps)")
+            if not self.inner_loss_weight > 0:
+                fail(f"inner_loss_weight must be > 0, got {self.inner_loss_weight}")
+        elif self.inner_loss_weight is not None:
+            fail(f"inner_loss_weight={self.inner_loss_weight} is set but add_inner_loss_to_outer is False")
+
+
+def check_right_padding(tokenizer) -> None:
+    """GradMem assumes right-padded inputs (no attention mask is passed); refuse a left-padding tokenizer."""
+    side = getattr(tokenizer, "padding_side", "right")
+    if side != "right":
+        raise ValueError(
+            f"{type(tokenizer).__name__} pads on the {side!r}; GradMem needs right padding: "
+            "set tokenizer.padding_side = 'right'"
+        )
+
+
+class GradMemGPT(PreTrainedModel):
+    config_class = GradMemGPTConfig
+    base_model_prefix = "grad_memgpt"
+    main_input_name = "context_input_ids"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: GradMemGPTConfig):
+        super().__init__(config)
+        config.validate_options()
+        if (config.pretrained_model is None) == (config.base_config is None):
+            raise ValueError("GradMemGPT needs exactly one of config.pretrained_model and config.base_config")
+        self.n_mem_tokens = config.n_mem_tokens
+        self.n_ctrl_tokens = config.n_ctrl_tokens
+        self.mem_offset = config.n_mem_tokens + 2 * config.n_ctrl_tokens
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        attn = attn_double_bwd.resolve_attn_implementation(
+            config.attn_implementation,
+            device_type=device_type,
+            second_order=config.grad_mode == "second" and config.K > 0,
+        )
+        self.model = self._build_backbone(config, attn)
+        lm_config = self.model.config
+        for name in ("final_logit_softcapping", "logit_scale"):
+            if getattr(lm_config, name, None) not in (None, 1.0):
+                raise NotImplementedError(f"backbones with {name} are not supported (logits are computed from hidden states)")
+        lm_config.use_cache = False
+        self.pad_token_id = _pad_token_id(lm_config)
+
+        d = hidden_size(lm_config)
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.mem = nn.Parameter(torch.empty(config.n_mem_tokens, d))  # memory init [M, d]
+        self.mem_proj = nn.Linear(d, d, bias=True) if config.mem_proj_mode != "none" else None
+        if config.n_ctrl_tokens > 0:
+            C = config.n_ctrl_tokens
+            self.write_start = nn.Parameter(torch.empty(C, d))
+            self.write_end = nn.Parameter(torch.empty(C, d))
+            self.read_start = nn.Parameter(torch.empty(C, d))
+            self.read_end = nn.Parameter(torch.empty(C, d))
+        else:
+            self.write_start = self.write_end = self.read_start = self.read_end = None
+        if config.use_write_head:
+            lm_head = self.model.get_output_embeddings()
+            self.write_head = nn.Linear(d, vocab_size, bias=getattr(lm_head, "bias", None) is not None)
+        else:
+            self.write_head = None
+
+        if config.use_write_lora:
+            self._add_write_lora(config)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(not config.freeze_backbone or "lora_" in name)
+        self.post_init()
+        if config.use_gradient_checkpointing:
+            self.gradient_checkpointing_enable()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # construction helpers
+
+    @staticmethod
+    def _build_backbone(config: GradMemGPTConfig, attn_implementation: str) -> PreTrainedModel:
+        if config.pretrained_model is not None and torch.empty(0).device.type == "meta":
+            # Being loaded by from_pretrained: every weight comes from our checkpoint; skip fetching the
+            # pretrained backbone weights and build it from its config instead.
+            lm_config = AutoConfig.from_pretrained(config.pretrained_model).to_dict()
+            return build_causal_lm(None, lm_config, attn_implementation=attn_implementation)
+        return build_causal_lm(config.pretrained_model, config.base_config, attn_implementation=attn_implementation)
+
+    def _add_write_lora(self, config: GradMemGPTConfig):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model_type = self.model.config.model_type
+        targets = config.write_lora_target_modules
+        if targets is None:
+            if model_type not in DEFAULT_WRITE_LORA_TARGETS:
+                raise ValueError(
+                    f"no default write-LoRA target modules for model_type {model_type!r}; "
+                    f"set write_lora_target_modules (known defaults: {sorted(DEFAULT_WRITE_LORA_TARGETS)})"
+                )
+            targets = DEFAULT_WRITE_LORA_TARGETS[model_type]
+        lora_config = LoraConfig(
+            r=config.write_lora_r,
+            lora_alpha=config.write_lora_alpha,
+            lora_dropout=config.write_lora_dropout,
+            target_modules=list(targets),
+            fan_in_fan_out=model_type == "gpt2",  # GPT-2 uses Conv1D (weights stored transposed)
+        )
+        inject_adapter_in_model(lora_config, self.model)
+        # peft initialised the adapters itself (B = 0, so the adapted model starts equal to the backbone); keep
+        # transformers' weight init (run by post_init on uninitialised modules) away from them.
+        for module in self.model.modules():
+            module._is_hf_initialized = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = 0.02
+        if module is self:
+            init.normal_(self.mem, mean=0.0, std=std)
+            for param in (self.write_start, self.write_end, self.read_start, self.read_end):
+                if param is not None:
+                    init.normal_(param, mean=0.0, std=std)
+        elif module is self.mem_proj:
+            init.eye_(module.weight)  # identity: memory inputs start equal to the memory
+            init.zeros_(module.bias)
+        elif module is self.write_head:
+            lm_head = self.model.get_output_embeddings()  # an independent, untied copy of the LM head
+            init.copy_(module.weight, lm_head.weight)
+            if module.bias is not None:
+                init.copy_(module.bias, lm_head.bias)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        if self.config.use_write_lora:
+            raise ValueError("gradient checkpointing cannot be combined with use_write_lora (see GradMemGPTConfig)")
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs["use_reentrant"] = False  # the reentrant variant cannot be differentiated twice
+        unwrap_peft(self.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self):
+        unwrap_peft(self.model).gradient_checkpointing_disable()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # building blocks
+
+    def _decoder_hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the backbone's decoder stack: [B, T, d] -> [B, T, d]."""
+        return get_backbone(self.model)(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+
+    def _layout(self, start, memory, end, token_embeds):
+        """[start (C)] [memory (M)] [end (C)] [tokens (T)] -> [B, M + 2C + T, d]."""
+        B = memory.shape[0]
+        if start is None:
+            return torch.cat([memory, token_embeds], dim=1)
+        return torch.cat([start.expand(B, -1, -1), memory, end.expand(B, -1, -1), token_embeds], dim=1)
+
+    def _initial_fast_weights(self, batch_size: int) -> list:
+        """The inner-loop variables at step 0: [memory [B, M, d]] (+ [W [B, d, d], b [B, d]] for per_sample)."""
+        B = batch_size
+        fast = [self.mem.expand(B, -1, -1)]
+        if self.config.mem_proj_mode == "per_sample":
+            fast += [self.mem_proj.weight.expand(B, -1, -1), self.mem_proj.bias.expand(B, -1)]
+        return fast
+
+    def _memory_inputs(self, fast: list) -> torch.Tensor:
+        """What the backbone sees at the memory positions: memory, mem_proj(memory) or memory @ W_i^T + b_i."""
+        memory = fast[0]  # [B, M, d]
+        mode = self.config.mem_proj_mode
+        if mode == "proj":
+            return self.mem_proj(memory)
+        if mode == "per_sample":
+            W, b = fast[1], fast[2]  # [B, d, d], [B, d]
+            return torch.baddbmm(b.unsqueeze(1), memory, W.transpose(1, 2))
+        return memory
+
+    @contextlib.contextmanager
+    def _write_lora_disabled(self):
+        """READ runs the plain backbone: switch the write adapters off (restoring requires_grad afterwards)."""
+        if not self.config.use_write_lora:
+            yield
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        flags = [(p, p.requires_grad) for m in layers for n, p in m.named_parameters() if "lora_" in n]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+            for param, flag in flags:
+                param.requires_grad_(flag)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # WRITE
+
+    def _inner_loss(self, fast, context_embeds, context_input_ids, token_mask, n_tokens) -> torch.Tensor:
+        """Per-sample reconstruction loss of the context given the memory: [B] (mean CE over real tokens).
+
+        The last memory / write_end position predicts the first context token; the logit of the last context
+        position is never computed.
+        """
+        B, S = context_input_ids.shape
+        x = self._layout(self.write_start, self._memory_inputs(fast), self.write_end, context_embeds)
+        h = self._decoder_hidden(x)[:, self.mem_offset - 1 : self.mem_offset - 1 + S]  # [B, S, d]
+        head = self.write_head if self.write_head is not None else self.model.get_output_embeddings()
+        logits = head(h)  # [B, S, V]
+        ce = F.cross_entropy(logits.flatten(0, 1), context_input_ids.flatten(), reduction="none").view(B, S)
+        return (ce * token_mask).sum(dim=1) / n_tokens.clamp_min(1)  # [B]; 0 for all-pad rows
+
+    def _clip_inner_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Elementwise clamp to +-inner_clip_value, then per-sample L2 clip to inner_clip_norm (each optional)."""
+        if self.config.inner_clip_value is not None:
+            grad = grad.clamp(-self.config.inner_clip_value, self.config.inner_clip_value)
+        if self.config.inner_clip_norm is not None:
+            c = self.config.inner_clip_norm
+            norm = torch.linalg.vector_norm(grad.flatten(1), dim=1)  # [B]
+            scale = torch.where(norm > c, c / (norm + 1e-6), torch.ones_like(norm))
+            grad = grad * scale.view(-1, *([1] * (grad.dim() - 1)))
+        return grad
+
+    def _inner_step(self, fast: list, grads: Sequence[torch.Tensor], adam_state: list, step: int) -> list:
+        """One functional SGD or Adam step on the inner variables. Differentiable: whatever graph `grads` carries
+        (second order) flows through the update, Adam moments included; constant grads give first-order steps."""
+        lr = self.config.lr
+        grads = [self._clip_inner_grad(g) for g in grads]
+        if not self.config.use_adam:
+            return [p - lr * g for p, g in zip(fast, grads)]
+        if not adam_state:
+            adam_state.extend([torch.zeros_like(g), torch.zeros_like(g)] for g in grads)
+        t = step + 1
+        updated = []
+        for p, g, state in zip(fast, grads, adam_state):
+            m = ADAM_BETA1 * state[0] + (1 - ADAM_BETA1) * g
+            v = ADAM_BETA2 * state[1] + (1 - ADAM_BETA2) * g * g
+            state[0], state[1] = m, v
+            m_hat = m / (1 - ADAM_BETA1**t)
+            v_hat = v / (1 - ADAM_BETA2**t)
+            updated.append(p - lr * m_hat / (_safe_sqrt(v_hat) + ADAM_EPS))
+        return updated
+
+    def write(self, context_input_ids: torch.Tensor):
+        """Write a right-padded context batch [B, S] into memory. Returns (memory [B, M, d] as READ consumes it,
+        stats).
+
+        The graph through the inner steps is built only when the caller has gradients enabled: under
+        torch.no_grad() the inner gradients are computed (inside enable_grad) without create_graph and the
+        returned memory is a constant.
+        """
+        memory, stats, _ = self._write(context_input_ids)
+        return memory, stats
+
+    def _write(self, context_input_ids: torch.Tensor):
+        """write() plus the inner-loss term for the outer loss (loss at memory_{K-1} with its graph, or None)."""
+        config = self.config
+        B, S = context_input_ids.shape
+        build_graph = torch.is_grad_enabled()
+        connect = build_graph and config.grad_mode != "none"  # does memory_K depend on the init (and on W, b)?
+        n_second_order = config.n_second_order_steps if build_graph else 0
+        keep_inner_loss = build_graph and config.add_inner_loss_to_outer
+
+        fast = self._initial_fast_weights(B)
+        if not connect:
+            fast = [p.detach() for p in fast]
+        with torch.no_grad():
+            memory_init = self._memory_inputs(fast)  # [B, M, d], for stats
+
+        stats = {}
+        token_mask = context_input_ids != self.pad_token_id  # [B, S]
+        n_tokens = token_mask.sum(dim=1)  # [B]
+        written = (n_tokens > 0).float()  # [B]
+        n_written = written.sum().clamp_min(1)
+        inner_loss_outer = None
+        if config.K > 0 and S > 0:
+            context_embeds = self.model.get_input_embeddings()(context_input_ids)  # [B, S, d]
+            grad_norms, step_losses, adam_state = [], [], []
+            with torch.enable_grad():
+                for k in range(config.K):
+                    second_order = k >= config.K - n_second_order
+                    keep_graph = second_order or (keep_inner_loss and k == config.K - 1)
+                    if connect:  # differentiate w.r.t. the (graph-connected) current variables
+                        fast = [p if p.requires_grad else p.detach().requires_grad_() for p in fast]
+                    else:  # a fresh leaf every step: nothing flows back through the WRITE
+                        fast = [p.detach().requires_grad_() for p in fast]
+                    losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)  # [B]
+                    grads = torch.autograd.grad(losses.sum(), fast, create_graph=second_order, retain_graph=keep_graph)
+                    if keep_inner_loss and k == config.K - 1:
+                        inner_loss_outer = losses.sum() / n_written
+                    step_losses.append(losses.detach().sum() / n_written)
+                    grad_norms.append(torch.linalg.vector_norm(grads[0].detach().flatten(1), dim=1))  # [B]
+                    fast = self._inner_step(fast, grads, adam_state, k)
+            if not connect:
+                fast = [p.detach() for p in fast]
+            with torch.no_grad():  # the loss after the final update: one forward, no graph
+                final_losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)
+            step_losses.append(final_losses.sum() / n_written)
+            for k, loss in enumerate(step_losses):
+                stats[f"inner_loss_step_{k}"] = loss
+            stats["inner_loss"] = step_losses[-1]
+            grad_norms = torch.stack(grad_norms)  # [K, B]
+            stats.update(_masked_summary("inner_grad_norm", grad_norms, written.expand_as(grad_norms)))
+
+        memory = self._memory_inputs(fast)  # [B, M, d]
+        with torch.no_grad():
+            stats.update(_masked_summary("mem_norm", memory.flatten(1).norm(dim=1), torch.ones_like(written)))
+            delta = (memory - memory_init).flatten(1).norm(dim=1)
+            stats.update(_masked_summary("delta_mem_norm", delta, written))
+            stats["written_frac"] = written.mean()
+        stats = {name: value.detach().float() for name, value in stats.items()}
+        return memory, stats, inner_loss_outer
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # READ
+
+    def _read_hidden(self, memory: torch.Tensor, query_input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, Q, d] whose j-th row predicts query token j (from [read_start; memory; read_end; query])."""
+        Q = query_input_ids.shape[1]
+        query_embeds = self.model.get_input_embeddings()(query_input_ids[:, : max(Q - 1, 0)])  # last token predicts nothing
+        x = self._layout(self.read_start, memory, self.read_end, query_embeds)
+        with self._write_lora_disabled():
+            h = self._decoder_hidden(x)
+        return h[:, self.mem_offset - 1 : self.mem_offset - 1 + Q]
+
+    def read(self, memory: torch.Tensor, query_input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, Q, V] of a right-padded query batch [B, Q]; logits[:, j] predicts query token j."""
+        return self.model.get_output_embeddings()(self._read_hidden(memory, query_input_ids))
+
+    def forward(
+        self,
+        context_input_ids: torch.Tensor,
+        query_input_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+    ) -> MemoryModelOutput:
+        """WRITE the context, READ the query. labels [B, Q] are aligned with the query ids (-100 = ignore).
+
+        loss = target_loss (+ inner_loss_weight * inner-loss term with add_inner_loss_to_outer, where the term is
+        the mean per-sample inner loss at memory_{K-1}, the last loss the WRITE differentiated, with its graph).
+        """
+        memory, stats, inner_loss_outer = self._write(context_input_ids)
+        logits = self.read(memory, query_input_ids)  # [B, Q, V]
+        loss = None
+        if labels is not None:
+            n_labels = (labels != -100).sum().clamp_min(1)
+            target_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            target_loss = target_loss / n_labels
+            stats["target_loss"] = target_loss.detach().float()
+            loss = target_loss
+            if self.config.add_inner_loss_to_outer:
+                if inner_loss_outer is None:  # no graph was requested: the same value, as a constant
+                    inner_loss_outer = stats[f"inner_loss_step_{self.config.K - 1}"]
+                stats["inner_loss_outer"] = inner_loss_outer.detach().float()
+                loss = loss + self.config.inner_loss_weight * inner_loss_outer
+        return MemoryModelOutput(loss=loss, logits=logits, memory=memory, stats=stats)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        memory: torch.Tensor,
+        query_input_ids: torch.Tensor,
+        max_new_tokens: int,
+        eos_token_id: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Greedy decoding from [memory; query] for a right-padded query batch [B, Q] (row i has its own length).
+
+        Returns the new tokens [B, max_new_tokens]; after a row emits eos_token_id (kept) the rest of the row is
+        padding. No KV cache: every step re-runs READ on the whole sequence (meant for short answers).
+        """
+        B, Q = query_input_ids.shape
+        lengths = (query_input_ids != self.pad_token_id).sum(dim=1)  # [B] real query tokens (right padding)
+        pad = torch.full((B, max_new_tokens), self.pad_token_id, dtype=query_input_ids.dtype, device=query_input_ids.device)
+        sequence = torch.cat([query_input_ids, pad], dim=1)  # [B, Q + T]
+        new_tokens = pad.clone()
+        finished = torch.zeros(B, dtype=torch.bool, device=query_input_ids.device)
+        head = self.model.get_output_embeddings()
+        for t in range(max_new_tokens):
+            position = lengths + t  # [B] index of the token to predict in each row
+            h = self._read_hidden(memory, sequence[:, : Q + t + 1])  # [B, Q + t + 1, d]
+            h = h.gather(1, position.view(B, 1, 1).expand(B, 1, h.shape[-1])).squeeze(1)  # [B, d]
+            token = head(h).argmax(dim=-1)  # [B]
+            token = torch.where(finished, torch.full_like(token, self.pad_token_id), token)
+            sequence.scatter_(1, position.unsqueeze(1), token.unsqueeze(1))
+            new_tokens[:, t] = token
+            if eos_token_id is not None:
+                finished |= token == eos_token_id
+                if bool(finished.all()):
+                    break
+        return new_tokens
+
+
+def _pad_token_id(lm_config: PretrainedConfig) -> int:
+    """The backbone's pad id (inputs are right-padded with it); eos when no pad id is set."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(lm_config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    raise ValueError("the backbone config has neither pad_token_id nor eos_token_id; set pad_token_id")
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with a finite (zero) derivative at 0, so that rows with zero gradient (all-pad contexts) do not turn
+    the differentiable Adam step into NaN."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def _masked_summary(name: str, values: torch.Tensor, weights: torch.Tensor) -> dict:
+    """{name_mean, name_max, name_min} of `values` over the entries with weight 1 (0 when there are none)."""
+    values, weights = values.detach().float(), weights.float()
+    count = weights.sum()
+    has_any = count > 0
+    zero = torch.zeros((), device=values.device)
+    inf = torch.full((), float("inf"), device=values.device)
+    return {
+        f"{name}_mean": (values * weights).sum() / count.clamp_min(1),
+        f"{name}_max": torch.where(has_any, torch.where(weights > 0, values, -inf).max(), zero),
+        f"{name}_min": torch.where(has_any, torch.where(weights > 0, values, inf).min(), zero),
+    }
+
+
+AutoConfig.register(GradMemGPTConfig.model_type, GradMemGPTConfig)
+AutoModel.register(GradMemGPTConfig, GradMemGPT)
