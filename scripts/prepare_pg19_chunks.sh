@@ -22,7 +22,7 @@ else
     source_args=(--dataset_name "${DATASET_NAME:-deepmind/pg19}")
 fi
 
-python prepare_pg19_chunks.py "${source_args[@]}" \
+"${PYTHON:-python3}" prepare_pg19_chunks.py "${source_args[@]}" \
     --splits "$SPLITS" \
     --output_path "$OUTPUT_PATH" \
     --min_words "$MIN_WORDS" \
