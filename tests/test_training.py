@@ -1,0 +1,329 @@
+"""Tests of the shared trainer: collators, metrics, CLI, backbone configs, data checks, run folder and resume.
+
+The model here is a tiny fake memory model (a 2-layer Llama reading [context; query]) with the memory-model
+contract, so that these tests do not depend on GradMem itself.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.trainer_utils import EvalPrediction
+
+import training
+from modeling_utils import MemoryModelOutput
+from training import (BackboneArgs, CausalLMCollator, DataArgs, GradMemArgs, MemoryModelCollator,
+                      NonFiniteStepSkippingAdamW, TrainArgs, build_backbone_config, load_splits, make_compute_metrics,
+                      parse_cli, reduce_logits_to_predictions, run_experiment)
+
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!?:|"
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.BPEDecoder(suffix=" ")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]", padding_side="right")
+
+
+def kv_example(rng, n_pairs=2):
+    letters = "abcdefgh"
+    keys = rng.choice(list(letters), size=n_pairs, replace=False)
+    values = rng.choice(list("0123456789"), size=n_pairs)
+    context = "".join(f"!{k}:{v}!" for k, v in zip(keys, values)) + "|"
+    i = rng.integers(n_pairs)
+    return {"context": context, "query": f"?!{keys[i]}:", "target": f"{values[i]}!|"}
+
+
+def kv_splits(n_train=64, n_valid=16, seed=0) -> DatasetDict:
+    rng = np.random.default_rng(seed)
+    make = lambda n: Dataset.from_list([kv_example(rng) for _ in range(n)])  # noqa: E731
+    return DatasetDict(train=make(n_train), valid=make(n_valid))
+
+
+class FakeMemoryConfig(PretrainedConfig):
+    model_type = "fake_memory_for_tests"
+
+    def __init__(self, vocab_size=48, width=32, nan_loss=False, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size, self.width, self.nan_loss = vocab_size, width, nan_loss
+
+
+class FakeMemoryModel(PreTrainedModel):
+    """Memory-model contract without memory: a tiny Llama reads [context; query]; logits[:, j] predicts query j."""
+
+    config_class = FakeMemoryConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm = LlamaForCausalLM(LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.width,
+                                               intermediate_size=2 * config.width, num_hidden_layers=2,
+                                               num_attention_heads=2, tie_word_embeddings=False))
+        self.post_init()
+
+    def forward(self, context_input_ids, query_input_ids, labels=None):
+        S, Q = context_input_ids.shape[1], query_input_ids.shape[1]
+        logits = self.lm(input_ids=torch.cat([context_input_ids, query_input_ids], 1)).logits[:, S - 1: S - 1 + Q]
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            if self.config.nan_loss:
+                loss = loss * float("nan")
+        stats = {"inner_loss": logits.detach().float().pow(2).mean(), "mem_norm_max": logits.detach().abs().max()}
+        return MemoryModelOutput(loss=loss, logits=logits, memory=logits[:, :1].detach(), stats=stats)
+
+
+# ---------------------------------------------------------------- collators
+
+def test_memory_collator_labels_are_exactly_the_target_chars():
+    tok = char_tokenizer()
+    examples = [{"context": "!ab:cd!|", "query": "?!ab:", "target": "cd!|"},
+                {"context": "!a:1!!bb:22!!c:3!|", "query": "?!bb:", "target": "22!|"},
+                {"context": "!x:9!|", "query": "?!x:", "target": "9"}]  # a target that is followed by padding
+    batch = MemoryModelCollator(tok)(examples)
+    ctx, qry, labels = batch["context_input_ids"], batch["query_input_ids"], batch["labels"]
+    assert ctx.shape[1] % 8 == 0 and qry.shape == labels.shape and qry.shape[1] % 8 == 0
+    for i, ex in enumerate(examples):
+        q_ids = tok(ex["query"] + ex["target"])["input_ids"]
+        assert qry[i, : len(q_ids)].tolist() == q_ids and (qry[i, len(q_ids):] == tok.pad_token_id).all()
+        assert ctx[i, : len(ex["context"])].tolist() == tok(ex["context"])["input_ids"]
+        labelled = labels[i] != -100
+        assert tok.decode(labels[i][labelled]).replace(" ", "") == ex["target"]
+        # labelled positions are exactly the last len(target) real query tokens
+        expected = torch.zeros_like(labelled)
+        expected[len(ex["query"]): len(ex["query"]) + len(ex["target"])] = True
+        assert torch.equal(labelled, expected)
+        assert torch.equal(labels[i][labelled], qry[i][labelled])
+    # max_context_length keeps the first tokens of the context
+    short = MemoryModelCollator(tok, max_context_length=5)(examples)["context_input_ids"]
+    assert short[1, :5].tolist() == tok("!a:1!")["input_ids"] and (short[:, 5:] == 0).all()
+
+
+def test_causal_lm_collator_labels_and_left_truncation():
+    tok = char_tokenizer()
+    examples = [{"context": "!ab:cd!|", "query": "?!ab:", "target": "cd!|"},
+                {"context": "!x:9!|", "query": "?!x:", "target": "9"}]
+    batch = CausalLMCollator(tok)(examples)
+    for i, ex in enumerate(examples):
+        n = len(ex["context"] + ex["query"] + ex["target"])
+        assert batch["attention_mask"][i].sum() == n and batch["attention_mask"][i, :n].all()
+        labelled = batch["labels"][i] != -100
+        assert labelled.nonzero().flatten().tolist() == list(range(n - len(ex["target"]), n))
+        assert tok.decode(batch["labels"][i][labelled]).replace(" ", "") == ex["target"]
+    cut = CausalLMCollator(tok, max_input_length=10)(examples)
+    seq0 = examples[0]["context"] + examples[0]["query"] + examples[0]["target"]
+    assert cut["input_ids"][0, :10].tolist() == tok(seq0[-10:])["input_ids"]  # the START was dropped
+    assert tok.decode(cut["labels"][0][cut["labels"][0] != -100]).replace(" ", "") == "cd!|"
+
+
+# ---------------------------------------------------------------- metrics
+
+def test_metrics_on_hand_made_predictions():
+    tok = char_tokenizer()
+    bang, bar = tok.convert_tokens_to_ids("!"), tok.convert_tokens_to_ids("|")
+    a, b, c = tok.convert_tokens_to_ids(["a", "b", "c"])
+    labels = np.array([[-100, a, b, bang, bar],     # all right
+                       [-100, a, b, bang, bar],     # one value token wrong
+                       [-100, -100, c, bang, bar],  # structural token wrong only: still exact
+                       [-100, -100, -100, -100, -100]])  # no target: not counted
+    preds = np.array([[9, a, b, bang, bar],
+                      [9, a, c, bang, bar],
+                      [9, 9, c, a, a],
+                      [9, 9, 9, 9, 9]])
+    stats = {"inner_loss": np.array([1.0, 3.0]), "mem_norm_max": np.array([2.0, 5.0]),
+             "mem_norm_min": np.array([0.5, 0.25])}
+    m = make_compute_metrics(tok)(EvalPrediction(predictions=(preds, stats), label_ids=labels))
+    assert m["token_accuracy"] == pytest.approx(4 / 5)
+    assert m["exact_match"] == pytest.approx(2 / 3)
+    assert m["inner_loss"] == 2.0 and m["mem_norm_max"] == 5.0 and m["mem_norm_min"] == 0.25
+    m_all = make_compute_metrics(tok, ignore_tokens=())(EvalPrediction(predictions=preds, label_ids=labels))
+    assert m_all["token_accuracy"] == pytest.approx(8 / 11) and m_all["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_logits_reduced_to_aligned_predictions():
+    logits = torch.zeros(1, 4, 6)
+    logits[0, torch.arange(4), torch.tensor([2, 3, 4, 5])] = 1.0
+    stats = {"x": torch.tensor(1.0)}
+    ids, kept = reduce_logits_to_predictions((logits, torch.zeros(1, 2, 3), stats), None)
+    assert ids.tolist() == [[2, 3, 4, 5]] and kept is stats
+    shifted = reduce_logits_to_predictions(logits, None, next_token_logits=True)
+    assert shifted.tolist() == [[-100, 2, 3, 4]]  # logits at t predict token t+1
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_cli_preset_defaults_bools_and_errors(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    t, b, g, d = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=[])
+    assert (g.grad_mode, g.K, g.inner_lr, g.use_adam, g.use_write_head) == ("second", 2, 0.04, False, True)
+    assert (g.add_inner_loss_to_outer, g.inner_loss_weight) == (True, 0.5)
+    assert (t.learning_rate, t.warmup_steps, t.max_grad_norm, t.report_to) == (1e-4, 10_000, 1.0, "tensorboard")
+    assert b.base_model == "llama" and t.mixed_precision() == "no"
+    preset = ["--per_device_batch_size", "64", "--total_batch_size", "64", "--gradient_accumulation_steps", "1",
+              "--n_mem_tokens", "8", "--K", "2", "--inner_lr", "0.04", "--grad_mode", "second", "--use_write_head",
+              "--add_inner_loss_to_outer", "--inner_loss_weight", "0.5", "--use_adam", "false", "--seed", "143",
+              "--data_path", "./data/N8-K2V2-V62_1M", "--bf16", "--last_K_second_order", "2"]
+    t, b, g, d = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=preset)
+    assert t.bf16 and t.mixed_precision() == "bf16" and g.last_K_second_order == 2 and t.seed == 143
+    (g,) = parse_cli(GradMemArgs, args=["--no_use_write_head", "--use_adam", "true", "--add_inner_loss_to_outer", "false"])
+    assert (g.use_write_head, g.use_adam, g.inner_loss_weight) == (False, True, None)
+    bad = [(["--base_model", "gpt2", "--pretrained_model", "gpt2"], "mutually exclusive"),
+           (["--base_model", "bert"], "unknown --base_model"),
+           (["--total_batch_size", "64", "--per_device_batch_size", "16"], "gradient_accumulation_steps 4"),
+           (["--bf16", "--fp32"], "mutually exclusive"),
+           (["--grad_mode", "third"], "grad_mode"),
+           (["--no_add_inner_loss_to_outer", "--inner_loss_weight", "0.3"], "only used with")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=args)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (t,) = parse_cli(TrainArgs, args=["--total_batch_size", "64", "--per_device_batch_size", "16",
+                                      "--gradient_accumulation_steps", "2"])
+
+
+# ---------------------------------------------------------------- backbone configs
+
+def test_backbone_configs_build_models():
+    tok = char_tokenizer()
+    llama = build_backbone_config("llama", 2, 4, 32, tok)
+    assert llama.tie_word_embeddings and llama.num_key_value_heads == 4 and llama.head_dim == 8
+    assert llama.intermediate_size == 128 and llama.vocab_size == len(tok) and llama.pad_token_id == 0
+    assert llama.rope_parameters["rope_type"] == "llama3" and llama.rope_parameters["rope_theta"] == 500000.0
+    plain = build_backbone_config("llama", 2, 4, 32, tok, max_position_embeddings=256)
+    assert plain.rope_parameters["rope_type"] == "default" and plain.max_position_embeddings == 256
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for name in ("llama", "gpt2", "pythia", "mamba"):
+        config = build_backbone_config(name, 2, 4, 32, tok)
+        model = AutoModelForCausalLM.from_config(config)
+        assert model.get_input_embeddings().weight.shape == (len(tok), 32), name
+        assert model(input_ids=ids).logits.shape == (1, 4, len(tok)), name
+    with pytest.raises(ValueError, match="unknown base model"):
+        build_backbone_config("bert", 2, 4, 32, tok)
+
+
+# ---------------------------------------------------------------- data checks
+
+def test_load_splits_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="kv_dataset_utils"):
+        load_splits(str(tmp_path / "my_data"))
+    good = kv_splits(4, 2)
+    good.save_to_disk(str(tmp_path / "good"))
+    assert len(load_splits(str(tmp_path / "good"))["valid"]) == 2
+    DatasetDict(train=good["train"], valid=good["valid"].select([])).save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="'valid' .* is empty"):
+        load_splits(str(tmp_path / "empty"))
+    DatasetDict(train=good["train"].remove_columns("target"), valid=good["valid"]).save_to_disk(str(tmp_path / "cols"))
+    with pytest.raises(ValueError, match=r"lacks columns \['target'\]"):
+        load_splits(str(tmp_path / "cols"))
+    DatasetDict(train=good["train"]).save_to_disk(str(tmp_path / "nosplit"))
+    with pytest.raises(ValueError, match="no 'valid' split"):
+        load_splits(str(tmp_path / "nosplit"))
+
+
+def test_init_checkpoint_vocab_mismatch(tmp_path):
+    from safetensors.torch import save_file
+
+    model = FakeMemoryModel(FakeMemoryConfig(vocab_size=48))
+    other = FakeMemoryModel(FakeMemoryConfig(vocab_size=60))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="another tokenizer/vocabulary"):
+        training.load_init_checkpoint(model, str(tmp_path))
+    same = FakeMemoryModel(FakeMemoryConfig(vocab_size=48))
+    save_file({k: v.contiguous() for k, v in same.state_dict().items()}, str(tmp_path / "same.safetensors"))
+    training.load_init_checkpoint(model, str(tmp_path / "same.safetensors"))
+    assert torch.equal(model.lm.lm_head.weight, same.lm.lm_head.weight)
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+def test_nonfinite_steps_are_skipped_then_stop():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = NonFiniteStepSkippingAdamW([p], max_consecutive=3, hint="lower --inner_lr", lr=0.1)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert torch.equal(p.data, torch.ones(3)) and opt.skipped_steps == 1 and not opt.state
+    p.grad = torch.ones(3)
+    opt.loss_is_finite = False  # finite gradients but a non-finite loss: skipped too
+    opt.step()
+    assert torch.equal(p.data, torch.ones(3)) and (opt.skipped_steps, opt.consecutive_skipped) == (2, 2)
+    opt.step()  # a good step is applied and resets the run of skips
+    assert opt.consecutive_skipped == 0 and opt.skipped_steps == 2 and (p.data < 1).all()
+    p.grad = torch.full((3,), float("inf"))
+    opt.step()
+    opt.step()
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row.*lower --inner_lr"):
+        opt.step()
+
+
+# ---------------------------------------------------------------- end to end
+
+def _train_args(tmp_path, **kw):
+    args = dict(exp_path=str(tmp_path / "run"), per_device_batch_size=8, max_steps=4, eval_steps=2, logging_steps=1,
+                warmup_steps=0, learning_rate=3e-3, report_to="tensorboard", dataloader_num_workers=0,
+                stop_metric_value=None, use_cpu=True)
+    args.update(kw)
+    return TrainArgs(**args)
+
+
+def test_end_to_end_run_folder_and_resume(tmp_path):
+    tok = char_tokenizer()
+    splits = kv_splits()
+
+    def run(max_steps, **kw):
+        torch.manual_seed(0)
+        model = FakeMemoryModel(FakeMemoryConfig(vocab_size=len(tok)))
+        return run_experiment(_train_args(tmp_path, max_steps=max_steps, **kw), model, tok, splits,
+                              MemoryModelCollator(tok), make_compute_metrics(tok), data_name="kv_test",
+                              all_args=[DataArgs(data_path="kv_test")])
+
+    metrics = run(4)
+    run_dir = tmp_path / "run"
+    for name in ("config.json", "all_results.json", "trainer_state.json", training.CURVE_FILE):
+        assert (run_dir / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    assert (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["cli_args"]["data_path"] == "kv_test" and "torch" in config["versions"]
+    assert config["resumed_from"] is None
+    results = json.loads((run_dir / "all_results.json").read_text())
+    for key in ("eval_token_accuracy", "eval_exact_match", "eval_inner_loss", "eval_mem_norm_max", "eval_loss"):
+        assert key in results and key in metrics, key
+    assert results["global_step"] == 4 and results["skipped_steps"] == 0
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    assert [r["step"] for r in history if "eval_exact_match" in r][:3] == [0, 2, 4]
+    train_logs = [r for r in history if "loss" in r]
+    assert train_logs and all("inner_loss" in r and "skipped_steps" in r and "patience" in r for r in train_logs)
+
+    # re-running the same command with a larger budget resumes at the saved step (a killed run does the same)
+    (run_dir / "checkpoint-99").mkdir()  # a checkpoint interrupted while saving: ignored and removed
+    run(8)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["resumed_from"].endswith("checkpoint-4") and not (run_dir / "checkpoint-99").exists()
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    evals = [r["step"] for r in history if "eval_exact_match" in r]
+    assert evals.count(0) == 1 and 8 in evals  # no new evaluation at step 0: training continued from step 4
+    assert json.loads((run_dir / "all_results.json").read_text())["global_step"] == 8
+
+    # changing what is trained is refused; --overwrite starts over
+    with pytest.raises(ValueError, match="learning_rate"):
+        run(8, learning_rate=1e-2)
+    run(2, overwrite=True, eval_steps=1)
+    assert json.loads((run_dir / "config.json").read_text())["resumed_from"] is None
+    assert not (run_dir / "checkpoint-4").exists()
+
+
+def test_end_to_end_nonfinite_loss_stops_with_hint(tmp_path):
+    tok = char_tokenizer()
+    model = FakeMemoryModel(FakeMemoryConfig(vocab_size=len(tok), nan_loss=True))
+    args = _train_args(tmp_path, max_steps=10, eval_steps=100, max_consecutive_skipped_steps=3, report_to="none")
+    with pytest.raises(FloatingPointError, match="3 optimizer steps in a row.*inner lr"):
+        run_experiment(args, model, tok, kv_splits(32, 8), MemoryModelCollator(tok), make_compute_metrics(tok),
+                       data_name="kv_test", nonfinite_hint="likely the inner lr is too large")

@@ -1,0 +1,1008 @@
+"""The one shared trainer: CLI dataclasses, tokenizer and backbone config, collators, metrics, run directory and
+the Hugging Face `Trainer` that every `run_*.py` script calls.
+
+A run script is wiring only:
+
+    train_args, backbone_args, model_args, data_args = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs)
+    tokenizer = load_tokenizer(backbone_args)
+    splits = load_splits(data_args.data_path)
+    model = ...  # built from build_backbone_config(...) / backbone_args.pretrained_model
+    run_experiment(train_args, model, tokenizer, splits, MemoryModelCollator(tokenizer), make_compute_metrics(tokenizer),
+                   data_name=..., all_args=(backbone_args, model_args, data_args))
+
+Run folder: `runs/<data>/<run_name>/run_<seed>/` (or `--exp_path`) with `config.json` (all args, package versions,
+git commit), HF checkpoints, tensorboard events, `all_results.json`, `trainer_state.json`, `learning_curve.png`.
+Re-running the same command resumes from the last complete checkpoint; `--overwrite` starts over.
+
+Defaults are the paper's KV preset (reference `scripts/run_gradmemgpt_on_kv_retrieval.sh`), not the reference
+script's defaults: the reference script defaulted to `grad_mode=none`, Adam inner optimiser and K=3, which no preset
+and no reported result used, so running it without the preset's flags silently trained a different model.
+"""
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import transformers
+from transformers import (
+    AutoTokenizer,
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+logger = logging.getLogger("gradmem")
+
+REPO_DIR = Path(__file__).resolve().parent
+IGNORE_INDEX = -100
+BASE_MODELS = ("llama", "gpt2", "pythia", "mamba")
+CURVE_FILE = "learning_curve.png"
+# Arguments that may change when a run is resumed (they do not change what is being trained).
+RESUMABLE_ARG_CHANGES = {
+    "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
+    "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
+    "max_consecutive_skipped_steps",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainArgs:
+    """Trainer and run options shared by every run script (reference names, paper-preset defaults)."""
+
+    exp_path: Optional[str] = field(default=None, metadata={"help": "run folder; default runs/<data>/<run_name>/run_<seed>"})
+    run_name: Optional[str] = field(default=None, metadata={"help": "default: built from the model options by the run script"})
+    runs_dir: str = field(default="./runs", metadata={"help": "root of the default run folder"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing run folder and start over (default: resume)"})
+    init_checkpoint: Optional[str] = field(default=None, metadata={"help": "warm start: a .safetensors file or a checkpoint folder"})
+    per_device_batch_size: int = field(default=64, metadata={"help": "train (and eval) batch size per process"})
+    per_device_eval_batch_size: Optional[int] = field(default=None, metadata={"help": "default: per_device_batch_size"})
+    gradient_accumulation_steps: int = 1
+    total_batch_size: Optional[int] = field(default=None, metadata={"help": "checked == per_device x processes x grad_acc"})
+    learning_rate: float = 1e-4
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "any HF scheduler name"})
+    warmup_steps: int = 10_000
+    max_steps: int = 1_000_000
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = field(default=1.0, metadata={"help": "outer gradient clipping (<= 0: off)"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast; weights and optimiser states stay fp32"})
+    fp32: bool = field(default=False, metadata={"help": "plain fp32 even if accelerate launch asked for mixed precision"})
+    tf32: bool = field(default=False, metadata={"help": "allow TF32 matmuls on Ampere+ GPUs (default off: exact fp32)"})
+    logging_steps: int = 500
+    eval_steps: int = field(default=500, metadata={"help": "evaluate and checkpoint every this many steps"})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "evaluate on the first N validation samples"})
+    metric_for_best_model: str = "token_accuracy"
+    early_stopping_patience: int = field(default=500, metadata={"help": "evals without improvement before stopping (0: off)"})
+    stop_metric: str = field(default="exact_match", metadata={"help": "stop when this eval metric reaches stop_metric_value"})
+    stop_metric_value: Optional[float] = field(default=1.0, metadata={"help": "None: never stop on a metric value"})
+    max_consecutive_skipped_steps: int = field(
+        default=20, metadata={"help": "error after this many optimizer steps in a row with non-finite loss/gradients"}
+    )
+    seed: int = 142
+    report_to: str = field(default="tensorboard", metadata={"help": "comma list: tensorboard, wandb, none"})
+    dataloader_num_workers: int = 2
+    use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
+
+    def validate(self) -> None:
+        if self.bf16 and self.fp32:
+            raise ValueError("--bf16 and --fp32 are mutually exclusive; pass one of them")
+        if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("--per_device_batch_size and --gradient_accumulation_steps must be >= 1")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        effective = self.per_device_batch_size * world_size * self.gradient_accumulation_steps
+        if self.total_batch_size is not None and self.total_batch_size != effective:
+            per_step = self.per_device_batch_size * world_size
+            fix = (f"set --gradient_accumulation_steps {self.total_batch_size // per_step}"
+                   if self.total_batch_size % per_step == 0 else
+                   f"choose a per-device batch size that divides {self.total_batch_size} / {world_size} processes")
+            raise ValueError(
+                f"--total_batch_size {self.total_batch_size} != per_device_batch_size {self.per_device_batch_size} x "
+                f"{world_size} processes x gradient_accumulation_steps {self.gradient_accumulation_steps} = {effective}; "
+                + fix
+            )
+        for name in ("eval_steps", "logging_steps", "max_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        self.mixed_precision()  # raises on an unsupported accelerate setting
+
+    def mixed_precision(self) -> str:
+        """'bf16' or 'no': the flags win, else `accelerate launch --mixed_precision`, else fp32."""
+        if self.bf16:
+            return "bf16"
+        if self.fp32:
+            return "no"
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launched not in ("no", "bf16"):
+            raise ValueError(f"mixed precision {launched!r} (from accelerate launch) is not supported; use bf16 or no")
+        return launched
+
+
+@dataclass
+class BackboneArgs:
+    """Which causal LM sits inside the model: a from-scratch config or a pretrained name/folder."""
+
+    base_model: Optional[str] = field(
+        default=None, metadata={"help": f"from-scratch backbone: one of {BASE_MODELS}; default llama unless --pretrained_model"}
+    )
+    pretrained_model: Optional[str] = field(default=None, metadata={"help": "HF name or local folder of a pretrained LM"})
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    tokenizer_path: str = field(default="./tokenizers/kv_alphabet_62/", metadata={"help": "tokenizer of a from-scratch backbone"})
+    max_position_embeddings: Optional[int] = field(
+        default=None, metadata={"help": "llama: plain RoPE (theta 1e4) with this many positions instead of llama3 scaling"}
+    )
+
+    def validate(self) -> None:
+        if self.base_model is not None and self.pretrained_model is not None:
+            raise ValueError(
+                f"--base_model {self.base_model} and --pretrained_model {self.pretrained_model} are mutually exclusive: "
+                "--base_model builds a new backbone from scratch, --pretrained_model loads one"
+            )
+        if self.pretrained_model is None and self.base_model is None:
+            self.base_model = "llama"
+        if self.base_model is not None and self.base_model not in BASE_MODELS:
+            raise ValueError(f"unknown --base_model {self.base_model!r}; choose one of {', '.join(BASE_MODELS)}")
+        if self.base_model is not None and self.n_embd % self.n_head != 0:
+            raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
+
+
+@dataclass
+class GradMemArgs:
+    """GradMem model options (reference names; defaults = the paper's KV preset)."""
+
+    n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
+    K: int = field(default=2, metadata={"help": "inner (WRITE) gradient steps"})
+    last_K_second_order: Optional[int] = field(default=None, metadata={"help": "differentiate through the last L steps only"})
+    inner_lr: float = 0.04
+    use_adam: bool = field(default=False, metadata={"help": "inner Adam (first order) instead of SGD"})
+    grad_mode: str = field(default="second", metadata={"help": "none / first / second"})
+    n_ctrl_tokens: int = 0
+    inner_clip_value: Optional[float] = None
+    inner_clip_norm: Optional[float] = None
+    use_mem_proj: bool = False
+    mem_proj_mode: str = field(default="none", metadata={"help": "none / proj / per_sample"})
+    use_write_head: bool = True
+    use_write_lora: bool = False
+    write_lora_r: int = 8
+    write_lora_alpha: int = 16
+    write_lora_dropout: float = 0.0
+    write_lora_target_modules: Optional[str] = None
+    freeze_backbone: bool = False
+    use_gradient_checkpointing: bool = False
+    attn_implementation: str = "eager"
+    add_inner_loss_to_outer: bool = True
+    inner_loss_weight: Optional[float] = field(
+        default=None, metadata={"help": "weight of the added inner loss; None -> 0.5 (paper preset) when it is added"}
+    )
+
+    def validate(self) -> None:
+        if self.grad_mode not in ("none", "first", "second"):
+            raise ValueError(f"--grad_mode must be none, first or second, got {self.grad_mode!r}")
+        if self.mem_proj_mode not in ("none", "proj", "per_sample"):
+            raise ValueError(f"--mem_proj_mode must be none, proj or per_sample, got {self.mem_proj_mode!r}")
+        if self.use_mem_proj != (self.mem_proj_mode != "none"):
+            raise ValueError("--use_mem_proj must be given exactly when --mem_proj_mode is proj or per_sample")
+        if self.inner_loss_weight is not None and not self.add_inner_loss_to_outer:
+            raise ValueError("--inner_loss_weight is only used with --add_inner_loss_to_outer (drop one of them)")
+        if self.add_inner_loss_to_outer and self.inner_loss_weight is None:
+            self.inner_loss_weight = 0.5
+
+
+@dataclass
+class DataArgs:
+    data_path: str = field(
+        default="./data/N8-K2V2-V62_1M",
+        metadata={"help": "save_to_disk folder with train/valid splits; a missing KV-named folder is generated"},
+    )
+    max_context_length: Optional[int] = field(default=None, metadata={"help": "keep the first N context tokens"})
+
+
+def parse_cli(*types, args: Optional[Sequence[str]] = None) -> tuple:
+    """Parse the command line into the given dataclasses and validate each (errors before any work)."""
+    parsed = HfArgumentParser(types).parse_args_into_dataclasses(args=args)
+    for item in parsed:
+        if hasattr(item, "validate"):
+            item.validate()
+    return tuple(parsed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and backbone config
+# ----------------------------------------------------------------------------------------------------------------
+
+def _repo_relative(path: str) -> Path:
+    """A relative path that does not exist from the current directory is looked up in the repository."""
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_DIR / p).exists():
+        return REPO_DIR / p
+    return p
+
+
+def load_tokenizer(backbone_args: BackboneArgs) -> PreTrainedTokenizerBase:
+    """The pretrained model's tokenizer (pad := eos if it has none) or the from-scratch one; always right padding."""
+    if backbone_args.pretrained_model is not None:
+        tokenizer = AutoTokenizer.from_pretrained(backbone_args.pretrained_model)
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(f"tokenizer of {backbone_args.pretrained_model} has neither a pad nor an eos token")
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        path = _repo_relative(backbone_args.tokenizer_path)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"tokenizer folder {backbone_args.tokenizer_path} not found; the KV tokenizers are built by "
+                "`python -c 'import kv_dataset_utils'` helpers (see kv_dataset_utils.py) and committed under tokenizers/"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer {path} has no pad token")
+    if not tokenizer.is_fast:
+        raise ValueError("a fast tokenizer is needed (character offsets locate the target tokens)")
+    if tokenizer.padding_side != "right":
+        logger.info("tokenizer padding side %r -> 'right' (memory models rely on right padding)", tokenizer.padding_side)
+        tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_backbone_config(
+    base_model: str,
+    n_layer: int,
+    n_head: int,
+    n_embd: int,
+    tokenizer: PreTrainedTokenizerBase,
+    max_position_embeddings: Optional[int] = None,
+) -> PretrainedConfig:
+    """A from-scratch backbone config, written locally (no hub access).
+
+    llama:  Llama-3.2-1B family settings (tied embeddings, rope_theta 500000 with llama3 rope scaling, 131072
+            positions, rms eps 1e-5, SiLU) with kv heads = heads, head_dim = width / heads, FFN = 4 x width.
+            With `max_position_embeddings`, plain RoPE (theta 10000, no scaling) like the reference GPT baseline.
+    gpt2:   GPT-2 small settings (1024 positions, gelu_new, dropout 0.1), FFN = 4 x width.
+    pythia: Pythia-160m settings (gpt_neox: parallel residual, rotary on 25% of head dims, 2048 positions, untied
+            embeddings), FFN = 4 x width.
+    mamba:  mamba-130m-hf settings with expand 4 (d_inner = 4 x width), time_step_rank = ceil(width / 16); no heads.
+    Vocabulary size and special ids come from the tokenizer.
+    """
+    vocab = len(tokenizer)
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    if base_model == "llama":
+        from transformers import LlamaConfig
+
+        if max_position_embeddings is None:
+            positions = 131072
+            rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "high_freq_factor": 4.0,
+                    "low_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+        else:
+            positions, rope = max_position_embeddings, {"rope_type": "default", "rope_theta": 10000.0}
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head, head_dim=n_embd // n_head, hidden_act="silu",
+            max_position_embeddings=positions, rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=True,
+            attention_bias=False, mlp_bias=False, initializer_range=0.02, **special,
+        )
+    elif base_model == "gpt2":
+        from transformers import GPT2Config
+
+        config = GPT2Config(
+            vocab_size=vocab, n_positions=max_position_embeddings or 1024, n_embd=n_embd, n_layer=n_layer,
+            n_head=n_head, n_inner=4 * n_embd, activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1,
+            attn_pdrop=0.1, layer_norm_epsilon=1e-5, initializer_range=0.02, **special,
+        )
+    elif base_model == "pythia":
+        from transformers import GPTNeoXConfig
+
+        config = GPTNeoXConfig(
+            vocab_size=vocab, hidden_size=n_embd, num_hidden_layers=n_layer, num_attention_heads=n_head,
+            intermediate_size=4 * n_embd, hidden_act="gelu", max_position_embeddings=max_position_embeddings or 2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+            use_parallel_residual=True, layer_norm_eps=1e-5, tie_word_embeddings=False, attention_dropout=0.0,
+            hidden_dropout=0.0, initializer_range=0.02, **special,
+        )
+    elif base_model == "mamba":
+        from transformers import MambaConfig
+
+        config = MambaConfig(
+            vocab_size=vocab, hidden_size=n_embd, num_hidden_layers=n_layer, state_size=16, expand=4,
+            intermediate_size=4 * n_embd, conv_kernel=4, time_step_rank=math.ceil(n_embd / 16), use_bias=False,
+            use_conv_bias=True, hidden_act="silu", initializer_range=0.1, residual_in_fp32=True,
+            layer_norm_epsilon=1e-5, tie_word_embeddings=True, **special,
+        )
+    else:
+        raise ValueError(f"unknown base model {base_model!r}; choose one of {', '.join(BASE_MODELS)}")
+    config.use_cache = False
+    config.dtype = torch.float32
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collators
+# ----------------------------------------------------------------------------------------------------------------
+
+def pad_right(sequences: list, pad_value: int, pad_to_multiple_of: Optional[int] = 8) -> torch.Tensor:
+    """[B, L] right-padded tensor, L = longest rounded up to a multiple (at least 1)."""
+    length = max(1, max(len(s) for s in sequences))
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    out = torch.full((len(sequences), length), pad_value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def encode_with_target_labels(
+    tokenizer: PreTrainedTokenizerBase,
+    prefixes: list,
+    targets: list,
+    max_length: Optional[int] = None,
+    pad_to_multiple_of: Optional[int] = 8,
+) -> dict:
+    """Tokenise `prefix + target` strings; label exactly the tokens whose characters overlap the target span.
+
+    A token is a target token when its character span (st, en) intersects [len(prefix), len(prefix)+len(target)).
+    Special tokens (empty spans) and pads are never labels. With `max_length`, the START of the sequence is dropped
+    (the target sits at the end). Returns input_ids [B, L], attention_mask [B, L], labels [B, L] (= ids on target
+    tokens, -100 elsewhere; aligned with input_ids, not shifted).
+    """
+    texts = [p + t for p, t in zip(prefixes, targets)]
+    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    all_ids, all_labels = [], []
+    for ids, offsets, prefix, target in zip(enc["input_ids"], enc["offset_mapping"], prefixes, targets):
+        t_start, t_end = len(prefix), len(prefix) + len(target)
+        labels = [tok if (st < t_end and en > t_start and en > st) else IGNORE_INDEX
+                  for tok, (st, en) in zip(ids, offsets)]
+        if max_length is not None and len(ids) > max_length:
+            ids, labels = ids[-max_length:], labels[-max_length:]
+        all_ids.append(ids)
+        all_labels.append(labels)
+    input_ids = pad_right(all_ids, tokenizer.pad_token_id, pad_to_multiple_of)
+    attention_mask = pad_right([[1] * len(s) for s in all_ids], 0, pad_to_multiple_of)
+    labels = pad_right(all_labels, IGNORE_INDEX, pad_to_multiple_of)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class MemoryModelCollator:
+    """Examples {context, query, target} -> {context_input_ids [B,S], query_input_ids [B,Q], labels [B,Q]}.
+
+    Memory models (GradMem, RMT) WRITE the context and READ `query + target`; labels are the target tokens of the
+    query sequence, aligned with query_input_ids (no shift). Right padding to a multiple of `pad_to_multiple_of`.
+    `max_context_length` keeps the FIRST tokens of the context (as the reference did for memory models).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_context_length: Optional[int] = None,
+                 pad_to_multiple_of: Optional[int] = 8):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token")
+        self.tokenizer = tokenizer
+        self.max_context_length = max_context_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list) -> dict:
+        context_ids = self.tokenizer([ex["context"] for ex in examples], add_special_tokens=True)["input_ids"]
+        if self.max_context_length is not None:
+            context_ids = [ids[: self.max_context_length] for ids in context_ids]
+        query = encode_with_target_labels(
+            self.tokenizer, [ex["query"] for ex in examples], [ex["target"] for ex in examples],
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        return {
+            "context_input_ids": pad_right(context_ids, self.tokenizer.pad_token_id, self.pad_to_multiple_of),
+            "query_input_ids": query["input_ids"],
+            "labels": query["labels"],
+        }
+
+
+class CausalLMCollator:
+    """Full-context baseline: `context + query + target` -> {input_ids, attention_mask, labels} (all [B, T]).
+
+    Labels are the target tokens, aligned with input_ids (HF causal LMs shift internally). `max_input_length`
+    drops the START of the sequence (the beginning of the context), so query and target are always kept.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_input_length: Optional[int] = None,
+                 pad_to_multiple_of: Optional[int] = 8):
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs a pad token")
+        self.tokenizer = tokenizer
+        self.max_input_length = max_input_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list) -> dict:
+        return encode_with_target_labels(
+            self.tokenizer, [ex["context"] + ex["query"] for ex in examples], [ex["target"] for ex in examples],
+            max_length=self.max_input_length, pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+def reduce_logits_to_predictions(logits: Any, labels: torch.Tensor, next_token_logits: bool = False) -> Any:
+    """`preprocess_logits_for_metrics`: argmax on the device; keeps the model's stats dict if it returned one.
+
+    Memory models return (logits [B,Q,V], memory, stats) with logits[:, j] predicting label j. A plain causal LM's
+    logits[:, t] predicts token t+1 (`next_token_logits=True`): predictions are shifted right by one so that they
+    line up with the labels too; compute_metrics then never needs to know which kind of model it evaluates.
+    """
+    stats = None
+    if isinstance(logits, (tuple, list)):
+        stats = next((x for x in logits if isinstance(x, dict)), None)
+        logits = logits[0]
+    predictions = logits.argmax(dim=-1)  # [B, T]
+    if next_token_logits:
+        first = torch.full_like(predictions[:, :1], IGNORE_INDEX)
+        predictions = torch.cat([first, predictions[:, :-1]], dim=1)
+    return (predictions, stats) if stats else predictions
+
+
+def reduce_stats(stats: dict) -> dict:
+    """Per-batch stat values -> one number each: max of *_max, min of *_min, mean of the rest."""
+    out = {}
+    for name, values in stats.items():
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if values.size == 0:
+            continue
+        if name.endswith("_max"):
+            out[name] = float(values.max())
+        elif name.endswith("_min"):
+            out[name] = float(values.min())
+        else:
+            out[name] = float(values.mean())
+    return out
+
+
+def make_compute_metrics(tokenizer: PreTrainedTokenizerBase, ignore_tokens: Sequence[str] = ("!", "|")) -> Callable:
+    """compute_metrics for predictions already aligned with labels (see reduce_logits_to_predictions).
+
+    token_accuracy: correct / all labelled tokens of the eval set (token-weighted).
+    exact_match:    fraction of samples (with at least one labelled token) whose labelled tokens are all correct.
+    Label tokens in `ignore_tokens` (the KV target's structural `!` and `|`) count for neither. The mean (max/min
+    for *_max/*_min) of every stat the model returned is added.
+    """
+    ignore_ids = []
+    for token in ignore_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"ignore token {token!r} is not a single token of the tokenizer")
+        ignore_ids.append(token_id)
+    ignore_ids = np.asarray(ignore_ids, dtype=np.int64)
+
+    def compute_metrics(eval_pred) -> dict:
+        predictions, stats = eval_pred.predictions, None
+        if isinstance(predictions, (tuple, list)):
+            predictions, stats = predictions[0], (predictions[1] if len(predictions) > 1 else None)
+        predictions = np.asarray(predictions)
+        labels = np.asarray(eval_pred.label_ids)
+        mask = (labels != IGNORE_INDEX) & ~np.isin(labels, ignore_ids)  # [N, T]
+        correct = (predictions == labels) & mask
+        n_tokens = mask.sum()
+        has_target = mask.any(axis=1)
+        sample_correct = ((predictions == labels) | ~mask).all(axis=1)
+        metrics = {
+            "token_accuracy": float(correct.sum() / n_tokens) if n_tokens else float("nan"),
+            "exact_match": float(sample_correct[has_target].mean()) if has_target.any() else float("nan"),
+        }
+        if isinstance(stats, dict):
+            metrics.update(reduce_stats(stats))
+        return metrics
+
+    return compute_metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+def _generate_kv_dataset_if_named(path: Path) -> bool:
+    """Generate a missing KV dataset whose folder name follows the KV naming scheme. False if the name does not."""
+    import kv_dataset_utils
+
+    try:
+        spec = kv_dataset_utils.parse_dataset_name(path.name)
+    except ValueError:
+        return False
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not path.exists():
+            n_train, n_valid, seed = spec.n_train, spec.n_valid, spec.seed
+            logger.warning("%s does not exist: generating %s (%d train, %d valid, seed %d)", path, path.name,
+                           n_train, n_valid, seed)
+            splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed)
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            splits.save_to_disk(str(tmp))
+            tmp.rename(path)
+    return True
+
+
+def load_splits(data_path: str, required: Sequence[str] = ("train", "valid"),
+                columns: Sequence[str] = ("context", "query", "target")):
+    """`datasets.load_from_disk` with checks: required splits present and non-empty, required columns present.
+
+    A missing folder whose name parses as a KV dataset name (e.g. N8-K2V2-V62_1M) is generated on the spot.
+    """
+    import datasets
+
+    path = Path(data_path)
+    if not path.exists() and not _generate_kv_dataset_if_named(path):
+        raise FileNotFoundError(
+            f"dataset folder {data_path} does not exist and its name is not a KV dataset name (like N8-K2V2-V62_1M). "
+            "Build KV data with `python kv_dataset_utils.py --help`, or download it: `bash scripts/download_kv_retrieval.sh`"
+        )
+    for name in required:  # datasets cannot even load a saved empty split: check its file list first
+        state_file = path / name / "state.json"
+        if state_file.is_file() and json.loads(state_file.read_text()).get("_data_files") == []:
+            raise ValueError(f"split {name!r} of {data_path} is empty")
+    splits = datasets.load_from_disk(str(path))
+    if not isinstance(splits, datasets.DatasetDict):
+        raise ValueError(f"{data_path} holds a single Dataset; expected a DatasetDict with splits {list(required)}")
+    for name in required:
+        if name not in splits:
+            raise ValueError(f"{data_path} has no {name!r} split (splits: {list(splits)})")
+    for name, split in splits.items():
+        if name in required and len(split) == 0:
+            raise ValueError(f"split {name!r} of {data_path} is empty")
+        missing = [c for c in columns if c not in split.column_names]
+        if missing:
+            raise ValueError(f"split {name!r} of {data_path} lacks columns {missing} (has {split.column_names})")
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_init_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Warm start from a .safetensors file or a checkpoint folder; logs missing and unexpected keys.
+
+    A shape mismatch (e.g. a checkpoint trained with another tokenizer/vocabulary) is an error naming the tensors.
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"--init_checkpoint {path}: no such safetensors file (or folder with model.safetensors)")
+    state_dict = load_file(str(p))
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        hint = ""
+        if any("emb" in m or "lm_head" in m or "write_head" in m for m in mismatched):
+            hint = " (embedding/head sizes differ: the checkpoint was trained with another tokenizer/vocabulary)"
+        raise ValueError(f"--init_checkpoint {path} does not fit the model{hint}: " + "; ".join(mismatched))
+    result = model.load_state_dict(state_dict, strict=False)
+    loaded_ptrs = {own[k].data_ptr() for k in state_dict if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]  # tied copies are not missing
+    logger.warning("init_checkpoint %s: loaded %d tensors; missing %s; unexpected %s", p,
+                   len(state_dict) - len(result.unexpected_keys), missing or "none", result.unexpected_keys or "none")
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """HF writes trainer_state.json last; a checkpoint is usable once that file parses and names its step."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return folder.name == f"{PREFIX_CHECKPOINT_DIR}-{state.get('global_step')}"
+
+
+def last_complete_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint; incomplete ones (a kill while saving) are reported (and removed)."""
+    found = []
+    for folder in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if not folder.is_dir() or not folder.name.split("-")[-1].isdigit():
+            continue
+        if checkpoint_is_complete(folder):
+            found.append(folder)
+        else:
+            logger.warning("incomplete checkpoint %s (interrupted while saving)%s", folder,
+                           ": removed" if remove_incomplete else "")
+            if remove_incomplete:
+                shutil.rmtree(folder)
+    return max(found, key=lambda f: int(f.name.split("-")[-1])) if found else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folder and config.json
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_run_dir(train_args: TrainArgs, data_name: str) -> Path:
+    if train_args.exp_path is not None:
+        return Path(train_args.exp_path)
+    if train_args.run_name is None:
+        raise ValueError("give --exp_path or --run_name (the run script normally fills run_name in)")
+    return Path(train_args.runs_dir) / data_name / train_args.run_name / f"run_{train_args.seed}"
+
+
+def _git_commit() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict:
+    import accelerate
+    import datasets
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+                "datasets": datasets.__version__, "numpy": np.__version__}
+    for name in ("triton", "peft"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    versions["cuda"] = torch.version.cuda
+    versions["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return versions
+
+
+def _flat_args(all_args: Sequence) -> dict:
+    flat = {}
+    for item in all_args:
+        flat.update(dataclasses.asdict(item) if dataclasses.is_dataclass(item) else dict(item))
+    return flat
+
+
+def _check_resumable(config_path: Path, cli_args: dict) -> None:
+    old = json.loads(config_path.read_text()).get("cli_args", {})
+    changed = {k: (old.get(k), v) for k, v in cli_args.items()
+               if k not in RESUMABLE_ARG_CHANGES and k in old and old.get(k) != v}
+    if changed:
+        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ValueError(f"{config_path.parent} was started with other arguments ({lines}); pass --overwrite to start "
+                         "over, or choose another --run_name/--exp_path")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer pieces
+# ----------------------------------------------------------------------------------------------------------------
+
+class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
+    """AdamW that skips (never applies) a step whose gradients, or whose loss, are not finite.
+
+    Inner-loop divergence (too large an inner lr) shows up as inf/nan meta-gradients. Such steps are counted;
+    `max_consecutive` skips in a row raise an error with `hint` (the likely cause). The learning-rate schedule
+    still advances on a skipped step.
+    """
+
+    def __init__(self, params, max_consecutive: int = 20, hint: str = "", **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_consecutive = max_consecutive
+        self.hint = hint
+        self.skipped_steps = 0
+        self.consecutive_skipped = 0
+        self.loss_is_finite = True  # set by the trainer for each optimizer step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.ones((), dtype=torch.bool, device=grads[0].device if grads else "cpu")
+        if grads:
+            finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        finite = finite & bool(self.loss_is_finite)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = finite.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
+        self.loss_is_finite = True
+        if bool(finite):
+            self.consecutive_skipped = 0
+            return super().step(closure)
+        self.skipped_steps += 1
+        self.consecutive_skipped += 1
+        logger.warning("non-finite loss or gradients: optimizer step skipped (%d in a row, %d in total)",
+                       self.consecutive_skipped, self.skipped_steps)
+        if self.consecutive_skipped >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.consecutive_skipped} optimizer steps in a row had non-finite loss or gradients; training stopped. "
+                f"{self.hint or 'Lower --learning_rate, or check the data.'}"
+            )
+        return None
+
+
+class StopOnMetricValue(TrainerCallback):
+    """Stop training once an eval metric reaches a value (>= for accuracies, <= for losses)."""
+
+    def __init__(self, metric: str, value: float):
+        self.key = metric if metric.startswith("eval_") else f"eval_{metric}"
+        self.value = value
+        self.lower_is_better = metric.endswith("loss")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        current = (metrics or {}).get(self.key)
+        if current is None:
+            return
+        reached = current <= self.value if self.lower_is_better else current >= self.value
+        if reached:
+            logger.warning("%s = %.4f reached %s %s: stopping", self.key, current,
+                           "<=" if self.lower_is_better else ">=", self.value)
+            control.should_training_stop = True
+
+
+class GradMemTrainer(Trainer):
+    """HF Trainer + model stats averaged into the training logs, skipped-step and early-stopping counters in every
+    log record, and the reference's schedule length (num_training_steps / 0.9: a decaying schedule ends at 10%)."""
+
+    def __init__(self, *args, early_stopping: Optional[EarlyStoppingCallback] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.early_stopping = early_stopping
+        self._stat_sums: dict = {}
+        self._stat_count = 0
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        return super().create_scheduler(int(num_training_steps / 0.9), optimizer)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        stats = outputs.get("stats") if isinstance(outputs, dict) else None
+        if model.training and stats:
+            for name, value in stats.items():
+                value = value.detach().float()
+                self._stat_sums[name] = self._stat_sums.get(name, 0.0) + value
+            self._stat_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        guard = self._step_guard()
+        if guard is not None and not torch.isfinite(loss):
+            guard.loss_is_finite = False
+        return loss
+
+    def _step_guard(self) -> Optional[NonFiniteStepSkippingAdamW]:
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, NonFiniteStepSkippingAdamW):
+            opt = getattr(opt, "optimizer", None)
+        return opt
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log record
+            if self._stat_count:
+                for name, total in self._stat_sums.items():
+                    logs[name] = round(float(total) / self._stat_count, 6)  # mean over the logged steps
+                self._stat_sums, self._stat_count = {}, 0
+            guard = self._step_guard()
+            if guard is not None:
+                logs["skipped_steps"] = guard.skipped_steps
+        if self.early_stopping is not None:
+            logs["patience"] = self.early_stopping.early_stopping_patience_counter
+        super().log(logs, *args, **kwargs)
+
+
+def _report_callbacks(report_to: str, run_dir: Path, run_name: str, is_main: bool) -> tuple:
+    """(HF report_to list, extra callbacks). Tensorboard events go straight into the run folder."""
+    wanted = [r.strip() for r in report_to.split(",") if r.strip() and r.strip() != "none"]
+    unknown = [r for r in wanted if r not in ("tensorboard", "wandb")]
+    if unknown:
+        raise ValueError(f"--report_to {report_to}: unknown {unknown}; use tensorboard, wandb or none")
+    callbacks, hf_report = [], []
+    if "tensorboard" in wanted and is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir))))
+    if "wandb" in wanted:
+        has_key = bool(os.environ.get("WANDB_API_KEY"))
+        netrc = Path.home() / ".netrc"
+        has_key = has_key or (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+        if not has_key and "WANDB_MODE" not in os.environ:
+            logger.warning("no wandb key: logging to wandb offline in %s (sync later with `wandb sync`)", run_dir)
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_PROJECT", "gradmem")
+        hf_report.append("wandb")
+    return hf_report, callbacks
+
+
+def plot_learning_curve(log_history: list, path: Path, title: str = "") -> None:
+    """PNG with eval exact match / token accuracy (left) and train / eval loss (right) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        points = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("eval_exact_match", "exact match"), ("eval_token_accuracy", "token accuracy")):
+        x, y = series(key)
+        if x:
+            left.plot(x, y, marker="o", markersize=3, label=label)
+    left.set_xlabel("step"), left.set_ylabel("eval"), left.set_ylim(-0.02, 1.02), left.grid(alpha=0.3)
+    left.legend(loc="lower right")
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        x, y = series(key)
+        if x:
+            right.plot(x, y, label=label)
+    right.set_xlabel("step"), right.set_ylabel("loss"), right.set_yscale("log"), right.grid(alpha=0.3)
+    right.legend(loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _ensure_fp32(model: torch.nn.Module) -> None:
+    """Master weights are fp32 (mixed precision = autocast only); a bf16-loaded pretrained model is upcast."""
+    low = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
+    if low:
+        logger.warning("model parameters in %s: upcast to float32 (fp32 master weights; use --bf16 for autocast)", low)
+        model.float()
+
+
+def run_experiment(
+    train_args: TrainArgs,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    splits,
+    collator: Callable,
+    compute_metrics: Callable,
+    data_name: str,
+    all_args: Sequence = (),
+    next_token_logits: bool = False,
+    nonfinite_hint: str = "",
+    extra_callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Train, evaluate the best checkpoint on valid (and test if present), write the run folder. Returns metrics.
+
+    data_name:          folder name of the data (run folder runs/<data_name>/<run_name>/run_<seed>).
+    all_args:           the other CLI dataclasses, stored in config.json together with train_args.
+    next_token_logits:  the model's logits[:, t] predict token t+1 (plain causal LMs); memory models: False.
+    nonfinite_hint:     the likely cause named when many steps in a row are not finite (e.g. the inner lr).
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    run_dir = resolve_run_dir(train_args, data_name)
+    cli_args = _flat_args([train_args, *all_args])
+    config_path = run_dir / "config.json"
+
+    # ---- run folder: start over, resume, or start fresh (main process decides, the others wait) ----
+    if state.is_main_process:
+        if train_args.overwrite and run_dir.exists():
+            logger.warning("--overwrite: deleting %s", run_dir)
+            shutil.rmtree(run_dir)
+        if config_path.exists():
+            _check_resumable(config_path, cli_args)
+        last_complete_checkpoint(run_dir, remove_incomplete=True) if run_dir.exists() else None
+    state.wait_for_everyone()
+    resume_from = last_complete_checkpoint(run_dir) if run_dir.exists() else None
+
+    if state.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {"cli_args": cli_args,
+                  "args": {type(a).__name__: dataclasses.asdict(a) for a in [train_args, *all_args]
+                           if dataclasses.is_dataclass(a)},
+                  "command": [sys.executable, *sys.argv], "versions": package_versions(), "git": _git_commit(),
+                  "num_processes": state.num_processes, "resumed_from": str(resume_from) if resume_from else None}
+        config_path.write_text(json.dumps(config, indent=2, default=str))
+
+    # ---- model and data ----
+    _ensure_fp32(model)
+    if train_args.init_checkpoint is not None and resume_from is None:
+        load_init_checkpoint(model, train_args.init_checkpoint)
+    eval_split = splits["valid"]
+    if train_args.max_eval_samples is not None:
+        eval_split = eval_split.select(range(min(train_args.max_eval_samples, len(eval_split))))
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.warning("run folder %s | %s trainable parameters | train %d, valid %d%s", run_dir, f"{n_params:,}",
+                   len(splits["train"]), len(eval_split), f" | resuming from {resume_from.name}" if resume_from else "")
+
+    # ---- Trainer ----
+    precision = train_args.mixed_precision()
+    os.environ["ACCELERATE_MIXED_PRECISION"] = precision  # the flags win over `accelerate launch --mixed_precision`
+    greater_is_better = not train_args.metric_for_best_model.endswith("loss")
+    run_name = train_args.run_name or run_dir.parent.name
+    hf_report, report_callbacks = _report_callbacks(train_args.report_to, run_dir, run_name, state.is_main_process)
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        run_name=run_name,
+        max_steps=train_args.max_steps,
+        per_device_train_batch_size=train_args.per_device_batch_size,
+        per_device_eval_batch_size=train_args.per_device_eval_batch_size or train_args.per_device_batch_size,
+        gradient_accumulation_steps=train_args.gradient_accumulation_steps,
+        learning_rate=train_args.learning_rate,
+        lr_scheduler_type=train_args.lr_scheduler_type,
+        warmup_steps=train_args.warmup_steps,
+        weight_decay=train_args.weight_decay,
+        adam_beta1=train_args.adam_beta1,
+        adam_beta2=train_args.adam_beta2,
+        adam_epsilon=train_args.adam_epsilon,
+        max_grad_norm=train_args.max_grad_norm,
+        bf16=precision == "bf16",
+        tf32=train_args.tf32 if torch.cuda.is_available() else None,
+        eval_strategy="steps",
+        eval_steps=train_args.eval_steps,
+        eval_on_start=resume_from is None,
+        save_strategy="steps",
+        save_steps=train_args.eval_steps,
+        save_total_limit=2,  # the latest (to resume) and the best; 1 would delete the latest at the end
+        load_best_model_at_end=True,
+        metric_for_best_model=train_args.metric_for_best_model,
+        greater_is_better=greater_is_better,
+        logging_steps=train_args.logging_steps,
+        report_to=hf_report or "none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=train_args.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available() and not train_args.use_cpu,
+        use_cpu=train_args.use_cpu,
+        disable_tqdm=False,
+        seed=train_args.seed,
+    )
+    callbacks = list(report_callbacks) + list(extra_callbacks)
+    early_stopping = None
+    if train_args.early_stopping_patience > 0:
+        early_stopping = EarlyStoppingCallback(early_stopping_patience=train_args.early_stopping_patience)
+        callbacks.append(early_stopping)
+    if train_args.stop_metric_value is not None:
+        callbacks.append(StopOnMetricValue(train_args.stop_metric, train_args.stop_metric_value))
+    optimizer_kwargs = {"lr": train_args.learning_rate, "betas": (train_args.adam_beta1, train_args.adam_beta2),
+                        "eps": train_args.adam_epsilon, "max_consecutive": train_args.max_consecutive_skipped_steps,
+                        "hint": nonfinite_hint}
+    trainer = GradMemTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=splits["train"],
+        eval_dataset=eval_split,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=lambda logits, labels: reduce_logits_to_predictions(
+            logits, labels, next_token_logits=next_token_logits),
+        callbacks=callbacks,
+        optimizer_cls_and_kwargs=(NonFiniteStepSkippingAdamW, optimizer_kwargs),
+        early_stopping=early_stopping,
+    )
+
+    # ---- train, then evaluate the best checkpoint ----
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    metrics = trainer.evaluate(eval_split)
+    if "test" in splits and len(splits["test"]) > 0:
+        metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+    guard = trainer._step_guard()
+    metrics["skipped_steps"] = guard.skipped_steps if guard is not None else 0
+    metrics["global_step"] = trainer.state.global_step
+    metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    if trainer.is_world_process_zero():
+        trainer.save_metrics("all", metrics)
+        trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+        plot_learning_curve(trainer.state.log_history, run_dir / CURVE_FILE, title=f"{data_name} / {run_name}")
+        logger.warning("results: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, str)}))
+    return metrics
