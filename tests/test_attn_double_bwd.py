@@ -1,0 +1,233 @@
+"""attn_double_bwd: the exact PyTorch attention (gradcheck / gradgradcheck), its transformers registration, the
+implementation resolver, and the Triton kernels under TRITON_INTERPRET=1 (subprocess) and on CUDA (gpu marker)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attn_double_bwd
+from attn_double_bwd import exact_attention, resolve_attn_implementation
+from attn_double_bwd.reference import naive_attention
+
+REPO = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+def _qkv(B, Hq, Hkv, Lq, Lk, D, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g, dtype=dtype).requires_grad_(True)
+    k = torch.randn(B, Hkv, Lk, D, generator=g, dtype=dtype).requires_grad_(True)
+    v = torch.randn(B, Hkv, Lk, D, generator=g, dtype=dtype).requires_grad_(True)
+    return q, k, v
+
+
+# (B, Hq, Hkv, Lq, Lk, D, mask kwargs builder)
+CASES = {
+    "causal": (1, 2, 2, 5, 5, 3, lambda B, Hq, Lq, Lk: dict(is_causal=True)),
+    "causal_gqa_lq_lt_lk": (1, 4, 2, 3, 6, 4, lambda B, Hq, Lq, Lk: dict(is_causal=True)),
+    "causal_lq_gt_lk_empty_rows": (1, 2, 1, 6, 4, 3, lambda B, Hq, Lq, Lk: dict(is_causal=True)),
+    "key_padding_gqa": (
+        2, 2, 1, 4, 4, 3,
+        lambda B, Hq, Lq, Lk: dict(key_padding_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)),
+    ),
+    "bool_4d_mask_per_head": (
+        1, 2, 1, 4, 5, 3,
+        lambda B, Hq, Lq, Lk: dict(attn_mask=torch.rand(B, Hq, Lq, Lk, generator=torch.Generator().manual_seed(1)) > 0.4),
+    ),
+    "additive_mask_and_causal": (
+        2, 2, 2, 4, 4, 3,
+        lambda B, Hq, Lq, Lk: dict(is_causal=True, attn_mask=torch.randn(B, 1, Lq, Lk, dtype=F64)),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_attention_forward_matches_naive(case):
+    B, Hq, Hkv, Lq, Lk, D, masks = CASES[case]
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D)
+    kw = masks(B, Hq, Lq, Lk)
+    out = exact_attention(q, k, v, scale=0.7, **kw)
+    ref = naive_attention(q, k, v, scale=0.7, **kw)
+    assert out.shape == (B, Hq, Lq, D)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    # First-order grads agree with autograd through the naive formula.
+    cot = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, (q, k, v), cot)
+    g2 = torch.autograd.grad(ref, (q, k, v), cot)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_attention_gradcheck_and_gradgradcheck(case):
+    B, Hq, Hkv, Lq, Lk, D, masks = CASES[case]
+    q, k, v = _qkv(B, Hq, Hkv, Lq, Lk, D)
+    kw = masks(B, Hq, Lq, Lk)
+    fn = lambda q, k, v: exact_attention(q, k, v, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+
+
+def test_second_order_matches_naive_autograd():
+    # Hessian-vector products through the closed form equal autograd's double backward of the naive formula.
+    q, k, v = _qkv(2, 4, 2, 5, 7, 4)
+    kw = dict(is_causal=True)
+    cot = torch.randn(2, 4, 5, 4, dtype=F64)
+    results = []
+    for fn in (exact_attention, naive_attention):
+        out = fn(q, k, v, **kw)
+        grads = torch.autograd.grad((out * cot).sum(), (q, k, v), create_graph=True)
+        phi = sum((g * g.detach().sin()).sum() for g in grads)
+        results.append(torch.autograd.grad(phi, (q, k, v)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_dropout_mask_is_shared_by_all_three_levels():
+    q, k, v = _qkv(1, 2, 1, 4, 4, 3)
+
+    def fn(q, k, v):
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            return exact_attention(q, k, v, is_causal=True, dropout_p=0.3)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v))
+    assert not torch.allclose(fn(q, k, v), exact_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_dtypes(dtype):
+    q, k, v = _qkv(1, 2, 1, 6, 6, 8)
+    out = exact_attention(q.detach().to(dtype), k.detach().to(dtype), v.detach().to(dtype), is_causal=True)
+    ref = exact_attention(q, k, v, is_causal=True)
+    assert out.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol)
+
+
+def test_input_errors_are_clear():
+    q, k, v = _qkv(1, 3, 2, 4, 4, 3)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        exact_attention(q, k, v)
+    q, k, v = _qkv(1, 2, 1, 4, 4, 3)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        exact_attention(q, k, v, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        exact_attention(q, k, v, attn_mask=torch.ones(1, 1, 4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout_p"):
+        exact_attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="requires grad"):
+        exact_attention(q, k, v, attn_mask=torch.zeros(1, 1, 4, 4, dtype=F64, requires_grad=True))
+
+
+def test_third_derivative_raises():
+    q, k, v = _qkv(1, 1, 1, 3, 3, 2)
+    out = exact_attention(q, k, v)
+    (gq,) = torch.autograd.grad(out.sum(), (q,), create_graph=True)
+    (ggq,) = torch.autograd.grad((gq**2).sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(ggq.sum(), (q,))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# transformers integration
+
+
+def _tiny_model(kind, impl):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "llama":  # GQA: 4 query heads, 2 key/value heads
+        cfg = LlamaConfig(
+            vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, attn_implementation=impl,
+        )
+        return LlamaForCausalLM(cfg).double()
+    cfg = GPT2Config(
+        vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0,
+        embd_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation=impl,
+    )
+    return GPT2LMHeadModel(cfg).double()
+
+
+def _first_and_second_order(model, padded):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    if padded:
+        mask[1, 6:] = 0  # right padding
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    logits = model(inputs_embeds=emb, attention_mask=mask if padded else None).logits
+    logits = logits * mask[..., None]  # padded positions are not compared (eager attends uniformly there)
+    loss = (logits * torch.randn(logits.shape, generator=g, dtype=F64)).sum()
+    (g_emb,) = torch.autograd.grad(loss, emb, create_graph=True)  # the "inner step" gradient
+    params = [p for n, p in model.named_parameters() if "wte" not in n and "embed" not in n]
+    second = torch.autograd.grad((g_emb**2).sum(), [emb, *params], allow_unused=True)
+    return logits.detach(), g_emb.detach(), [torch.zeros(()) if x is None else x for x in second]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("impl", ["exact_eager", "hvp_manual", "hvp_semi_manual"])
+def test_registered_names_match_eager_in_models(kind, padded, impl):
+    ref = _first_and_second_order(_tiny_model(kind, "eager"), padded)
+    model = _tiny_model(kind, impl)
+    assert model.config._attn_implementation == impl
+    got = _first_and_second_order(model, padded)
+    # Llama's eager softmax runs in float32 even for float64 models; GPT-2's eager is float64 throughout.
+    tol = 1e-6 if kind == "llama" else 1e-12
+    for a, b in zip([got[0], got[1], *got[2]], [ref[0], ref[1], *ref[2]]):
+        assert _rel_err(a, b) <= tol
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_fused_name_rejects_dropout_before_any_work():
+    from attn_double_bwd.hf_integration import fused_attention_forward
+
+    q, k, v = _qkv(1, 2, 2, 4, 4, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="no dropout"):
+        fused_attention_forward(torch.nn.Module(), q, k, v, None, dropout=0.1)
+
+
+def test_resolver():
+    assert resolve_attn_implementation("auto", device_type="cpu", second_order=False) == "sdpa"
+    assert resolve_attn_implementation("auto", device_type="cpu", second_order=True) == "exact_eager"
+    expected_cuda = "fused_double_bwd" if attn_double_bwd.triton_available() else "exact_eager"
+    assert resolve_attn_implementation("auto", device_type="cuda", second_order=True) == expected_cuda
+    assert resolve_attn_implementation("hvp_manual", second_order=True) == "exact_eager"
+    assert resolve_attn_implementation("jvp_flash", device_type="cpu", second_order=True) == "exact_eager"
+    assert resolve_attn_implementation("hvp_semi_manual", device_type="cuda", second_order=True) == expected_cuda
+    assert resolve_attn_implementation("eager", second_order=True) == "eager"
+    assert resolve_attn_implementation("sdpa", second_order=False) == "sdpa"
+    with pytest.raises(ValueError, match="no double backward"):
+        resolve_attn_implementation("sdpa", second_order=True)
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_attn_implementation("nope")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_attn_implementation("fused_double_bwd", device_type="cpu", second_order=True)
+
+
+def test_import_and_exact_path_work_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
+        "import torch, attn_double_bwd\n"
+        "from transformers import AttentionInterface\n"
+        "assert 'fused_double_bwd' in AttentionInterface._global_mapping\n"
+        "assert not attn_double_bwd.triton_available()\n"
+        "assert attn_double_bwd.resolve_attn_implementation('auto', device_type='cuda', second_order=True) == 'exact_eager'\n"
+        "q = torch.randn(1, 2, 3, 4, requires_grad=True)\n"
+        "attn_double_bwd.exact_attention(q, q, q, is_causal=True).sum().backward()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
