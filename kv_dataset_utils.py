@@ -240,7 +240,7 @@ _NAME_RE = re.compile(
     r"(?:-K(?P<k>\d+)V(?P<v>\d+))?"
     r"(?:-S(?P<s>\d+)\((?P<min>\d+)-(?P<max>\d+)\))?"
     r"(?:-V(?P<vocab>\d+))?"
-    r"(?:_noise_(?P<noise>\d+(?:\.\d*)?|\.\d+))?"
+    r"(?:_noise_(?P<noise>[0-9.]+(?:e-?\d+)?))?"
     r"(?:_(?P<size>\d+)(?P<unit>[KM]?))?"
 )
 NAME_SCHEME = ("N{pairs}-K{key_len}V{value_len}-V{62|512}[_noise_{p}][_{size}] or "
@@ -274,11 +274,18 @@ def parse_dataset_name(name: str) -> KVTaskSpec:
         min_segment_len=int(m["min"]) if m["s"] else 0,
         max_segment_len=int(m["max"]) if m["s"] else 0,
         vocab_size=int(m["vocab"]) if m["vocab"] else 62,
-        noise=float(m["noise"]) if m["noise"] else None,
+        noise=_parse_float(m["noise"], name) if m["noise"] else None,
     )
     if m["s"] is not None and not spec.has_segments:
         raise ValueError(f"{name!r}: S1(0-0) means no filler; name it {spec.task_name}")
     return spec
+
+
+def _parse_float(text: str, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"malformed noise {text!r} in {name!r}; expected {NAME_SCHEME}") from None
 
 
 def dataset_size(name: str) -> Optional[int]:
@@ -384,10 +391,17 @@ def _repeated_keys(keys: np.ndarray, alphabet_size: int) -> np.ndarray:
 def _sample_unique_keys(rng: np.random.Generator, B: int, N: int, k: int, alphabet_size: int) -> np.ndarray:
     """[B, N, k] symbol ids; the N keys of a row are distinct and uniform over all such ordered tuples.
 
-    Keys that repeat an earlier key of their row are redrawn until none does. The procedure commutes with any
-    permutation of the key space and ends on distinct tuples, which that group permutes transitively, so the result
-    is uniform over ordered distinct tuples, exactly like the reference's one-key-at-a-time rejection sampling.
+    Sparse case (N at most half of the key space): keys that repeat an earlier key of their row are redrawn until
+    none does. The procedure commutes with any permutation of the key space and ends on distinct tuples, which that
+    group permutes transitively, so the result is uniform over ordered distinct tuples, exactly like the reference's
+    one-key-at-a-time rejection sampling. Dense case: the first N keys of a random permutation of the key space
+    (rejection would need ~key_space draws for the last key).
     """
+    key_space = alphabet_size ** k
+    if 2 * N > key_space:
+        codes = rng.permuted(np.broadcast_to(np.arange(key_space), (B, key_space)), axis=1)[:, :N]  # [B, N]
+        return np.stack([codes // alphabet_size ** (k - 1 - i) % alphabet_size for i in range(k)],
+                        axis=-1).astype(np.int32)
     keys = rng.integers(0, alphabet_size, size=(B, N, k), dtype=np.int32)
     rows = np.arange(B)  # rows that may still hold a repeated key
     while N > 1 and len(rows):
@@ -477,19 +491,25 @@ def _check_count(n, what: str) -> None:
         raise ValueError(f"{what} must be a non-negative integer, got {n!r}")
 
 
+def _generate_kv_chunks(spec: KVTaskSpec, n: int, seed: int, stream: int):
+    """Yields the n samples as dicts of numpy str arrays, CHUNK_SIZE rows at a time (the last one trimmed)."""
+    _check_count(n, "n")
+    _check_count(seed, "seed")
+    for chunk, start in enumerate(range(0, n, CHUNK_SIZE)):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, chunk)))
+        samples = _generate_chunk(spec, rng, CHUNK_SIZE)  # always whole chunks, so prefixes agree
+        yield {column: strings[:n - start] for column, strings in samples.items()}
+
+
 def generate_kv_samples(spec: KVTaskSpec, n: int, seed: int, stream: int = TRAIN_STREAM) -> dict[str, list[str]]:
     """n samples of `spec` as {'context': [...], 'query': [...], 'target': [...]}, a pure function of the arguments.
 
     Sample i depends only on (spec, seed, stream, i): the first m of n samples equal generate_kv_samples(spec, m, ...).
     """
-    _check_count(n, "n")
-    _check_count(seed, "seed")
     columns = {"context": [], "query": [], "target": []}
-    for chunk, start in enumerate(range(0, n, CHUNK_SIZE)):
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, chunk)))
-        samples = _generate_chunk(spec, rng, CHUNK_SIZE)  # always whole chunks, so prefixes agree
+    for samples in _generate_kv_chunks(spec, n, seed, stream):
         for column, strings in samples.items():
-            columns[column].extend(strings[:n - start].tolist())
+            columns[column].extend(strings.tolist())
     return columns
 
 
@@ -512,10 +532,16 @@ def build_kv_dataset_dict(spec: KVTaskSpec, n_train: int = 1_000_000, n_valid: i
         _check_count(n, what)
         if n == 0:
             raise ValueError(f"{what} must be >= 1")
-    features = datasets.Features({c: datasets.Value("string") for c in ("context", "query", "target")})
+    import pyarrow as pa
+
     splits = {}
     for split, n, stream in (("train", n_train, TRAIN_STREAM), ("valid", n_valid, VALID_STREAM)):
-        splits[split] = datasets.Dataset.from_dict(generate_kv_samples(spec, n, seed, stream), features=features)
+        columns = {"context": [], "query": [], "target": []}
+        for samples in _generate_kv_chunks(spec, n, seed, stream):  # numpy -> Arrow, no Python str objects
+            for column, strings in samples.items():
+                columns[column].append(pa.array(strings, type=pa.string()))
+        table = pa.table({column: pa.chunked_array(arrays, type=pa.string()) for column, arrays in columns.items()})
+        splits[split] = datasets.Dataset(datasets.table.InMemoryTable(table), split=datasets.NamedSplit(split))
     return datasets.DatasetDict(splits)
 
 
@@ -627,6 +653,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_valid", type=int, default=5_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--skip_existing", action="store_true", help="do nothing if the output folder exists")
     p.add_argument("--show", type=int, default=0, metavar="K", help="print the first K train samples")
     for f in ("num_kv_pairs", "k_length", "v_length", "n_segments", "min_segment_len", "max_segment_len",
               "vocab_size"):
@@ -669,6 +696,11 @@ def main(argv=None) -> None:
     except ValueError as e:
         parser.error(str(e))
     out_dir = Path(args.out) if args.out else REPO_ROOT / "data" / spec.dataset_name(n_train)
+    if args.overwrite and args.skip_existing:
+        parser.error("--overwrite and --skip_existing exclude each other")
+    if out_dir.exists() and args.skip_existing:
+        print(f"{out_dir} exists, skipped")
+        return
     if out_dir.exists() and not args.overwrite:
         parser.error(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
 
