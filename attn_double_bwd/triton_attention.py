@@ -1,0 +1,519 @@
+"""Fused attention in Triton with an exact double backward; no pass ever writes a [Lq, Lk] matrix to memory.
+
+`fused_attention(q, k, v, is_causal=..., attn_mask=..., key_padding_mask=..., scale=...)` computes the same function
+as `reference.exact_attention` (same shapes, masks, causal alignment, empty-row convention; no dropout) and is
+differentiable twice:
+
+- forward: flash-attention style, saves the row log-sum-exp (LSE, base 2) besides q, k, v, o.
+- backward (an autograd.Function of its own): D = rowsum(dO * o), then dk, dv in a key-parallel pass and dq in a
+  query-parallel pass, recomputing P = exp2(S - LSE) blockwise.
+- double backward: for cotangents (gq, gk, gv) of (dq, dk, dv), with Bbar = scale (gq k^T + q gk^T):
+    pass 1 (query rows):  beta = rowsum(P * Bbar),  gamma = rowsum(P * Pbar), where
+                          Pbar = dO gv^T + Bbar * (dP - D) - dP * beta, so
+                          gamma = rowsum(P * (dO gv^T)) + rowsum(P * Bbar * dP) - 2 D beta
+    pass 2 (query rows):  d dO = (P * (Bbar - beta)) v + P gv,   dq = scale (Sbar k + dS gk)
+    pass 3 (key columns): dk = scale (Sbar^T q + dS^T gq),     dv = (P * (Bbar - beta))^T dO
+  with dS = P * (dP - D) and Sbar = P * (Pbar - gamma). Each pass recomputes P, dP and Bbar tile by tile.
+
+Inputs: q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D] (Hq a multiple of Hkv: grouped-query attention without repeating
+k/v), D in {16, 32, 64, 128}, float32 / bfloat16 / float16, any Lq and Lk (tails are masked in the kernels).
+float32 uses IEEE fp32 dot products unless `torch.backends.cuda.matmul.allow_tf32` is True, then TF32.
+Masks: `is_causal` (bottom-right aligned: key j visible to query i iff j <= i + Lk - Lq), `key_padding_mask`
+[B, Lk] bool (True = real key), `attn_mask` bool broadcastable to [B, Hq, Lq, Lk] (True = attend; loaded tile by
+tile, never expanded). Rows that see no key give 0 and zero gradients. A third derivative raises.
+Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (slow; for tests on tiny shapes).
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .reference import check_attention_inputs
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _visible(q_idx, k_idx, Lq, Lk, causal_off, kpm_ptr, mask_ptr, stride_mq, stride_mk,
+             IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Bool tile: may query q_idx see key k_idx? (q_idx, k_idx broadcast against each other.)"""
+    inside = (q_idx < Lq) & (k_idx < Lk)
+    visible = inside
+    if IS_CAUSAL:
+        visible = visible & (k_idx <= q_idx + causal_off)
+    if HAS_KPM:
+        keep = tl.load(kpm_ptr + k_idx, mask=k_idx < Lk, other=0)
+        visible = visible & (keep != 0)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + q_idx * stride_mq + k_idx * stride_mk, mask=inside, other=0)
+        visible = visible & (keep != 0)
+    return visible
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KPM, MASK,
+                stride_kpm_b, stride_mb, stride_mh, stride_mq, stride_mk,
+                Hq, G, Lq, Lk, causal_off, qk_scale, LQ_BUCKET,
+                IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # b * Hq + h
+    b = bh // Hq
+    h = bh % Hq
+    bhk = b * (Hq // G) + h // G  # key/value head of this query head
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    Q += bh * Lq * HEAD_DIM
+    K += bhk * Lk * HEAD_DIM
+    V += bhk * Lk * HEAD_DIM
+    KPM += b * stride_kpm_b
+    MASK += b * stride_mb + h * stride_mh
+    row_in = offs_m[:, None] < Lq
+    q = tl.load(Q + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_in, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_off)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_in = offs_n[:, None] < Lk
+        k = tl.load(K + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+        v = tl.load(V + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], base-2 logits
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    has_any = l_i > 0.0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("inf"))  # +inf: P = 0 everywhere
+    tl.store(O + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_in)
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, MASK,
+                   stride_kpm_b, stride_mb, stride_mh, stride_mq, stride_mk,
+                   Hq, G, Lq, Lk, causal_off, qk_scale, sm_scale, LQ_BUCKET,
+                   IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq = scale * dS k, dS = P * (dO v^T - D); one program per query block and query head."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    bhk = b * (Hq // G) + h // G
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    row_in = offs_m[:, None] < Lq
+    K += bhk * Lk * HEAD_DIM
+    V += bhk * Lk * HEAD_DIM
+    KPM += b * stride_kpm_b
+    MASK += b * stride_mb + h * stride_mh
+    q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+    do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_off)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_in = offs_n[:, None] < Lk
+        k = tl.load(K + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+        v = tl.load(V + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + row_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_in)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK,
+                     stride_kpm_b, stride_mb, stride_mh, stride_mq, stride_mk,
+                     Hq, G, Lq, Lk, causal_off, qk_scale, sm_scale, LQ_BUCKET,
+                     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dk = scale dS^T q, dv = P^T dO, summed over the G query heads of a key/value head; tiles are transposed
+    ([keys, queries])."""
+    start_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
+    Hkv = Hq // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ptrs = bhk * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    col_in = offs_n[:, None] < Lk
+    k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
+    v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
+    KPM += b * stride_kpm_b
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lo = 0
+    if IS_CAUSAL:
+        lo = (tl.maximum(0, start_n * BLOCK_N - causal_off) // BLOCK_M) * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * Hq + h
+        mask_h = MASK + b * stride_mb + h * stride_mh
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            row_in = offs_m[:, None] < Lq
+            q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+            do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
+            lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, causal_off, KPM, mask_h, stride_mq, stride_mk,
+                           IS_CAUSAL, HAS_KPM, HAS_MASK)
+            p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    tl.store(DK + col_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_in)
+    tl.store(DV + col_ptrs, dv.to(DV.dtype.element_ty), mask=col_in)
+
+
+@triton.jit
+def _bwd2_rows_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DQ2, DDO, KPM, MASK,
+                      stride_kpm_b, stride_mb, stride_mh, stride_mq, stride_mk,
+                      Hq, G, Lq, Lk, causal_off, qk_scale, sm_scale, LQ_BUCKET,
+                      IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr,
+                      PRECISION: tl.constexpr, REDUCE: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Double backward, query-parallel. REDUCE: pass 1, write beta and gamma. Otherwise: pass 2, write
+    dq2 = scale (Sbar k + dS gk) and d dO = (P (Bbar - beta)) v + P gv."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    bhk = b * (Hq // G) + h // G
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    row_in = offs_m[:, None] < Lq
+    kv_off = bhk * Lk * HEAD_DIM
+    KPM += b * stride_kpm_b
+    MASK += b * stride_mb + h * stride_mh
+    q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+    do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
+    gq = tl.load(GQ + row_ptrs, mask=row_in, other=0.0)
+    row_ok = offs_m < Lq
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    if REDUCE:
+        acc_beta = tl.zeros([BLOCK_M], tl.float32)
+        acc_pbdp = tl.zeros([BLOCK_M], tl.float32)  # rowsum(P * Bbar * dP)
+        acc_pdogv = tl.zeros([BLOCK_M], tl.float32)  # rowsum(P * (dO gv^T))
+    else:
+        beta = tl.load(BETA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        gamma = tl.load(GAMMA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+        dq2 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        ddo = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_off)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        col_in = offs_n[:, None] < Lk
+        k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
+        v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
+        gk = tl.load(GK + col_ptrs, mask=col_in, other=0.0)
+        gv = tl.load(GV + col_ptrs, mask=col_in, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        bbar = tl.dot(gq, tl.trans(k), input_precision=PRECISION)
+        bbar = tl.dot(q, tl.trans(gk), bbar, input_precision=PRECISION) * sm_scale
+        dogv = tl.dot(do, tl.trans(gv), input_precision=PRECISION)
+        if REDUCE:
+            pb = p * bbar
+            acc_beta += tl.sum(pb, 1)
+            acc_pbdp += tl.sum(pb * dp, 1)
+            acc_pdogv += tl.sum(p * dogv, 1)
+        else:
+            dp_c = dp - delta[:, None]
+            ds = p * dp_c
+            bar_dp = p * (bbar - beta[:, None])
+            bar_p = dogv + bbar * dp_c - dp * beta[:, None]
+            bar_s = p * (bar_p - gamma[:, None])
+            dq2 = tl.dot(bar_s.to(k.dtype), k, dq2, input_precision=PRECISION)
+            dq2 = tl.dot(ds.to(gk.dtype), gk, dq2, input_precision=PRECISION)
+            ddo = tl.dot(bar_dp.to(v.dtype), v, ddo, input_precision=PRECISION)
+            ddo = tl.dot(p.to(gv.dtype), gv, ddo, input_precision=PRECISION)
+    if REDUCE:
+        gamma_out = acc_pdogv + acc_pbdp - 2.0 * delta * acc_beta
+        tl.store(BETA + bh * Lq + offs_m, acc_beta, mask=row_ok)
+        tl.store(GAMMA + bh * Lq + offs_m, gamma_out, mask=row_ok)
+    else:
+        tl.store(DQ2 + row_ptrs, (dq2 * sm_scale).to(DQ2.dtype.element_ty), mask=row_in)
+        tl.store(DDO + row_ptrs, ddo.to(DDO.dtype.element_ty), mask=row_in)
+
+
+@triton.jit
+def _bwd2_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DK2, DV2, KPM, MASK,
+                      stride_kpm_b, stride_mb, stride_mh, stride_mq, stride_mk,
+                      Hq, G, Lq, Lk, causal_off, qk_scale, sm_scale, LQ_BUCKET,
+                      IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr,
+                      PRECISION: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Double backward pass 3, key-parallel (transposed tiles [keys, queries]), summed over the G query heads:
+    dk2 = scale (Sbar^T q + dS^T gq), dv2 = (P (Bbar - beta))^T dO."""
+    start_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)
+    Hkv = Hq // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ptrs = bhk * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    col_in = offs_n[:, None] < Lk
+    k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
+    v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
+    gk = tl.load(GK + col_ptrs, mask=col_in, other=0.0)
+    gv = tl.load(GV + col_ptrs, mask=col_in, other=0.0)
+    KPM += b * stride_kpm_b
+    dk2 = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv2 = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lo = 0
+    if IS_CAUSAL:
+        lo = (tl.maximum(0, start_n * BLOCK_N - causal_off) // BLOCK_M) * BLOCK_M
+    for g in range(0, G):
+        h = hk * G + g
+        bh = b * Hq + h
+        mask_h = MASK + b * stride_mb + h * stride_mh
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+            row_in = offs_m[:, None] < Lq
+            row_ok = offs_m < Lq
+            q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+            do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
+            gq = tl.load(GQ + row_ptrs, mask=row_in, other=0.0)
+            lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+            beta = tl.load(BETA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+            gamma = tl.load(GAMMA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, causal_off, KPM, mask_h, stride_mq, stride_mk,
+                           IS_CAUSAL, HAS_KPM, HAS_MASK)
+            p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            bbar_t = tl.dot(k, tl.trans(gq), input_precision=PRECISION)
+            bbar_t = tl.dot(gk, tl.trans(q), bbar_t, input_precision=PRECISION) * sm_scale
+            dogv_t = tl.dot(gv, tl.trans(do), input_precision=PRECISION)
+            dp_c = dp_t - delta[None, :]
+            ds_t = p_t * dp_c
+            bar_dp_t = p_t * (bbar_t - beta[None, :])
+            bar_p_t = dogv_t + bbar_t * dp_c - dp_t * beta[None, :]
+            bar_s_t = p_t * (bar_p_t - gamma[None, :])
+            dk2 = tl.dot(bar_s_t.to(q.dtype), q, dk2, input_precision=PRECISION)
+            dk2 = tl.dot(ds_t.to(gq.dtype), gq, dk2, input_precision=PRECISION)
+            dv2 = tl.dot(bar_dp_t.to(do.dtype), do, dv2, input_precision=PRECISION)
+    tl.store(DK2 + col_ptrs, (dk2 * sm_scale).to(DK2.dtype.element_ty), mask=col_in)
+    tl.store(DV2 + col_ptrs, dv2.to(DV2.dtype.element_ty), mask=col_in)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# launch configurations: one small config under the interpreter, a few autotuned ones on the GPU
+
+
+def _configs(kind):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+    elif kind == "bwd":
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+    else:  # double backward
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "HAS_MASK", "PRECISION", "LQ_BUCKET", "G"]
+_fwd = triton.autotune(_configs("fwd"), key=_KEY)(_fwd_kernel)
+_bwd_dq = triton.autotune(_configs("bwd"), key=_KEY)(_bwd_dq_kernel)
+_bwd_dkdv = triton.autotune(_configs("bwd"), key=_KEY)(_bwd_dkdv_kernel)
+_bwd2_rows = triton.autotune(_configs("bwd2"), key=_KEY + ["REDUCE"])(_bwd2_rows_kernel)
+_bwd2_cols = triton.autotune(_configs("bwd2"), key=_KEY)(_bwd2_cols_kernel)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+class _Meta:
+    """Everything about one call that is not a tensor with a gradient: masks, sizes, scales, precision."""
+
+    def __init__(self, q, k, attn_mask, key_padding_mask, is_causal, scale):
+        B, Hq, Lq, D = q.shape
+        self.B, self.Hq, self.Lq, self.D = B, Hq, Lq, D
+        self.Hkv, self.Lk = k.shape[1], k.shape[2]
+        self.G = Hq // self.Hkv
+        self.is_causal = bool(is_causal)
+        self.causal_off = self.Lk - Lq
+        self.sm_scale = float(scale)
+        self.qk_scale = float(scale) * LOG2E
+        allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        self.precision = "tf32" if allow_tf32 else "ieee"
+        self.lq_bucket = 1 << max(Lq - 1, 0).bit_length()
+        self.has_kpm, self.has_mask = key_padding_mask is not None, attn_mask is not None
+        dummy = q.new_empty((1,), dtype=torch.int8)
+        self.kpm = dummy if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
+        self.kpm_stride_b = 0 if key_padding_mask is None else self.kpm.stride(0)
+        if attn_mask is None:
+            self.mask, self.mask_strides = dummy, (0, 0, 0, 0)
+        else:
+            m = attn_mask if attn_mask.dtype == torch.int8 else attn_mask.view(torch.int8)
+            m = m.expand(B, Hq, Lq, self.Lk)  # a view: broadcast dims get stride 0
+            self.mask, self.mask_strides = m, tuple(m.stride())
+
+    def args(self):
+        return (self.kpm, self.mask, self.kpm_stride_b, *self.mask_strides)
+
+    def sizes(self):
+        return (self.Hq, self.G, self.Lq, self.Lk, self.causal_off)
+
+    def flags(self):
+        return dict(IS_CAUSAL=self.is_causal, HAS_KPM=self.has_kpm, HAS_MASK=self.has_mask,
+                    PRECISION=self.precision, HEAD_DIM=self.D)
+
+
+def _row_grid(meta):
+    return lambda cfg: (triton.cdiv(meta.Lq, cfg["BLOCK_M"]), meta.B * meta.Hq)
+
+
+def _col_grid(meta):
+    return lambda cfg: (triton.cdiv(meta.Lk, cfg["BLOCK_N"]), meta.B * meta.Hkv)
+
+
+def _forward(q, k, v, meta):
+    o = torch.empty_like(q)
+    lse = torch.empty((meta.B, meta.Hq, meta.Lq), device=q.device, dtype=torch.float32)
+    _fwd[_row_grid(meta)](q, k, v, o, lse, *meta.args(), *meta.sizes(), meta.qk_scale, meta.lq_bucket, **meta.flags())
+    return o, lse
+
+
+def _backward(do, q, k, v, o, lse, meta):
+    delta = (do.float() * o.float()).sum(-1)  # D = rowsum(dO * o) = rowsum(P * dP)  [B, Hq, Lq]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (*meta.args(), *meta.sizes(), meta.qk_scale, meta.sm_scale, meta.lq_bucket)
+    _bwd_dkdv[_col_grid(meta)](q, k, v, do, lse, delta, dk, dv, *common, **meta.flags())
+    _bwd_dq[_row_grid(meta)](q, k, v, do, lse, delta, dq, *common, **meta.flags())
+    return dq, dk, dv, delta
+
+
+def _double_backward(do, q, k, v, lse, delta, gq, gk, gv, meta):
+    beta = torch.empty_like(delta)
+    gamma = torch.empty_like(delta)
+    dq2, ddo = torch.empty_like(q), torch.empty_like(do)
+    dk2, dv2 = torch.empty_like(k), torch.empty_like(v)
+    common = (*meta.args(), *meta.sizes(), meta.qk_scale, meta.sm_scale, meta.lq_bucket)
+    rows = (q, k, v, do, gq, gk, gv, lse, delta, beta, gamma, dq2, ddo)
+    _bwd2_rows[_row_grid(meta)](*rows, *common, REDUCE=True, **meta.flags())
+    _bwd2_rows[_row_grid(meta)](*rows, *common, REDUCE=False, **meta.flags())
+    _bwd2_cols[_col_grid(meta)](q, k, v, do, gq, gk, gv, lse, delta, beta, gamma, dk2, dv2, *common, **meta.flags())
+    return ddo, dq2, dk2, dv2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# autograd
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, meta):
+        o, lse = _forward(q, k, v, meta)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.meta = meta
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _FusedAttentionBackward.apply(do.contiguous(), q, k, v, o.detach(), lse, ctx.meta)
+        return dq, dk, dv, None
+
+
+class _FusedAttentionBackward(torch.autograd.Function):
+    """(dO, q, k, v) -> (dq, dk, dv); o and lse are inputs only as saved values (their dependence on q, k, v is
+    part of the closed-form double backward)."""
+
+    @staticmethod
+    def forward(ctx, do, q, k, v, o, lse, meta):
+        dq, dk, dv, delta = _backward(do, q, k, v, o, lse, meta)
+        ctx.save_for_backward(do, q, k, v, lse, delta)
+        ctx.meta = meta
+        return dq, dk, dv
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gq, gk, gv):
+        do, q, k, v, lse, delta = ctx.saved_tensors
+        gq = torch.zeros_like(q) if gq is None else gq.contiguous()
+        gk = torch.zeros_like(k) if gk is None else gk.contiguous()
+        gv = torch.zeros_like(v) if gv is None else gv.contiguous()
+        ddo, dq2, dk2, dv2 = _double_backward(do, q, k, v, lse, delta, gq, gk, gv, ctx.meta)
+        return ddo, dq2, dk2, dv2, None, None, None
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    is_causal: bool = False,
+    attn_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """softmax(scale q k^T + masks) v via the Triton kernels, exact to second order. See the module docstring."""
+    check_attention_inputs(q, k, v, attn_mask, key_padding_mask)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"fused_attention supports {SUPPORTED_DTYPES}, got {q.dtype}; use exact_attention for others")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"fused_attention needs q/k/v head dims equal and in {SUPPORTED_HEAD_DIMS}; got {q.shape[-1]} and "
+            f"{v.shape[-1]}; use exact_attention for others"
+        )
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        raise ValueError(f"fused_attention takes a bool attn_mask (True = attend); got {attn_mask.dtype}")
+    if not (q.is_cuda or INTERPRET):
+        raise ValueError(f"fused_attention runs on CUDA tensors (or under TRITON_INTERPRET=1); got {q.device}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    meta = _Meta(q, k, attn_mask, key_padding_mask, is_causal, scale)
+    return _FusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), meta)
