@@ -349,27 +349,53 @@ def _bwd2_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DK2, DV2
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# launch configurations: one small config under the interpreter, a few autotuned ones on the GPU
+# launch configurations: a fixed heuristic per head dim and dtype, or (GRADMEM_ATTN_AUTOTUNE=1) a short autotuned
+# list, benchmarked on the first call for each key. Under the interpreter: one small config.
 
 
-def _configs(kind):
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+def _heuristic(kind, head_dim, elem_bytes):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) chosen to keep the live tiles in registers."""
+    wide = head_dim > 64 or elem_bytes == 4  # fp32 or head_dim 128: twice the registers per tile
     if kind == "fwd":
-        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
+        return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
+    if kind == "bwd":
+        return (32, 64, 4, 2) if wide else (64, 64, 4, 2)
+    return (32, 64, 4, 2) if wide else (64, 64, 8, 2)  # double backward: many live [BM, BN] tiles
+
+
+def _tuning_list(kind):
+    if kind == "fwd":
+        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 3)]
     elif kind == "bwd":
-        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
-    else:  # double backward
-        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)]
+        shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
+    else:
+        shapes = [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+_KERNELS = {
+    "fwd": ("fwd", _fwd_kernel), "bwd_dq": ("bwd", _bwd_dq_kernel), "bwd_dkdv": ("bwd", _bwd_dkdv_kernel),
+    "bwd2_rows": ("bwd2", _bwd2_rows_kernel), "bwd2_cols": ("bwd2", _bwd2_cols_kernel),
+}
 _KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "HAS_MASK", "PRECISION", "LQ_BUCKET", "G"]
-_fwd = triton.autotune(_configs("fwd"), key=_KEY)(_fwd_kernel)
-_bwd_dq = triton.autotune(_configs("bwd"), key=_KEY)(_bwd_dq_kernel)
-_bwd_dkdv = triton.autotune(_configs("bwd"), key=_KEY)(_bwd_dkdv_kernel)
-_bwd2_rows = triton.autotune(_configs("bwd2"), key=_KEY + ["REDUCE"])(_bwd2_rows_kernel)
-_bwd2_cols = triton.autotune(_configs("bwd2"), key=_KEY)(_bwd2_cols_kernel)
+_TUNED = {
+    name: triton.autotune(_tuning_list(kind), key=_KEY + (["REDUCE"] if name == "bwd2_rows" else []))(kernel)
+    for name, (kind, kernel) in _KERNELS.items()
+}
+
+
+def _launch(name, grid, q, *args, **flags):
+    """Run kernel `name` on grid(cfg) with the fixed heuristic config or, if GRADMEM_ATTN_AUTOTUNE=1, autotuned."""
+    kind, kernel = _KERNELS[name]
+    if os.environ.get("GRADMEM_ATTN_AUTOTUNE") == "1" and not INTERPRET:
+        _TUNED[name][grid](*args, **flags)
+        return
+    if INTERPRET:
+        bm, bn, warps, stages = 16, 16, 4, 1
+    else:
+        bm, bn, warps, stages = _heuristic(kind, q.shape[-1], q.element_size())
+    kernel[grid({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                                  num_stages=stages)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -424,7 +450,8 @@ def _col_grid(meta):
 def _forward(q, k, v, meta):
     o = torch.empty_like(q)
     lse = torch.empty((meta.B, meta.Hq, meta.Lq), device=q.device, dtype=torch.float32)
-    _fwd[_row_grid(meta)](q, k, v, o, lse, *meta.args(), *meta.sizes(), meta.qk_scale, meta.lq_bucket, **meta.flags())
+    _launch("fwd", _row_grid(meta), q, q, k, v, o, lse, *meta.args(), *meta.sizes(), meta.qk_scale, meta.lq_bucket,
+            **meta.flags())
     return o, lse
 
 
@@ -432,8 +459,8 @@ def _backward(do, q, k, v, o, lse, meta):
     delta = (do.float() * o.float()).sum(-1)  # D = rowsum(dO * o) = rowsum(P * dP)  [B, Hq, Lq]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = (*meta.args(), *meta.sizes(), meta.qk_scale, meta.sm_scale, meta.lq_bucket)
-    _bwd_dkdv[_col_grid(meta)](q, k, v, do, lse, delta, dk, dv, *common, **meta.flags())
-    _bwd_dq[_row_grid(meta)](q, k, v, do, lse, delta, dq, *common, **meta.flags())
+    _launch("bwd_dkdv", _col_grid(meta), q, q, k, v, do, lse, delta, dk, dv, *common, **meta.flags())
+    _launch("bwd_dq", _row_grid(meta), q, q, k, v, do, lse, delta, dq, *common, **meta.flags())
     return dq, dk, dv, delta
 
 
@@ -444,9 +471,10 @@ def _double_backward(do, q, k, v, lse, delta, gq, gk, gv, meta):
     dk2, dv2 = torch.empty_like(k), torch.empty_like(v)
     common = (*meta.args(), *meta.sizes(), meta.qk_scale, meta.sm_scale, meta.lq_bucket)
     rows = (q, k, v, do, gq, gk, gv, lse, delta, beta, gamma, dq2, ddo)
-    _bwd2_rows[_row_grid(meta)](*rows, *common, REDUCE=True, **meta.flags())
-    _bwd2_rows[_row_grid(meta)](*rows, *common, REDUCE=False, **meta.flags())
-    _bwd2_cols[_col_grid(meta)](q, k, v, do, gq, gk, gv, lse, delta, beta, gamma, dk2, dv2, *common, **meta.flags())
+    _launch("bwd2_rows", _row_grid(meta), q, *rows, *common, REDUCE=True, **meta.flags())  # beta, gamma
+    _launch("bwd2_rows", _row_grid(meta), q, *rows, *common, REDUCE=False, **meta.flags())  # dq2, d dO
+    _launch("bwd2_cols", _col_grid(meta), q, q, k, v, do, gq, gk, gv, lse, delta, beta, gamma, dk2, dv2, *common,
+            **meta.flags())  # dk2, dv2
     return ddo, dq2, dk2, dv2
 
 
