@@ -1,0 +1,127 @@
+"""Train GradMem on SQuAD v1.1 (three layouts) or on phonebook lookup, with generation-based SQuAD EM/F1.
+
+    accelerate launch --config_file accelerate.yaml run_gradmemgpt_on_squad.py --pretrained_model gpt2 \\
+        --layout c_q --per_device_batch_size 32 --total_batch_size 64 ...          (presets: scripts/*.sh)
+
+Data (`--dataset_name`): `squad` (hub, or the official JSON files with `--squad_json DIR`) laid out by `--layout`
+(c_q, cq_a, qc_a; see squad_utils.py), or any name containing `phonebook`: a hub dataset such as
+`booydar/phonebook_N8` or a local folder written by `python phonebook_utils.py` (see phonebook_utils.py).
+
+Metrics at every evaluation: teacher-forced token accuracy / exact match of the target tokens (as the reference),
+plus `squad_exact_match` / `squad_f1`: answers decoded greedily from [memory; read prompt] and scored with the
+official SQuAD v1.1 metric against all gold answers. With `--eos_after_target` (default) the target is followed
+by the tokenizer's EOS token, so the model learns where an answer ends and decoding stops there.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from datasets import DatasetDict
+
+from grad_memgpt import GradMemGPT, GradMemGPTConfig, check_right_padding
+from phonebook_utils import load_phonebook
+from squad_utils import (LAYOUTS, AnswerGenerationArgs, generation_callbacks, load_squad, max_positions,
+                         prepare_answer_splits)
+from training import (BackboneArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_backbone_config,
+                      load_tokenizer, make_compute_metrics, parse_cli, run_experiment)
+
+
+@dataclass
+class SquadDataArgs:
+    """Which question-answering data: SQuAD v1.1 (hub or official JSON files, three layouts) or phonebook."""
+
+    dataset_name: str = field(default="squad", metadata={
+        "help": "'squad' (hub or --squad_json) or a name containing 'phonebook' (hub id or local folder)"})
+    squad_json: Optional[str] = field(default=None, metadata={
+        "help": "folder with the official train-v1.1.json and dev-v1.1.json (instead of the hub)"})
+    layout: str = field(default="c_q", metadata={"help": f"SQuAD layout: {', '.join(LAYOUTS)}"})
+
+    def validate(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown --layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+
+
+@dataclass
+class SquadTaskArgs:
+    init_base_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "safetensors file loaded into the backbone LM only (ignored parts are listed); not with --init_checkpoint"})
+
+
+def build_grad_memgpt(backbone_args: BackboneArgs, model_args: GradMemArgs, tokenizer) -> GradMemGPT:
+    """GradMemGPT around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
+    check_right_padding(tokenizer)
+    if backbone_args.pretrained_model is not None:
+        backbone = {"pretrained_model": backbone_args.pretrained_model}
+    else:
+        backbone = {"base_config": build_backbone_config(
+            backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head, backbone_args.n_embd, tokenizer,
+            backbone_args.max_position_embeddings)}
+    options = {name: getattr(model_args, name) for name in (
+        "n_mem_tokens", "K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens", "inner_clip_value",
+        "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora", "write_lora_r",
+        "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
+        "use_gradient_checkpointing", "attn_implementation", "add_inner_loss_to_outer", "inner_loss_weight")}
+    return GradMemGPT(GradMemGPTConfig(**backbone, lr=model_args.inner_lr, **options))
+
+
+def default_run_name(backbone_args: BackboneArgs, model_args: GradMemArgs, train_args: TrainArgs) -> str:
+    if backbone_args.pretrained_model is not None:
+        backbone = os.path.basename(os.path.normpath(backbone_args.pretrained_model))
+    else:
+        backbone = f"{backbone_args.base_model}_L{backbone_args.n_layer}H{backbone_args.n_head}D{backbone_args.n_embd}"
+    name = f"gradmem_{backbone}_mem{model_args.n_mem_tokens}_K{model_args.K}_ilr{model_args.inner_lr}"
+    name += f"_{'adam' if model_args.use_adam else 'sgd'}_grad_{model_args.grad_mode}"
+    if model_args.mem_proj_mode != "none":
+        name += f"_{model_args.mem_proj_mode}"
+    if model_args.use_write_head:
+        name += "_whead"
+    if model_args.add_inner_loss_to_outer:
+        name += f"_add_inner_w{model_args.inner_loss_weight}"
+    total = train_args.total_batch_size or train_args.per_device_batch_size * train_args.gradient_accumulation_steps
+    return name + f"_bs_{total}_lr_{train_args.learning_rate:.0e}"
+
+
+def load_qa_data(data_args: SquadDataArgs) -> tuple:
+    """(splits, data_name) for SQuAD or phonebook; every split has context/query/target/answers."""
+    if "phonebook" in data_args.dataset_name:
+        if data_args.squad_json is not None or data_args.layout != "c_q":
+            raise ValueError("--squad_json and --layout apply to SQuAD only, not to phonebook datasets")
+        splits = load_phonebook(data_args.dataset_name)
+        splits = splits.map(lambda row: {"answers": [row["target"]]}, desc="answers")
+        return splits, os.path.basename(os.path.normpath(data_args.dataset_name))
+    if data_args.dataset_name != "squad":
+        raise ValueError(f"unknown --dataset_name {data_args.dataset_name!r}: use 'squad' (with --squad_json for "
+                         "the official files) or a phonebook dataset (a name containing 'phonebook')")
+    splits = load_squad(data_args.layout, squad_json=data_args.squad_json)
+    return splits, "squad" if data_args.layout == "c_q" else f"squad_{data_args.layout}"
+
+
+def main(args=None) -> dict:
+    train_args, backbone_args, model_args, data_args, answer_args, task_args = parse_cli(
+        TrainArgs, BackboneArgs, GradMemArgs, SquadDataArgs, AnswerGenerationArgs, SquadTaskArgs, args=args)
+    if task_args.init_base_checkpoint is not None and train_args.init_checkpoint is not None:
+        raise ValueError("--init_base_checkpoint and --init_checkpoint are mutually exclusive (the reference used "
+                         "the base checkpoint only without a full one)")
+    tokenizer = load_tokenizer(backbone_args)
+    splits, data_name = load_qa_data(data_args)
+    model = build_grad_memgpt(backbone_args, model_args, tokenizer)
+    if task_args.init_base_checkpoint is not None:
+        from training import load_init_checkpoint
+
+        load_init_checkpoint(model.model, task_args.init_base_checkpoint)
+    splits = prepare_answer_splits(splits, tokenizer, max_positions(model.model.config), model.mem_offset, answer_args)
+    if train_args.run_name is None and train_args.exp_path is None:
+        train_args.run_name = default_run_name(backbone_args, model_args, train_args)
+    return run_experiment(
+        train_args, model, tokenizer, splits,
+        MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),
+        make_compute_metrics(tokenizer, ignore_tokens=()),
+        data_name=data_name, all_args=(backbone_args, model_args, data_args, answer_args, task_args),
+        nonfinite_hint=f"the inner lr ({model_args.inner_lr}) may be too large",
+        extra_callbacks=generation_callbacks(
+            tokenizer, answer_args, train_args.per_device_eval_batch_size or train_args.per_device_batch_size),
+    )
+
+
+if __name__ == "__main__":
+    main()
