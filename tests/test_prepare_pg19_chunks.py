@@ -285,3 +285,16 @@ def test_cli_missing_split_folder_and_too_short_books(tmp_path):
         pg.main(["--input_dir", str(FIXTURE), "--output_path", str(tmp_path / "o"), "--min_words", "60",
                  "--splits", "validation", "--sample_n_valid_chunks", "100000", "--seed", "0"])
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_num_proc_and_drawn_seed(fixture_chunks, tmp_path):
+    out = tmp_path / "o"
+    saved = pg.main(["--input_dir", str(FIXTURE), "--output_path", str(out), "--min_words", "60",
+                     "--splits", "train,validation", "--sample_n_valid_chunks", "3", "--num_proc", "2"])
+    single = datasets.load_from_disk(str(fixture_chunks))
+    assert saved["train"].to_list() == single["train"].to_list()  # same rows, same order
+    info = json.loads((out / "prepare_pg19_chunks.json").read_text())
+    assert isinstance(info["args"]["seed"], int)  # drawn and recorded, so the sample can be rebuilt
+    again = pg.main(["--input_dir", str(FIXTURE), "--output_path", str(tmp_path / "again"), "--min_words", "60",
+                     "--splits", "validation", "--sample_n_valid_chunks", "3", "--seed", str(info["args"]["seed"])])
+    assert again["validation"].to_list() == saved["validation"].to_list()
