@@ -266,7 +266,7 @@ class GradMemGPT(PreTrainedModel):
             param.requires_grad_(not config.freeze_backbone or "lora_" in name)
         self.post_init()
         if config.use_gradient_checkpointing:
-            self.gradient_checkpointing_enable()
+            self.activation_checkpointing_enable()
 
     # ----------------------------------------------------------------------------------------------------------------
     # construction helpers
@@ -302,8 +302,9 @@ class GradMemGPT(PreTrainedModel):
         inject_adapter_in_model(lora_config, self.model)
         # peft initialised the adapters itself (B = 0, so the adapted model starts equal to the backbone); keep
         # transformers' weight init (run by post_init on uninitialised modules) away from them.
-        for module in self.model.modules():
-            module._is_hf_initialized = True
+        for name, module in self.model.named_modules():
+            if "lora_" in name:
+                module._is_hf_initialized = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -322,15 +323,21 @@ class GradMemGPT(PreTrainedModel):
             if module.bias is not None:
                 init.copy_(module.bias, lm_head.bias)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Checkpoint the backbone's layers (WRITE and READ), always non-reentrant: the reentrant variant cannot be
+        differentiated twice."""
         if self.config.use_write_lora:
             raise ValueError("gradient checkpointing cannot be combined with use_write_lora (see GradMemGPTConfig)")
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        kwargs["use_reentrant"] = False  # the reentrant variant cannot be differentiated twice
-        unwrap_peft(self.model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        checkpoint_kwargs = dict(activation_checkpointing_kwargs or {})
+        checkpoint_kwargs["use_reentrant"] = False
+        backbone = unwrap_peft(self.model)
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs, **kwargs)
 
-    def gradient_checkpointing_disable(self):
-        unwrap_peft(self.model).gradient_checkpointing_disable()
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
@@ -448,7 +455,8 @@ class GradMemGPT(PreTrainedModel):
         return memory, stats
 
     def _write(self, context_input_ids: torch.Tensor):
-        """write() plus the inner-loss term for the outer loss (loss at memory_{K-1} with its graph, or None)."""
+        """write() plus the inner-loss term for the outer loss (mean per-sample loss at memory_{K-1}, with its graph
+        when gradients are enabled; None unless add_inner_loss_to_outer)."""
         config = self.config
         B, S = context_input_ids.shape
         build_graph = torch.is_grad_enabled()
@@ -481,8 +489,10 @@ class GradMemGPT(PreTrainedModel):
                         fast = [p.detach().requires_grad_() for p in fast]
                     losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)  # [B]
                     grads = torch.autograd.grad(losses.sum(), fast, create_graph=second_order, retain_graph=keep_graph)
-                    if keep_inner_loss and k == config.K - 1:
-                        inner_loss_outer = losses.sum() / n_written
+                    if config.add_inner_loss_to_outer and k == config.K - 1:
+                        inner_loss_outer = losses.sum() / n_written  # [], loss at memory_{K-1}
+                        if not keep_inner_loss:
+                            inner_loss_outer = inner_loss_outer.detach()
                     step_losses.append(losses.detach().sum() / n_written)
                     grad_norms.append(torch.linalg.vector_norm(grads[0].detach().flatten(1), dim=1))  # [B]
                     fast = self._inner_step(fast, grads, adam_state, k)
@@ -543,8 +553,6 @@ class GradMemGPT(PreTrainedModel):
             stats["target_loss"] = target_loss.detach().float()
             loss = target_loss
             if self.config.add_inner_loss_to_outer:
-                if inner_loss_outer is None:  # no graph was requested: the same value, as a constant
-                    inner_loss_outer = stats[f"inner_loss_step_{self.config.K - 1}"]
                 stats["inner_loss_outer"] = inner_loss_outer.detach().float()
                 loss = loss + self.config.inner_loss_weight * inner_loss_outer
         return MemoryModelOutput(loss=loss, logits=logits, memory=memory, stats=stats)
