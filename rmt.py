@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
+from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import (
     MemoryModelOutput,
     base_config_to_dict,
@@ -137,7 +138,12 @@ class RMT2Segm(PreTrainedModel):
         if (config.pretrained_model is None) == (config.base_config is None):
             raise ValueError("RMT2SegmConfig needs exactly one of pretrained_model and base_config")
         self.model = self._build_backbone(config)
-        self.model.config.use_cache = False
+        lm_config = self.model.config
+        for name in ("final_logit_softcapping", "logit_scale"):
+            if getattr(lm_config, name, None) not in (None, 1.0):
+                raise NotImplementedError(f"backbones with {name} are not supported (logits are computed from hidden states)")
+        lm_config.use_cache = False
+        self.pad_token_id = _pad_token_id(lm_config)
         d = hidden_size(self.model.config)
         M, C = config.n_mem_tokens, config.n_ctrl_tokens
 
@@ -163,13 +169,15 @@ class RMT2Segm(PreTrainedModel):
 
     @staticmethod
     def _build_backbone(config: RMT2SegmConfig):
+        # RMT needs first-order gradients only: "auto" -> sdpa; legacy names -> exact implementations
+        attn = resolve_attn_implementation(config.attn_implementation or "auto", second_order=False)
         if config.pretrained_model is not None and torch.empty(0).device.type == "meta":
             # `RMT2Segm.from_pretrained(our checkpoint)` builds the model on the meta device and then loads every
             # weight from our own checkpoint: the backbone only needs its architecture, recorded at construction.
             if config.pretrained_backbone_config is None:
                 raise ValueError("this checkpoint has no pretrained_backbone_config; re-save it with this code")
-            return build_causal_lm(None, config.pretrained_backbone_config, config.attn_implementation)
-        model = build_causal_lm(config.pretrained_model, config.base_config, config.attn_implementation)
+            return build_causal_lm(None, config.pretrained_backbone_config, attn)
+        model = build_causal_lm(config.pretrained_model, config.base_config, attn)
         if config.pretrained_model is not None:
             config.pretrained_backbone_config = model.config.to_dict()
         return model
@@ -257,15 +265,20 @@ class RMT2Segm(PreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------- WRITE / READ
 
-    def write(self, context_input_ids: torch.Tensor, pad_token_id: Optional[int] = None):
-        """K forward writes of the (right-padded) context. Returns (memory [B, M, d], rec_losses, stats)."""
+    def write(self, context_input_ids: torch.Tensor):
+        """K forward writes of a right-padded context batch [B, S]. Returns (memory [B, M, d] as READ consumes it,
+        stats); the memory keeps its graph to the parameters when gradients are enabled."""
+        memory, _, stats = self._write(context_input_ids)
+        return memory, stats
+
+    def _write(self, context_input_ids: torch.Tensor):
+        """write() plus the reconstruction losses of memory_1..memory_K (empty without use_reconstruction_loss)."""
         cfg = self.config
         B, S = context_input_ids.shape
         M, C, P = cfg.n_mem_tokens, cfg.n_ctrl_tokens, self.n_prefix
-        pad_id = self._pad_token_id(pad_token_id)
         backbone = get_backbone(self.model)
 
-        real = context_input_ids != pad_id  # [B, S]
+        real = context_input_ids != self.pad_token_id  # [B, S]
         context_lengths = real.sum(1)  # [B]
         context_embeds = self._embed(context_input_ids)  # [B, S, d]
         d = context_embeds.shape[-1]
@@ -323,16 +336,13 @@ class RMT2Segm(PreTrainedModel):
         context_input_ids: torch.Tensor,
         query_input_ids: torch.Tensor,
         labels: Optional[torch.Tensor] = None,
-        pad_token_id: Optional[int] = None,
-        **unused,
     ) -> MemoryModelOutput:
-        """context_input_ids [B, S] and query_input_ids [B, Q], right padded; labels [B, Q] aligned with the query
-        ids (-100 = ignored). `pad_token_id` defaults to the backbone config's. Extra keys (e.g. the Trainer's
-        `num_items_in_batch`) must not carry information: anything other than that is an error."""
-        unknown = set(unused) - {"num_items_in_batch"}
-        if unknown:
-            raise TypeError(f"RMT2Segm.forward got unexpected arguments {sorted(unknown)}")
-        memory, rec_losses, stats = self.write(context_input_ids, pad_token_id)
+        """context_input_ids [B, S] and query_input_ids [B, Q], right padded with the backbone's pad id; labels
+        [B, Q] aligned with the query ids (-100 = ignored).
+
+        loss = target CE (token-weighted mean) [+ reconstruction_loss_weight * mean of the K reconstruction losses].
+        """
+        memory, rec_losses, stats = self._write(context_input_ids)
         logits = self.read(memory, query_input_ids)
 
         loss = None
@@ -347,16 +357,15 @@ class RMT2Segm(PreTrainedModel):
                 loss = loss + self.config.reconstruction_loss_weight * rec_loss
         return MemoryModelOutput(loss=loss, logits=logits, memory=memory, stats=stats)
 
-    def _pad_token_id(self, pad_token_id: Optional[int]) -> int:
-        if pad_token_id is None:
-            pad_token_id = self.model.config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = self.model.config.eos_token_id
-        if isinstance(pad_token_id, (list, tuple)):
-            pad_token_id = pad_token_id[0]
-        if pad_token_id is None:
-            raise ValueError("the backbone config has no pad_token_id (nor eos_token_id); set one")
-        return int(pad_token_id)
+
+def _pad_token_id(lm_config) -> int:
+    """The backbone's pad id (eos when it has none, as for GPT-2): inputs are right padded with it."""
+    pad = lm_config.pad_token_id if lm_config.pad_token_id is not None else lm_config.eos_token_id
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+    if pad is None:
+        raise ValueError("the backbone config has neither pad_token_id nor eos_token_id; set pad_token_id")
+    return int(pad)
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:

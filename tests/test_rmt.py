@@ -309,9 +309,8 @@ def test_bad_options_fail_loudly():
         RMT2SegmConfig(base_config=base, reconstruction_loss_weight=0.5)
     with pytest.raises(ValueError, match="exactly one"):
         RMT2Segm(RMT2SegmConfig())
-    model = make_model()
-    with pytest.raises(TypeError, match="unexpected"):
-        model(*batch()[:2], attention_mask=None)
+    with pytest.raises(ValueError, match="unknown attn_implementation"):
+        make_model(attn_implementation="flash_attn_typo")
 
 
 def test_gradient_checkpointing_is_applied():

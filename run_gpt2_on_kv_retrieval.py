@@ -1,0 +1,124 @@
+"""Full-context baseline: a plain causal LM reads `context + query + target`; loss and metrics on the target tokens.
+
+    python run_gpt2_on_kv_retrieval.py --data_path ./data/N16-K2V2-V62_1M --base_model llama --max_position_embeddings 1024
+    accelerate launch --config_file accelerate.yaml run_gpt2_on_kv_retrieval.py ...   (see scripts/run_gpt_on_kv_retrieval.sh)
+
+No memory: the model attends to the whole context (the "upper bound" with Llama; Mamba is the recurrent baseline).
+Backbones from scratch (`--base_model llama|gpt2|pythia|mamba`, local configs, see training.build_backbone_config) or
+pretrained (`--pretrained_model NAME`). `--max_input_length N` keeps the LAST N tokens of each sequence, i.e. drops
+the START of the context (query and target are never cut), as the reference did. `--init_checkpoint` warm-starts
+from a .safetensors file or checkpoint folder; re-running the same command resumes (see training.py).
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from attn_double_bwd import resolve_attn_implementation
+from modeling_utils import base_config_to_dict, build_causal_lm
+from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, build_backbone_config,
+                      check_tokenizer_covers, check_vocab_fits, load_splits, load_tokenizer, make_compute_metrics,
+                      parse_cli, run_experiment)
+
+logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+
+
+@dataclass
+class FullContextArgs:
+    max_input_length: Optional[int] = field(
+        default=None, metadata={"help": "keep the last N tokens of context+query+target (drops the START of the context)"}
+    )
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "eager, sdpa, flash_attention_2, ...; default sdpa (not for mamba)"}
+    )
+
+    def validate(self) -> None:
+        if self.max_input_length is not None and self.max_input_length < 1:
+            raise ValueError(f"--max_input_length must be >= 1, got {self.max_input_length}")
+        if self.attn_implementation is not None:
+            resolve_attn_implementation(self.attn_implementation, second_order=False)  # unknown names fail here
+
+
+def check_options(backbone_args: BackboneArgs, args: FullContextArgs, data_args: DataArgs) -> None:
+    if data_args.max_context_length is not None:
+        raise ValueError("--max_context_length is for the memory models; the full-context baseline truncates the "
+                         "whole sequence from the start with --max_input_length")
+    if backbone_args.base_model == "mamba" and args.attn_implementation is not None:
+        raise ValueError(f"--attn_implementation {args.attn_implementation}: mamba has no attention; drop the flag")
+
+
+def default_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, args: FullContextArgs, world_size: int) -> str:
+    """The reference's scheme, e.g. llama_L4H4D128_L1024_bs_64_lr_5e-05_b2_0.98 or mamba_L4D128_bs_64_lr_3e-04."""
+    b = backbone_args
+    if b.pretrained_model is not None:
+        name = Path(b.pretrained_model).name
+    elif b.base_model == "mamba":
+        name = f"mamba_L{b.n_layer}D{b.n_embd}"
+    else:
+        name = f"{b.base_model}_L{b.n_layer}H{b.n_head}D{b.n_embd}"
+    if b.pretrained_model is None and b.max_position_embeddings is not None:
+        name += f"_L{b.max_position_embeddings}"
+    if args.max_input_length is not None:
+        name += f"_in{args.max_input_length}"
+    batch = train_args.per_device_batch_size * world_size * train_args.gradient_accumulation_steps
+    name += f"_bs_{batch}_lr_{train_args.learning_rate:.0e}"
+    if train_args.adam_beta2 != 0.999:
+        name += f"_b2_{train_args.adam_beta2:g}"
+    return name
+
+
+def build_model(backbone_args: BackboneArgs, args: FullContextArgs, tokenizer):
+    attn = None
+    if backbone_args.base_model != "mamba":
+        attn = resolve_attn_implementation(args.attn_implementation or "auto", second_order=False)
+    if backbone_args.pretrained_model is not None:
+        model = build_causal_lm(backbone_args.pretrained_model, None, attn)
+    else:
+        config = build_backbone_config(backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head,
+                                       backbone_args.n_embd, tokenizer, backbone_args.max_position_embeddings)
+        model = build_causal_lm(None, base_config_to_dict(config), attn)
+    model.config.use_cache = False
+    check_vocab_fits(model.get_input_embeddings().weight.shape[0], tokenizer)
+    return model
+
+
+def check_sequences_fit(model, collator: CausalLMCollator, split, n_samples: int = 1000) -> None:
+    """The longest of the first samples fits the model's positions (else: a cryptic index error mid-training)."""
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is None:  # mamba: no position limit
+        return
+    rows = split.select(range(min(n_samples, len(split))))
+    longest = collator([rows[i] for i in range(len(rows))])["attention_mask"].sum(dim=1).max().item()
+    if longest > positions:
+        raise ValueError(f"sequences of {longest} tokens do not fit the model's {positions} positions: set "
+                         f"--max_input_length {positions} (drops the start of the context) or a larger "
+                         "--max_position_embeddings")
+
+
+def main(args: Optional[Sequence[str]] = None) -> dict:
+    train_args, backbone_args, lm_args, data_args = parse_cli(TrainArgs, BackboneArgs, FullContextArgs, DataArgs,
+                                                              args=args)
+    check_options(backbone_args, lm_args, data_args)
+    tokenizer = load_tokenizer(backbone_args)
+    splits = load_splits(data_args.data_path)
+    check_tokenizer_covers(tokenizer, splits["train"])
+    model = build_model(backbone_args, lm_args, tokenizer)
+    collator = CausalLMCollator(tokenizer, max_input_length=lm_args.max_input_length)
+    check_sequences_fit(model, collator, splits["train"])
+    if train_args.run_name is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        train_args.run_name = default_run_name(train_args, backbone_args, lm_args, world_size)
+    return run_experiment(
+        train_args, model, tokenizer, splits,
+        collator=collator,
+        compute_metrics=make_compute_metrics(tokenizer),
+        data_name=Path(data_args.data_path.rstrip("/")).name,
+        all_args=(backbone_args, lm_args, data_args),
+        next_token_logits=True,
+        nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Train the RMT2Segm baseline (rmt.py) on a saved {context, query, target} dataset (KV retrieval, bAbI, phonebook).
+
+    python run_rmt_on_kv_retrieval.py --data_path ./data/N16-K2V2-V62_1M --mem_proj_mode proj --use_mem_proj
+    accelerate launch --config_file accelerate.yaml run_rmt_on_kv_retrieval.py ...   (see scripts/run_rmt_on_kv_retrieval.sh)
+
+From scratch (`--base_model llama|gpt2|pythia`, default llama) or from a pretrained LM (`--pretrained_model NAME`,
+which the reference script rejected). A missing --data_path whose folder name is a KV dataset name (e.g.
+N16-K2V2-V62_1M) is generated on the spot. `python run_rmt_on_kv_retrieval.py --help` lists every option.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from rmt import RMT2Segm, RMT2SegmConfig
+from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, build_backbone_config,
+                      check_tokenizer_covers, check_vocab_fits, load_splits, load_tokenizer, make_compute_metrics,
+                      parse_cli, run_experiment)
+
+logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+
+
+@dataclass
+class RMTArgs:
+    """RMT2Segm options (reference names and defaults; see rmt.py)."""
+
+    n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
+    K: int = field(default=1, metadata={"help": "forward writes of the context (>= 1)"})
+    n_ctrl_tokens: int = 0
+    use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
+    mem_proj_mode: str = field(default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
+    use_reconstruction_loss: bool = False
+    reconstruction_loss_weight: float = 1.0
+    use_write_head: bool = field(default=False, metadata={"help": "own head for the reconstruction loss (needs it)"})
+    use_mem_residual: bool = field(default=False, metadata={"help": "memory_k = memory_{k-1} + LayerNorm(write-out), K >= 2"})
+    use_gradient_checkpointing: bool = False
+    attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa, flash_attention_2, ... or auto"})
+
+    def config_kwargs(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    def validate(self) -> None:
+        RMT2SegmConfig(**self.config_kwargs())  # raises on any inconsistent option, before any work
+
+
+def default_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, r: RMTArgs, world_size: int) -> str:
+    """The reference's run-name scheme, e.g. rmt2segm_llama_L4H4D128_mem8_mem_proj_bs_64_lr_1e-04."""
+    if backbone_args.pretrained_model is not None:
+        backbone = Path(backbone_args.pretrained_model).name
+    else:
+        backbone = f"{backbone_args.base_model}_L{backbone_args.n_layer}H{backbone_args.n_head}D{backbone_args.n_embd}"
+    name = f"rmt2segm_{backbone}_mem{r.n_mem_tokens}"
+    if r.K != 1:
+        name += f"_K{r.K}"
+    if r.n_ctrl_tokens:
+        name += f"_ctrl{r.n_ctrl_tokens}"
+    if r.mem_proj_mode == "proj":
+        name += "_mem_proj"
+    elif r.mem_proj_mode == "proj_rw":
+        name += "_mem_proj_rw"
+    if r.use_reconstruction_loss:
+        name += f"_rec_w{r.reconstruction_loss_weight:g}"
+    if r.use_write_head:
+        name += "_whead"
+    if r.use_mem_residual:
+        name += "_res"
+    batch = train_args.per_device_batch_size * world_size * train_args.gradient_accumulation_steps
+    name += f"_bs_{batch}_lr_{train_args.learning_rate:.0e}"
+    if train_args.adam_beta2 != 0.999:
+        name += f"_b2_{train_args.adam_beta2:g}"
+    return name
+
+
+def check_backbone(backbone_args: BackboneArgs) -> None:
+    if backbone_args.base_model == "mamba":
+        raise ValueError("--base_model mamba: RMT needs a transformer backbone (llama, gpt2, pythia); the Mamba "
+                         "baseline is run_gpt2_on_kv_retrieval.py")
+
+
+def build_model(backbone_args: BackboneArgs, r: RMTArgs, tokenizer) -> RMT2Segm:
+    check_backbone(backbone_args)
+    if backbone_args.pretrained_model is not None:
+        backbone = {"pretrained_model": backbone_args.pretrained_model}
+    else:
+        backbone = {"base_config": build_backbone_config(
+            backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head, backbone_args.n_embd, tokenizer,
+            backbone_args.max_position_embeddings)}
+    model = RMT2Segm(RMT2SegmConfig(**backbone, **r.config_kwargs()))
+    check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
+    if model.pad_token_id != tokenizer.pad_token_id:
+        raise ValueError(f"the backbone's pad id {model.pad_token_id} differs from the tokenizer's "
+                         f"{tokenizer.pad_token_id}: the model would not recognise the collator's padding")
+    return model
+
+
+def main(args: Optional[Sequence[str]] = None) -> dict:
+    train_args, backbone_args, rmt_args, data_args = parse_cli(TrainArgs, BackboneArgs, RMTArgs, DataArgs, args=args)
+    check_backbone(backbone_args)
+    tokenizer = load_tokenizer(backbone_args)
+    splits = load_splits(data_args.data_path)
+    check_tokenizer_covers(tokenizer, splits["train"])
+    model = build_model(backbone_args, rmt_args, tokenizer)
+    if train_args.run_name is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        train_args.run_name = default_run_name(train_args, backbone_args, rmt_args, world_size)
+    return run_experiment(
+        train_args, model, tokenizer, splits,
+        collator=MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length),
+        compute_metrics=make_compute_metrics(tokenizer),
+        data_name=Path(data_args.data_path.rstrip("/")).name,
+        all_args=(backbone_args, rmt_args, data_args),
+        nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",
+    )
+
+
+if __name__ == "__main__":
+    main()
