@@ -37,6 +37,27 @@ Stats (dict of detached 0-d float32 tensors, computed without host synchronisati
                                     before the weight: mean per-sample loss at memory_{K-1}, with graph
 With K=0 (or an empty context tensor) there is no WRITE and only mem_norm_*, delta_mem_norm_* and written_frac are
 reported.
+
+Contract (shared with RMT, see modeling_utils.MemoryModelOutput):
+    forward(context_input_ids [B, S], query_input_ids [B, Q], labels [B, Q] or None)
+        -> MemoryModelOutput(loss, logits [B, Q, V] (logits[:, j] predicts query token j), memory [B, M, d], stats)
+    Inputs are right-padded with the backbone's pad id (config.pad_token_id, else eos); labels are aligned with the
+    query ids (not shifted), -100 = ignore.
+    loss = target_loss + inner_loss_weight * inner_loss_outer (the second term only with add_inner_loss_to_outer;
+    inner_loss_outer is the loss at memory_{K-1}, the last inner loss that WRITE differentiates, so its gradient
+    also trains the write-only parameters in "none"/"first" modes, as in the reference).
+
+Gradient modes, when the caller has gradients enabled (torch.is_grad_enabled()):
+    second  exact meta-gradient through the last `last_K_second_order` (default K) steps (create_graph=True);
+            earlier steps use their gradient as a constant. Inner Adam is differentiable (moments on the graph).
+    first   first-order MAML: inner gradients (and Adam moments) are constants, memory_K = init - sum of steps.
+    none    the written memory is a constant: the memory init, write head, write control tokens and per-sample
+            projection get no gradient from the READ loss.
+Under torch.no_grad() (e.g. the Trainer's evaluation) WRITE still runs (inner gradients under enable_grad) but
+builds no graph through the updates: about one forward + backward per inner step. model.eval() alone does not
+change the math (only the backbone's dropout), so gradients taken in eval mode are still exact.
+Dropout of the backbone (e.g. GPT-2's 0.1) is active in WRITE while training; the double backward reuses the
+same masks, so the meta-gradient is exact for the sampled masks.
 """
 import contextlib
 from typing import Optional, Sequence, Union

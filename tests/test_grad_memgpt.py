@@ -158,7 +158,6 @@ def test_second_order_meta_gradient_matches_finite_differences(arch, options):
     for name in ("mem", names[1]):
         analytic, direction = results[name]
         gap = abs((first_order[name] * direction).sum().item() - analytic)
-        print(name, gap / abs(analytic))
         assert gap > 100 * rel * abs(analytic), name
 
 
@@ -332,6 +331,9 @@ def test_no_grad_builds_no_second_order_graph(monkeypatch):
 
 
 def test_write_lora_is_active_only_in_write():
+    torch.manual_seed(0)
+    fresh = GradMemGPT(GradMemGPTConfig(base_config=tiny_backbone("llama"), use_write_lora=True, write_lora_r=2))
+    assert all(p.abs().max() == 0 for n, p in fresh.named_parameters() if "lora_B" in n)  # peft's init kept
     model = tiny_model(lr=3.0, use_write_lora=True, write_lora_r=2)
     lora = {name: p for name, p in model.named_parameters() if "lora_" in name}
     assert lora and all(p.requires_grad for p in lora.values())
@@ -478,3 +480,34 @@ def test_check_right_padding():
         check_right_padding(Tokenizer())
     Tokenizer.padding_side = "right"
     check_right_padding(Tokenizer())
+
+
+def test_pretrained_backbone_from_a_local_folder_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(tiny_backbone("llama"))
+    backbone.save_pretrained(tmp_path / "backbone")
+    model = GradMemGPT(GradMemGPTConfig(pretrained_model=str(tmp_path / "backbone"), n_mem_tokens=2,
+                                        use_write_lora=True, write_lora_r=2))
+    for name, value in backbone.state_dict().items():  # pretrained weights kept; adapters start as the identity
+        key = name.replace("proj.weight", "proj.base_layer.weight")
+        torch.testing.assert_close(model.model.state_dict()[key], value, rtol=0, atol=0)
+    assert all(p.abs().max() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+    model.save_pretrained(tmp_path / "gradmem")
+    loaded = GradMemGPT.from_pretrained(tmp_path / "gradmem")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).logits, model(**BATCH).logits)
+
+
+def test_gpt_neox_backbone_with_default_write_lora_targets():
+    from transformers import GPTNeoXConfig
+
+    neox = GPTNeoXConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=1)
+    torch.manual_seed(0)
+    model = GradMemGPT(GradMemGPTConfig(base_config=neox, n_mem_tokens=2, lr=1.0, use_write_lora=True))
+    assert any("dense_4h_to_h.lora_A" in n for n, _ in model.named_parameters())
+    out = model(**BATCH)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.mem.grad is not None
