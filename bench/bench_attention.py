@@ -118,6 +118,37 @@ def errors(fn, Hq, Hkv, L, D, dtype, causal):
     return {"err_out": errs[0], "err_bwd": max(errs[1:4]), "err_dbwd": max(errs[4:])}
 
 
+def fused_breakdown(B, Hq, Hkv, L, D, dtype, causal, warmup, repeats):
+    """Milliseconds per fused kernel launch (forward, backward, the three double-backward passes)."""
+    from attn_double_bwd import triton_attention as ta
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=dtype)  # noqa: E731
+    q, k, v, do, gq = rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D), rnd(B, Hq, L, D), rnd(B, Hq, L, D)
+    gk, gv = rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)
+    meta = ta._Meta(q, k, None, None, causal, D**-0.5)
+    o, lse = ta._forward(q, k, v, meta)
+    dq, dk, dv, delta = ta._backward(do, q, k, v, o, lse, meta)
+    beta, gamma = torch.empty_like(delta), torch.empty_like(delta)
+    dq2, ddo, dk2, dv2 = torch.empty_like(q), torch.empty_like(do), torch.empty_like(k), torch.empty_like(v)
+    common = (*meta.args(), *meta.sizes(), meta.qk_scale, meta.sm_scale, meta.lq_bucket)
+    rows = (q, k, v, do, gq, gk, gv, lse, delta, beta, gamma, dq2, ddo)
+    launches = {
+        "fwd": lambda: ta._forward(q, k, v, meta),
+        "bwd (dk dv + dq)": lambda: ta._backward(do, q, k, v, o, lse, meta),
+        "dbwd pass 1 (beta, gamma)": lambda: ta._launch(
+            "bwd2_rows", ta._row_grid(meta), q, *rows, *common, REDUCE=True, **meta.flags()),
+        "dbwd pass 2 (dq2, d dO)": lambda: ta._launch(
+            "bwd2_rows", ta._row_grid(meta), q, *rows, *common, REDUCE=False, **meta.flags()),
+        "dbwd pass 3 (dk2, dv2)": lambda: ta._launch(
+            "bwd2_cols", ta._col_grid(meta), q, q, k, v, do, gq, gk, gv, lse, delta, beta, gamma, dk2, dv2,
+            *common, **meta.flags()),
+    }
+    out = {name: cuda_ms(fn, warmup, repeats) for name, fn in launches.items()}
+    tuned = {name: str(t.best_config) for name, t in ta._TUNED.items() if getattr(t, "best_config", None) is not None}
+    return out, tuned
+
+
 def matmul_tflops(dtype=torch.bfloat16, n=8192):
     a = torch.randn(n, n, device="cuda", dtype=dtype)
     b = torch.randn(n, n, device="cuda", dtype=dtype)
@@ -144,6 +175,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--error-max-len", type=int, default=4096, help="skip the float64 error check above this")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--breakdown", nargs="*", type=int, default=[],
+                        help="lengths at which to time each fused kernel separately (first dtype)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
@@ -189,6 +222,23 @@ def main(argv=None):
                     )
                 lines.append(line)
                 print(line, flush=True)
+                if args.out is not None:  # keep what was measured even if the run is cut short
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text("\n".join(lines) + "\n")
+
+    breakdown = []
+    if args.breakdown:
+        torch.backends.cuda.matmul.allow_tf32 = args.dtypes[0] == "tf32"
+        breakdown = ["", f"Fused kernels one by one ({args.dtypes[0]}, ms):", "",
+                     "| L | " + " | ".join(["fwd", "bwd (dk dv + dq)", "dbwd pass 1 (beta, gamma)",
+                                              "dbwd pass 2 (dq2, d dO)", "dbwd pass 3 (dk2, dv2)"]) + " |",
+                     "|---|---|---|---|---|---|"]
+        for L in args.breakdown:
+            ms, tuned = fused_breakdown(B, Hq, Hkv, L, D, DTYPES[args.dtypes[0]], causal, args.warmup, args.repeats)
+            breakdown.append(f"| {L} | " + " | ".join(f"{x:.2f}" for x in ms.values()) + " |")
+            print(breakdown[-1], flush=True)
+        if tuned:
+            breakdown += ["", "Autotuned configs (last key): " + "; ".join(f"{k}: {v}" for k, v in tuned.items())]
 
     versions = (
         f"torch {torch.__version__}, triton {_version('triton')}, transformers {_version('transformers')}, "
@@ -206,7 +256,7 @@ def main(argv=None):
         "- tf32 = float32 inputs with torch.backends.cuda.matmul.allow_tf32 on (torch matmuls and the fused kernels)",
         "",
     ]
-    text = "\n".join(header + lines) + "\n"
+    text = "\n".join(header + lines + breakdown) + "\n"
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +271,8 @@ def _version(pkg):
 
 
 def _git_commit():
+    if os.environ.get("GRADMEM_COMMIT"):  # machines that get a copy of the tree without .git
+        return os.environ["GRADMEM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
