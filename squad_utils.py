@@ -295,7 +295,8 @@ def check_sequences_fit(tokenizer, splits: DatasetDict, n_positions: Optional[in
 class GenerationEvalCallback(TrainerCallback):
     """At every evaluation: decode greedy answers for the evaluated split and add the official SQuAD EM/F1.
 
-    The split must have `context`, `query` and `answers` (all gold answer strings) columns. Scores are added to the
+    The split must have `context`, `query` and `answers` (all gold answer strings) columns. `max_samples` limits
+    the periodic evaluations during training to the first samples; the evaluations after training use all. Scores are added to the
     evaluation's metrics as `<prefix>_squad_exact_match` and `<prefix>_squad_f1` (prefix `eval`, or `test` for
     the final test evaluation), so they can drive `--metric_for_best_model` / `--stop_metric`, and end up in
     all_results.json and trainer_state.json. The Trainer logs its metrics before calling callbacks, so these two
@@ -310,12 +311,16 @@ class GenerationEvalCallback(TrainerCallback):
         self.max_samples = max_samples
         self.max_context_length = max_context_length
         self.n_print = n_print
+        self.training_done = False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training_done = True  # the final evaluations (best checkpoint on valid, test) decode every sample
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
         rows = eval_dataloader.dataset
         if "answers" not in rows.column_names:
             raise ValueError(f"generation eval needs an 'answers' column; the evaluated split has {rows.column_names}")
-        if self.max_samples is not None:
+        if self.max_samples is not None and not self.training_done:
             rows = rows.select(range(min(self.max_samples, len(rows))))
         prefix = "test" if any(key.startswith("test_") for key in metrics) else "eval"
         contexts, queries, golds = list(rows["context"]), list(rows["query"]), list(rows["answers"])
@@ -343,7 +348,8 @@ class AnswerGenerationArgs:
     generation_max_new_tokens: int = field(default=32, metadata={
         "help": "answer tokens decoded at evaluation (0: no generation-based evaluation)"})
     generation_eval_samples: Optional[int] = field(default=None, metadata={
-        "help": "decode answers for the first N evaluated samples only (default: all)"})
+        "help": "during training, decode answers for the first N evaluated samples only (default: all); the "
+                "final evaluations of the best checkpoint always decode every sample"})
 
     def validate(self) -> None:
         if self.generation_max_new_tokens < 0:

@@ -18,6 +18,6 @@ for N in $TASKS; do
         echo "./data/${NAME} exists, skipping"
         continue
     fi
-    python -c "from datasets import load_dataset; load_dataset('yurakuratov/${NAME}').save_to_disk('./data/${NAME}')"
+    "${PYTHON:-python3}" -c "from datasets import load_dataset; load_dataset('yurakuratov/${NAME}').save_to_disk('./data/${NAME}')"
     echo "saved ./data/${NAME}"
 done
