@@ -13,6 +13,7 @@ The local generator writes raw rows of this shape so the task runs without the h
     target   "303-958-1204"
     python phonebook_utils.py --n_entries 8 --n_train 100000 --n_valid 1000 --seed 142 \\
         --output_path ./data/phonebook_N8
+(`--prepared` saves the prepared strings instead; preparing is idempotent, so either form can be read.)
 """
 import argparse
 import os
@@ -112,10 +113,16 @@ def main():
     parser.add_argument("--seed", type=int, default=142)
     parser.add_argument("--output_path", required=True, help="e.g. ./data/phonebook_N8 (name must contain "
                                                              "'phonebook' for run_gradmemgpt_on_squad.py)")
+    parser.add_argument("--prepared", action="store_true",
+                        help="save the prepared strings (for run scripts that read context/query/target as they are, "
+                             "e.g. the RMT and full-context baselines); preparing is idempotent, so "
+                             "run_gradmemgpt_on_squad.py reads either form")
     args = parser.parse_args()
     if os.path.exists(args.output_path):
         raise FileExistsError(f"{args.output_path} exists; remove it or choose another --output_path")
     data = build_phonebook_dataset(args.n_entries, args.n_train, args.n_valid, args.seed)
+    if args.prepared:
+        data = preprocess_dataset(data)
     data.save_to_disk(args.output_path)
     print(f"saved {args.output_path}: train {len(data['train'])}, valid {len(data['valid'])}; example:\n"
           f"{data['valid'][0]}")

@@ -17,6 +17,9 @@ Metric. The official SQuAD v1.1 exact match and F1: answers are normalised (lowe
 articles a/an/the removed, whitespace collapsed); F1 is the bag-of-tokens overlap; each prediction is scored
 against every gold answer and the best score is kept; the dataset score is the mean over questions. Scores are
 returned as fractions in [0, 1] (the official script prints them multiplied by 100).
+
+CLI (the save_to_disk form, for run scripts that read context/query/target as they are):
+    python squad_utils.py --layout c_q [--squad_json DIR] --output_path ./data/squad_c_q
 """
 import collections
 import json
@@ -378,3 +381,24 @@ def generation_callbacks(tokenizer, args: AnswerGenerationArgs, eval_batch_size:
     return [GenerationEvalCallback(tokenizer, args.generation_max_new_tokens, eval_batch_size,
                                    max_samples=args.generation_eval_samples,
                                    max_context_length=args.max_context_length)]
+
+
+def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="SQuAD v1.1 -> save_to_disk dataset in one layout (train/valid; "
+                                                 "columns context, query, target, answers, id)")
+    parser.add_argument("--layout", required=True, help=", ".join(LAYOUTS))
+    parser.add_argument("--squad_json", default=None, help="folder with train-v1.1.json and dev-v1.1.json "
+                                                           "(default: the hub dataset 'squad')")
+    parser.add_argument("--output_path", required=True)
+    args = parser.parse_args()
+    if os.path.exists(args.output_path):
+        raise FileExistsError(f"{args.output_path} exists; remove it or choose another --output_path")
+    data = load_squad(args.layout, squad_json=args.squad_json)
+    data.save_to_disk(args.output_path)
+    print(f"saved {args.output_path}: train {len(data['train'])}, valid {len(data['valid'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -211,3 +211,28 @@ def test_babi_end_to_end_reports_test(pretrained_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown bAbI task"):
         run_gradmemgpt_on_babi.main(common_args(pretrained_dir, tmp_path / "r2") + [
             "--babi_dir", BABI_DIR, "--babi_task", "qa0"])
+
+
+def test_generation_callback_limits_samples_only_during_training(monkeypatch):
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    seen = []
+
+    def fake_generate(model, tokenizer, contexts, queries, *args):
+        seen.append(len(contexts))
+        return ["apples" for _ in contexts]
+
+    monkeypatch.setattr(squad_utils, "generate_answers", fake_generate)
+    rows = Dataset.from_dict({"context": ["c"] * 5, "query": ["q "] * 5,
+                              "answers": [["apples"], ["the apples."], ["pears"], ["apples"], ["x", "apples"]]})
+    callback = squad_utils.GenerationEvalCallback(tokenizer=None, max_new_tokens=4, batch_size=2, max_samples=2)
+    state = SimpleNamespace(log_history=[{"eval_loss": 1.0, "step": 0}], is_world_process_zero=False, global_step=0)
+    metrics = {"eval_loss": 1.0}
+    callback.on_evaluate(None, state, None, metrics=metrics, model=None, eval_dataloader=SimpleNamespace(dataset=rows))
+    assert seen == [2] and metrics["eval_squad_exact_match"] == 1.0 and state.log_history[-1]["eval_squad_f1"] == 1.0
+    callback.on_train_end(None, state, None)
+    metrics = {"test_loss": 1.0}
+    callback.on_evaluate(None, state, None, metrics=metrics, model=None, eval_dataloader=SimpleNamespace(dataset=rows))
+    assert seen == [2, 5] and metrics["test_squad_exact_match"] == pytest.approx(0.8)

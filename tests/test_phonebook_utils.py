@@ -43,3 +43,9 @@ def test_load_local_and_test_split_becomes_valid(tmp_path):
         preprocess_dataset(DatasetDict({"train": rows}))
     with pytest.raises(ValueError, match="missing columns"):
         preprocess_dataset(DatasetDict({"train": rows.remove_columns("query"), "valid": rows}))
+
+
+def test_preparing_is_idempotent():
+    raw = build_phonebook_dataset(n_entries=3, n_train=4, n_valid=2, seed=5)
+    once = preprocess_dataset(raw)
+    assert preprocess_dataset(once)["train"].to_list() == once["train"].to_list()
