@@ -1,6 +1,10 @@
 """The baseline run scripts: RMT (run_rmt_on_kv_retrieval.py) and the full-context LM (run_gpt2_on_kv_retrieval.py)
 train tiny models a few steps on CPU on a locally generated KV dataset; bad options fail before any work."""
 import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import run_rmt_on_kv_retrieval
 from rmt import RMT2Segm
 from training import CausalLMCollator, load_tokenizer, BackboneArgs
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32"]
 
 
@@ -30,14 +35,14 @@ def cpu_args(run_dir, data_path, *extra):
             "--report_to", "none", "--dataloader_num_workers", "0", "--use_cpu", *extra]
 
 
-def check_run_folder(run_dir, steps=3):
+def check_run_folder(run_dir, steps=3, logging_steps=1):
     results = json.loads((run_dir / "all_results.json").read_text())
     assert results["global_step"] == steps and results["skipped_steps"] == 0
     for key in ("eval_loss", "eval_token_accuracy", "eval_exact_match"):
         assert key in results and results[key] == results[key], key  # present and not NaN
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     losses = [r["loss"] for r in history if "loss" in r]
-    assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == steps // logging_steps and all(torch.isfinite(torch.tensor(losses)))
     return results, history
 
 
@@ -182,3 +187,30 @@ def test_full_context_run_name():
         TrainArgs(per_device_batch_size=64, learning_rate=3e-4), BackboneArgs(base_model="mamba"),
         run_gpt2_on_kv_retrieval.FullContextArgs(), 1)
     assert name == "mamba_L4D128_bs_64_lr_3e-04"
+
+
+# ------------------------------------------------------------------------------------------------------------ presets
+
+@pytest.mark.parametrize("preset, module", [("run_rmt_on_kv_retrieval.sh", run_rmt_on_kv_retrieval),
+                                            ("run_gpt_on_kv_retrieval.sh", run_gpt2_on_kv_retrieval)])
+def test_presets_train(tmp_path, kv_data, monkeypatch, preset, module):
+    """The preset's own model and flags (paper sizes), shrunk to 2 steps of batch 8 on the tiny dataset: its
+    command (DRY_RUN=1 prints it) is run in this process (an `accelerate launch` of the same command adds only the
+    launcher's start-up)."""
+    data = Path(kv_data)
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, DATA_DIR=str(data.parent), DATA_NAME=data.name, TBS="8", PER_DEVICE="8", MAX_STEPS="2",
+               EVAL_STEPS="2", WARMUP="0", SEEDS="1", DRY_RUN="1",
+               EXTRA=f"--exp_path {run_dir} --use_cpu --report_to none --dataloader_num_workers 0")
+    printed = subprocess.run(["bash", str(REPO / "scripts" / preset)], env=env, capture_output=True, text=True,
+                             check=True).stdout
+    command = shlex.split(printed)
+    assert command[:2] == ["accelerate", "launch"] and command.count(module.__name__ + ".py") == 1
+    launcher, args = command[: command.index(module.__name__ + ".py")], command[command.index(module.__name__ + ".py") + 1 :]
+    precision = launcher[launcher.index("--mixed_precision") + 1]
+    assert precision == ("no" if module is run_rmt_on_kv_retrieval else "bf16")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
+    module.main(args)
+    check_run_folder(run_dir, steps=2, logging_steps=2)
+    cli = json.loads((run_dir / "config.json").read_text())["cli_args"]
+    assert (cli["n_layer"], cli["n_head"], cli["n_embd"], cli["seed"]) == (4, 4, 128, 143)

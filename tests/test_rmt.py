@@ -4,8 +4,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, GPT2Config, GPTNeoXConfig, LlamaConfig
 
+from transformers.trainer_utils import EvalPrediction
+
 from modeling_utils import get_backbone
 from rmt import RMT2Segm, RMT2SegmConfig
+from training import make_compute_metrics, reduce_logits_to_predictions
 
 V, PAD = 24, 0
 
@@ -236,6 +239,11 @@ def test_alignment_a_next_token_model_scores_exact_match_one():
     predictions = out.logits.argmax(-1)
     mask = labels != -100
     assert torch.equal(predictions[mask], labels[mask])
+    # through the shared trainer's metric path (the Trainer hands it (logits, memory, stats))
+    reduced, stats = reduce_logits_to_predictions((out.logits, out.memory, out.stats), labels)
+    metrics = make_compute_metrics(None, ignore_tokens=())(
+        EvalPrediction(predictions=(reduced.numpy(), {k: v.numpy() for k, v in stats.items()}), label_ids=labels.numpy()))
+    assert metrics["exact_match"] == 1.0 and metrics["token_accuracy"] == 1.0 and "mem_norm_mean" in metrics
     # shifted by one (the reference RMT's alignment) every prediction is wrong
     assert not (predictions[:, 1:][mask[:, :-1]] == labels[:, :-1][mask[:, :-1]]).any()
 
