@@ -648,13 +648,12 @@ SPEC_FIELDS = [f.name for f in fields(KVTaskSpec)]
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Build a KV-retrieval DatasetDict (train/valid) or save the tokenizers.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Build a KV-retrieval DatasetDict (train/valid) or save the tokenizers.")
     p.add_argument("--name", help=f"dataset name: {NAME_SCHEME}")
     p.add_argument("--out", help="output folder (default: data/<dataset name>)")
     p.add_argument("--n_train", type=int, help="train samples (default: the name's size suffix, else 1,000,000)")
-    p.add_argument("--n_valid", type=int, default=5_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_valid", type=int, default=5_000, help="valid samples (default: 5000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; train and valid use separate streams (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--skip_existing", action="store_true", help="do nothing if the output folder exists")
     p.add_argument("--show", type=int, default=0, metavar="K", help="print the first K train samples")
