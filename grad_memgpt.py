@@ -12,7 +12,8 @@ Sequence layouts (C control tokens on each side of the memory, mem_offset = M + 
     WRITE  [write_start (C)] [memory (M)] [write_end (C)] [context (S)]   position mem_offset-1+t predicts context t
     READ   [read_start (C)]  [memory (M)] [read_end (C)]  [query (Q)]     position mem_offset-1+j predicts query j
 No attention mask and no position ids are passed: inputs are right-padded, so under causal attention real tokens
-never see padding, and positions restart at 0 in both sequences.
+never see padding, and positions restart at 0 in both sequences. (With `model.use_static_causal_mask = True`, set by
+fast_step for CUDA graphs, the backbone gets the plain causal mask as a ready 4D tensor: same function, no host sync.)
 
 Inner loss (per sample i): mean cross-entropy over the sample's real (non-pad) context tokens; the batch loss is the
 SUM over samples, so d loss / d memory_i = d loss_i / d memory_i: the inner lr is per sample and independent of the
@@ -262,6 +263,10 @@ class GradMemGPT(PreTrainedModel):
                 raise NotImplementedError(f"backbones with {name} are not supported (logits are computed from hidden states)")
         lm_config.use_cache = False
         self.pad_token_id = _pad_token_id(lm_config)
+        # Pass the backbone a ready causal mask instead of letting transformers build one (see _static_causal_mask):
+        # the same function, without host synchronisation. Off by default; fast_step turns it on for CUDA graphs.
+        self.use_static_causal_mask = False
+        self._causal_mask_cache = None
 
         d = hidden_size(lm_config)
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -368,7 +373,41 @@ class GradMemGPT(PreTrainedModel):
 
     def _decoder_hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Final hidden states of the backbone's decoder stack: [B, T, d] -> [B, T, d]."""
-        return get_backbone(self.model)(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+        kwargs = {}
+        if self.use_static_causal_mask:
+            kwargs["attention_mask"] = self._static_causal_mask(inputs_embeds)
+        return get_backbone(self.model)(inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
+
+    def _static_causal_mask(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """The causal mask [1, 1, T, T] as a ready 4D mask (cached per length, device and dtype).
+
+        transformers returns a 4D mask as it is, which skips its mask construction: that construction checks the
+        position ids for packed sequences with a host synchronisation on every call, which a CUDA graph cannot
+        capture. The mask is what the attention implementation's own mask builder would make for this
+        right-padded causal batch: additive float (0 / dtype min) for "eager", bool (True = attend) for the
+        implementations built on transformers' sdpa mask (sdpa, exact_eager, fused_double_bwd, ...).
+        """
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+        T, device, dtype = inputs_embeds.shape[1], inputs_embeds.device, inputs_embeds.dtype
+        key = (T, device, dtype)
+        cached = self._causal_mask_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        attn = self.model.config._attn_implementation
+        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(attn) if attn in ALL_MASK_ATTENTION_FUNCTIONS else None
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, T, T]
+        if builder is eager_mask:
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        elif builder is sdpa_mask:
+            mask = allowed
+        else:
+            raise ValueError(
+                f"use_static_causal_mask: attn_implementation {attn!r} does not take a 4D causal mask built like "
+                "transformers' eager or sdpa masks; use eager, exact_eager or fused_double_bwd"
+            )
+        self._causal_mask_cache = (key, mask)
+        return mask
 
     def _layout(self, start, memory, end, token_embeds):
         """[start (C)] [memory (M)] [end (C)] [tokens (T)] -> [B, M + 2C + T, d]."""
