@@ -1,0 +1,198 @@
+"""fast_step: the sync-free training step equals the plain eager step (CPU, float64), non-finite steps are skipped
+without a trace, the fallback reasons are clear; on a GPU (marked `gpu`), the CUDA-graph replay equals the eager step."""
+import logging
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+import fast_step
+from fast_step import CapturedTrainStep, fast_path_problem
+from grad_memgpt import GradMemGPT, GradMemGPTConfig
+
+VOCAB, PAD = 20, 0
+
+
+def tiny_model(attn="eager", dtype=torch.float64, seed=0, **options):
+    torch.manual_seed(seed)
+    base = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=8, pad_token_id=PAD,
+                       tie_word_embeddings=True)
+    defaults = dict(n_mem_tokens=2, K=2, lr=0.1, grad_mode="second", use_write_head=True,
+                    add_inner_loss_to_outer=True, inner_loss_weight=0.5, attn_implementation=attn)
+    defaults.update(options)
+    return GradMemGPT(GradMemGPTConfig(base_config=base, **defaults)).to(dtype).train()
+
+
+def batch(B=3, S=8, Q=6, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randint(1, VOCAB, (B, S), generator=g)
+    context[0, S - 3:] = PAD  # a padded row
+    query = torch.randint(1, VOCAB, (B, Q), generator=g)
+    labels = torch.full_like(query, -100)
+    labels[:, Q // 2:] = query[:, Q // 2:]
+    return {"context_input_ids": context.to(device), "query_input_ids": query.to(device), "labels": labels.to(device)}
+
+
+def adamw(model, lr=1e-2, weight_decay=0.0):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def eager_step(model, optimizer, data, max_grad_norm=1.0):
+    """The trainer's eager step: forward, backward, clip, AdamW (as the HF Trainer runs it)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(**data).loss
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    optimizer.step()
+    return loss.detach(), norm
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def rel_err(a, b):
+    a = torch.cat([x.flatten().double() for x in a])
+    b = torch.cat([x.flatten().double() for x in b])
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CPU
+
+
+@pytest.mark.parametrize("attn", ["eager", "exact_eager"])
+def test_static_causal_mask_gives_the_same_loss_and_gradients(attn):
+    model = tiny_model(attn)
+    data = batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(**data).loss
+    grads = torch.autograd.grad(loss, params)
+    model.use_static_causal_mask = True
+    loss_static = model(**data).loss
+    grads_static = torch.autograd.grad(loss_static, params)
+    assert torch.equal(loss, loss_static)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_static))
+
+
+def test_eager_sync_free_step_equals_the_plain_step():
+    reference, fast = tiny_model(), tiny_model()
+    opt_ref, opt_fast = adamw(reference, weight_decay=0.01), adamw(fast, weight_decay=0.01)
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, use_cuda_graph=False)
+    for i, lr in enumerate([1e-2, 3e-3, 1e-3]):  # a changing learning rate, as a scheduler sets it
+        for opt in (opt_ref, opt_fast):
+            opt.param_groups[0]["lr"] = lr
+        data = batch(seed=i)
+        loss_ref, norm_ref = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
+        out = step(data)
+        assert torch.allclose(out.loss, loss_ref.to(out.loss.dtype), rtol=1e-12, atol=0)
+        assert torch.allclose(out.grad_norm.double(), norm_ref, rtol=1e-6)
+        assert out.finite.item() == 1.0
+        assert rel_err(params_of(fast), params_of(reference)) < 1e-12
+    assert set(out.stats) >= {"target_loss", "inner_loss", "inner_loss_outer", "written_frac"}
+    assert step.skip_counts() == {"skipped_steps": 0, "consecutive_skipped": 0, "longest_skip_run": 0}
+    state_ref, state_fast = opt_ref.state_dict()["state"], opt_fast.state_dict()["state"]
+    for k in state_ref:
+        assert float(state_fast[k]["step"]) == float(state_ref[k]["step"]) == 3.0
+        assert torch.allclose(state_fast[k]["exp_avg_sq"], state_ref[k]["exp_avg_sq"], rtol=1e-10, atol=1e-30)
+
+
+def test_non_finite_step_is_skipped_without_a_trace():
+    model = tiny_model()
+    opt = adamw(model)
+    step = CapturedTrainStep(model, opt, use_cuda_graph=False)
+    step(batch(seed=0))
+    before = params_of(model)
+    state_before = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state_dict()["state"].items()}
+    hook = model.mem.register_hook(lambda g: g * float("inf"))
+    for _ in range(2):
+        out = step(batch(seed=1))
+        assert out.finite.item() == 0.0 and not torch.isfinite(out.grad_norm)
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
+    for k, s in opt.state_dict()["state"].items():
+        assert all(torch.equal(v, state_before[k][n]) for n, v in s.items())
+    assert step.skip_counts() == {"skipped_steps": 2, "consecutive_skipped": 2, "longest_skip_run": 2}
+    out = step(batch(seed=2))
+    assert out.finite.item() == 1.0
+    assert step.skip_counts() == {"skipped_steps": 2, "consecutive_skipped": 0, "longest_skip_run": 2}
+    assert float(opt.state_dict()["state"][0]["step"]) == 2.0  # skipped steps do not count
+
+
+def test_fallback_reasons_and_errors():
+    model = tiny_model()
+    if not torch.cuda.is_available():
+        assert fast_path_problem(model, adamw(model)) == "CUDA is not available"
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            CapturedTrainStep(model, adamw(model))  # use_cuda_graph=True needs CUDA
+    assert "gradient accumulation" in fast_step._step_problem(model, adamw(model), gradient_accumulation_steps=2)
+    assert "distributed" in fast_step._step_problem(model, adamw(model), world_size=2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert "not torch AdamW" in fast_step._step_problem(model, sgd)
+    with pytest.raises(ValueError, match="not torch AdamW"):
+        CapturedTrainStep(model, sgd, use_cuda_graph=False)
+    with pytest.raises(ValueError, match="exactly the model's trainable parameters"):
+        CapturedTrainStep(model, torch.optim.AdamW([model.mem]), use_cuda_graph=False)
+    with pytest.raises(ValueError, match="unknown precision"):
+        CapturedTrainStep(model, adamw(model), precision="fp16", use_cuda_graph=False)
+    step = CapturedTrainStep(model, adamw(model), use_cuda_graph=False)
+    with pytest.raises(ValueError, match="lacks"):
+        step({"context_input_ids": batch()["context_input_ids"]})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GPU: the recorded graph replays the eager step
+
+
+def _cuda_pair(attn, precision="fp32", seed=0):
+    models = [tiny_model(attn, dtype=torch.float32, seed=seed).cuda() for _ in range(2)]
+    return models, [adamw(m, weight_decay=0.01) for m in models]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["eager", "exact_eager", "fused_double_bwd"])
+def test_captured_step_equals_eager_step(attn):
+    (reference, fast), (opt_ref, opt_fast) = _cuda_pair(attn)
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, precision="fp32")
+    with fast_step.precision_flags("fp32"):
+        for i, lr in enumerate([1e-2, 3e-3, 1e-3, 1e-3]):
+            for opt in (opt_ref, opt_fast):
+                opt.param_groups[0]["lr"] = lr  # replaced by a float, as a scheduler without tensor support would
+            data = batch(seed=i, device="cuda")
+            loss_ref, norm_ref = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
+            out = step(data)
+            assert abs(out.loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+            assert abs(out.grad_norm.item() - norm_ref.item()) <= 1e-5 * norm_ref.item()
+            assert rel_err(params_of(fast), params_of(reference)) < 1e-5
+    assert len(step.recorded_shapes) == 1
+
+
+@pytest.mark.gpu
+def test_captured_step_skips_non_finite_steps_and_handles_new_shapes(caplog):
+    model = tiny_model("eager", dtype=torch.float32).cuda()
+    opt = adamw(model)
+    step = CapturedTrainStep(model, opt, max_graphs=1)
+    step(batch(device="cuda"))
+    before = params_of(model)
+    hook = model.mem.register_hook(lambda g: g * float("inf"))
+    bad = CapturedTrainStep(model, opt, max_graphs=1)  # a second step object records the hook into its graph
+    for _ in range(3):
+        assert bad(batch(seed=5, device="cuda")).finite.item() == 0.0
+    hook.remove()
+    assert all(torch.equal(a, b) for a, b in zip(params_of(model), before))
+    assert bad.skip_counts() == {"skipped_steps": 3, "consecutive_skipped": 3, "longest_skip_run": 3}
+    with caplog.at_level(logging.WARNING, logger="gradmem"):
+        out = step(batch(S=16, device="cuda"))  # a second shape with max_graphs=1: eager, logged
+    assert out.finite.item() == 1.0 and "runs eagerly" in caplog.text
+    assert len(step.recorded_shapes) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_captured_lower_precision_modes_run(precision):
+    model = tiny_model("exact_eager", dtype=torch.float32).cuda()
+    step = CapturedTrainStep(model, adamw(model), precision=precision)
+    losses = [step(batch(seed=0, device="cuda")).loss.item() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
