@@ -21,7 +21,9 @@ float32 uses IEEE fp32 dot products unless `torch.backends.cuda.matmul.allow_tf3
 Masks: `is_causal` (bottom-right aligned: key j visible to query i iff j <= i + Lk - Lq), `key_padding_mask`
 [B, Lk] bool (True = real key), `attn_mask` bool broadcastable to [B, Hq, Lq, Lk] (True = attend; loaded tile by
 tile, never expanded). Rows that see no key give 0 and zero gradients. A third derivative raises.
-Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (slow; for tests on tiny shapes).
+Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (slow; for tests on tiny shapes). Block sizes come from a
+heuristic per head dim and dtype; GRADMEM_ATTN_AUTOTUNE=1 autotunes them instead (bf16/fp16/TF32; costs about a
+minute of compilation on first use, then is faster: see bench/results/attention_h100.md).
 """
 import os
 from typing import Optional
@@ -41,6 +43,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # ------------------------------------------------------------------------------------------------------------------
 # kernels
+#
+# Every kernel walks one dimension of the [Lq, Lk] score matrix tile by tile. Tiles that all queries of the block
+# may see entirely (below the causal diagonal, no padding or bool mask) skip the visibility test: the loops are
+# split into an unmasked and a masked range. Out-of-range rows and keys are loaded as zeros; the masked tiles
+# exclude them explicitly, and in the unmasked ones they provably contribute nothing to stored outputs (zero q, dO,
+# gq rows give zero dS, Sbar, dP terms; the row kernels never put a key tail into an unmasked tile).
 
 
 @triton.jit
@@ -58,6 +66,60 @@ def _visible(q_idx, k_idx, Lq, Lk, causal_off, kpm_ptr, mask_ptr, stride_mq, str
         keep = tl.load(mask_ptr + q_idx * stride_mq + k_idx * stride_mk, mask=inside, other=0)
         visible = visible & (keep != 0)
     return visible
+
+
+@triton.jit
+def _key_ranges(start_m, Lk, causal_off, IS_CAUSAL: tl.constexpr, ANY_MASK: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For a query block: keys [0, full_end) are visible to all its rows, [full_end, hi) need the mask test."""
+    hi = Lk
+    full_end = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_off)
+        full_end = tl.minimum(Lk, start_m * BLOCK_M + causal_off + 1)
+    full_end = (tl.maximum(full_end, 0) // BLOCK_N) * BLOCK_N
+    if ANY_MASK:
+        full_end = 0
+    return full_end, hi
+
+
+@triton.jit
+def _query_ranges(start_n, Lq, causal_off, IS_CAUSAL: tl.constexpr, ANY_MASK: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For a key block: query blocks in [lo, full_start) need the mask test, [full_start, Lq) see all its keys."""
+    lo = 0
+    full_start = 0
+    if IS_CAUSAL:
+        lo = (tl.maximum(0, start_n * BLOCK_N - causal_off) // BLOCK_M) * BLOCK_M
+        first_full_row = tl.maximum(0, start_n * BLOCK_N + BLOCK_N - 1 - causal_off)
+        full_start = tl.maximum(lo, tl.cdiv(first_full_row, BLOCK_M) * BLOCK_M)
+    if ANY_MASK:
+        full_start = Lq
+    full_start = tl.minimum(full_start, Lq)
+    return lo, full_start
+
+
+@triton.jit
+def _fwd_tile(q, K, V, start_n, offs_m, offs_d, m_i, l_i, acc, Lq, Lk, causal_off, qk_scale,
+              KPM, MASK, stride_mq, stride_mk,
+              IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_in = offs_n[:, None] < Lk
+    k = tl.load(K + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+    v = tl.load(V + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], base-2 logits
+    if MASKED:
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -84,31 +146,41 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, MASK,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_off)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_in = offs_n[:, None] < Lk
-        k = tl.load(K + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
-        v = tl.load(V + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BM, BN], base-2 logits
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
-                       IS_CAUSAL, HAS_KPM, HAS_MASK)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, K, V, start_n, offs_m, offs_d, m_i, l_i, acc, Lq, Lk, causal_off, qk_scale,
+                                  KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION,
+                                  HEAD_DIM, BLOCK_N, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, K, V, start_n, offs_m, offs_d, m_i, l_i, acc, Lq, Lk, causal_off, qk_scale,
+                                  KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION,
+                                  HEAD_DIM, BLOCK_N, True)
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("inf"))  # +inf: P = 0 everywhere
     tl.store(O + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_in)
     tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _bwd_dq_tile(q, do, lse, delta, dq, K, V, start_n, offs_m, offs_d, Lq, Lk, causal_off, qk_scale,
+                 KPM, MASK, stride_mq, stride_mk,
+                 IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_in = offs_n[:, None] < Lk
+    k = tl.load(K + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+    v = tl.load(V + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.jit
@@ -137,22 +209,41 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, MASK,
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_off)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_in = offs_n[:, None] < Lk
-        k = tl.load(K + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
-        v = tl.load(V + offs_n[:, None] * HEAD_DIM + offs_d[None, :], mask=col_in, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
-                       IS_CAUSAL, HAS_KPM, HAS_MASK)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _bwd_dq_tile(q, do, lse, delta, dq, K, V, start_n, offs_m, offs_d, Lq, Lk, causal_off, qk_scale,
+                          KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION, HEAD_DIM,
+                          BLOCK_N, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        dq = _bwd_dq_tile(q, do, lse, delta, dq, K, V, start_n, offs_m, offs_d, Lq, Lk, causal_off, qk_scale,
+                          KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION, HEAD_DIM,
+                          BLOCK_N, True)
     tl.store(DQ + row_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_in)
+
+
+@triton.jit
+def _bwd_dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, bh, start_m, offs_n, offs_d, Lq, Lk, causal_off, qk_scale,
+                   KPM, MASK, stride_mq, stride_mk,
+                   IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    row_in = offs_m[:, None] < Lq
+    q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+    do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
+    p_t = tl.exp2(s_t - lse[None, :])
+    if MASKED:
+        vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        p_t = tl.where(vis, p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -177,31 +268,62 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK,
     KPM += b * stride_kpm_b
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo = 0
-    if IS_CAUSAL:
-        lo = (tl.maximum(0, start_n * BLOCK_N - causal_off) // BLOCK_M) * BLOCK_M
+    lo, full_start = _query_ranges(start_n, Lq, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
         mask_h = MASK + b * stride_mb + h * stride_mh
-        for start_m in range(lo, Lq, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-            row_in = offs_m[:, None] < Lq
-            q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
-            do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
-            lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BN, BM]
-            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, causal_off, KPM, mask_h, stride_mq, stride_mk,
-                           IS_CAUSAL, HAS_KPM, HAS_MASK)
-            p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        for start_m in range(lo, full_start, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, bh, start_m, offs_n, offs_d, Lq, Lk, causal_off,
+                                    qk_scale, KPM, mask_h, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK,
+                                    PRECISION, HEAD_DIM, BLOCK_M, True)
+        for start_m in range(full_start, Lq, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, bh, start_m, offs_n, offs_d, Lq, Lk, causal_off,
+                                    qk_scale, KPM, mask_h, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK,
+                                    PRECISION, HEAD_DIM, BLOCK_M, False)
     tl.store(DK + col_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_in)
     tl.store(DV + col_ptrs, dv.to(DV.dtype.element_ty), mask=col_in)
+
+
+@triton.jit
+def _bwd2_rows_tile(q, do, gq, lse, delta, beta, gamma, acc_a, acc_b, acc_c, dq2, ddo, K, V, GK, GV, kv_off,
+                    start_n, offs_m, offs_d, Lq, Lk, causal_off, qk_scale, sm_scale, KPM, MASK, stride_mq, stride_mk,
+                    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr,
+                    PRECISION: tl.constexpr, REDUCE: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    col_in = offs_n[:, None] < Lk
+    k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
+    v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
+    gk = tl.load(GK + col_ptrs, mask=col_in, other=0.0)
+    gv = tl.load(GV + col_ptrs, mask=col_in, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if MASKED:
+        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    bbar = tl.dot(gq, tl.trans(k), input_precision=PRECISION)
+    bbar = tl.dot(q, tl.trans(gk), bbar, input_precision=PRECISION) * sm_scale
+    dogv = tl.dot(do, tl.trans(gv), input_precision=PRECISION)
+    if REDUCE:
+        pb = p * bbar
+        acc_a += tl.sum(pb, 1)  # beta = rowsum(P * Bbar)
+        acc_b += tl.sum(pb * dp, 1)  # rowsum(P * Bbar * dP)
+        acc_c += tl.sum(p * dogv, 1)  # rowsum(P * (dO gv^T))
+    else:
+        dp_c = dp - delta[:, None]
+        ds = p * dp_c
+        bar_dp = p * (bbar - beta[:, None])
+        bar_p = dogv + bbar * dp_c - dp * beta[:, None]
+        bar_s = p * (bar_p - gamma[:, None])
+        dq2 = tl.dot(bar_s.to(k.dtype), k, dq2, input_precision=PRECISION)
+        dq2 = tl.dot(ds.to(gk.dtype), gk, dq2, input_precision=PRECISION)
+        ddo = tl.dot(bar_dp.to(v.dtype), v, ddo, input_precision=PRECISION)
+        ddo = tl.dot(p.to(gv.dtype), gv, ddo, input_precision=PRECISION)
+    return acc_a, acc_b, acc_c, dq2, ddo
 
 
 @triton.jit
@@ -231,57 +353,75 @@ def _bwd2_rows_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DQ2, DDO
     row_ok = offs_m < Lq
     lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    acc_a = tl.zeros([BLOCK_M], tl.float32)
+    acc_b = tl.zeros([BLOCK_M], tl.float32)
+    acc_c = tl.zeros([BLOCK_M], tl.float32)
     if REDUCE:
-        acc_beta = tl.zeros([BLOCK_M], tl.float32)
-        acc_pbdp = tl.zeros([BLOCK_M], tl.float32)  # rowsum(P * Bbar * dP)
-        acc_pdogv = tl.zeros([BLOCK_M], tl.float32)  # rowsum(P * (dO gv^T))
+        beta = acc_a
+        gamma = acc_a
+        dq2 = tl.zeros([1, 1], tl.float32)  # unused in this pass
+        ddo = tl.zeros([1, 1], tl.float32)
     else:
         beta = tl.load(BETA + bh * Lq + offs_m, mask=row_ok, other=0.0)
         gamma = tl.load(GAMMA + bh * Lq + offs_m, mask=row_ok, other=0.0)
         dq2 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         ddo = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    hi = Lk
-    if IS_CAUSAL:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + causal_off)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        col_in = offs_n[:, None] < Lk
-        k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
-        v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
-        gk = tl.load(GK + col_ptrs, mask=col_in, other=0.0)
-        gv = tl.load(GV + col_ptrs, mask=col_in, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        vis = _visible(offs_m[:, None], offs_n[None, :], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
-                       IS_CAUSAL, HAS_KPM, HAS_MASK)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        bbar = tl.dot(gq, tl.trans(k), input_precision=PRECISION)
-        bbar = tl.dot(q, tl.trans(gk), bbar, input_precision=PRECISION) * sm_scale
-        dogv = tl.dot(do, tl.trans(gv), input_precision=PRECISION)
-        if REDUCE:
-            pb = p * bbar
-            acc_beta += tl.sum(pb, 1)
-            acc_pbdp += tl.sum(pb * dp, 1)
-            acc_pdogv += tl.sum(p * dogv, 1)
-        else:
-            dp_c = dp - delta[:, None]
-            ds = p * dp_c
-            bar_dp = p * (bbar - beta[:, None])
-            bar_p = dogv + bbar * dp_c - dp * beta[:, None]
-            bar_s = p * (bar_p - gamma[:, None])
-            dq2 = tl.dot(bar_s.to(k.dtype), k, dq2, input_precision=PRECISION)
-            dq2 = tl.dot(ds.to(gk.dtype), gk, dq2, input_precision=PRECISION)
-            ddo = tl.dot(bar_dp.to(v.dtype), v, ddo, input_precision=PRECISION)
-            ddo = tl.dot(p.to(gv.dtype), gv, ddo, input_precision=PRECISION)
+    full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc_a, acc_b, acc_c, dq2, ddo = _bwd2_rows_tile(
+            q, do, gq, lse, delta, beta, gamma, acc_a, acc_b, acc_c, dq2, ddo, K, V, GK, GV, kv_off, start_n, offs_m,
+            offs_d, Lq, Lk, causal_off, qk_scale, sm_scale, KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM,
+            HAS_MASK, PRECISION, REDUCE, HEAD_DIM, BLOCK_N, False)
+    for start_n in range(full_end, hi, BLOCK_N):
+        acc_a, acc_b, acc_c, dq2, ddo = _bwd2_rows_tile(
+            q, do, gq, lse, delta, beta, gamma, acc_a, acc_b, acc_c, dq2, ddo, K, V, GK, GV, kv_off, start_n, offs_m,
+            offs_d, Lq, Lk, causal_off, qk_scale, sm_scale, KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM,
+            HAS_MASK, PRECISION, REDUCE, HEAD_DIM, BLOCK_N, True)
     if REDUCE:
-        gamma_out = acc_pdogv + acc_pbdp - 2.0 * delta * acc_beta
-        tl.store(BETA + bh * Lq + offs_m, acc_beta, mask=row_ok)
+        gamma_out = acc_c + acc_b - 2.0 * delta * acc_a
+        tl.store(BETA + bh * Lq + offs_m, acc_a, mask=row_ok)
         tl.store(GAMMA + bh * Lq + offs_m, gamma_out, mask=row_ok)
     else:
         tl.store(DQ2 + row_ptrs, (dq2 * sm_scale).to(DQ2.dtype.element_ty), mask=row_in)
         tl.store(DDO + row_ptrs, ddo.to(DDO.dtype.element_ty), mask=row_in)
+
+
+@triton.jit
+def _bwd2_cols_tile(k, v, gk, gv, dk2, dv2, Q, DO, GQ, LSE, DELTA, BETA, GAMMA, bh, start_m, offs_n, offs_d,
+                    Lq, Lk, causal_off, qk_scale, sm_scale, KPM, MASK, stride_mq, stride_mk,
+                    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr,
+                    PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    row_in = offs_m[:, None] < Lq
+    row_ok = offs_m < Lq
+    q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+    do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
+    gq = tl.load(GQ + row_ptrs, mask=row_in, other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    beta = tl.load(BETA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    gamma = tl.load(GAMMA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    p_t = tl.exp2(s_t - lse[None, :])
+    if MASKED:
+        vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, causal_off, KPM, MASK, stride_mq, stride_mk,
+                       IS_CAUSAL, HAS_KPM, HAS_MASK)
+        p_t = tl.where(vis, p_t, 0.0)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    bbar_t = tl.dot(k, tl.trans(gq), input_precision=PRECISION)
+    bbar_t = tl.dot(gk, tl.trans(q), bbar_t, input_precision=PRECISION) * sm_scale
+    dogv_t = tl.dot(gv, tl.trans(do), input_precision=PRECISION)
+    dp_c = dp_t - delta[None, :]
+    ds_t = p_t * dp_c
+    bar_dp_t = p_t * (bbar_t - beta[None, :])
+    bar_p_t = dogv_t + bbar_t * dp_c - dp_t * beta[None, :]
+    bar_s_t = p_t * (bar_p_t - gamma[None, :])
+    dk2 = tl.dot(bar_s_t.to(q.dtype), q, dk2, input_precision=PRECISION)
+    dk2 = tl.dot(ds_t.to(gq.dtype), gq, dk2, input_precision=PRECISION)
+    dv2 = tl.dot(bar_dp_t.to(do.dtype), do, dv2, input_precision=PRECISION)
+    return dk2, dv2
 
 
 @triton.jit
@@ -309,41 +449,19 @@ def _bwd2_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DK2, DV2
     KPM += b * stride_kpm_b
     dk2 = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv2 = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo = 0
-    if IS_CAUSAL:
-        lo = (tl.maximum(0, start_n * BLOCK_N - causal_off) // BLOCK_M) * BLOCK_M
+    lo, full_start = _query_ranges(start_n, Lq, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
         mask_h = MASK + b * stride_mb + h * stride_mh
-        for start_m in range(lo, Lq, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-            row_in = offs_m[:, None] < Lq
-            row_ok = offs_m < Lq
-            q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
-            do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
-            gq = tl.load(GQ + row_ptrs, mask=row_in, other=0.0)
-            lse = tl.load(LSE + bh * Lq + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-            beta = tl.load(BETA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-            gamma = tl.load(GAMMA + bh * Lq + offs_m, mask=row_ok, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            vis = _visible(offs_m[None, :], offs_n[:, None], Lq, Lk, causal_off, KPM, mask_h, stride_mq, stride_mk,
-                           IS_CAUSAL, HAS_KPM, HAS_MASK)
-            p_t = tl.where(vis, tl.exp2(s_t - lse[None, :]), 0.0)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            bbar_t = tl.dot(k, tl.trans(gq), input_precision=PRECISION)
-            bbar_t = tl.dot(gk, tl.trans(q), bbar_t, input_precision=PRECISION) * sm_scale
-            dogv_t = tl.dot(gv, tl.trans(do), input_precision=PRECISION)
-            dp_c = dp_t - delta[None, :]
-            ds_t = p_t * dp_c
-            bar_dp_t = p_t * (bbar_t - beta[None, :])
-            bar_p_t = dogv_t + bbar_t * dp_c - dp_t * beta[None, :]
-            bar_s_t = p_t * (bar_p_t - gamma[None, :])
-            dk2 = tl.dot(bar_s_t.to(q.dtype), q, dk2, input_precision=PRECISION)
-            dk2 = tl.dot(ds_t.to(gq.dtype), gq, dk2, input_precision=PRECISION)
-            dv2 = tl.dot(bar_dp_t.to(do.dtype), do, dv2, input_precision=PRECISION)
+        for start_m in range(lo, full_start, BLOCK_M):
+            dk2, dv2 = _bwd2_cols_tile(k, v, gk, gv, dk2, dv2, Q, DO, GQ, LSE, DELTA, BETA, GAMMA, bh, start_m, offs_n,
+                                       offs_d, Lq, Lk, causal_off, qk_scale, sm_scale, KPM, mask_h, stride_mq,
+                                       stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION, HEAD_DIM, BLOCK_M, True)
+        for start_m in range(full_start, Lq, BLOCK_M):
+            dk2, dv2 = _bwd2_cols_tile(k, v, gk, gv, dk2, dv2, Q, DO, GQ, LSE, DELTA, BETA, GAMMA, bh, start_m, offs_n,
+                                       offs_d, Lq, Lk, causal_off, qk_scale, sm_scale, KPM, mask_h, stride_mq,
+                                       stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION, HEAD_DIM, BLOCK_M, False)
     tl.store(DK2 + col_ptrs, (dk2 * sm_scale).to(DK2.dtype.element_ty), mask=col_in)
     tl.store(DV2 + col_ptrs, dv2.to(DV2.dtype.element_ty), mask=col_in)
 
@@ -353,8 +471,12 @@ def _bwd2_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DK2, DV2
 # list, benchmarked on the first call for each key. Under the interpreter: one small config.
 
 
-def _heuristic(kind, head_dim, elem_bytes):
+def _heuristic(kind, head_dim, elem_bytes, precision):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) chosen to keep the live tiles in registers."""
+    if precision == "ieee" and elem_bytes == 4:
+        # IEEE fp32 dots are unrolled FMA code: small tiles keep compile times reasonable (this path is for
+        # exactness, not speed; TF32 or bf16 are the fast ones).
+        return (32, 32, 4, 1)
     wide = head_dim > 64 or elem_bytes == 4  # fp32 or head_dim 128: twice the registers per tile
     if kind == "fwd":
         return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
@@ -388,13 +510,14 @@ _TUNED = {
 def _launch(name, grid, q, *args, **flags):
     """Run kernel `name` on grid(cfg) with the fixed heuristic config or, if GRADMEM_ATTN_AUTOTUNE=1, autotuned."""
     kind, kernel = _KERNELS[name]
-    if os.environ.get("GRADMEM_ATTN_AUTOTUNE") == "1" and not INTERPRET:
+    ieee_fp32 = flags["PRECISION"] == "ieee" and q.element_size() == 4
+    if os.environ.get("GRADMEM_ATTN_AUTOTUNE") == "1" and not INTERPRET and not ieee_fp32:
         _TUNED[name][grid](*args, **flags)
         return
     if INTERPRET:
         bm, bn, warps, stages = 16, 16, 4, 1
     else:
-        bm, bn, warps, stages = _heuristic(kind, q.shape[-1], q.element_size())
+        bm, bn, warps, stages = _heuristic(kind, q.shape[-1], q.element_size(), flags["PRECISION"])
     kernel[grid({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                   num_stages=stages)
 
