@@ -517,11 +517,16 @@ def make_compute_metrics(tokenizer: PreTrainedTokenizerBase, ignore_tokens: Sequ
 # ----------------------------------------------------------------------------------------------------------------
 
 def _generate_kv_dataset_if_named(path: Path) -> bool:
-    """Generate a missing KV dataset whose folder name follows the KV naming scheme. False if the name does not."""
+    """Generate a missing KV dataset whose folder name follows the KV naming scheme. False if the name does not.
+
+    Train size from the name's suffix (`_1M`, `_20K`, none = 1M), 5000 valid samples, seed 0 (as
+    `python kv_dataset_utils.py --name NAME --out PATH` would build it).
+    """
     import kv_dataset_utils
 
     try:
         spec = kv_dataset_utils.parse_dataset_name(path.name)
+        n_train = kv_dataset_utils.dataset_size(path.name) or 1_000_000
     except ValueError:
         return False
     from accelerate import PartialState
@@ -529,15 +534,36 @@ def _generate_kv_dataset_if_named(path: Path) -> bool:
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process and not path.exists():
-            n_train, n_valid, seed = spec.n_train, spec.n_valid, spec.seed
-            logger.warning("%s does not exist: generating %s (%d train, %d valid, seed %d)", path, path.name,
-                           n_train, n_valid, seed)
+            n_valid, seed = 5_000, 0
+            logger.warning("%s does not exist: generating it (%s: %d train, %d valid samples, seed %d)", path,
+                           spec.task_name, n_train, n_valid, seed)
             splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed)
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            splits.save_to_disk(str(tmp))
-            tmp.rename(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            kv_dataset_utils.save_kv_dataset(splits, path, spec, seed)
     return True
+
+
+def check_tokenizer_covers(tokenizer: PreTrainedTokenizerBase, split, n_samples: int = 200) -> None:
+    """The first samples tokenise without unknown tokens (e.g. V512 data with the 62-symbol tokenizer is an error)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        return  # byte-level tokenizers have no real unknown token
+    rows = split.select(range(min(n_samples, len(split))))
+    for column in ("context", "query", "target"):
+        if column not in rows.column_names:
+            continue
+        texts = list(rows[column])
+        for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if unk in ids:
+                bad = sorted({ch for ch in text if tokenizer(ch, add_special_tokens=False)["input_ids"] == [unk]})
+                raise ValueError(f"the tokenizer does not know the characters {bad[:10]} of the data ({column!r}); "
+                                 "use the matching tokenizer (e.g. --tokenizer_path ./tokenizers/kv_alphabet_512/)")
+
+
+def check_vocab_fits(model_vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    if len(tokenizer) > model_vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings only {model_vocab_size}: "
+                         "the model and the tokenizer do not belong together")
 
 
 def load_splits(data_path: str, required: Sequence[str] = ("train", "valid"),

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Paper preset: GradMem on KV retrieval, 3 seeds, through `accelerate launch` with NP processes (one per GPU).
+# Model: Llama L4 H4 D128 from scratch (kv_alphabet_62 tokenizer), 8 memory vectors, K=2 inner SGD steps at inner lr
+# 0.04, second order through both steps, write head, inner loss added to the outer loss with weight 0.5;
+# AdamW lr 1e-4, constant with 10k warmup steps, total batch 64, fp32; eval/checkpoint every 500 steps, early
+# stopping after 500 evaluations without improvement, stop at exact match 1.0. Seeds 142+N for N in SEEDS.
+#
+#   bash scripts/run_gradmemgpt_on_kv_retrieval.sh                      # 3 seeds, one after the other, 1 process
+#   NP=2 bash scripts/run_gradmemgpt_on_kv_retrieval.sh                 # 2 GPUs per run (gradient accumulation adapts)
+#   SEEDS=1 MAX_STEPS=300 bash scripts/run_gradmemgpt_on_kv_retrieval.sh --eval_steps 100   # a quick check
+#   DATA_NAME=N16-K2V2-V62_1M INIT_CHECKPOINT=runs/.../checkpoint-198000 bash scripts/...  # curriculum warm start
+# Extra arguments are passed to run_gradmemgpt_on_kv_retrieval.py (they override the preset's).
+# A missing ./data/$DATA_NAME is generated on the spot (KV names only). Re-running resumes each seed's run folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NP=${NP:-1}
+SEEDS=${SEEDS:-"1 2 3"}
+DATA_NAME=${DATA_NAME:-N8-K2V2-V62_1M}
+TBS=${TBS:-64}
+PER_DEVICE=${PER_DEVICE:-$((TBS / NP))}
+MAX_STEPS=${MAX_STEPS:-1000000}
+PRECISION=${PRECISION:-no}  # no (fp32) or bf16 (autocast, fp32 master weights)
+PORT=${PORT:-$((29500 + RANDOM % 1000))}
+
+if (( TBS % (PER_DEVICE * NP) != 0 )); then
+    echo "TBS=$TBS is not a multiple of PER_DEVICE=$PER_DEVICE x NP=$NP; choose PER_DEVICE dividing TBS/NP" >&2
+    exit 2
+fi
+GRAD_ACC=$((TBS / (PER_DEVICE * NP)))
+LAUNCH=(accelerate launch --config_file accelerate.yaml --num_processes "$NP" --main_process_port "$PORT"
+        --mixed_precision "$PRECISION")
+if (( NP > 1 )); then LAUNCH+=(--multi_gpu); fi
+INIT=()
+if [ -n "${INIT_CHECKPOINT:-}" ]; then INIT=(--init_checkpoint "$INIT_CHECKPOINT"); fi
+
+for N in $SEEDS; do
+    "${LAUNCH[@]}" run_gradmemgpt_on_kv_retrieval.py \
+        --data_path "./data/$DATA_NAME" \
+        --base_model llama --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/ \
+        --n_mem_tokens 8 --K 2 --last_K_second_order 2 --inner_lr 0.04 --use_adam false --grad_mode second \
+        --n_ctrl_tokens 0 --use_write_head --add_inner_loss_to_outer --inner_loss_weight 0.5 \
+        --attn_implementation eager \
+        --per_device_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
+        --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps "$MAX_STEPS" \
+        --weight_decay 0.0 --max_grad_norm 1.0 \
+        --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 \
+        --stop_metric exact_match --stop_metric_value 1.0 \
+        --seed $((142 + N)) "${INIT[@]}" "$@"
+done
