@@ -1,0 +1,260 @@
+"""Benchmark a full GradMem training step of the paper's KV model: ms/step, steps/s, peak memory, gradient agreement.
+
+Model (TARGETS.md): Llama 4 layers x 4 heads x width 128 (SwiGLU 512, vocab 70 from the KV tokenizer), 8 memory
+tokens, K=2 inner SGD steps (inner lr 0.04), write head, inner loss added with weight 0.5, grad_mode=second; batch
+B of random tokens: context C tokens (no padding), query 16 tokens whose last 4 are labels. One step = forward
+(WRITE + READ), backward, gradient clipping at 1.0 and the AdamW step (lr 1e-3).
+
+Rows (each optimisation alone, then together), for every context length C and batch size B:
+    plain      the eager step as the trainer ran it before fast_step: transformers builds the masks (host syncs),
+               torch AdamW (foreach), clip_grad_norm_          (attention: eager, exact_eager, fused_double_bwd)
+    sync-free  CapturedTrainStep(use_cuda_graph=False): static causal mask, capturable AdamW, in-graph skipping
+    graph      CapturedTrainStep: the whole step recorded in a CUDA graph and replayed
+    precision  fp32 (strict: TF32 off), tf32, bf16 (autocast, fp32 master weights)
+Time: median of CUDA-event times of `--steps` steps after `--warmup` steps (the first step of a graph row includes
+recording it; it is not timed). Peak: the allocator's peak during the row (model, optimiser, graph pool included).
+Agreement: the first step of every row starts from the same weights and batch; "loss err" and "grad err" are the
+relative errors of the loss and of the clipped gradient vector (all parameters) against the plain eager-attention fp32
+row ("vs eager fp32") and against the plain fp32 row of the same attention ("vs same attn"; graph/sync-free rows).
+
+    python bench/bench_step.py --out bench/results/step_h100.md
+    python bench/bench_step.py --contexts 128 --batches 64 --rows plain:eager:fp32 graph:fused_double_bwd:fp32
+    python bench/bench_step.py --profile      # kernel counts / host syncs / GPU-busy time of one step, C=128 B=64
+"""
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fast_step import CapturedTrainStep, autocast_for, precision_flags  # noqa: E402
+from grad_memgpt import GradMemGPT, GradMemGPTConfig  # noqa: E402
+
+QUERY_LEN, LABELS = 16, 4
+DEFAULT_ROWS = [
+    "plain:eager:fp32", "plain:exact_eager:fp32", "plain:fused_double_bwd:fp32", "plain:eager:tf32",
+    "plain:eager:bf16", "sync-free:eager:fp32", "graph:eager:fp32", "graph:exact_eager:fp32",
+    "graph:fused_double_bwd:fp32", "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16",
+]
+LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_double_bwd:fp32",
+             "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16"]
+
+
+def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
+    """The paper's KV GradMem model (see the module docstring), freshly initialised with `seed`."""
+    import kv_dataset_utils
+    from training import build_backbone_config
+
+    tokenizer = kv_dataset_utils.load_kv_tokenizer(62)
+    base = build_backbone_config("llama", 4, 4, 128, tokenizer)
+    options = dict(n_mem_tokens=8, K=2, lr=0.04, grad_mode="second", use_write_head=True,
+                   add_inner_loss_to_outer=True, inner_loss_weight=0.5, attn_implementation=attn)
+    options.update(overrides)
+    torch.manual_seed(seed)
+    return GradMemGPT(GradMemGPTConfig(base_config=base, **options)).to(device).train()
+
+
+def random_batch(B: int, C: int, vocab: int = 70, seed: int = 0, device="cuda") -> dict:
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randint(3, vocab, (B, QUERY_LEN), generator=g)
+    labels = torch.full_like(query, -100)
+    labels[:, -LABELS:] = query[:, -LABELS:]
+    return {"context_input_ids": torch.randint(3, vocab, (B, C), generator=g).to(device),
+            "query_input_ids": query.to(device), "labels": labels.to(device)}
+
+
+def plain_step(model, optimizer, batch, precision, max_grad_norm=1.0):
+    """The eager step as the HF Trainer runs it (loss.backward, clip_grad_norm_, AdamW.step)."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision_flags(precision):
+        with autocast_for(precision):
+            loss = model(**batch).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+    return loss.detach(), norm
+
+
+def run_row(row: str, base_state: dict, batch: dict, steps: int, warmup: int) -> dict:
+    mode, attn, precision = row.split(":")
+    model = paper_kv_model(attn)
+    model.load_state_dict(base_state)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    if mode == "plain":
+        def step():
+            return plain_step(model, optimizer, batch, precision)
+    else:
+        fast = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, precision=precision,
+                                 use_cuda_graph=mode == "graph")
+
+        def step():
+            out = fast(batch)
+            return out.loss, out.grad_norm
+    loss, _ = step()  # first step from the shared initial weights: agreement
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    result = {"loss": loss.float().item(), "grads": torch.cat([g.flatten().double() for g in grads])}
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    result["ms"] = statistics.median(times)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, optimizer
+    return result
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30)) if torch.is_tensor(a) else abs(a - b) / max(abs(b), 1e-30)
+
+
+def profile_step(C=128, B=64) -> str:
+    """Kernel launches, host syncs and GPU-busy time of one plain / sync-free step (eager attention and fused)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = [f"### Profile of one training step, C={C}, B={B}, fp32", "",
+             "| step | attention | CUDA kernels | host syncs | GPU busy ms | wall ms |", "|---|---|---|---|---|---|"]
+    batch = random_batch(B, C)
+    for mode, attn in (("plain", "eager"), ("sync-free", "eager"), ("plain", "fused_double_bwd"),
+                       ("sync-free", "fused_double_bwd")):
+        model = paper_kv_model(attn)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        if mode == "plain":
+            def step():
+                plain_step(model, opt, batch, "fp32")
+        else:
+            fast = CapturedTrainStep(model, opt, use_cuda_graph=False)
+
+            def step():
+                fast(batch)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) * 1e3
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e3
+        lines.append(f"| {mode} | {attn} | {len(kernels)} | {syncs} | {busy:.2f} | {wall:.1f} |")
+    lines += ["", "GPU busy = sum of kernel times (a lower bound for a replayed graph of the same kernels); wall "
+              "includes profiler overhead.", ""]
+    return "\n".join(lines)
+
+
+def header(args) -> str:
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for name in ("transformers", "triton"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except OSError:
+        commit = "?"
+    device = torch.cuda.get_device_name(0)
+    return (f"# GradMem training step, paper KV model\n\n- card: {device}\n- versions: "
+            + ", ".join(f"{k} {v}" for k, v in versions.items())
+            + f"\n- git commit: {commit or '?'}\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+            + f"\n- command: `python {' '.join(sys.argv)}`\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="mode:attention:precision")
+    parser.add_argument("--long_context", type=int, default=None, help="also C=this at B=64 with the LONG_ROWS")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--time_budget", type=float, default=None, help="seconds; rows after it are not run")
+    parser.add_argument("--profile", action="store_true", help="also profile one step at C=128, B=64")
+    parser.add_argument("--out", default=None, help="write the markdown here (also printed)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_step.py needs a CUDA device")
+    for row in args.rows:
+        mode, attn, precision = (row.split(":") + ["", "", ""])[:3]
+        if mode not in ("plain", "sync-free", "graph") or precision not in ("fp32", "tf32", "bf16") or not attn:
+            raise SystemExit(f"bad row {row!r}: use mode:attention:precision, mode in plain/sync-free/graph, "
+                             "precision in fp32/tf32/bf16")
+    started = time.time()
+    out = [header(args)]
+
+    def emit(text):
+        print(text, flush=True)
+        out.append(text)
+        if args.out:
+            Path(args.out).write_text("\n".join(out) + "\n")
+
+    emit("| C | B | mode | attention | precision | ms/step | steps/s | peak GiB | loss err vs eager fp32 | "
+         "grad err vs eager fp32 | grad err vs same attn |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|")
+    cells = [(C, B, args.rows) for C in args.contexts for B in args.batches]
+    if args.long_context:
+        cells.append((args.long_context, 64, LONG_ROWS))
+    for C, B, rows in cells:
+        base_state = copy.deepcopy(paper_kv_model("eager").state_dict())
+        batch = random_batch(B, C)
+        reference = {}  # attention -> plain fp32 result
+        for row in rows:
+            mode, attn, precision = row.split(":")
+            if args.time_budget is not None and time.time() - started > args.time_budget:
+                emit(f"| {C} | {B} | {mode} | {attn} | {precision} | not run (time budget) | | | | | |")
+                continue
+            try:
+                r = run_row(row, base_state, batch, args.steps, args.warmup)
+            except torch.cuda.OutOfMemoryError:
+                emit(f"| {C} | {B} | {mode} | {attn} | {precision} | out of memory | | | | | |")
+                torch.cuda.empty_cache()
+                continue
+            except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
+                msg = f"{type(e).__name__}: {e}".replace("|", "/").replace("\n", " ")[:160]
+                emit(f"| {C} | {B} | {mode} | {attn} | {precision} | failed: {msg} | | | | | |")
+                torch.cuda.empty_cache()
+                continue
+            if mode == "plain" and precision == "fp32":
+                reference[attn] = r
+            ref = reference.get("eager")
+            same = reference.get(attn) if mode != "plain" else None
+            errs = [f"{rel(r['loss'], ref['loss']):.1e}" if ref else "", f"{rel(r['grads'], ref['grads']):.1e}" if ref else "",
+                    f"{rel(r['grads'], same['grads']):.1e}" if same else ""]
+            emit(f"| {C} | {B} | {mode} | {attn} | {precision} | {r['ms']:.1f} | {1000 / r['ms']:.1f} | "
+                 f"{r['peak_gib']:.2f} | " + " | ".join(errs) + " |")
+            torch.cuda.empty_cache()
+    if args.profile:
+        emit("")
+        emit(profile_step())
+    emit(f"\nTotal benchmark time {time.time() - started:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()
