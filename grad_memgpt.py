@@ -266,7 +266,7 @@ class GradMemGPT(PreTrainedModel):
         # Pass the backbone a ready causal mask instead of letting transformers build one (see _static_causal_mask):
         # the same function, without host synchronisation. Off by default; fast_step turns it on for CUDA graphs.
         self.use_static_causal_mask = False
-        self._causal_mask_cache = None
+        self._causal_mask_cache = {}  # (length, device, dtype, attention) -> mask; WRITE and READ lengths differ
 
         d = hidden_size(lm_config)
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -379,7 +379,7 @@ class GradMemGPT(PreTrainedModel):
         return get_backbone(self.model)(inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
 
     def _static_causal_mask(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """The causal mask [1, 1, T, T] as a ready 4D mask (cached per length, device and dtype).
+        """The causal mask [1, 1, T, T] as a ready 4D mask (cached per length, device, dtype and attention).
 
         transformers returns a 4D mask as it is, which skips its mask construction: that construction checks the
         position ids for packed sequences with a host synchronisation on every call, which a CUDA graph cannot
@@ -390,10 +390,9 @@ class GradMemGPT(PreTrainedModel):
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
         T, device, dtype = inputs_embeds.shape[1], inputs_embeds.device, inputs_embeds.dtype
-        key = (T, device, dtype)
-        cached = self._causal_mask_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        key = (T, device, dtype, self.model.config._attn_implementation)
+        if key in self._causal_mask_cache:
+            return self._causal_mask_cache[key]
         attn = self.model.config._attn_implementation
         builder = ALL_MASK_ATTENTION_FUNCTIONS.get(attn) if attn in ALL_MASK_ATTENTION_FUNCTIONS else None
         allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, T, T]
@@ -406,7 +405,7 @@ class GradMemGPT(PreTrainedModel):
                 f"use_static_causal_mask: attn_implementation {attn!r} does not take a 4D causal mask built like "
                 "transformers' eager or sdpa masks; use eager, exact_eager or fused_double_bwd"
             )
-        self._causal_mask_cache = (key, mask)
+        self._causal_mask_cache[key] = mask
         return mask
 
     def _layout(self, start, memory, end, token_embeds):
