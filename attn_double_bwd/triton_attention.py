@@ -471,18 +471,17 @@ def _bwd2_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DK2, DV2
 # list, benchmarked on the first call for each key. Under the interpreter: one small config.
 
 
-def _heuristic(kind, head_dim, elem_bytes, precision):
+def _heuristic(name, head_dim, elem_bytes, precision):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) chosen to keep the live tiles in registers."""
     if precision == "ieee" and elem_bytes == 4:
         # IEEE fp32 dots are unrolled FMA code: small tiles keep compile times reasonable (this path is for
         # exactness, not speed; TF32 or bf16 are the fast ones).
         return (32, 32, 4, 1)
-    wide = head_dim > 64 or elem_bytes == 4  # fp32 or head_dim 128: twice the registers per tile
-    if kind == "fwd":
-        return (64, 64, 4, 2) if wide else (128, 64, 4, 3)
-    if kind == "bwd":
-        return (32, 64, 4, 2) if wide else (64, 64, 4, 2)
-    return (32, 64, 4, 2) if wide else (64, 64, 8, 2)  # double backward: many live [BM, BN] tiles
+    if head_dim > 64 or elem_bytes == 4:  # TF32 or head_dim 128: twice the registers per tile
+        return {"fwd": (64, 64, 4, 2)}.get(name, (32, 64, 4, 2))
+    # 16-bit, head_dim <= 64: what the autotuner picked on an H100 (bf16, head_dim 64, L = 4096 and 8192).
+    return {"fwd": (128, 64, 4, 3), "bwd_dq": (128, 64, 8, 2), "bwd_dkdv": (32, 64, 4, 2),
+            "bwd2_rows": (64, 64, 4, 2), "bwd2_cols": (32, 64, 4, 2)}[name]
 
 
 def _tuning_list(kind):
@@ -509,7 +508,7 @@ _TUNED = {
 
 def _launch(name, grid, q, *args, **flags):
     """Run kernel `name` on grid(cfg) with the fixed heuristic config or, if GRADMEM_ATTN_AUTOTUNE=1, autotuned."""
-    kind, kernel = _KERNELS[name]
+    kernel = _KERNELS[name][1]
     ieee_fp32 = flags["PRECISION"] == "ieee" and q.element_size() == 4
     if os.environ.get("GRADMEM_ATTN_AUTOTUNE") == "1" and not INTERPRET and not ieee_fp32:
         _TUNED[name][grid](*args, **flags)
@@ -517,7 +516,7 @@ def _launch(name, grid, q, *args, **flags):
     if INTERPRET:
         bm, bn, warps, stages = 16, 16, 4, 1
     else:
-        bm, bn, warps, stages = _heuristic(kind, q.shape[-1], q.element_size(), flags["PRECISION"])
+        bm, bn, warps, stages = _heuristic(name, q.shape[-1], q.element_size(), flags["PRECISION"])
     kernel[grid({"BLOCK_M": bm, "BLOCK_N": bn})](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
                                                   num_stages=stages)
 
