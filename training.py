@@ -836,10 +836,11 @@ def _report_callbacks(report_to: str, run_dir: Path, run_name: str, is_main: boo
         raise ValueError(f"--report_to {report_to}: unknown {unknown}; use tensorboard, wandb or none")
     callbacks, hf_report = [], []
     if "tensorboard" in wanted and is_main:
-        from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir))))
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(run_dir)  # instead of <run>/runs/<date>; also for the writer re-opened after train
+        callbacks.append(tensorboard)
     if "wandb" in wanted:
         has_key = bool(os.environ.get("WANDB_API_KEY"))
         netrc = Path.home() / ".netrc"

@@ -288,7 +288,7 @@ def test_end_to_end_run_folder_and_resume(tmp_path):
     run_dir = tmp_path / "run"
     for name in ("config.json", "all_results.json", "trainer_state.json", training.CURVE_FILE):
         assert (run_dir / name).is_file(), name
-    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir()) and not (run_dir / "runs").exists()
     assert (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
     config = json.loads((run_dir / "config.json").read_text())
     assert config["cli_args"]["data_path"] == "kv_test" and "torch" in config["versions"]

@@ -1,0 +1,62 @@
+"""End-to-end tests of run_gradmemgpt_on_kv_retrieval.py with a tiny GradMem on CPU (data generated on the spot)."""
+import json
+
+import pytest
+
+import run_gradmemgpt_on_kv_retrieval as run_kv
+from training import BackboneArgs, GradMemArgs, TrainArgs, parse_cli
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size", "4",
+        "--warmup_steps", "0", "--learning_rate", "1e-3", "--eval_steps", "2", "--logging_steps", "1",
+        "--max_eval_samples", "8", "--dataloader_num_workers", "0", "--report_to", "none", "--use_cpu"]
+
+
+def test_default_run_name_is_the_reference_scheme(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    t, b, g = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=[])
+    assert run_kv.default_run_name(t, b, g, world_size=1) == \
+        "gradmem_llama_L4H4D128_mem8_K2_ilr0.04_whead_grad_second_add_inner_w0.5_bs_64_lr_1e-04"
+    t, b, g = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=[
+        "--K", "3", "--last_K_second_order", "1", "--mem_proj_mode", "proj", "--use_mem_proj",
+        "--no_add_inner_loss_to_outer", "--per_device_batch_size", "16", "--gradient_accumulation_steps", "2"])
+    assert run_kv.default_run_name(t, b, g, world_size=2) == \
+        "gradmem_llama_L4H4D128_mem8_K3_ilr0.04_last_K1_mem_proj_whead_grad_second_bs_64_lr_1e-04"
+
+
+def test_train_generated_kv_data_then_warm_start(tmp_path):
+    data = tmp_path / "data" / "N2-K1V1-V62_64"  # does not exist: generated from its name
+    metrics = run_kv.main(["--data_path", str(data), "--runs_dir", str(tmp_path / "runs"), "--max_steps", "2", *TINY])
+    assert (data / "train").is_dir() and (data / "kv_task.json").is_file()
+    run_dir = tmp_path / "runs" / "N2-K1V1-V62_64" / \
+        "gradmem_llama_L2H2D32_mem2_K2_ilr0.04_whead_grad_second_add_inner_w0.5_bs_4_lr_1e-03" / "run_142"
+    results = json.loads((run_dir / "all_results.json").read_text())
+    for key in ("eval_exact_match", "eval_token_accuracy", "eval_inner_loss", "eval_inner_grad_norm_max",
+                "eval_target_loss"):
+        assert key in results and key in metrics, key
+    config = json.loads((run_dir / "config.json").read_text())["cli_args"]
+    assert config["inner_lr"] == 0.04 and config["grad_mode"] == "second" and config["n_embd"] == 32
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    assert any("inner_grad_norm_mean" in r and "loss" in r for r in history)  # inner stats logged while training
+
+    # warm start another run from the checkpoint folder
+    other = run_kv.main(["--data_path", str(data), "--exp_path", str(tmp_path / "warm"), "--max_steps", "1",
+                         "--init_checkpoint", str(run_dir / "checkpoint-2"), *TINY])
+    assert other["global_step"] == 1
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="kv_dataset_utils.py"):
+        run_kv.main(["--data_path", str(tmp_path / "my_dataset"), *TINY])
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        run_kv.main(["--base_model", "llama", "--pretrained_model", "gpt2", *TINY])
+    # data over the 512-symbol alphabet with the default 62-symbol tokenizer
+    with pytest.raises(ValueError, match="kv_alphabet_512"):
+        run_kv.main(["--data_path", str(tmp_path / "N2-K1V1-V512_32"), "--exp_path", str(tmp_path / "r"), *TINY])
+    assert not (tmp_path / "r").exists()
+    # a checkpoint of a model with another vocabulary
+    big = run_kv.main(["--data_path", str(tmp_path / "N2-K1V1-V512_32"), "--exp_path", str(tmp_path / "v512"),
+                       "--tokenizer_path", "./tokenizers/kv_alphabet_512/", "--max_steps", "1", *TINY])
+    assert big["global_step"] == 1
+    with pytest.raises(ValueError, match="another tokenizer/vocabulary"):
+        run_kv.main(["--data_path", str(tmp_path / "N2-K1V1-V62_32"), "--exp_path", str(tmp_path / "v62"),
+                     "--init_checkpoint", str(tmp_path / "v512" / "checkpoint-1"), "--max_steps", "1", *TINY])
