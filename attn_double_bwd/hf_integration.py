@@ -12,6 +12,7 @@ All use transformers' `sdpa_mask` as mask builder: a causal batch without paddin
 (the kernels apply the causal mask themselves), anything else as a 4D bool mask (True = attend).
 """
 import os
+import weakref
 
 import torch
 
@@ -70,17 +71,49 @@ def fused_attention_forward(module, query, key, value, attention_mask, dropout=0
             f"attn_implementation={FUSED_NAME!r} has no dropout (got attention dropout {dropout}); set the backbone's "
             f"attention dropout to 0 (e.g. attention_dropout / attn_pdrop) or use attn_implementation={EXACT_NAME!r}"
         )
-    attention_mask, is_causal = _prepare(module, query, key, attention_mask, is_causal, kwargs)
-    key, value = _trim_keys_for_causal(key, value, query.shape[2], is_causal)
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise ValueError(
             f"attn_implementation={FUSED_NAME!r} takes bool attention masks (transformers' sdpa_mask builds them); got "
             f"{attention_mask.dtype}"
         )
+    plain_causal = attention_mask is not None and is_plain_causal_mask(attention_mask, query.shape[2], key.shape[2])
+    if plain_causal:
+        # A ready-made causal mask (e.g. a static one for CUDA graphs): let the kernels skip the masked half. It is
+        # aligned bottom-right like the kernels' is_causal, so no key trimming (that is for sdpa's mask=None case).
+        attention_mask, is_causal = None, True
+    attention_mask, is_causal = _prepare(module, query, key, attention_mask, is_causal, kwargs)
+    if not plain_causal:
+        key, value = _trim_keys_for_causal(key, value, query.shape[2], is_causal)
     from .triton_attention import fused_attention
 
     out = fused_attention(query, key, value, is_causal=is_causal, attn_mask=attention_mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+_PLAIN_CAUSAL = {}  # id(mask) -> (weak reference, mask._version, answer)
+
+
+def is_plain_causal_mask(mask: torch.Tensor, q_len: int, k_len: int) -> bool:
+    """Is `mask` a bool [1, 1, q_len, k_len] mask equal to the causal mask (key j visible to query i iff
+    j <= i + k_len - q_len)?
+
+    The content is compared once per mask tensor (a device sync), then the answer is remembered for as long as that
+    tensor lives and is not modified in place; so a static mask reused by every layer and step costs one check, and
+    a check never happens inside CUDA-graph capture (an unchecked mask there is simply treated as a general mask).
+    Batched masks ([B, ...] with B > 1, e.g. padding masks) are not checked.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape) != (1, 1, q_len, k_len):
+        return False
+    entry = _PLAIN_CAUSAL.get(id(mask))
+    if entry is not None and entry[0]() is mask and entry[1] == mask._version:
+        return entry[2]
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril(k_len - q_len)
+    answer = bool(torch.equal(mask[0, 0], causal))
+    key = id(mask)
+    _PLAIN_CAUSAL[key] = (weakref.ref(mask, lambda _, key=key: _PLAIN_CAUSAL.pop(key, None)), mask._version, answer)
+    return answer
 
 
 def _fused_usable(tensor: torch.Tensor) -> bool:

@@ -290,3 +290,28 @@ def test_fused_registered_name_matches_exact_in_model_gpu():
         results[impl] = [logits.detach(), g_emb.detach(), *[x for x in second if x is not None]]
     for a, b in zip(results["fused_double_bwd"], results["exact_eager"]):
         assert _rel_err(a, b) <= 1e-4
+
+
+def test_plain_causal_mask_is_recognised_once_and_passed_as_is_causal(monkeypatch):
+    from attn_double_bwd import hf_integration, triton_attention
+
+    calls = []
+    monkeypatch.setattr(triton_attention, "fused_attention", lambda q, k, v, **kw: calls.append(kw) or q)
+    q, k, v = _qkv(1, 2, 2, 5, 5, 16, dtype=torch.float32)
+    static = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]  # what a model passes for CUDA graphs
+    for _ in range(2):  # second call: answered from the cache
+        hf_integration.fused_attention_forward(torch.nn.Module(), q, k, v, static)
+    assert [(c["is_causal"], c["attn_mask"]) for c in calls] == [(True, None), (True, None)]
+    assert hf_integration.is_plain_causal_mask(static, 5, 5)
+    static[0, 0, 4, 0] = False  # in-place change: checked again
+    assert not hf_integration.is_plain_causal_mask(static, 5, 5)
+    padded = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    assert not hf_integration.is_plain_causal_mask(padded, 5, 5)  # batched masks are passed on as masks
+    hf_integration.fused_attention_forward(torch.nn.Module(), q, k, v, padded[:1] & False)
+    assert calls[-1]["is_causal"] is False and calls[-1]["attn_mask"] is not None
+    shifted = torch.ones(3, 5, dtype=torch.bool).tril(2)[None, None]  # Lq < Lk: bottom-right aligned
+    assert hf_integration.is_plain_causal_mask(shifted, 3, 5)
+    seen = []
+    monkeypatch.setattr(triton_attention, "fused_attention", lambda q, k, v, **kw: seen.append((k.shape[2], kw)) or q)
+    hf_integration.fused_attention_forward(torch.nn.Module(), q[:, :, :3], k, v, shifted)
+    assert seen[-1][0] == 5 and seen[-1][1]["is_causal"] is True  # keys kept: the kernels align bottom-right
