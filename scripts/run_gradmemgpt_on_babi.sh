@@ -16,17 +16,16 @@ SEEDS=${SEEDS:-1}
 MODEL=${MODEL:-gpt2}
 PER_DEVICE=${PER_DEVICE:-16}
 TBS=${TBS:-64}
-GRAD_ACC=$((TBS / (PER_DEVICE * NP)))
-MULTI=""; if [ "$NP" -gt 1 ]; then MULTI="--multi_gpu"; fi
+source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
 
 for N in $SEEDS; do
     for T in $TASKS; do
         DATA=./data/babilong_qa${T}_0k
         [ -d "$DATA" ] || bash scripts/download_babi.sh "$T"
-        accelerate launch --config_file accelerate.yaml --num_processes "$NP" $MULTI \
+        "${LAUNCH[@]}" \
             --main_process_port $((29500 + 10 * N + T)) \
             run_gradmemgpt_on_babi.py --pretrained_model "$MODEL" --data_path "$DATA" --bf16 \
-            --per_device_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
+            --per_device_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
             --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000 \
             --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed $((142 + N)) \
             --n_mem_tokens 8 --K 2 --inner_lr 0.04 --grad_mode second --use_mem_proj --mem_proj_mode proj \

@@ -18,19 +18,13 @@ NP=${NP:-1}
 SEEDS=${SEEDS:-"1 2 3"}
 DATA_NAME=${DATA_NAME:-N8-K2V2-V62_1M}
 TBS=${TBS:-64}
-PER_DEVICE=${PER_DEVICE:-$((TBS / NP))}
+PER_DEVICE=${PER_DEVICE:-64}  # the largest micro-batch of one GPU (see scripts/_launch.sh)
 MAX_STEPS=${MAX_STEPS:-1000000}
 PRECISION=${PRECISION:-no}  # no (fp32) or bf16 (autocast, fp32 master weights)
 PORT=${PORT:-$((29500 + RANDOM % 1000))}
 
-if (( TBS % (PER_DEVICE * NP) != 0 )); then
-    echo "TBS=$TBS is not a multiple of PER_DEVICE=$PER_DEVICE x NP=$NP; choose PER_DEVICE dividing TBS/NP" >&2
-    exit 2
-fi
-GRAD_ACC=$((TBS / (PER_DEVICE * NP)))
-LAUNCH=(accelerate launch --config_file accelerate.yaml --num_processes "$NP" --main_process_port "$PORT"
-        --mixed_precision "$PRECISION")
-if (( NP > 1 )); then LAUNCH+=(--multi_gpu); fi
+source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
+LAUNCH+=(--main_process_port "$PORT" --mixed_precision "$PRECISION")
 INIT=()
 if [ -n "${INIT_CHECKPOINT:-}" ]; then INIT=(--init_checkpoint "$INIT_CHECKPOINT"); fi
 
@@ -41,7 +35,7 @@ for N in $SEEDS; do
         --n_mem_tokens 8 --K 2 --last_K_second_order 2 --inner_lr 0.04 --use_adam false --grad_mode second \
         --n_ctrl_tokens 0 --use_write_head --add_inner_loss_to_outer --inner_loss_weight 0.5 \
         --attn_implementation eager \
-        --per_device_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
+        --per_device_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
         --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps "$MAX_STEPS" \
         --weight_decay 0.0 --max_grad_norm 1.0 \
         --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 \

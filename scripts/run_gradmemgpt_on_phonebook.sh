@@ -17,8 +17,7 @@ SEEDS=${SEEDS:-1}
 MODEL=${MODEL:-gpt2}
 PER_DEVICE=${PER_DEVICE:-64}
 TBS=${TBS:-256}
-GRAD_ACC=$((TBS / (PER_DEVICE * NP)))
-MULTI=""; if [ "$NP" -gt 1 ]; then MULTI="--multi_gpu"; fi
+source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
 DATASET=${DATASET:-./data/phonebook_N${N}}
 if [[ "$DATASET" == ./* && ! -d "$DATASET" ]]; then
     "$PY" phonebook_utils.py --n_entries "$N" --n_train 100000 --n_valid 1000 --seed 142 --output_path "$DATASET"
@@ -26,9 +25,9 @@ fi
 INIT_ARGS=(); if [ -n "${INIT:-}" ]; then INIT_ARGS=(--init_checkpoint "$INIT"); fi
 
 for S in $SEEDS; do
-    accelerate launch --config_file accelerate.yaml --num_processes "$NP" $MULTI --main_process_port $((29700 + S)) \
+    "${LAUNCH[@]}" --main_process_port $((29700 + S)) \
         run_gradmemgpt_on_squad.py --pretrained_model "$MODEL" --dataset_name "$DATASET" --bf16 "${INIT_ARGS[@]}" \
-        --per_device_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
+        --per_device_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
         --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000 \
         --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed $((142 + S)) \
         --n_mem_tokens 32 --K 2 --inner_lr 0.4 --grad_mode second --use_write_head --no_add_inner_loss_to_outer \

@@ -19,8 +19,7 @@ SEEDS=${SEEDS:-1}
 MODEL=${MODEL:-gpt2}
 PER_DEVICE=${PER_DEVICE:-32}
 TBS=${TBS:-64}
-GRAD_ACC=$((TBS / (PER_DEVICE * NP)))
-MULTI=""; if [ "$NP" -gt 1 ]; then MULTI="--multi_gpu"; fi
+source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
 case "$LAYOUT" in
     c_q) LAYOUT_ARGS=(--inner_lr 0.25) ;;
     cq_a | qc_a) LAYOUT_ARGS=(--inner_lr 0.03 --last_K_second_order 2) ;;
@@ -30,9 +29,9 @@ DATA_ARGS=(--dataset_name squad)
 if [ -n "${SQUAD_JSON:-}" ]; then DATA_ARGS+=(--squad_json "$SQUAD_JSON"); fi
 
 for N in $SEEDS; do
-    accelerate launch --config_file accelerate.yaml --num_processes "$NP" $MULTI --main_process_port $((29600 + N)) \
+    "${LAUNCH[@]}" --main_process_port $((29600 + N)) \
         run_gradmemgpt_on_squad.py --pretrained_model "$MODEL" "${DATA_ARGS[@]}" --layout "$LAYOUT" --bf16 \
-        --per_device_batch_size "$PER_DEVICE" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
+        --per_device_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
         --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000 \
         --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed $((142 + N)) \
         --n_mem_tokens 8 --K 2 "${LAYOUT_ARGS[@]}" --grad_mode second --use_mem_proj --mem_proj_mode proj \
