@@ -9,7 +9,9 @@ Registered names (all exact under a second derivative):
   devices. "jvp_flash" is accepted by `resolve_attn_implementation` (mapped like "hvp_semi_manual") but not
   registered: transformers 5 treats every name containing "flash" as a flash-attention kernel to fetch.
 All use transformers' `sdpa_mask` as mask builder: a causal batch without padding arrives as `attention_mask=None`
-(the kernels apply the causal mask themselves), anything else as a 4D bool mask (True = attend).
+(the kernels apply the causal mask themselves), anything else as a 4D bool mask (True = attend). A ready-made
+[1, 1, Lq, Lk] bool mask equal to the causal mask (a static mask passed for CUDA graphs) is recognised (checked
+once per mask tensor) and runs the fused kernels' causal path, which skips the masked half of the tiles.
 """
 import os
 import weakref

@@ -22,8 +22,9 @@ Masks: `is_causal` (bottom-right aligned: key j visible to query i iff j <= i + 
 [B, Lk] bool (True = real key), `attn_mask` bool broadcastable to [B, Hq, Lq, Lk] (True = attend; loaded tile by
 tile, never expanded). Rows that see no key give 0 and zero gradients. A third derivative raises.
 Runs on CUDA, or on CPU under TRITON_INTERPRET=1 (slow; for tests on tiny shapes). Block sizes come from a
-heuristic per head dim and dtype; GRADMEM_ATTN_AUTOTUNE=1 autotunes them instead (bf16/fp16/TF32; costs about a
-minute of compilation on first use, then is faster: see bench/results/attention_h100.md).
+heuristic per head dim and dtype; GRADMEM_ATTN_AUTOTUNE=1 autotunes them instead (bf16/fp16/TF32; about a minute
+of compilation on first use, then a benchmark per length bucket; bench/results/attention_h100.md used it). Warm
+up (one step) before capturing a CUDA graph: compilation and autotuning cannot happen during capture.
 """
 import os
 from typing import Optional
