@@ -56,7 +56,7 @@ CURVE_FILE = "learning_curve.png"
 RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
-    "max_consecutive_skipped_steps",
+    "max_consecutive_skipped_steps", "use_cpu",
 }
 
 
@@ -578,7 +578,8 @@ def load_splits(data_path: str, required: Sequence[str] = ("train", "valid"),
     if not path.exists() and not _generate_kv_dataset_if_named(path):
         raise FileNotFoundError(
             f"dataset folder {data_path} does not exist and its name is not a KV dataset name (like N8-K2V2-V62_1M). "
-            "Build KV data with `python kv_dataset_utils.py --help`, or download it: `bash scripts/download_kv_retrieval.sh`"
+            "Build KV data with `python kv_dataset_utils.py --name N8-K2V2-V62_1M --out <folder>` (see --help), "
+            "or name the folder after a KV dataset to have it generated"
         )
     for name in required:  # datasets cannot even load a saved empty split: check its file list first
         state_file = path / name / "state.json"
@@ -921,13 +922,14 @@ def run_experiment(
     config_path = run_dir / "config.json"
 
     # ---- run folder: start over, resume, or start fresh (main process decides, the others wait) ----
+    if not train_args.overwrite and config_path.exists():
+        _check_resumable(config_path, cli_args)  # every process raises, so none waits for the others forever
     if state.is_main_process:
         if train_args.overwrite and run_dir.exists():
             logger.warning("--overwrite: deleting %s", run_dir)
             shutil.rmtree(run_dir)
-        if config_path.exists():
-            _check_resumable(config_path, cli_args)
-        last_complete_checkpoint(run_dir, remove_incomplete=True) if run_dir.exists() else None
+        if run_dir.exists():
+            last_complete_checkpoint(run_dir, remove_incomplete=True)
     state.wait_for_everyone()
     resume_from = last_complete_checkpoint(run_dir) if run_dir.exists() else None
 
@@ -942,8 +944,11 @@ def run_experiment(
 
     # ---- model and data ----
     _ensure_fp32(model)
-    if train_args.init_checkpoint is not None and resume_from is None:
-        load_init_checkpoint(model, train_args.init_checkpoint)
+    if train_args.init_checkpoint is not None:
+        if resume_from is None:
+            load_init_checkpoint(model, train_args.init_checkpoint)
+        else:
+            logger.warning("resuming from %s: --init_checkpoint is not loaded again", resume_from)
     eval_split = splits["valid"]
     if train_args.max_eval_samples is not None:
         eval_split = eval_split.select(range(min(train_args.max_eval_samples, len(eval_split))))
