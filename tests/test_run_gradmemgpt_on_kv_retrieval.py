@@ -60,3 +60,31 @@ def test_bad_input_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="another tokenizer/vocabulary"):
         run_kv.main(["--data_path", str(tmp_path / "N2-K1V1-V62_32"), "--exp_path", str(tmp_path / "v62"),
                      "--init_checkpoint", str(tmp_path / "v512" / "checkpoint-1"), "--max_steps", "1", *TINY])
+
+
+def test_preset_script_arguments_parse(tmp_path, monkeypatch):
+    """scripts/run_gradmemgpt_on_kv_retrieval.sh with a stand-in `accelerate` that records its arguments."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "bin" / "accelerate"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" >> {tmp_path}/calls.txt\necho END >> {tmp_path}/calls.txt\n')
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_gradmemgpt_on_kv_retrieval.sh"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "NP": "2", "SEEDS": "1 3"}
+    subprocess.run(["bash", str(script), "--max_steps", "300"], check=True, env=env, stdout=subprocess.DEVNULL)
+    calls = (tmp_path / "calls.txt").read_text().split("END\n")[:-1]
+    assert len(calls) == 2
+    for call, seed in zip(calls, ("143", "145")):
+        argv = call.splitlines()
+        assert argv[:2] == ["launch", "--config_file"]
+        assert argv[argv.index("--num_processes") + 1] == "2"
+        script_args = argv[argv.index("run_gradmemgpt_on_kv_retrieval.py") + 1:]
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it
+        t, b, g, d = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, run_kv.DataArgs, args=script_args)
+        assert (t.per_device_batch_size, t.gradient_accumulation_steps, t.total_batch_size) == (32, 1, 64)
+        assert (t.seed, t.max_steps, t.learning_rate, t.warmup_steps) == (int(seed), 300, 1e-4, 10000)
+        assert (g.K, g.inner_lr, g.grad_mode, g.use_write_head, g.inner_loss_weight) == (2, 0.04, "second", True, 0.5)
+        assert d.data_path == "./data/N8-K2V2-V62_1M" and b.n_embd == 128
