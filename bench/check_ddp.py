@@ -213,7 +213,8 @@ def launch(np_: int, work: Path, args, port: int) -> None:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(np_),
                    *worker_args, "--cpu"]
     else:
-        command = ["accelerate", "launch", "--config_file", str(REPO / config), "--num_processes", str(np_),
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / config),
+                   "--num_processes", str(np_),
                    "--mixed_precision", "no", "--main_process_port", str(port), *worker_args]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false")
