@@ -23,6 +23,7 @@ collator does): N8 -> context 64 (57 real tokens), N16 -> 120 (113); query 16 (9
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -207,7 +208,8 @@ def write_results(args, stages, log, reached, started):
     lines = [f"# Time to accuracy, GradMem on KV retrieval ({' -> '.join(f'N{n}' for n, _ in stages)})", "",
              f"- card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
              f"transformers {__import__('transformers').__version__}",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; git commit "
+             f"{os.environ.get('GIT_COMMIT', '?')}",
              f"- command: `python {' '.join(sys.argv)}`",
              f"- recipe: batch {args.batch_size}, AdamW lr {args.learning_rate:g} (warmup {args.warmup_steps}, later "
              f"stages {args.stage_warmup_steps}, then constant), clip {args.max_grad_norm:g}, K={args.K}, inner lr "

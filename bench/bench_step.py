@@ -44,10 +44,10 @@ QUERY_LEN, LABELS = 16, 4
 DEFAULT_ROWS = [
     "plain:eager:fp32", "plain:exact_eager:fp32", "plain:fused_double_bwd:fp32", "plain:eager:tf32",
     "plain:eager:bf16", "sync-free:eager:fp32", "graph:eager:fp32", "graph:exact_eager:fp32",
-    "graph:fused_double_bwd:fp32", "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16",
+    "graph:fused_double_bwd:fp32", "graph:fused_double_bwd:tf32", "graph:eager:tf32", "graph:eager:bf16",
 ]
 LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_double_bwd:fp32",
-             "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16"]
+             "graph:fused_double_bwd:tf32"]
 
 
 def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
@@ -126,22 +126,37 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if torch.is_tensor(a) else abs(a - b) / max(abs(b), 1e-30)
 
 
+KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "matmul", "xmma", "cublas")), ("triton", ("triton", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd2_")),
+                ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll", "log_softmax")),
+                ("elementwise", ("elementwise", "vectorized", "fill", "copy", "where", "cat", "index")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
+
+
 def profile_step(C=128, B=64) -> str:
-    """Kernel launches, host syncs and GPU-busy time of one plain / sync-free step (eager attention and fused)."""
+    """Kernel launches, host syncs, GPU-busy time and its split by kernel kind for one step (eager execution: the
+    kernels a graph replays are the same, so GPU busy is what a replay cannot go below)."""
     from torch.profiler import ProfilerActivity, profile
 
-    lines = [f"### Profile of one training step, C={C}, B={B}, fp32", "",
-             "| step | attention | CUDA kernels | host syncs | GPU busy ms | wall ms |", "|---|---|---|---|---|---|"]
+    kinds = [k for k, _ in KERNEL_KINDS] + ["other"]
+    lines = [f"### Profile of one training step, C={C}, B={B}", "",
+             "| step | attention | precision | CUDA kernels | host syncs | GPU busy ms | "
+             + " | ".join(f"{k} ms (n)" for k in kinds) + " |", "|---" * (6 + len(kinds)) + "|"]
     batch = random_batch(B, C)
-    for mode, attn in (("plain", "eager"), ("sync-free", "eager"), ("plain", "fused_double_bwd"),
-                       ("sync-free", "fused_double_bwd")):
+    top_lines = []
+    for mode, attn, precision in (("plain", "eager", "fp32"), ("sync-free", "eager", "fp32"),
+                                  ("sync-free", "eager", "tf32"), ("sync-free", "fused_double_bwd", "fp32"),
+                                  ("sync-free", "fused_double_bwd", "tf32")):
         model = paper_kv_model(attn)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         if mode == "plain":
             def step():
-                plain_step(model, opt, batch, "fp32")
+                plain_step(model, opt, batch, precision)
         else:
-            fast = CapturedTrainStep(model, opt, use_cuda_graph=False)
+            fast = CapturedTrainStep(model, opt, use_cuda_graph=False, precision=precision)
 
             def step():
                 fast(batch)
@@ -156,16 +171,27 @@ def profile_step(C=128, B=64) -> str:
         syncs = sum("synchroniz" in str(w.message) for w in caught)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
             step()
             torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) * 1e3
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.device_time for e in kernels) / 1e3
-        lines.append(f"| {mode} | {attn} | {len(kernels)} | {syncs} | {busy:.2f} | {wall:.1f} |")
-    lines += ["", "GPU busy = sum of kernel times (a lower bound for a replayed graph of the same kernels); wall "
-              "includes profiler overhead.", ""]
-    return "\n".join(lines)
+        by_kind, by_name = {k: [0.0, 0] for k in kinds}, {}
+        for e in kernels:
+            t = e.device_time_total / 1e3
+            by_kind[kernel_kind(e.name)][0] += t
+            by_kind[kernel_kind(e.name)][1] += 1
+            entry = by_name.setdefault(e.name, [0.0, 0])
+            entry[0] += t
+            entry[1] += 1
+        busy = sum(v[0] for v in by_kind.values())
+        lines.append(f"| {mode} | {attn} | {precision} | {len(kernels)} | {syncs} | {busy:.2f} | "
+                     + " | ".join(f"{by_kind[k][0]:.2f} ({by_kind[k][1]})" for k in kinds) + " |")
+        if mode == "sync-free" and precision == "fp32":
+            top_lines += [f"", f"Top kernels, sync-free step, {attn} attention, fp32 (ms total, count, mean us):", ""]
+            for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]:
+                top_lines.append(f"- {t:.2f} ms, {n} x {1e3 * t / n:.1f} us: `{name[:110]}`")
+    lines += ["", "GPU busy = sum of kernel times: a replayed graph of the same kernels cannot be faster. Kinds by "
+              "kernel name: " + "; ".join(f"{k}: {', '.join(keys)}" for k, keys in KERNEL_KINDS) + "."]
+    return "\n".join(lines + top_lines + [""])
 
 
 def header(args) -> str:
@@ -175,11 +201,13 @@ def header(args) -> str:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except OSError:
-        commit = "?"
+    commit = os.environ.get("GIT_COMMIT")  # set it where the copy of the tree has no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        except OSError:
+            commit = "?"
     device = torch.cuda.get_device_name(0)
     return (f"# GradMem training step, paper KV model\n\n- card: {device}\n- versions: "
             + ", ".join(f"{k} {v}" for k, v in versions.items())
