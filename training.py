@@ -252,8 +252,8 @@ def load_tokenizer(backbone_args: BackboneArgs) -> PreTrainedTokenizerBase:
         path = _repo_relative(backbone_args.tokenizer_path)
         if not path.exists():
             raise FileNotFoundError(
-                f"tokenizer folder {backbone_args.tokenizer_path} not found; the KV tokenizers are built by "
-                "`python -c 'import kv_dataset_utils'` helpers (see kv_dataset_utils.py) and committed under tokenizers/"
+                f"tokenizer folder {backbone_args.tokenizer_path} not found; the KV tokenizers are committed under "
+                "tokenizers/ and rebuilt by `python kv_dataset_utils.py --save_tokenizers`"
             )
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         if tokenizer.pad_token_id is None:
