@@ -31,6 +31,14 @@ Use:
         scheduler.step() ... out = step(batch)   # out.loss, out.grad_norm, out.finite, out.stats (GPU tensors)
 `fast_path_problem(...)` says why the fast path cannot be used (then train eagerly; the caller logs the reason).
 The tensors of a StepOutput are a fresh copy after each step (one copy kernel), safe to keep.
+
+In the trainer (training.GradMemTrainer, `--fast_step auto`, the default) every training step goes through a
+CapturedTrainStep on CUDA; the HF loop's own clipping and optimizer step are then skipped for that step, the
+scheduler keeps setting the learning rate, and skipped steps are counted per step (one host read of the finite
+flag) so `--max_consecutive_skipped_steps` still stops a diverging run. Without CUDA, with gradient accumulation,
+several processes, write LoRA or gradient checkpointing, the trainer logs why and runs the eager step unchanged.
+Measured (bench/results/step_h100.md, one H100, C=128, B=64): 31.5 ms per step in strict fp32 instead of ~116 ms,
+gradients equal to the eager step to 1e-8; TF32 ~21-25 ms, bf16 ~23 ms.
 """
 import contextlib
 import logging
