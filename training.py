@@ -862,6 +862,9 @@ def plot_learning_curve(log_history: list, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    end = next((i for i, r in enumerate(log_history) if "train_runtime" in r), len(log_history))
+    log_history = log_history[:end]  # what was logged while training (not the re-evaluation of the best checkpoint)
+
     def series(key):
         points = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
         return [p[0] for p in points], [p[1] for p in points]
