@@ -5,18 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import babi_utils
 import phonebook_utils
 import squad_utils
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
+from make_local_gpt2 import EOS, save_local_gpt2
 from training import IGNORE_INDEX, MemoryModelCollator, load_tokenizer, BackboneArgs
 
 DATA = Path(__file__).parent / "data"
 BABI_DIR, SQUAD_DIR = str(DATA / "babi"), str(DATA / "squad")
-EOS = "<|endoftext|>"
 
 
 def corpus() -> list:
@@ -34,20 +32,8 @@ def corpus() -> list:
 @pytest.fixture(scope="module")
 def pretrained_dir(tmp_path_factory) -> str:
     """A local 'pretrained' folder: byte-level BPE tokenizer (GPT-2 style, offsets not trimmed) + tiny GPT-2."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=600, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
     path = str(tmp_path_factory.mktemp("tiny_gpt2"))
-    tokenizer.save_pretrained(path)  # no pad token: load_tokenizer falls back to EOS
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=192, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    return path
+    return save_local_gpt2(path, corpus(), vocab_size=600, n_positions=192, dropout=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, EvalPrediction, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, EvalPrediction
 
 import prepare_pg19_chunks
+from make_local_gpt2 import save_local_gpt2
 import run_gradmemgpt_on_text_compression as tc
 from training import IGNORE_INDEX, parse_cli
 
@@ -24,22 +25,9 @@ def is_write_only(name):
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory):
     """A byte-level BPE tokenizer trained on the fixture and a 2-layer GPT-2 (width 32), saved as one folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     folder = tmp_path_factory.mktemp("tiny_gpt2")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([p.read_text() for p in sorted(FIXTURE.glob("*/*.txt"))], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                        unk_token="<|endoftext|>")
-    tokenizer.save_pretrained(str(folder))
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(str(folder))
+    texts = [p.read_text() for p in sorted(FIXTURE.glob("*/*.txt"))]
+    save_local_gpt2(str(folder), texts, vocab_size=400, n_positions=128)
     return folder
 
 
