@@ -56,7 +56,7 @@ CURVE_FILE = "learning_curve.png"
 RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
-    "max_consecutive_skipped_steps", "use_cpu",
+    "max_consecutive_skipped_steps", "use_cpu", "fast_step",
 }
 
 
@@ -103,8 +103,15 @@ class TrainArgs:
     report_to: str = field(default="tensorboard", metadata={"help": "comma list: tensorboard, wandb, none"})
     dataloader_num_workers: int = 2
     use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
+    fast_step: str = field(
+        default="auto",
+        metadata={"help": "auto: on CUDA, record the whole training step in a CUDA graph (fast_step.py; same numbers "
+                          "in fp32) when the setup allows it, else train eagerly and log why; off: always eager"},
+    )
 
     def validate(self) -> None:
+        if self.fast_step not in ("auto", "off"):
+            raise ValueError(f"--fast_step must be auto or off, got {self.fast_step!r}")
         if self.bf16 and self.fp32:
             raise ValueError("--bf16 and --fp32 are mutually exclusive; pass one of them")
         if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -703,14 +710,78 @@ def _flat_args(all_args: Sequence) -> dict:
     return flat
 
 
-def _check_resumable(config_path: Path, cli_args: dict) -> None:
-    old = json.loads(config_path.read_text()).get("cli_args", {})
+def _check_resumable(config_path: Path, cli_args: dict, num_processes: int) -> None:
+    saved = json.loads(config_path.read_text())
+    old_processes = saved.get("num_processes", num_processes)
+    if old_processes != num_processes:
+        raise ValueError(
+            f"{config_path.parent} was trained with {old_processes} processes and is resumed with {num_processes}: "
+            f"resume with the same number of processes (NP={old_processes}; each process has its own RNG state in the "
+            "checkpoints and its own share of the data), or pass --overwrite to start over")
+    old = saved.get("cli_args", {})
     changed = {k: (old.get(k), v) for k, v in cli_args.items()
                if k not in RESUMABLE_ARG_CHANGES and k in old and old.get(k) != v}
     if changed:
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise ValueError(f"{config_path.parent} was started with other arguments ({lines}); pass --overwrite to start "
                          "over, or choose another --run_name/--exp_path")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (DDP)
+# ----------------------------------------------------------------------------------------------------------------
+
+def parameters_without_gradient(model: torch.nn.Module) -> list:
+    """Names of the trainable parameters that the training loss cannot reach in the model's configuration, decided
+    from the config alone (no forward pass).
+
+    DDP without find_unused_parameters (which costs a traversal of the autograd graph every step) needs every
+    trainable parameter to receive a gradient in every step; run_experiment freezes these instead.
+    GradMem (grad_memgpt.py's gradient modes):
+      write head, write control tokens, write LoRA: used only inside WRITE, so reached only through the inner
+          gradients: when K > 0 and either an inner step is differentiated (grad_mode second with
+          last_K_second_order != 0) or the inner loss is added to the outer loss;
+      memory init, and a per-sample projection (an inner variable): reached unless grad_mode is none (then the
+          written memory is a constant);
+      everything else (backbone, shared mem_proj, read control tokens): always reached through READ.
+    RMT (it rejects options that would create a parameter without gradient) and plain causal LMs: none.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "grad_memgpt":
+        return []
+    through_write = config.K > 0 and (config.n_second_order_steps > 0 or config.add_inner_loss_to_outer)
+    through_memory = config.grad_mode != "none"
+    unreached = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        top = name.split(".")[0]
+        if top in ("write_head", "write_start", "write_end") or "lora_" in name:
+            reached = through_write
+        elif top == "mem" or (top == "mem_proj" and config.mem_proj_mode == "per_sample"):
+            reached = through_memory
+        else:
+            reached = True
+        if not reached:
+            unreached.append(name)
+    return unreached
+
+
+def freeze_parameters_without_gradient(model: torch.nn.Module) -> list:
+    """Freeze (requires_grad=False) the parameters named by parameters_without_gradient, with a log line; returns
+    their names. Nothing changes numerically: they would get no gradient, and AdamW skips such parameters."""
+    names = parameters_without_gradient(model)
+    if not names:
+        return []
+    params = dict(model.named_parameters())
+    if all(name in names for name, p in params.items() if p.requires_grad):
+        raise ValueError(f"no parameter of this model can receive a gradient (unreachable: {', '.join(names)}); "
+                         "with a frozen backbone and grad_mode none, use first/second or add the inner loss")
+    for name in names:
+        params[name].requires_grad_(False)
+    logger.warning("%d parameter tensors cannot receive a gradient in this configuration and are frozen (so that "
+                   "DDP runs without find_unused_parameters): %s", len(names), ", ".join(names))
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,9 +803,28 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
         self.skipped_steps = 0
         self.consecutive_skipped = 0
         self.loss_is_finite = True  # set by the trainer for each optimizer step
+        self.step_taken_by_fast_path = False  # set by the trainer when fast_step applied (or skipped) the step
+
+    def record_step(self, finite: bool) -> None:
+        """Count an applied (finite) or skipped step; raise after max_consecutive skipped steps in a row."""
+        if finite:
+            self.consecutive_skipped = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skipped += 1
+        logger.warning("non-finite loss or gradients: optimizer step skipped (%d in a row, %d in total)",
+                       self.consecutive_skipped, self.skipped_steps)
+        if self.consecutive_skipped >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.consecutive_skipped} optimizer steps in a row had non-finite loss or gradients; training stopped. "
+                f"{self.hint or 'Lower --learning_rate, or check the data.'}"
+            )
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.step_taken_by_fast_path:  # the captured step already applied or skipped it (and counted it)
+            self.step_taken_by_fast_path = False
+            return None
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         finite = torch.ones((), dtype=torch.bool, device=grads[0].device if grads else "cpu")
         if grads:
@@ -745,19 +835,8 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         self.loss_is_finite = True
-        if bool(finite):
-            self.consecutive_skipped = 0
-            return super().step(closure)
-        self.skipped_steps += 1
-        self.consecutive_skipped += 1
-        logger.warning("non-finite loss or gradients: optimizer step skipped (%d in a row, %d in total)",
-                       self.consecutive_skipped, self.skipped_steps)
-        if self.consecutive_skipped >= self.max_consecutive:
-            raise FloatingPointError(
-                f"{self.consecutive_skipped} optimizer steps in a row had non-finite loss or gradients; training stopped. "
-                f"{self.hint or 'Lower --learning_rate, or check the data.'}"
-            )
-        return None
+        self.record_step(bool(finite))
+        return super().step(closure) if bool(finite) else None
 
 
 class StopOnMetricValue(TrainerCallback):
@@ -780,14 +859,19 @@ class StopOnMetricValue(TrainerCallback):
 
 
 class GradMemTrainer(Trainer):
-    """HF Trainer + model stats averaged into the training logs, skipped-step and early-stopping counters in every
+    """HF Trainer + model stats averaged into the training logs (over the logged steps and the processes), skipped-step and early-stopping counters in every
     log record, and the reference's schedule length (num_training_steps / 0.9: a decaying schedule ends at 10%)."""
 
-    def __init__(self, *args, early_stopping: Optional[EarlyStoppingCallback] = None, **kwargs):
+    def __init__(self, *args, early_stopping: Optional[EarlyStoppingCallback] = None, fast_step: str = "off",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.early_stopping = early_stopping
         self._stat_sums: dict = {}
         self._stat_count = 0
+        self.fast_step_mode = fast_step
+        self._fast_step = None  # fast_step.CapturedTrainStep once decided on
+        self._fast_step_decided = False
+        self._fast_grad_norm = None
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         return super().create_scheduler(int(num_training_steps / 0.9), optimizer)
@@ -796,13 +880,58 @@ class GradMemTrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         stats = outputs.get("stats") if isinstance(outputs, dict) else None
         if model.training and stats:
-            for name, value in stats.items():
-                value = value.detach().float()
-                self._stat_sums[name] = self._stat_sums.get(name, 0.0) + value
-            self._stat_count += 1
+            self._add_stats(stats)
         return (loss, outputs) if return_outputs else loss
 
+    def _add_stats(self, stats: dict) -> None:
+        for name, value in stats.items():
+            value = value.detach().float()
+            self._stat_sums[name] = self._stat_sums.get(name, 0.0) + value
+        self._stat_count += 1
+
+    def _captured_step(self, model):
+        """The fast_step.CapturedTrainStep for this run, or None (decided at the first step, with a log line)."""
+        if self._fast_step_decided:
+            return self._fast_step
+        self._fast_step_decided = True
+        from fast_step import CapturedTrainStep, fast_path_problem
+
+        guard = self._step_guard()
+        if self.fast_step_mode == "off":
+            problem = "--fast_step off"
+        elif guard is None:
+            problem = "the optimizer is not NonFiniteStepSkippingAdamW"
+        else:
+            problem = fast_path_problem(self.accelerator.unwrap_model(model), guard,
+                                        gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+                                        world_size=self.args.world_size)
+        if problem is not None:
+            logger.warning("fast step off (%s): training steps run eagerly", problem)
+            return None
+        precision = "bf16" if self.args.bf16 else "tf32" if self.args.tf32 else "fp32"
+        self._fast_step = CapturedTrainStep(self.accelerator.unwrap_model(model), guard,
+                                            max_grad_norm=self.args.max_grad_norm, precision=precision)
+        logger.warning("fast step on: each training step is recorded once per input shape in a CUDA graph and "
+                       "replayed (precision %s; --fast_step off for eager steps)", precision)
+        return self._fast_step
+
+    def _clip_grad_norm(self, model):
+        if self._fast_grad_norm is not None:  # the captured step clipped already: report its pre-clip norm
+            grad_norm, self._fast_grad_norm = self._fast_grad_norm, None
+            return grad_norm
+        return super()._clip_grad_norm(model)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        fast = self._captured_step(model)
+        if fast is not None:
+            model.train()
+            out = fast(self._prepare_inputs(inputs))
+            self._add_stats(out.stats)
+            self._fast_grad_norm = out.grad_norm
+            guard = self._step_guard()
+            guard.step_taken_by_fast_path = True
+            guard.record_step(bool(out.finite))
+            return out.loss
         loss = super().training_step(model, inputs, num_items_in_batch)
         guard = self._step_guard()
         if guard is not None and not torch.isfinite(loss):
@@ -818,8 +947,10 @@ class GradMemTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # a training log record
             if self._stat_count:
-                for name, total in self._stat_sums.items():
-                    logs[name] = round(float(total) / self._stat_count, 6)  # mean over the logged steps
+                names = sorted(self._stat_sums)
+                means = torch.stack([self._stat_sums[name] / self._stat_count for name in names])  # over the steps
+                for name, value in zip(names, _reduce_stats_across_processes(names, means).tolist()):
+                    logs[name] = round(value, 6)
                 self._stat_sums, self._stat_count = {}, 0
             guard = self._step_guard()
             if guard is not None:
@@ -827,6 +958,19 @@ class GradMemTrainer(Trainer):
         if self.early_stopping is not None:
             logs["patience"] = self.early_stopping.early_stopping_patience_counter
         super().log(logs, *args, **kwargs)
+
+
+def _reduce_stats_across_processes(names: list, values: torch.Tensor) -> torch.Tensor:
+    """One value per stat over all processes (every process logs at the same steps): max of *_max, min of *_min,
+    mean of the rest, as reduce_stats does over evaluation batches. values [S] -> [S]."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    gathered = [torch.empty_like(values) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, values)
+    gathered = torch.stack(gathered)  # [P, S]
+    return torch.stack([gathered[:, i].max() if name.endswith("_max") else
+                        gathered[:, i].min() if name.endswith("_min") else gathered[:, i].mean()
+                        for i, name in enumerate(names)])
 
 
 def _report_callbacks(report_to: str, run_dir: Path, run_name: str, is_main: bool) -> tuple:
@@ -919,14 +1063,14 @@ def run_experiment(
     """
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=train_args.use_cpu)  # with --use_cpu, several processes run DDP over gloo
     run_dir = resolve_run_dir(train_args, data_name)
     cli_args = _flat_args([train_args, *all_args])
     config_path = run_dir / "config.json"
 
     # ---- run folder: start over, resume, or start fresh (main process decides, the others wait) ----
     if not train_args.overwrite and config_path.exists():
-        _check_resumable(config_path, cli_args)  # every process raises, so none waits for the others forever
+        _check_resumable(config_path, cli_args, state.num_processes)  # every process raises, so none waits for the others forever
     if state.is_main_process:
         if train_args.overwrite and run_dir.exists():
             logger.warning("--overwrite: deleting %s", run_dir)
@@ -952,6 +1096,7 @@ def run_experiment(
             load_init_checkpoint(model, train_args.init_checkpoint)
         else:
             logger.warning("resuming from %s: --init_checkpoint is not loaded again", resume_from)
+    freeze_parameters_without_gradient(model)  # then DDP needs no find_unused_parameters
     eval_split = splits["valid"]
     if train_args.max_eval_samples is not None:
         eval_split = eval_split.select(range(min(train_args.max_eval_samples, len(eval_split))))
@@ -993,6 +1138,8 @@ def run_experiment(
         greater_is_better=greater_is_better,
         logging_steps=train_args.logging_steps,
         report_to=hf_report or "none",
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (see parameters_without_gradient)
+        ddp_broadcast_buffers=False,  # the models' buffers are constants (rotary frequencies): no broadcast per forward
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=train_args.dataloader_num_workers,
@@ -1024,6 +1171,7 @@ def run_experiment(
         callbacks=callbacks,
         optimizer_cls_and_kwargs=(NonFiniteStepSkippingAdamW, optimizer_kwargs),
         early_stopping=early_stopping,
+        fast_step=train_args.fast_step,
     )
 
     # ---- train, then evaluate the best checkpoint ----
