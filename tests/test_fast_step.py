@@ -204,3 +204,53 @@ def test_captured_lower_precision_modes_run(precision):
     losses = [step(batch(seed=0, device="cuda")).loss.item() for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the trainer: fast step by default on CUDA, eager with a log line elsewhere
+
+
+def _kv_run(tmp_path, name, fast_step="auto", use_cpu=True, max_steps=3):
+    import kv_dataset_utils
+    from datasets import Dataset, DatasetDict
+
+    from training import (MemoryModelCollator, TrainArgs, build_backbone_config, make_compute_metrics,
+                          run_experiment)
+
+    tok = kv_dataset_utils.load_kv_tokenizer(62)
+    spec = kv_dataset_utils.parse_dataset_name("N2-K2V2-V62")
+    splits = DatasetDict({split: Dataset.from_dict(kv_dataset_utils.generate_kv_samples(spec, n, 0, stream))
+                          for split, n, stream in (("train", 48, 0), ("valid", 16, 1))})
+    torch.manual_seed(0)
+    config = GradMemGPTConfig(base_config=build_backbone_config("llama", 2, 2, 32, tok), n_mem_tokens=2, K=2,
+                              lr=0.04, use_write_head=True, add_inner_loss_to_outer=True, inner_loss_weight=0.5,
+                              attn_implementation="eager")
+    model = GradMemGPT(config)
+    args = TrainArgs(exp_path=str(tmp_path / name), per_device_batch_size=8, max_steps=max_steps, eval_steps=max_steps,
+                     logging_steps=1, warmup_steps=0, learning_rate=3e-3, report_to="none", dataloader_num_workers=0,
+                     stop_metric_value=None, use_cpu=use_cpu, fast_step=fast_step, fp32=True)
+    metrics = run_experiment(args, model, tok, splits, MemoryModelCollator(tok), make_compute_metrics(tok),
+                             data_name="kv_test")
+    return model, metrics
+
+
+def test_trainer_falls_back_to_eager_steps_with_a_log_line(tmp_path, caplog):
+    from training import TrainArgs
+
+    with pytest.raises(ValueError, match="--fast_step must be auto or off"):
+        TrainArgs(fast_step="on").validate()
+    with caplog.at_level(logging.WARNING, logger="gradmem"):
+        _, metrics = _kv_run(tmp_path, "cpu", max_steps=2)
+    assert "fast step off (CUDA is not available)" in caplog.text
+    assert metrics["global_step"] == 2 and metrics["skipped_steps"] == 0
+
+
+@pytest.mark.gpu
+def test_trainer_fast_step_matches_eager_steps(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="gradmem"):
+        fast_model, fast_metrics = _kv_run(tmp_path, "fast", use_cpu=False)
+    assert "fast step on" in caplog.text
+    eager_model, eager_metrics = _kv_run(tmp_path, "eager", fast_step="off", use_cpu=False)
+    assert fast_metrics["global_step"] == eager_metrics["global_step"] == 3
+    assert fast_metrics["skipped_steps"] == 0
+    assert rel_err(params_of(fast_model), params_of(eager_model)) < 1e-4
