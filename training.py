@@ -1033,6 +1033,20 @@ def plot_learning_curve(log_history: list, path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
+def _use_one_gpu_per_process(args: TrainingArguments) -> None:
+    """A single process on a machine with several GPUs trains on one of them.
+
+    HF's Trainer would otherwise wrap the model in nn.DataParallel over every visible GPU, which silently multiplies
+    the batch by the GPU count (breaking --total_batch_size), gathers the model's stats into vectors and replicates
+    the second-order WRITE graph per GPU. Several GPUs are used through DDP processes instead (NP=... in the presets).
+    """
+    if args.parallel_mode.value == "not_distributed":  # one process, several GPUs: nn.DataParallel
+        logger.warning("%d GPUs are visible to this single process: training on one (cuda:0). Use several of them "
+                       "with DDP: NP=%d bash scripts/<preset>.sh, or accelerate launch --config_file "
+                       "accelerate_ddp.yaml --num_processes %d ...", args.n_gpu, args.n_gpu, args.n_gpu)
+        args._n_gpu = 1  # transformers has no public switch for this; n_gpu is read from here
+
+
 def _ensure_fp32(model: torch.nn.Module) -> None:
     """Master weights are fp32 (mixed precision = autocast only); a bf16-loaded pretrained model is upcast."""
     low = {p.dtype for p in model.parameters() if p.is_floating_point() and p.dtype != torch.float32}
@@ -1148,6 +1162,7 @@ def run_experiment(
         disable_tqdm=False,
         seed=train_args.seed,
     )
+    _use_one_gpu_per_process(args)
     callbacks = list(report_callbacks) + list(extra_callbacks)
     early_stopping = None
     if train_args.early_stopping_patience > 0:

@@ -118,7 +118,7 @@ class StepTimer(TrainerCallback):
         return intervals[warmup:]
 
 
-def throughput(kind, tokenizer, splits, accelerator, per_device, steps, warmup, run_dir):
+def throughput(kind, tokenizer, splits, accelerator, per_device, steps, warmup, run_dir, fast_step):
     import training
 
     world = accelerator.num_processes
@@ -128,7 +128,7 @@ def throughput(kind, tokenizer, splits, accelerator, per_device, steps, warmup, 
         exp_path=str(run_dir), overwrite=True, per_device_batch_size=per_device, total_batch_size=per_device * world,
         max_steps=warmup + steps, eval_steps=10 * (warmup + steps), logging_steps=warmup + steps, warmup_steps=0,
         max_eval_samples=BATCH, report_to="none", early_stopping_patience=0, stop_metric_value=None, fp32=True,
-        use_cpu=not torch.cuda.is_available())
+        use_cpu=not torch.cuda.is_available(), fast_step=fast_step)
     args.validate()
     timer = StepTimer()
     training.run_experiment(args, model, tokenizer, splits, training.MemoryModelCollator(tokenizer),
@@ -139,7 +139,7 @@ def throughput(kind, tokenizer, splits, accelerator, per_device, steps, warmup, 
             "step_ms_min": 1000 * min(times), "step_ms_max": 1000 * max(times), "n_steps": len(times)}
 
 
-def worker(work: Path, steps: int, warmup: int, cpu: bool) -> None:
+def worker(work: Path, steps: int, warmup: int, cpu: bool, fast_step: str) -> None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -170,12 +170,12 @@ def worker(work: Path, steps: int, warmup: int, cpu: bool) -> None:
         torch.cuda.empty_cache()
 
     result["throughput"]["weak"] = throughput("gradmem", tokenizer, splits, accelerator, BATCH, steps, warmup,
-                                              work / "runs" / f"np{world}_weak")
+                                              work / "runs" / f"np{world}_weak", fast_step)
     if world == 1:  # the same run
         result["throughput"]["strong"] = result["throughput"]["weak"]
     else:
         result["throughput"]["strong"] = throughput("gradmem", tokenizer, splits, accelerator, BATCH // world, steps,
-                                                    warmup, work / "runs" / f"np{world}_strong")
+                                                    warmup, work / "runs" / f"np{world}_strong", fast_step)
     if rank == 0:
         result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke test)"
         result["versions"] = training.package_versions()
@@ -208,7 +208,7 @@ def compare(work: Path, kind: str, np_: int, results: dict) -> dict:
 def launch(np_: int, work: Path, args, port: int) -> None:
     config = "accelerate.yaml" if np_ == 1 else "accelerate_ddp.yaml"
     worker_args = [str(Path(__file__).resolve()), "--worker", "--work", str(work), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup)]
+                   "--warmup", str(args.warmup), "--fast_step", args.fast_step]
     if args.cpu:  # accelerate launch runs one process on the CPU; torchrun starts the gloo processes
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(np_),
                    *worker_args, "--cpu"]
@@ -292,10 +292,13 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch folder (default: <out>/ddp_check_work, removed after)")
     parser.add_argument("--cpu", action="store_true",
                         help="smoke test of this script on the CPU (gloo processes; the numbers mean nothing)")
+    parser.add_argument("--fast_step", choices=("auto", "off"), default="auto",
+                        help="the trainer's --fast_step for the throughput runs (the captured CUDA-graph step runs on "
+                             "one GPU only; several processes always run eager steps)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(Path(args.work), args.steps, args.warmup, args.cpu)
+        worker(Path(args.work), args.steps, args.warmup, args.cpu, args.fast_step)
         return
 
     import kv_dataset_utils

@@ -327,3 +327,18 @@ def test_end_to_end_nonfinite_loss_stops_with_hint(tmp_path):
     with pytest.raises(FloatingPointError, match="3 optimizer steps in a row.*inner lr"):
         run_experiment(args, model, tok, kv_splits(32, 8), MemoryModelCollator(tok), make_compute_metrics(tok),
                        data_name="kv_test", nonfinite_hint="likely the inner lr is too large")
+
+
+def test_single_process_with_several_gpus_trains_on_one(tmp_path, caplog):
+    """HF would wrap the model in nn.DataParallel (batch x GPUs, stats gathered into vectors); we use one GPU."""
+    from transformers import TrainingArguments
+
+    from training import _use_one_gpu_per_process
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    args._n_gpu = 2  # what transformers sets for one process that sees two GPUs
+    assert args.parallel_mode.value == "not_distributed"
+    with caplog.at_level("WARNING", logger="gradmem"):
+        _use_one_gpu_per_process(args)
+    assert args.n_gpu == 1 and args.parallel_mode.value == "not_parallel"
+    assert "NP=2" in caplog.text
