@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import base_config_to_dict, build_causal_lm
-from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, build_backbone_config,
+from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, backbone_source, backbone_tag,
                       check_tokenizer_covers, check_vocab_fits, load_splits, load_tokenizer, make_compute_metrics,
                       parse_cli, run_experiment)
 
@@ -51,12 +51,7 @@ def check_options(backbone_args: BackboneArgs, args: FullContextArgs, data_args:
 def default_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, args: FullContextArgs, world_size: int) -> str:
     """The reference's scheme, e.g. llama_L4H4D128_L1024_bs_64_lr_5e-05_b2_0.98 or mamba_L4D128_bs_64_lr_3e-04."""
     b = backbone_args
-    if b.pretrained_model is not None:
-        name = Path(b.pretrained_model).name
-    elif b.base_model == "mamba":
-        name = f"mamba_L{b.n_layer}D{b.n_embd}"
-    else:
-        name = f"{b.base_model}_L{b.n_layer}H{b.n_head}D{b.n_embd}"
+    name = f"mamba_L{b.n_layer}D{b.n_embd}" if b.base_model == "mamba" else backbone_tag(b)  # mamba: no heads
     if b.pretrained_model is None and b.max_position_embeddings is not None:
         name += f"_L{b.max_position_embeddings}"
     if args.max_input_length is not None:
@@ -72,12 +67,10 @@ def build_model(backbone_args: BackboneArgs, args: FullContextArgs, tokenizer):
     attn = None
     if backbone_args.base_model != "mamba":
         attn = resolve_attn_implementation(args.attn_implementation or "auto", second_order=False)
-    if backbone_args.pretrained_model is not None:
-        model = build_causal_lm(backbone_args.pretrained_model, None, attn)
-    else:
-        config = build_backbone_config(backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head,
-                                       backbone_args.n_embd, tokenizer, backbone_args.max_position_embeddings)
-        model = build_causal_lm(None, base_config_to_dict(config), attn)
+    source = backbone_source(backbone_args, tokenizer)
+    base_config = source.get("base_config")
+    model = build_causal_lm(source.get("pretrained_model"),
+                            None if base_config is None else base_config_to_dict(base_config), attn)
     model.config.use_cache = False
     check_vocab_fits(model.get_input_embeddings().weight.shape[0], tokenizer)
     return model

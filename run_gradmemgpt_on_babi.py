@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from babi_utils import load_babi_from_disk, load_babi_text
-from run_gradmemgpt_on_squad import build_grad_memgpt, default_run_name
 from squad_utils import AnswerGenerationArgs, generation_callbacks, max_positions, prepare_answer_splits
-from training import (BackboneArgs, GradMemArgs, MemoryModelCollator, TrainArgs, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_experiment)
+from training import (BackboneArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
+                      gradmem_text_run_name, load_tokenizer, make_compute_metrics, parse_cli, run_experiment)
 
 
 @dataclass
@@ -58,7 +57,7 @@ def main(args=None) -> dict:
     model = build_grad_memgpt(backbone_args, model_args, tokenizer)
     splits = prepare_answer_splits(splits, tokenizer, max_positions(model.model.config), model.mem_offset, answer_args)
     if train_args.run_name is None and train_args.exp_path is None:
-        train_args.run_name = default_run_name(backbone_args, model_args, train_args)
+        train_args.run_name = gradmem_text_run_name(train_args, backbone_args, model_args)
     return run_experiment(
         train_args, model, tokenizer, splits,
         MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),

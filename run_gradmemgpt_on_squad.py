@@ -18,12 +18,11 @@ from typing import Optional
 
 from datasets import DatasetDict
 
-from grad_memgpt import GradMemGPT, GradMemGPTConfig, check_right_padding
 from phonebook_utils import load_phonebook
 from squad_utils import (LAYOUTS, AnswerGenerationArgs, generation_callbacks, load_squad, max_positions,
                          prepare_answer_splits)
-from training import (BackboneArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_backbone_config,
-                      load_tokenizer, make_compute_metrics, parse_cli, run_experiment)
+from training import (BackboneArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
+                      gradmem_text_run_name, load_tokenizer, make_compute_metrics, parse_cli, run_experiment)
 
 
 @dataclass
@@ -45,40 +44,6 @@ class SquadDataArgs:
 class SquadTaskArgs:
     init_base_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "safetensors file loaded into the backbone LM only (ignored parts are listed); not with --init_checkpoint"})
-
-
-def build_grad_memgpt(backbone_args: BackboneArgs, model_args: GradMemArgs, tokenizer) -> GradMemGPT:
-    """GradMemGPT around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
-    check_right_padding(tokenizer)
-    if backbone_args.pretrained_model is not None:
-        backbone = {"pretrained_model": backbone_args.pretrained_model}
-    else:
-        backbone = {"base_config": build_backbone_config(
-            backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head, backbone_args.n_embd, tokenizer,
-            backbone_args.max_position_embeddings)}
-    options = {name: getattr(model_args, name) for name in (
-        "n_mem_tokens", "K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens", "inner_clip_value",
-        "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora", "write_lora_r",
-        "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
-        "use_gradient_checkpointing", "attn_implementation", "add_inner_loss_to_outer", "inner_loss_weight")}
-    return GradMemGPT(GradMemGPTConfig(**backbone, lr=model_args.inner_lr, **options))
-
-
-def default_run_name(backbone_args: BackboneArgs, model_args: GradMemArgs, train_args: TrainArgs) -> str:
-    if backbone_args.pretrained_model is not None:
-        backbone = os.path.basename(os.path.normpath(backbone_args.pretrained_model))
-    else:
-        backbone = f"{backbone_args.base_model}_L{backbone_args.n_layer}H{backbone_args.n_head}D{backbone_args.n_embd}"
-    name = f"gradmem_{backbone}_mem{model_args.n_mem_tokens}_K{model_args.K}_ilr{model_args.inner_lr}"
-    name += f"_{'adam' if model_args.use_adam else 'sgd'}_grad_{model_args.grad_mode}"
-    if model_args.mem_proj_mode != "none":
-        name += f"_{model_args.mem_proj_mode}"
-    if model_args.use_write_head:
-        name += "_whead"
-    if model_args.add_inner_loss_to_outer:
-        name += f"_add_inner_w{model_args.inner_loss_weight}"
-    total = train_args.total_batch_size or train_args.per_device_batch_size * train_args.gradient_accumulation_steps
-    return name + f"_bs_{total}_lr_{train_args.learning_rate:.0e}"
 
 
 def load_qa_data(data_args: SquadDataArgs) -> tuple:
@@ -111,7 +76,7 @@ def main(args=None) -> dict:
         load_init_checkpoint(model.model, task_args.init_base_checkpoint)
     splits = prepare_answer_splits(splits, tokenizer, max_positions(model.model.config), model.mem_offset, answer_args)
     if train_args.run_name is None and train_args.exp_path is None:
-        train_args.run_name = default_run_name(backbone_args, model_args, train_args)
+        train_args.run_name = gradmem_text_run_name(train_args, backbone_args, model_args)
     return run_experiment(
         train_args, model, tokenizer, splits,
         MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),

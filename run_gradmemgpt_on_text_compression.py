@@ -37,13 +37,14 @@ import datasets
 import numpy as np
 import torch
 
-from grad_memgpt import GradMemGPT, GradMemGPTConfig, check_right_padding
+from grad_memgpt import GradMemGPT
 from training import (
     IGNORE_INDEX,
     BackboneArgs,
     GradMemArgs,
     TrainArgs,
-    build_backbone_config,
+    build_grad_memgpt,
+    gradmem_text_run_name,
     load_tokenizer,
     make_compute_metrics,
     pad_right,
@@ -237,49 +238,16 @@ def max_positions(lm_config) -> Optional[int]:
 
 
 def build_model(backbone_args, model_args, tokenizer, max_context_length: int) -> GradMemGPT:
-    check_right_padding(tokenizer)
-    if backbone_args.pretrained_model is not None:
-        backbone = {"pretrained_model": backbone_args.pretrained_model}
-    else:
-        if model_args.freeze_backbone:
-            raise ValueError(f"--base_model {backbone_args.base_model} builds a randomly initialised backbone, which "
-                             "--freeze_backbone would keep random; pass --freeze_backbone false")
-        backbone = {"base_config": build_backbone_config(
-            backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head, backbone_args.n_embd, tokenizer,
-            backbone_args.max_position_embeddings)}
-    options = {name: getattr(model_args, name) for name in (
-        "n_mem_tokens", "K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens", "inner_clip_value",
-        "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora", "write_lora_r",
-        "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
-        "use_gradient_checkpointing", "attn_implementation", "add_inner_loss_to_outer", "inner_loss_weight")}
-    model = GradMemGPT(GradMemGPTConfig(**backbone, lr=model_args.inner_lr, **options))
+    if backbone_args.pretrained_model is None and model_args.freeze_backbone:
+        raise ValueError(f"--base_model {backbone_args.base_model} builds a randomly initialised backbone, which "
+                         "--freeze_backbone would keep random; pass --freeze_backbone false")
+    model = build_grad_memgpt(backbone_args, model_args, tokenizer)
     positions = max_positions(model.model.config)
     needed = model.mem_offset + max_context_length
     if positions is not None and needed > positions:
         raise ValueError(f"--max_context_length {max_context_length} + {model.mem_offset} memory/control positions "
                          f"= {needed} exceeds the backbone's {positions} positions; lower --max_context_length")
     return model
-
-
-def default_run_name(backbone_args, model_args, train_args, data_args) -> str:
-    if backbone_args.pretrained_model is not None:
-        backbone = os.path.basename(os.path.normpath(backbone_args.pretrained_model))
-    else:
-        backbone = f"{backbone_args.base_model}_L{backbone_args.n_layer}H{backbone_args.n_head}D{backbone_args.n_embd}"
-    name = f"gradmem_{backbone}_ctx{data_args.max_context_length}_mem{model_args.n_mem_tokens}_K{model_args.K}"
-    name += f"_ilr{model_args.inner_lr}_{'adam' if model_args.use_adam else 'sgd'}_grad_{model_args.grad_mode}"
-    if model_args.mem_proj_mode != "none":
-        name += f"_{model_args.mem_proj_mode}"
-    if model_args.use_write_head:
-        name += "_whead"
-    if model_args.use_write_lora:
-        name += f"_wlora{model_args.write_lora_r}"
-    if model_args.freeze_backbone:
-        name += "_frozen"
-    if model_args.add_inner_loss_to_outer:
-        name += f"_add_inner_w{model_args.inner_loss_weight}"
-    total = train_args.total_batch_size or train_args.per_device_batch_size * train_args.gradient_accumulation_steps
-    return name + f"_bs_{total}_lr_{train_args.learning_rate:.0e}"
 
 
 def main(args=None) -> dict:
@@ -290,7 +258,8 @@ def main(args=None) -> dict:
     tokenizer = load_tokenizer(backbone_args)
     model = build_model(backbone_args, model_args, tokenizer, data_args.max_context_length)
     if train_args.run_name is None and train_args.exp_path is None:
-        train_args.run_name = default_run_name(backbone_args, model_args, train_args, data_args)
+        train_args.run_name = gradmem_text_run_name(train_args, backbone_args, model_args, data_args.max_context_length,
+                                                    lora_and_frozen=True)
     return run_experiment(
         train_args, model, tokenizer, splits,
         TextCompressionCollator(tokenizer, data_args.max_context_length),

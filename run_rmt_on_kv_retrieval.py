@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from rmt import RMT2Segm, RMT2SegmConfig
-from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, build_backbone_config,
+from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, backbone_source, backbone_tag,
                       check_tokenizer_covers, check_vocab_fits, load_splits, load_tokenizer, make_compute_metrics,
                       parse_cli, run_experiment)
 
@@ -46,11 +46,7 @@ class RMTArgs:
 
 def default_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, r: RMTArgs, world_size: int) -> str:
     """The reference's run-name scheme, e.g. rmt2segm_llama_L4H4D128_mem8_mem_proj_bs_64_lr_1e-04."""
-    if backbone_args.pretrained_model is not None:
-        backbone = Path(backbone_args.pretrained_model).name
-    else:
-        backbone = f"{backbone_args.base_model}_L{backbone_args.n_layer}H{backbone_args.n_head}D{backbone_args.n_embd}"
-    name = f"rmt2segm_{backbone}_mem{r.n_mem_tokens}"
+    name = f"rmt2segm_{backbone_tag(backbone_args)}_mem{r.n_mem_tokens}"
     if r.K != 1:
         name += f"_K{r.K}"
     if r.n_ctrl_tokens:
@@ -80,13 +76,7 @@ def check_backbone(backbone_args: BackboneArgs) -> None:
 
 def build_model(backbone_args: BackboneArgs, r: RMTArgs, tokenizer) -> RMT2Segm:
     check_backbone(backbone_args)
-    if backbone_args.pretrained_model is not None:
-        backbone = {"pretrained_model": backbone_args.pretrained_model}
-    else:
-        backbone = {"base_config": build_backbone_config(
-            backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head, backbone_args.n_embd, tokenizer,
-            backbone_args.max_position_embeddings)}
-    model = RMT2Segm(RMT2SegmConfig(**backbone, **r.config_kwargs()))
+    model = RMT2Segm(RMT2SegmConfig(**backbone_source(backbone_args, tokenizer), **r.config_kwargs()))
     check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
     if model.pad_token_id != tokenizer.pad_token_id:
         raise ValueError(f"the backbone's pad id {model.pad_token_id} differs from the tokenizer's "

@@ -6,7 +6,7 @@ A run script is wiring only:
     train_args, backbone_args, model_args, data_args = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
-    model = ...  # built from build_backbone_config(...) / backbone_args.pretrained_model
+    model = build_grad_memgpt(backbone_args, model_args, tokenizer)  # or: config from backbone_source(...)
     run_experiment(train_args, model, tokenizer, splits, MemoryModelCollator(tokenizer), make_compute_metrics(tokenizer),
                    data_name=..., all_args=(backbone_args, model_args, data_args))
 
@@ -45,6 +45,8 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from grad_memgpt import GradMemGPT, GradMemGPTConfig, check_right_padding
 
 logger = logging.getLogger("gradmem")
 
@@ -342,6 +344,101 @@ def build_backbone_config(
     config.use_cache = False
     config.dtype = torch.float32
     return config
+
+
+
+def backbone_source(backbone_args: BackboneArgs, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """The backbone part of a memory-model config: {pretrained_model} or {base_config} (from scratch)."""
+    if backbone_args.pretrained_model is not None:
+        return {"pretrained_model": backbone_args.pretrained_model}
+    return {"base_config": build_backbone_config(
+        backbone_args.base_model, backbone_args.n_layer, backbone_args.n_head, backbone_args.n_embd, tokenizer,
+        backbone_args.max_position_embeddings)}
+
+
+def backbone_tag(backbone_args: BackboneArgs, normalize_path: bool = False) -> str:
+    """The backbone part of a run name: the pretrained folder/name's last part, or e.g. llama_L4H4D128.
+
+    normalize_path: normalise the path first (SQuAD/bAbI/text-compression names), which differs from the plain last
+    part (KV, RMT, full-context names) only for a path ending in '.' or '..'; kept so existing run names resume.
+    """
+    b = backbone_args
+    if b.pretrained_model is not None:
+        if normalize_path:
+            return os.path.basename(os.path.normpath(b.pretrained_model))
+        return Path(b.pretrained_model).name
+    return f"{b.base_model}_L{b.n_layer}H{b.n_head}D{b.n_embd}"
+
+
+def build_grad_memgpt(backbone_args: BackboneArgs, g: GradMemArgs, tokenizer: PreTrainedTokenizerBase) -> GradMemGPT:
+    """GradMemGPT around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
+    check_right_padding(tokenizer)
+    options = {name: getattr(g, name) for name in (
+        "n_mem_tokens", "K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens", "inner_clip_value",
+        "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora", "write_lora_r",
+        "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
+        "use_gradient_checkpointing", "attn_implementation", "add_inner_loss_to_outer", "inner_loss_weight")}
+    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), lr=g.inner_lr, **options))
+    check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
+    return model
+
+
+def gradmem_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, g: GradMemArgs, world_size: int) -> str:
+    """The reference's KV run-name scheme, e.g.
+    gradmem_llama_L4H4D128_mem8_K2_ilr0.04_whead_grad_second_add_inner_w0.5_bs_64_lr_1e-04"""
+    name = f"gradmem_{backbone_tag(backbone_args)}_mem{g.n_mem_tokens}_K{g.K}_ilr{g.inner_lr:g}"
+    if g.last_K_second_order is not None and g.last_K_second_order != g.K:
+        name += f"_last_K{g.last_K_second_order}"
+    if g.n_ctrl_tokens:
+        name += f"_ctrl{g.n_ctrl_tokens}"
+    if g.use_adam:
+        name += "_adam"
+    if g.inner_clip_value is not None:
+        name += f"_iclipv{g.inner_clip_value:g}"
+    if g.inner_clip_norm is not None:
+        name += f"_iclipn{g.inner_clip_norm:g}"
+    if g.mem_proj_mode == "proj":
+        name += "_mem_proj"
+    elif g.mem_proj_mode == "per_sample":
+        name += "_mem_proj_per_sample"
+    if g.use_write_head:
+        name += "_whead"
+    if g.use_write_lora:
+        name += f"_wlora{g.write_lora_r}"
+    if g.freeze_backbone:
+        name += "_frozen"
+    name += f"_grad_{g.grad_mode}"
+    if g.add_inner_loss_to_outer:
+        name += f"_add_inner_w{g.inner_loss_weight:g}"
+    batch = train_args.per_device_batch_size * world_size * train_args.gradient_accumulation_steps
+    return f"{name}_bs_{batch}_lr_{train_args.learning_rate:.0e}"
+
+
+def gradmem_text_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, g: GradMemArgs,
+                          context_length: Optional[int] = None, lora_and_frozen: bool = False) -> str:
+    """The SQuAD / bAbI / phonebook / text-compression run-name scheme (floats as written, batch from
+    --total_batch_size), e.g. gradmem_gpt2_mem32_K2_ilr0.4_sgd_grad_second_whead_bs_256_lr_1e-04.
+
+    Text compression passes context_length (adds _ctx{L} after the backbone) and lora_and_frozen (adds _wlora{r} and
+    _frozen); the SQuAD/bAbI names never had these parts, kept so existing run names resume.
+    """
+    name = f"gradmem_{backbone_tag(backbone_args, normalize_path=True)}"
+    if context_length is not None:
+        name += f"_ctx{context_length}"
+    name += f"_mem{g.n_mem_tokens}_K{g.K}_ilr{g.inner_lr}"
+    name += f"_{'adam' if g.use_adam else 'sgd'}_grad_{g.grad_mode}"
+    if g.mem_proj_mode != "none":
+        name += f"_{g.mem_proj_mode}"
+    if g.use_write_head:
+        name += "_whead"
+    if lora_and_frozen and g.use_write_lora:
+        name += f"_wlora{g.write_lora_r}"
+    if lora_and_frozen and g.freeze_backbone:
+        name += "_frozen"
+    if g.add_inner_loss_to_outer:
+        name += f"_add_inner_w{g.inner_loss_weight}"
+    total = train_args.total_batch_size or train_args.per_device_batch_size * train_args.gradient_accumulation_steps
+    return name + f"_bs_{total}_lr_{train_args.learning_rate:.0e}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,17 +48,15 @@ MODELS = ("gradmem", "rmt")
 # worker: runs under accelerate launch, one copy per GPU
 
 def build(kind: str, tokenizer):
-    """The preset model, built by the run scripts' own builders (defaults = the paper's KV preset)."""
-    from training import BackboneArgs, GradMemArgs
+    """The preset model, built by the run scripts' builders (defaults = the paper's KV preset)."""
+    from training import BackboneArgs, GradMemArgs, build_grad_memgpt
 
     backbone_args = BackboneArgs()
     backbone_args.validate()
     if kind == "gradmem":
-        from run_gradmemgpt_on_kv_retrieval import build_model
-
         gradmem_args = GradMemArgs()
         gradmem_args.validate()
-        return build_model(backbone_args, gradmem_args, tokenizer)
+        return build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
     from run_rmt_on_kv_retrieval import RMTArgs, build_model
 
     rmt_args = RMTArgs(n_mem_tokens=8, K=1, use_mem_proj=True, mem_proj_mode="proj", attn_implementation="sdpa")

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import run_gradmemgpt_on_kv_retrieval as run_kv
-from training import BackboneArgs, GradMemArgs, TrainArgs, parse_cli
+from training import BackboneArgs, GradMemArgs, TrainArgs, gradmem_run_name, parse_cli
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size", "4",
         "--warmup_steps", "0", "--learning_rate", "1e-3", "--eval_steps", "2", "--logging_steps", "1",
@@ -14,12 +14,12 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "
 def test_default_run_name_is_the_reference_scheme(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     t, b, g = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=[])
-    assert run_kv.default_run_name(t, b, g, world_size=1) == \
+    assert gradmem_run_name(t, b, g, world_size=1) == \
         "gradmem_llama_L4H4D128_mem8_K2_ilr0.04_whead_grad_second_add_inner_w0.5_bs_64_lr_1e-04"
     t, b, g = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=[
         "--K", "3", "--last_K_second_order", "1", "--mem_proj_mode", "proj", "--use_mem_proj",
         "--no_add_inner_loss_to_outer", "--per_device_batch_size", "16", "--gradient_accumulation_steps", "2"])
-    assert run_kv.default_run_name(t, b, g, world_size=2) == \
+    assert gradmem_run_name(t, b, g, world_size=2) == \
         "gradmem_llama_L4H4D128_mem8_K3_ilr0.04_last_K1_mem_proj_whead_grad_second_bs_64_lr_1e-04"
 
 
