@@ -16,8 +16,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from datasets import DatasetDict
-
 from phonebook_utils import load_phonebook
 from squad_utils import (LAYOUTS, AnswerGenerationArgs, generation_callbacks, load_squad, max_positions,
                          prepare_answer_splits)
