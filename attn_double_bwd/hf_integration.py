@@ -46,6 +46,16 @@ def _prepare(module, query, key, attention_mask, is_causal, kwargs):
     return attention_mask, is_causal
 
 
+def _autocast_inputs(query, key, value):
+    """Under autocast, attend in the autocast dtype, as torch's sdpa does: llama's RoPE hands back fp32 q/k beside a
+    bf16 v there, which the kernels (one dtype for q, k, v) would otherwise reject."""
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return query.to(dtype), key.to(dtype), value.to(dtype)
+    return query, key, value
+
+
 def _trim_keys_for_causal(key, value, q_len, is_causal):
     # Like torch's sdpa (top-left causal alignment), which transformers relies on for a prefill into an empty
     # static cache: with is_causal and no mask, keys past the query length are unused cache slots.
@@ -60,6 +70,7 @@ def exact_eager_attention_forward(
     """AttentionInterface function: q [B, Hq, L, D], k/v [B, Hkv, S, D] -> ([B, L, Hq, D], None)."""
     attention_mask, is_causal = _prepare(module, query, key, attention_mask, is_causal, kwargs)
     key, value = _trim_keys_for_causal(key, value, query.shape[2], is_causal)
+    query, key, value = _autocast_inputs(query, key, value)
     out = exact_attention(
         query, key, value, is_causal=is_causal, attn_mask=attention_mask, scale=scaling, dropout_p=dropout
     )
@@ -88,6 +99,7 @@ def fused_attention_forward(module, query, key, value, attention_mask, dropout=0
         key, value = _trim_keys_for_causal(key, value, query.shape[2], is_causal)
     from .triton_attention import fused_attention
 
+    query, key, value = _autocast_inputs(query, key, value)
     out = fused_attention(query, key, value, is_causal=is_causal, attn_mask=attention_mask, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 

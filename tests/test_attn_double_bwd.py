@@ -315,3 +315,31 @@ def test_plain_causal_mask_is_recognised_once_and_passed_as_is_causal(monkeypatc
     monkeypatch.setattr(triton_attention, "fused_attention", lambda q, k, v, **kw: seen.append((k.shape[2], kw)) or q)
     hf_integration.fused_attention_forward(torch.nn.Module(), q[:, :, :3], k, v, shifted)
     assert seen[-1][0] == 5 and seen[-1][1]["is_causal"] is True  # keys kept: the kernels align bottom-right
+
+
+def test_attention_under_bf16_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    """Llama's RoPE returns fp32 q/k beside a bf16 v under autocast; like sdpa, the attention gets one dtype, the
+    autocast one (the Triton kernels take a single dtype), and stays close to eager attention (second order too)."""
+    from attn_double_bwd import hf_integration
+
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return exact_attention(q, k, v, **kwargs)
+
+    monkeypatch.setattr(hf_integration, "exact_attention", spy)
+    results = {}
+    for impl in ("eager", "exact_eager"):
+        model = _tiny_model("llama", impl).float()
+        ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(inputs_embeds=emb).logits
+            (g_emb,) = torch.autograd.grad(logits.float().square().mean(), emb, create_graph=True)
+            (gg,) = torch.autograd.grad(g_emb.square().sum(), emb)
+        results[impl] = (logits.float(), gg)
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
+    for ours, eager in zip(results["exact_eager"], results["eager"]):
+        assert torch.isfinite(ours).all()
+        assert (ours - eager).norm() / eager.norm() < 5e-2  # bf16 operands in both
