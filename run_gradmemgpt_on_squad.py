@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from phonebook_utils import load_phonebook
-from squad_utils import (LAYOUTS, AnswerGenerationArgs, generation_callbacks, load_squad, max_positions,
-                         prepare_answer_splits)
-from training import (BackboneArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
-                      gradmem_text_run_name, load_tokenizer, make_compute_metrics, parse_cli, run_experiment)
+from squad_utils import LAYOUTS, AnswerGenerationArgs, load_squad, train_answer_task
+from training import BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli
 
 
 @dataclass
@@ -72,18 +70,8 @@ def main(args=None) -> dict:
         from training import load_init_checkpoint
 
         load_init_checkpoint(model.model, task_args.init_base_checkpoint)
-    splits = prepare_answer_splits(splits, tokenizer, max_positions(model.model.config), model.mem_offset, answer_args)
-    if train_args.run_name is None and train_args.exp_path is None:
-        train_args.run_name = gradmem_text_run_name(train_args, backbone_args, model_args)
-    return run_experiment(
-        train_args, model, tokenizer, splits,
-        MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),
-        make_compute_metrics(tokenizer, ignore_tokens=()),
-        data_name=data_name, all_args=(backbone_args, model_args, data_args, answer_args, task_args),
-        nonfinite_hint=f"the inner lr ({model_args.inner_lr}) may be too large",
-        extra_callbacks=generation_callbacks(
-            tokenizer, answer_args, train_args.per_device_eval_batch_size or train_args.per_device_batch_size),
-    )
+    return train_answer_task(train_args, backbone_args, model_args, answer_args, model, tokenizer, splits, data_name,
+                             all_args=(backbone_args, model_args, data_args, answer_args, task_args))
 
 
 if __name__ == "__main__":

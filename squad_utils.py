@@ -402,3 +402,23 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def train_answer_task(train_args, backbone_args, model_args, answer_args: AnswerGenerationArgs, model, tokenizer,
+                      splits, data_name: str, all_args: tuple) -> dict:
+    """The common end of the question-answering GradMem scripts (bAbI, SQuAD, phonebook): answer splits checked
+    against the backbone's positions, the run name, and the shared trainer with generation-based evaluation."""
+    from training import MemoryModelCollator, gradmem_text_run_name, make_compute_metrics, run_experiment
+
+    splits = prepare_answer_splits(splits, tokenizer, max_positions(model.model.config), model.mem_offset, answer_args)
+    if train_args.run_name is None and train_args.exp_path is None:
+        train_args.run_name = gradmem_text_run_name(train_args, backbone_args, model_args)
+    return run_experiment(
+        train_args, model, tokenizer, splits,
+        MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),
+        make_compute_metrics(tokenizer, ignore_tokens=()),
+        data_name=data_name, all_args=all_args,
+        nonfinite_hint=f"the inner lr ({model_args.inner_lr}) may be too large",
+        extra_callbacks=generation_callbacks(
+            tokenizer, answer_args, train_args.per_device_eval_batch_size or train_args.per_device_batch_size),
+    )
