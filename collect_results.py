@@ -1,0 +1,379 @@
+"""Collect the metrics of finished runs into a markdown table and PNG plots.
+
+Reads run folders `<runs>/<task>/<run_name>/run_<seed>/` as training.run_experiment writes them (config.json,
+all_results.json, trainer_state.json; checkpoints are not read), or copies of them that hold only those three files
+(`--copy_metrics results/runs` makes such copies, so the tables can be rebuilt from git).
+Runs are grouped by (task = data folder, run_name); eval_exact_match / eval_token_accuracy are averaged over seeds,
+written as `mean (std) [per-seed values]` like the reference notebook (std over seeds with ddof=1; `nan` = a seed
+without all_results.json, e.g. still running or crashed; mean and std skip it).
+
+    python collect_results.py --runs runs --out results/summary          # summary.md, summary.json, *.png
+    python collect_results.py --runs runs --copy_metrics results/runs    # copy the three json files of every run
+
+Plots (under --out): learning_curves_<task>.png (eval exact match vs step, one colour per run group, seeds thin,
+mean thick), em_vs_n.png (exact match vs N of the KV tasks, one panel per model family gradmem / rmt2segm /
+llama / mamba / other), ablation_K.png and ablation_grad_mode.png (run names that differ only in _K{k}_ or
+_grad_{mode}).
+"""
+import argparse
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+METRICS = ("eval_token_accuracy", "eval_exact_match")
+METRIC_LABELS = {"eval_token_accuracy": "token_acc", "eval_exact_match": "exact_match"}
+RUN_FILES = ("config.json", "all_results.json", "trainer_state.json")
+FAMILIES = ("gradmem", "rmt2segm", "llama", "mamba")
+RUN_DIR_PATTERN = re.compile(r"run_(\d+)")
+K_PATTERN = re.compile(r"(?<!_last)_K(\d+)_")  # gradmem_..._mem8_K2_ilr..; not _last_K1_
+GRAD_MODE_PATTERN = re.compile(r"_grad_(none|first|second)(?=_|$)")
+
+
+@dataclass
+class Run:
+    task: str
+    run_name: str
+    seed: int
+    path: Path
+    metrics: dict  # all_results.json, {} when missing
+    log_history: list  # trainer_state.json's records logged while training, [] when missing
+
+
+@dataclass
+class Group:
+    task: str
+    run_name: str
+    seeds: list
+    values: dict = field(default_factory=dict)  # metric -> per-seed values (nan where missing)
+
+    def mean(self, metric: str) -> float:
+        v = np.asarray(self.values[metric], dtype=float)
+        v = v[~np.isnan(v)]
+        return float(v.mean()) if len(v) else math.nan
+
+    def std(self, metric: str) -> float:
+        v = np.asarray(self.values[metric], dtype=float)
+        v = v[~np.isnan(v)]
+        return float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading run folders
+# ----------------------------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> Optional[dict]:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete or fix the file") from None
+
+
+def training_log(log_history: list) -> list:
+    """The records logged while training (drops the re-evaluation of the best checkpoint after train_runtime)."""
+    end = next((i for i, r in enumerate(log_history) if "train_runtime" in r), len(log_history))
+    return log_history[:end]
+
+
+def find_runs(runs_root) -> list:
+    """Every `<task>/<run_name>/run_<seed>` folder under runs_root (at any depth) holding at least one of RUN_FILES."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs folder {root} does not exist; pass --runs with the folder that holds "
+                                "<task>/<run_name>/run_<seed>/ (e.g. runs or results/runs)")
+    runs = []
+    for path in sorted(root.rglob("run_*")):
+        m = RUN_DIR_PATTERN.fullmatch(path.name)
+        if not m or not path.is_dir() or not any((path / f).exists() for f in RUN_FILES):
+            continue
+        if len(path.relative_to(root).parts) < 3:
+            raise ValueError(f"{path} is not laid out as <task>/<run_name>/run_<seed> under {root}; pass --runs with "
+                             "the folder above the task folders")
+        state = _read_json(path / "trainer_state.json") or {}
+        runs.append(Run(task=path.parent.parent.name, run_name=path.parent.name, seed=int(m[1]), path=path,
+                        metrics=_read_json(path / "all_results.json") or {},
+                        log_history=training_log(state.get("log_history", []))))
+    if not runs:
+        raise FileNotFoundError(f"no run folders <task>/<run_name>/run_<seed>/ with {' / '.join(RUN_FILES)} under "
+                                f"{root}")
+    return runs
+
+
+def group_runs(runs: list) -> list:
+    """One Group per (task, run_name), seeds in increasing order."""
+    by_key = {}
+    for run in sorted(runs, key=lambda r: (r.task, r.run_name, r.seed)):
+        by_key.setdefault((run.task, run.run_name), []).append(run)
+    groups = []
+    for (task, run_name), members in by_key.items():
+        values = {m: [float(r.metrics.get(m, math.nan)) for r in members] for m in METRICS}
+        groups.append(Group(task, run_name, [r.seed for r in members], values))
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------------------------
+
+def format_cell(group: Group, metric: str) -> str:
+    """`0.998100 (0.002687) [1.0, 0.9962]`, as the reference notebook printed it."""
+    mean, std = group.mean(metric), group.std(metric)
+    per_seed = ", ".join(repr(round(v, 4)) for v in group.values[metric])
+    if math.isnan(mean):
+        return f"NaN [{per_seed}]"
+    return f"{mean:.6f} ({'NaN' if math.isnan(std) else f'{std:.6f}'}) [{per_seed}]"
+
+
+def sort_groups(groups: list) -> list:
+    """By task, then exact match (mean) from best to worst, groups without a number last."""
+    def key(g):
+        em = g.mean("eval_exact_match")
+        return (g.task, math.isnan(em), -em if not math.isnan(em) else 0.0, g.run_name)
+    return sorted(groups, key=key)
+
+
+def markdown_table(groups: list) -> str:
+    head = ["task", "run_name", "seeds"] + [f"{METRIC_LABELS[m]} mean (std) [runs]" for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in sort_groups(groups):
+        cells = [g.task, g.run_name, ", ".join(map(str, g.seeds))] + [format_cell(g, m) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_records(groups: list) -> list:
+    """JSON-friendly rows (nan -> None)."""
+    def num(x):
+        return None if math.isnan(x) else x
+    return [{"task": g.task, "run_name": g.run_name, "seeds": g.seeds,
+             **{m: {"mean": num(g.mean(m)), "std": num(g.std(m)), "per_seed": [num(v) for v in g.values[m]]}
+                for m in METRICS}} for g in sort_groups(groups)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouping for plots
+# ----------------------------------------------------------------------------------------------------------------
+
+def model_family(run_name: str) -> str:
+    for family in FAMILIES:
+        if run_name.startswith(family + "_"):
+            return family
+    return "other"
+
+
+def kv_task_n(task: str) -> Optional[int]:
+    """N (number of key-value pairs) of a KV task folder name, None for other tasks (SQuAD, bAbI, ...)."""
+    from kv_dataset_utils import parse_dataset_name
+
+    try:
+        return parse_dataset_name(task).num_kv_pairs
+    except ValueError:
+        return None
+
+
+def task_variant(task: str) -> str:
+    """The task name with its N replaced by `N*` (`N16-K2V2-V62_1M` -> `N*-K2V2-V62_1M`)."""
+    return re.sub(r"^N\d+", "N*", task)
+
+
+def ablation_groups(groups: list, pattern: re.Pattern) -> dict:
+    """{(task, run name with the varied part as *): {value: Group}} for run names that differ only in `pattern`'s
+    group (e.g. _K{k}_); keys with a single value are dropped."""
+    found = {}
+    for g in groups:
+        m = pattern.search(g.run_name)
+        if m is None:
+            continue
+        base = g.run_name[:m.start(1)] + "*" + g.run_name[m.end(1):]
+        found.setdefault((g.task, base), {})[m[1]] = g
+    return {key: dict(sorted(vals.items(), key=lambda kv: _natural(kv[0]))) for key, vals in sorted(found.items())
+            if len(vals) > 1}
+
+
+def _natural(value: str):
+    order = {"none": 0, "first": 1, "second": 2}
+    return (0, int(value), "") if value.isdigit() else (1, order.get(value, 9), value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _series(log_history: list, key: str = "eval_exact_match") -> tuple:
+    points = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_learning_curves(runs: list, out_dir: Path) -> list:
+    """learning_curves_<task>.png: eval exact match vs step; per run group one colour, seeds thin, mean thick."""
+    plt = _pyplot()
+    paths = []
+    for task in sorted({r.task for r in runs}):
+        by_name = {}
+        for r in runs:
+            if r.task == task:
+                by_name.setdefault(r.run_name, []).append(r)
+        if not any(_series(r.log_history)[0] for rs in by_name.values() for r in rs):
+            continue  # no eval records yet
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for i, (name, members) in enumerate(sorted(by_name.items())):
+            color = f"C{i % 10}"
+            per_step = {}
+            for r in members:
+                x, y = _series(r.log_history)
+                ax.plot(x, y, color=color, linewidth=0.7, alpha=0.5)
+                for s, v in zip(x, y):
+                    per_step.setdefault(s, []).append(v)
+            if per_step:
+                steps = sorted(per_step)
+                ax.plot(steps, [np.mean(per_step[s]) for s in steps], color=color, linewidth=2,
+                        label=f"{name} ({len(members)} seeds)")
+        ax.set_xlabel("step"), ax.set_ylabel("eval exact match"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
+        ax.set_title(task, fontsize=10)
+        ax.legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        path = out_dir / f"learning_curves_{_safe(task)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _points_with_seeds(ax, x, groups: list, color: str, label: str, metric: str = "eval_exact_match") -> None:
+    means = [g.mean(metric) for g in groups]
+    stds = [0.0 if math.isnan(g.std(metric)) else g.std(metric) for g in groups]
+    ax.errorbar(x, means, yerr=stds, color=color, marker="o", capsize=3, label=label)
+    for xi, g in zip(x, groups):
+        seeds = [v for v in g.values[metric] if not math.isnan(v)]
+        ax.scatter([xi] * len(seeds), seeds, color=color, s=8, alpha=0.5)
+
+
+def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
+    """em_vs_n.png: one panel per model family, one line per (run name, task variant) over the KV tasks' N."""
+    lines = {}  # family -> {(run_name, variant): [(n, group)]}
+    for g in groups:
+        n = kv_task_n(g.task)
+        if n is not None:
+            lines.setdefault(model_family(g.run_name), {}).setdefault((g.run_name, task_variant(g.task)), []).append((n, g))
+    if not lines:
+        return None
+    plt = _pyplot()
+    families = [f for f in (*FAMILIES, "other") if f in lines]
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.5), squeeze=False, sharey=True)
+    for ax, family in zip(axes[0], families):
+        for i, ((name, variant), points) in enumerate(sorted(lines[family].items())):
+            points.sort(key=lambda p: p[0])
+            _points_with_seeds(ax, [p[0] for p in points], [p[1] for p in points], f"C{i % 10}", f"{name} [{variant}]")
+        ax.set_xscale("log", base=2), ax.set_xlabel("N (key-value pairs)"), ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3), ax.set_title(family), ax.legend(fontsize=5, loc="lower left")
+    axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
+    fig.tight_layout()
+    path = out_dir / "em_vs_n.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ablation(groups: list, pattern: re.Pattern, name: str, out_dir: Path) -> Optional[Path]:
+    """ablation_<name>.png: exact match against the varied value, one panel per task, one line per base run name."""
+    found = ablation_groups(groups, pattern)
+    if not found:
+        return None
+    plt = _pyplot()
+    tasks = sorted({task for task, _ in found})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        bases = [(base, vals) for (t, base), vals in found.items() if t == task]
+        labels = sorted({v for _, vals in bases for v in vals}, key=_natural)
+        for i, (base, vals) in enumerate(bases):
+            _points_with_seeds(ax, [labels.index(v) for v in vals], list(vals.values()), f"C{i % 10}", base)
+        ax.set_xticks(range(len(labels)), labels), ax.set_xlabel(name), ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=5, loc="lower left")
+    axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
+    fig.tight_layout()
+    path = out_dir / f"ablation_{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+def write_summary(runs_root, out_dir) -> dict:
+    """Write summary.md, summary.json and the PNGs under out_dir. Returns {"table": str, "files": [Path]}."""
+    runs = find_runs(runs_root)
+    groups = group_runs(runs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(groups)
+    header = (f"# Results collected from `{runs_root}`\n\n{len(runs)} runs in {len(groups)} groups. Metrics of "
+              "the best checkpoint on the valid split (all_results.json); mean (std over seeds, ddof=1) "
+              "[per-seed values, nan = no all_results.json].\n\n")
+    (out / "summary.md").write_text(header + table)
+    (out / "summary.json").write_text(json.dumps(summary_records(groups), indent=2))
+    files = [out / "summary.md", out / "summary.json", *plot_learning_curves(runs, out)]
+    for path in (plot_em_vs_n(groups, out), plot_ablation(groups, K_PATTERN, "K", out),
+                 plot_ablation(groups, GRAD_MODE_PATTERN, "grad_mode", out)):
+        if path is not None:
+            files.append(path)
+    return {"table": table, "files": files}
+
+
+def copy_metrics(runs_root, dest) -> list:
+    """Copy config.json / all_results.json / trainer_state.json of every run to dest/<task>/<run_name>/run_<seed>/."""
+    root, dest = Path(runs_root).resolve(), Path(dest).resolve()
+    if dest == root or root in dest.parents:
+        raise ValueError(f"--copy_metrics {dest} lies inside --runs {root}; copy to a folder outside it "
+                         "(e.g. results/runs)")
+    copied = []
+    for run in find_runs(root):
+        target = dest / run.path.relative_to(root)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            if (run.path / name).exists():
+                shutil.copy2(run.path / name, target / name)
+                copied.append(target / name)
+    return copied
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs", help="folder holding <task>/<run_name>/run_<seed>/ (default: runs)")
+    parser.add_argument("--out", default=None, help="write summary.md, summary.json and the PNG plots here")
+    parser.add_argument("--copy_metrics", default=None,
+                        help="copy the three json files of every run (not checkpoints) to this folder")
+    args = parser.parse_args(argv)
+    if args.out is None and args.copy_metrics is None:
+        parser.error("nothing to do: give --out results/summary (table and plots) and/or --copy_metrics results/runs")
+    if args.copy_metrics is not None:
+        copied = copy_metrics(args.runs, args.copy_metrics)
+        print(f"copied {len(copied)} files to {args.copy_metrics}")
+    if args.out is not None:
+        result = write_summary(args.runs, args.out)
+        print(result["table"])
+        print("wrote " + ", ".join(str(p) for p in result["files"]))
+
+
+if __name__ == "__main__":
+    main()

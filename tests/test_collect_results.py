@@ -1,0 +1,154 @@
+"""collect_results: grouping, mean/std/per-seed values, plots and the metrics copy on a hand-written runs tree."""
+import json
+import math
+
+import pytest
+
+import collect_results as cr
+
+GRADMEM_K2 = "gradmem_llama_L4H4D128_mem8_K2_ilr0.04_whead_grad_second_bs_64_lr_1e-04"
+GRADMEM_K1 = "gradmem_llama_L4H4D128_mem8_K1_ilr0.04_whead_grad_second_bs_64_lr_1e-04"
+RMT = "rmt2segm_llama_L4H4D128_mem8_bs_64_lr_1e-04"
+
+# (task, run_name, seed) -> (token_accuracy, exact_match); None = no all_results.json (still running / crashed)
+RESULTS = {
+    ("N8-K2V2-V62_1M", GRADMEM_K2, 1): (0.99, 0.98),
+    ("N8-K2V2-V62_1M", GRADMEM_K2, 2): (0.97, 0.94),
+    ("N8-K2V2-V62_1M", GRADMEM_K2, 3): (0.95, 0.90),
+    ("N8-K2V2-V62_1M", GRADMEM_K1, 1): (0.50, 0.20),
+    ("N8-K2V2-V62_1M", GRADMEM_K1, 2): None,
+    ("N8-K2V2-V62_1M", RMT, 1): (0.9, 0.8),
+    ("N8-K2V2-V62_1M", RMT, 2): (0.8, 0.6),
+    ("N16-K2V2-V62_1M", GRADMEM_K2, 1): (0.9, 0.8),
+    ("N16-K2V2-V62_1M", GRADMEM_K2, 2): (0.7, 0.5),
+    ("N16-K2V2-V62_1M", RMT, 1): (0.12, 0.014),
+    ("N16-K2V2-V62_1M", RMT, 2): (0.11, 0.012),
+}
+
+
+def write_runs(root):
+    for (task, name, seed), result in RESULTS.items():
+        run = root / task / name / f"run_{seed}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"cli_args": {"seed": seed, "run_name": name}}))
+        (run / "checkpoint-10").mkdir()
+        (run / "checkpoint-10" / "model.safetensors").write_bytes(b"weights")
+        em = result[1] if result else 0.1
+        history = [{"step": 0, "eval_exact_match": 0.0}, {"step": 5, "loss": 1.0},
+                   {"step": 10, "eval_exact_match": em / 2}, {"step": 20, "eval_exact_match": em},
+                   {"step": 20, "train_runtime": 1.0}, {"step": 20, "eval_exact_match": em}]
+        (run / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        if result is not None:
+            (run / "all_results.json").write_text(json.dumps(
+                {"eval_token_accuracy": result[0], "eval_exact_match": result[1], "global_step": 20}))
+    (root / "runs_without_layout").mkdir()  # not a run folder: ignored
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+    root = tmp_path / "runs"
+    write_runs(root)
+    return root
+
+
+def by_key(groups):
+    return {(g.task, g.run_name): g for g in groups}
+
+
+def test_groups_mean_std_per_seed(runs_root):
+    runs = cr.find_runs(runs_root)
+    assert len(runs) == len(RESULTS)
+    groups = by_key(cr.group_runs(runs))
+    assert len(groups) == 5
+
+    g = groups[("N8-K2V2-V62_1M", GRADMEM_K2)]
+    assert g.seeds == [1, 2, 3]
+    assert g.values["eval_exact_match"] == [0.98, 0.94, 0.90]
+    assert g.mean("eval_exact_match") == pytest.approx(0.94, abs=1e-12)
+    assert g.std("eval_exact_match") == pytest.approx(0.04, abs=1e-12)  # ddof=1
+    assert g.mean("eval_token_accuracy") == pytest.approx(0.97, abs=1e-12)
+    assert g.std("eval_token_accuracy") == pytest.approx(0.02, abs=1e-12)
+
+    g = groups[("N8-K2V2-V62_1M", GRADMEM_K1)]  # one seed without all_results.json: nan, skipped by mean/std
+    assert g.seeds == [1, 2]
+    assert g.values["eval_exact_match"][0] == 0.20 and math.isnan(g.values["eval_exact_match"][1])
+    assert g.mean("eval_exact_match") == pytest.approx(0.20)
+    assert math.isnan(g.std("eval_exact_match"))
+    assert cr.format_cell(g, "eval_exact_match") == "0.200000 (NaN) [0.2, nan]"
+
+    g = groups[("N16-K2V2-V62_1M", RMT)]
+    assert cr.format_cell(g, "eval_exact_match") == "0.013000 (0.001414) [0.014, 0.012]"
+
+
+def test_markdown_table_sorted_by_task_then_exact_match(runs_root):
+    table = cr.markdown_table(cr.group_runs(cr.find_runs(runs_root)))
+    rows = [line for line in table.splitlines()[2:]]
+    assert [r.split(" | ")[1] for r in rows] == [GRADMEM_K2, RMT, GRADMEM_K2, RMT, GRADMEM_K1]
+    assert rows[0].startswith("| N16-K2V2-V62_1M |")
+    assert "| 1, 2, 3 | 0.970000 (0.020000) [0.99, 0.97, 0.95] | 0.940000 (0.040000) [0.98, 0.94, 0.9] |" in table
+
+
+def test_learning_curve_drops_reevaluation_after_training(runs_root):
+    run = next(r for r in cr.find_runs(runs_root) if r.seed == 1 and r.run_name == RMT and r.task == "N8-K2V2-V62_1M")
+    assert cr._series(run.log_history) == ([0, 10, 20], [0.0, 0.4, 0.8])
+
+
+def test_plot_grouping():
+    assert cr.model_family(GRADMEM_K2) == "gradmem" and cr.model_family(RMT) == "rmt2segm"
+    assert cr.model_family("llama_L4H4D128_L1024_bs_64_lr_1e-04") == "llama"
+    assert cr.model_family("mamba_L4D128_bs_64_lr_3e-04") == "mamba" and cr.model_family("gpt2_x") == "other"
+    assert cr.kv_task_n("N16-K2V2-V62_1M") == 16 and cr.kv_task_n("squad_v2") is None
+    assert cr.task_variant("N32-K2V2-V62_noise_0.5_1M") == "N*-K2V2-V62_noise_0.5_1M"
+
+    def group(name):
+        return cr.Group("N8-K2V2-V62_1M", name, [1], {m: [0.5] for m in cr.METRICS})
+
+    last_k1 = "gradmem_llama_L4H4D128_mem8_K2_ilr0.04_last_K1_whead_grad_second_bs_64_lr_1e-04"
+    groups = [group(GRADMEM_K2), group(GRADMEM_K1), group(RMT), group(last_k1),
+              group(GRADMEM_K2.replace("second", "first")), group(GRADMEM_K2.replace("ilr0.04", "ilr0.08"))]
+    found = cr.ablation_groups(groups, cr.K_PATTERN)
+    assert list(found) == [("N8-K2V2-V62_1M", GRADMEM_K2.replace("_K2_", "_K*_"))]
+    assert list(found[list(found)[0]]) == ["1", "2"]
+    found = cr.ablation_groups(groups, cr.GRAD_MODE_PATTERN)
+    assert list(found) == [("N8-K2V2-V62_1M", GRADMEM_K2.replace("second", "*"))]
+    assert list(found[list(found)[0]]) == ["first", "second"]
+
+
+def test_write_summary_writes_table_json_and_pngs(runs_root, tmp_path):
+    out = tmp_path / "summary"
+    cr.main(["--runs", str(runs_root), "--out", str(out)])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["ablation_K.png", "em_vs_n.png", "learning_curves_N16-K2V2-V62_1M.png",
+                     "learning_curves_N8-K2V2-V62_1M.png", "summary.json", "summary.md"]
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    records = json.loads((out / "summary.json").read_text())
+    k1 = next(r for r in records if r["run_name"] == GRADMEM_K1)
+    assert k1["eval_exact_match"] == {"mean": 0.2, "std": None, "per_seed": [0.2, None]}
+    assert "0.940000 (0.040000) [0.98, 0.94, 0.9]" in (out / "summary.md").read_text()
+
+
+def test_copy_metrics_copies_json_only_and_rebuilds_same_table(runs_root, tmp_path):
+    dest = tmp_path / "results" / "runs"
+    cr.main(["--runs", str(runs_root), "--copy_metrics", str(dest)])
+    copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert len(copied) == 3 * len(RESULTS) - 1  # one run has no all_results.json
+    assert all(p.endswith(cr.RUN_FILES) for p in copied) and not any("checkpoint" in p for p in copied)
+    original = cr.markdown_table(cr.group_runs(cr.find_runs(runs_root)))
+    assert cr.markdown_table(cr.group_runs(cr.find_runs(dest))) == original
+
+
+def test_bad_input_fails_clearly(tmp_path, runs_root):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cr.find_runs(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run folders"):
+        cr.find_runs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="inside --runs"):
+        cr.copy_metrics(runs_root, runs_root / "copy")
+    with pytest.raises(SystemExit):
+        cr.main(["--runs", str(runs_root)])  # neither --out nor --copy_metrics
+    bad = runs_root / "N8-K2V2-V62_1M" / RMT / "run_1" / "all_results.json"
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        cr.find_runs(runs_root)
