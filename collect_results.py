@@ -132,10 +132,10 @@ def format_cell(group: Group, metric: str) -> str:
 
 
 def sort_groups(groups: list) -> list:
-    """By task, then exact match (mean) from best to worst, groups without a number last."""
+    """By task (KV tasks by N, then name), then exact match (mean) from best to worst, groups without a number last."""
     def key(g):
-        em = g.mean("eval_exact_match")
-        return (g.task, math.isnan(em), -em if not math.isnan(em) else 0.0, g.run_name)
+        em, n = g.mean("eval_exact_match"), kv_task_n(g.task)
+        return (n is None, n or 0, g.task, math.isnan(em), -em if not math.isnan(em) else 0.0, g.run_name)
     return sorted(groups, key=key)
 
 

@@ -83,8 +83,8 @@ def test_groups_mean_std_per_seed(runs_root):
 def test_markdown_table_sorted_by_task_then_exact_match(runs_root):
     table = cr.markdown_table(cr.group_runs(cr.find_runs(runs_root)))
     rows = [line for line in table.splitlines()[2:]]
-    assert [r.split(" | ")[1] for r in rows] == [GRADMEM_K2, RMT, GRADMEM_K2, RMT, GRADMEM_K1]
-    assert rows[0].startswith("| N16-K2V2-V62_1M |")
+    assert [r.split(" | ")[1] for r in rows] == [GRADMEM_K2, RMT, GRADMEM_K1, GRADMEM_K2, RMT]
+    assert rows[0].startswith("| N8-K2V2-V62_1M |") and rows[3].startswith("| N16-K2V2-V62_1M |")  # by N
     assert "| 1, 2, 3 | 0.970000 (0.020000) [0.99, 0.97, 0.95] | 0.940000 (0.040000) [0.98, 0.94, 0.9] |" in table
 
 
