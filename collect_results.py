@@ -214,6 +214,16 @@ def _pyplot():
     return plt
 
 
+def ScalarFormatter():
+    from matplotlib.ticker import ScalarFormatter as formatter
+    return formatter()
+
+
+def NullFormatter():
+    from matplotlib.ticker import NullFormatter as formatter
+    return formatter()
+
+
 def _series(log_history: list, key: str = "eval_exact_match") -> tuple:
     points = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
     return [p[0] for p in points], [p[1] for p in points]
@@ -284,6 +294,8 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
             points.sort(key=lambda p: p[0])
             _points_with_seeds(ax, [p[0] for p in points], [p[1] for p in points], f"C{i % 10}", f"{name} [{variant}]")
         ax.set_xscale("log", base=2), ax.set_xlabel("N (key-value pairs)"), ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(sorted({p[0] for pts in lines[family].values() for p in pts}))
+        ax.xaxis.set_major_formatter(ScalarFormatter()), ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3), ax.set_title(family), ax.legend(fontsize=5, loc="lower left")
     axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
     fig.tight_layout()
