@@ -214,16 +214,6 @@ def _pyplot():
     return plt
 
 
-def ScalarFormatter():
-    from matplotlib.ticker import ScalarFormatter as formatter
-    return formatter()
-
-
-def NullFormatter():
-    from matplotlib.ticker import NullFormatter as formatter
-    return formatter()
-
-
 def _series(log_history: list, key: str = "eval_exact_match") -> tuple:
     points = [(r["step"], r[key]) for r in log_history if key in r and "step" in r]
     return [p[0] for p in points], [p[1] for p in points]
@@ -287,6 +277,8 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
     if not lines:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     families = [f for f in (*FAMILIES, "other") if f in lines]
     fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.5), squeeze=False, sharey=True)
     for ax, family in zip(axes[0], families):
