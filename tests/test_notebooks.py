@@ -18,7 +18,10 @@ NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
 # what a notebook must leave under GRADMEM_NOTEBOOK_OUT_DIR (glob patterns)
-EXPECTED_OUTPUTS = {"dump_dataset.ipynb": ["*/dataset_dict.json", "*/kv_task.json"]}
+EXPECTED_OUTPUTS = {
+    "dump_dataset.ipynb": ["*/dataset_dict.json", "*/kv_task.json"],
+    "collect_results.ipynb": ["summary/summary.md", "summary/*.png"],
+}
 
 
 def load_notebook(path: Path) -> dict:
