@@ -33,6 +33,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _query_groups(x: torch.Tensor, n_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """A query-shaped tensor [B, Hq, L, D] as [B, Hkv, G, L, D]: the G query heads of each key/value head."""
+    B, Hq, L, D = x.shape
+    return x.to(dtype).reshape(B, n_kv_heads, Hq // n_kv_heads, L, D)
+
+
+def _kv_groups(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A key/value-shaped tensor [B, Hkv, L, D] as [B, Hkv, 1, L, D], broadcast over the G query heads (no copy)."""
+    return x.to(dtype).unsqueeze(2)
+
+
 def check_attention_inputs(q, k, v, attn_mask=None, key_padding_mask=None):
     """Validate shapes; returns (B, Hq, Hkv, G, Lq, Lk). Raises ValueError naming the problem."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -113,10 +124,8 @@ class _ExactAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, scale, dropout_p):
         B, Hq, Lq, D = q.shape
         Hkv = k.shape[1]
-        G = Hq // Hkv
         cdt = _compute_dtype(q.dtype)
-        q5 = q.to(cdt).reshape(B, Hkv, G, Lq, D)
-        k5, v5 = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)  # [B, Hkv, 1, Lk, D]
+        q5, k5, v5 = _query_groups(q, Hkv, cdt), _kv_groups(k, cdt), _kv_groups(v, cdt)
         p, lse = _probabilities(q5, k5, bias, scale)
         dropout_scale = None
         if dropout_p > 0.0:
@@ -151,12 +160,10 @@ class _ExactAttentionBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_out, q, k, v, lse, bias, dropout_scale, scale):
         B, Hq, Lq, D = q.shape
-        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        G = Hq // Hkv
+        Hkv = k.shape[1]
         cdt = _compute_dtype(q.dtype)
-        q5 = q.to(cdt).reshape(B, Hkv, G, Lq, D)
-        k5, v5 = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)
-        do5 = grad_out.to(cdt).reshape(B, Hkv, G, Lq, Dv)
+        q5, k5, v5 = _query_groups(q, Hkv, cdt), _kv_groups(k, cdt), _kv_groups(v, cdt)
+        do5 = _query_groups(grad_out, Hkv, cdt)
         p, dp, row, ds = _first_order(q5, k5, v5, do5, lse, bias, dropout_scale, scale)
         pz = p if dropout_scale is None else p * dropout_scale
         dq = (torch.matmul(ds, k5) * scale).reshape(B, Hq, Lq, D)
@@ -173,15 +180,13 @@ class _ExactAttentionBackward(torch.autograd.Function):
         grad_out, q, k, v, lse, bias, dropout_scale = ctx.saved_tensors
         scale = ctx.scale
         B, Hq, Lq, D = q.shape
-        Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        G = Hq // Hkv
+        Hkv, Dv = k.shape[1], v.shape[-1]
         cdt = _compute_dtype(q.dtype)
-        q5 = q.to(cdt).reshape(B, Hkv, G, Lq, D)
-        k5, v5 = k.to(cdt).unsqueeze(2), v.to(cdt).unsqueeze(2)
-        do5 = grad_out.to(cdt).reshape(B, Hkv, G, Lq, Dv)
-        gq5 = torch.zeros_like(q5) if gq is None else gq.to(cdt).reshape(B, Hkv, G, Lq, D)
-        gk5 = torch.zeros_like(k5) if gk is None else gk.to(cdt).unsqueeze(2)
-        gv5 = torch.zeros_like(v5) if gv is None else gv.to(cdt).unsqueeze(2)
+        q5, k5, v5 = _query_groups(q, Hkv, cdt), _kv_groups(k, cdt), _kv_groups(v, cdt)
+        do5 = _query_groups(grad_out, Hkv, cdt)
+        gq5 = torch.zeros_like(q5) if gq is None else _query_groups(gq, Hkv, cdt)
+        gk5 = torch.zeros_like(k5) if gk is None else _kv_groups(gk, cdt)
+        gv5 = torch.zeros_like(v5) if gv is None else _kv_groups(gv, cdt)
 
         p, dp, row, ds = _first_order(q5, k5, v5, do5, lse, bias, dropout_scale, scale)
         z = dropout_scale
