@@ -72,11 +72,11 @@ from transformers import initialization as init
 import attn_double_bwd
 from modeling_utils import (
     MemoryModelOutput,
-    base_config_from_dict,
     base_config_to_dict,
     build_causal_lm,
     get_backbone,
     hidden_size,
+    pad_token_id,
     unwrap_peft,
 )
 
@@ -262,7 +262,7 @@ class GradMemGPT(PreTrainedModel):
             if getattr(lm_config, name, None) not in (None, 1.0):
                 raise NotImplementedError(f"backbones with {name} are not supported (logits are computed from hidden states)")
         lm_config.use_cache = False
-        self.pad_token_id = _pad_token_id(lm_config)
+        self.pad_token_id = pad_token_id(lm_config)
         # Pass the backbone a ready causal mask instead of letting transformers build one (see _static_causal_mask):
         # the same function, without host synchronisation. Off by default; fast_step turns it on for CUDA graphs.
         self.use_static_causal_mask = False
@@ -649,17 +649,6 @@ class GradMemGPT(PreTrainedModel):
                 if bool(finished.all()):
                     break
         return new_tokens
-
-
-def _pad_token_id(lm_config: PretrainedConfig) -> int:
-    """The backbone's pad id (inputs are right-padded with it); eos when no pad id is set."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(lm_config, name, None)
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    raise ValueError("the backbone config has neither pad_token_id nor eos_token_id; set pad_token_id")
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,24 @@ def hidden_size(config: PretrainedConfig) -> int:
         if value is not None:
             return int(value)
     raise ValueError(f"cannot read the hidden size of a {type(config).__name__}")
+
+
+def max_positions(config: PretrainedConfig) -> Optional[int]:
+    """How many positions the backbone can embed (GPT-2: n_positions; others: max_position_embeddings); None for
+    backbones without a position limit (e.g. mamba)."""
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def pad_token_id(config: PretrainedConfig) -> int:
+    """The backbone's pad id (inputs are right-padded with it); eos when no pad id is set (as for GPT-2)."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    raise ValueError("the backbone config has neither pad_token_id nor eos_token_id; set pad_token_id")

@@ -47,6 +47,7 @@ from modeling_utils import (
     build_causal_lm,
     get_backbone,
     hidden_size,
+    pad_token_id,
 )
 
 MEM_PROJ_MODES = ("none", "proj", "proj_rw")
@@ -143,7 +144,7 @@ class RMT2Segm(PreTrainedModel):
             if getattr(lm_config, name, None) not in (None, 1.0):
                 raise NotImplementedError(f"backbones with {name} are not supported (logits are computed from hidden states)")
         lm_config.use_cache = False
-        self.pad_token_id = _pad_token_id(lm_config)
+        self.pad_token_id = pad_token_id(lm_config)
         d = hidden_size(self.model.config)
         M, C = config.n_mem_tokens, config.n_ctrl_tokens
 
@@ -356,16 +357,6 @@ class RMT2Segm(PreTrainedModel):
             if rec_losses:
                 loss = loss + self.config.reconstruction_loss_weight * rec_loss
         return MemoryModelOutput(loss=loss, logits=logits, memory=memory, stats=stats)
-
-
-def _pad_token_id(lm_config) -> int:
-    """The backbone's pad id (eos when it has none, as for GPT-2): inputs are right padded with it."""
-    pad = lm_config.pad_token_id if lm_config.pad_token_id is not None else lm_config.eos_token_id
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0]
-    if pad is None:
-        raise ValueError("the backbone config has neither pad_token_id nor eos_token_id; set pad_token_id")
-    return int(pad)
 
 
 def _upcast(logits: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from attn_double_bwd import resolve_attn_implementation
-from modeling_utils import base_config_to_dict, build_causal_lm
+from modeling_utils import base_config_to_dict, build_causal_lm, max_positions
 from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, backbone_source, backbone_tag,
                       check_tokenizer_covers, check_vocab_fits, load_splits, load_tokenizer, make_compute_metrics,
                       parse_cli, run_experiment)
@@ -78,7 +78,7 @@ def build_model(backbone_args: BackboneArgs, args: FullContextArgs, tokenizer):
 
 def check_sequences_fit(model, collator: CausalLMCollator, split, n_samples: int = 1000) -> None:
     """The longest of the first samples fits the model's positions (else: a cryptic index error mid-training)."""
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    positions = max_positions(model.config)
     if positions is None:  # mamba: no position limit
         return
     rows = split.select(range(min(n_samples, len(split))))

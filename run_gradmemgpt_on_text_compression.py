@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from grad_memgpt import GradMemGPT
+from modeling_utils import max_positions
 from training import (
     IGNORE_INDEX,
     BackboneArgs,
@@ -227,14 +228,6 @@ def make_text_compression_metrics(tokenizer, n_mem_tokens: int, n_print: int = 0
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model
-
-
-def max_positions(lm_config) -> Optional[int]:
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(lm_config, name, None)
-        if value is not None:
-            return int(value)
-    return None  # e.g. mamba: no position limit
 
 
 def build_model(backbone_args, model_args, tokenizer, max_context_length: int) -> GradMemGPT:

@@ -33,6 +33,8 @@ from typing import Optional
 from datasets import Dataset, DatasetDict
 from transformers import TrainerCallback
 
+from modeling_utils import max_positions
+
 logger = logging.getLogger("gradmem")
 
 LAYOUTS = ("c_q", "cq_a", "qc_a")
@@ -249,15 +251,6 @@ def generate_answers(model, tokenizer, contexts: list[str], queries: list[str], 
     finally:
         model.train(was_training)
     return answers
-
-
-def max_positions(config) -> Optional[int]:
-    """How many positions the backbone can embed (GPT-2: n_positions; others: max_position_embeddings)."""
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    return None
 
 
 def check_sequences_fit(tokenizer, splits: DatasetDict, n_positions: Optional[int], n_prefix: int,
