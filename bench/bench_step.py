@@ -186,7 +186,7 @@ def profile_step(C=128, B=64) -> str:
         lines.append(f"| {mode} | {attn} | {precision} | {len(kernels)} | {syncs} | {busy:.2f} | "
                      + " | ".join(f"{by_kind[k][0]:.2f} ({by_kind[k][1]})" for k in kinds) + " |")
         if mode == "sync-free" and precision == "fp32":
-            top_lines += [f"", f"Top kernels, sync-free step, {attn} attention, fp32 (ms total, count, mean us):", ""]
+            top_lines += ["", f"Top kernels, sync-free step, {attn} attention, fp32 (ms total, count, mean us):", ""]
             for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]:
                 top_lines.append(f"- {t:.2f} ms, {n} x {1e3 * t / n:.1f} us: `{name[:110]}`")
     lines += ["", "GPU busy = sum of kernel times: a replayed graph of the same kernels cannot be faster. Kinds by "
