@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -58,7 +59,7 @@ CURVE_FILE = "learning_curve.png"
 RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
-    "max_consecutive_skipped_steps", "use_cpu", "fast_step",
+    "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes",
 }
 
 
@@ -98,6 +99,11 @@ class TrainArgs:
     early_stopping_patience: int = field(default=500, metadata={"help": "evals without improvement before stopping (0: off)"})
     stop_metric: str = field(default="exact_match", metadata={"help": "stop when this eval metric reaches stop_metric_value"})
     stop_metric_value: Optional[float] = field(default=1.0, metadata={"help": "None: never stop on a metric value"})
+    max_train_minutes: Optional[float] = field(
+        default=None,
+        metadata={"help": "wall-clock budget of this invocation: stop at the first evaluation after this many minutes "
+                          "of training (then the best checkpoint is evaluated as usual); None: no budget"},
+    )
     max_consecutive_skipped_steps: int = field(
         default=20, metadata={"help": "error after this many optimizer steps in a row with non-finite loss/gradients"}
     )
@@ -133,6 +139,8 @@ class TrainArgs:
         for name in ("eval_steps", "logging_steps", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
+        if self.max_train_minutes is not None and not self.max_train_minutes > 0:
+            raise ValueError(f"--max_train_minutes must be > 0 (minutes of training), got {self.max_train_minutes}")
         self.mixed_precision()  # raises on an unsupported accelerate setting
 
     def mixed_precision(self) -> str:
@@ -936,6 +944,33 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
         return super().step(closure) if bool(finite) else None
 
 
+class StopAfterWallTime(TrainerCallback):
+    """Stop at the first evaluation after `minutes` of training (wall clock from the start of trainer.train()).
+    Checked at evaluations only, where the last checkpoint is saved too; under several processes the main process
+    decides and broadcasts, so every process stops at the same step."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.clock()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.start is None:  # an evaluation outside trainer.train()
+            return
+        elapsed = self.clock() - self.start
+        stop = [elapsed >= self.seconds]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(stop, src=0)
+        if stop[0]:
+            logger.warning("--max_train_minutes %g: %.1f min of training at step %d: stopping", self.seconds / 60,
+                           elapsed / 60, state.global_step)
+            control.should_training_stop = True
+
+
 class StopOnMetricValue(TrainerCallback):
     """Stop training once an eval metric reaches a value (>= for accuracies, <= for losses)."""
 
@@ -1267,6 +1302,8 @@ def run_experiment(
         callbacks.append(early_stopping)
     if train_args.stop_metric_value is not None:
         callbacks.append(StopOnMetricValue(train_args.stop_metric, train_args.stop_metric_value))
+    if train_args.max_train_minutes is not None:
+        callbacks.append(StopAfterWallTime(train_args.max_train_minutes))
     optimizer_kwargs = {"lr": train_args.learning_rate, "betas": (train_args.adam_beta1, train_args.adam_beta2),
                         "eps": train_args.adam_epsilon, "max_consecutive": train_args.max_consecutive_skipped_steps,
                         "hint": nonfinite_hint}

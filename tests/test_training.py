@@ -329,6 +329,21 @@ def test_end_to_end_nonfinite_loss_stops_with_hint(tmp_path):
                        data_name="kv_test", nonfinite_hint="likely the inner lr is too large")
 
 
+def test_max_train_minutes_stops_at_the_first_evaluation_after_the_budget(tmp_path, monkeypatch):
+    ticks = iter(range(1000))  # a clock that advances one second at every reading
+    monkeypatch.setattr(training.StopAfterWallTime, "clock", staticmethod(lambda: float(next(ticks))))
+    tok = char_tokenizer()
+    model = FakeMemoryModel(FakeMemoryConfig(vocab_size=len(tok)))
+    args = _train_args(tmp_path, max_steps=20, eval_steps=2, report_to="none", max_train_minutes=2.5 / 60)
+    metrics = run_experiment(args, model, tok, kv_splits(), MemoryModelCollator(tok), make_compute_metrics(tok),
+                             data_name="kv_test")
+    # readings: start 0, evaluations at steps 0 (1 s), 2 (2 s), 4 (3 s >= 2.5 s: stop)
+    assert metrics["global_step"] == 4
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    with pytest.raises(ValueError, match="max_train_minutes must be > 0"):
+        _train_args(tmp_path, max_train_minutes=0).validate()
+
+
 def test_single_process_with_several_gpus_trains_on_one(tmp_path, caplog):
     """HF would wrap the model in nn.DataParallel (batch x GPUs, stats gathered into vectors); we use one GPU."""
     from transformers import TrainingArguments
