@@ -32,11 +32,17 @@ Use:
 `fast_path_problem(...)` says why the fast path cannot be used (then train eagerly; the caller logs the reason).
 The tensors of a StepOutput are a fresh copy after each step (one copy kernel), safe to keep.
 
+Several processes (data parallel, `process_group`): after the backward, the gradients and the loss of every process
+are averaged with one NCCL all-reduce of a flat buffer, recorded inside the graph (what DDP does, without its
+hooks: the model is run unwrapped); clipping, the finite check and AdamW then see the same numbers on every process.
+WRITE's inner gradients stay local to each process.
+
 In the trainer (training.GradMemTrainer, `--fast_step auto`, the default) every training step goes through a
-CapturedTrainStep on CUDA; the HF loop's own clipping and optimizer step are then skipped for that step, the
-scheduler keeps setting the learning rate, and skipped steps are counted per step (one host read of the finite
-flag) so `--max_consecutive_skipped_steps` still stops a diverging run. Without CUDA, with gradient accumulation,
-several processes, write LoRA or gradient checkpointing, the trainer logs why and runs the eager step unchanged.
+CapturedTrainStep on CUDA, on one GPU or under DDP with the NCCL backend; the HF loop's own clipping and optimizer
+step are then skipped for that step, the scheduler keeps setting the learning rate, and skipped steps are counted
+per step (one host read of the finite flag) so `--max_consecutive_skipped_steps` still stops a diverging run.
+Without CUDA, with gradient accumulation, write LoRA or gradient checkpointing, the trainer logs why and runs the
+eager step unchanged.
 Measured (bench/results/step_h100.md, one H100, C=128, B=64): 31.5 ms per step in strict fp32 instead of ~116 ms,
 gradients equal to the eager step to 1e-8; TF32 ~21-25 ms, bf16 ~23 ms.
 """
@@ -55,7 +61,7 @@ INPUT_NAMES = ("context_input_ids", "query_input_ids", "labels")
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # [] fp32, the outer loss of this step
+    loss: torch.Tensor  # [] fp32, the outer loss of this step (the mean over the processes under data parallel)
     grad_norm: torch.Tensor  # [] L2 norm of the gradients before clipping
     finite: torch.Tensor  # [] 1.0 if the step was applied, 0.0 if skipped (non-finite loss or gradients)
     stats: dict  # name -> [] fp32, the model's stats of this step
@@ -105,7 +111,11 @@ def _step_problem(model, optimizer, gradient_accumulation_steps: int = 1, world_
     if gradient_accumulation_steps != 1:
         return f"gradient accumulation ({gradient_accumulation_steps} micro-batches per step)"
     if world_size != 1:
-        return f"distributed training ({world_size} processes)"
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return f"{world_size} processes but no initialised torch.distributed process group"
+        if next(model.parameters()).is_cuda and dist.get_backend() != "nccl":
+            return f"the process group's backend is {dist.get_backend()}, not nccl (needed inside a CUDA graph)"
     if optimizer is not None and not isinstance(optimizer, torch.optim.AdamW):
         return f"the optimizer is {type(optimizer).__name__}, not torch AdamW"
     if optimizer is not None and any(g.get("amsgrad") or g.get("maximize") or g.get("differentiable")
@@ -125,16 +135,20 @@ class CapturedTrainStep:
     max_grad_norm:  clip the global L2 norm of the gradients to this (<= 0: no clipping).
     precision:      "fp32" (strict), "tf32" or "bf16" (autocast, fp32 master weights); see the module docstring.
     max_graphs:     how many input shapes get a graph; further shapes run eagerly (logged once per shape).
-    warmup:         eager iterations before recording (initialises kernels, autotuning, optimiser state); their
-                    effect on parameters and optimiser state is undone.
+    warmup:         eager iterations before recording (initialises kernels, autotuning, optimiser state, the
+                    NCCL communicator); their effect on parameters and optimiser state is undone.
+    process_group:  data-parallel training: average the gradients and the loss over this torch.distributed group
+                    after the backward (e.g. torch.distributed.group.WORLD); every process must hold the same
+                    parameters and call the step with its own rows. None: one process.
     """
 
     def __init__(self, model, optimizer, max_grad_norm: float = 1.0, precision: str = "fp32",
                  use_cuda_graph: bool = True, max_graphs: int = 2, warmup: int = 2,
-                 capture_error_mode: str = "thread_local"):
-        problem = _step_problem(model, optimizer)
+                 capture_error_mode: str = "thread_local", process_group=None):
+        world_size = 1 if process_group is None else torch.distributed.get_world_size(process_group)
+        problem = _step_problem(model, optimizer, world_size=world_size)
         if problem is None and use_cuda_graph:
-            problem = fast_path_problem(model, optimizer)
+            problem = fast_path_problem(model, optimizer, world_size=world_size)
         if problem is not None:
             raise ValueError(f"CapturedTrainStep cannot be used: {problem}")
         if precision not in PRECISIONS:
@@ -145,6 +159,7 @@ class CapturedTrainStep:
         self.use_cuda_graph = use_cuda_graph
         self.max_graphs, self.warmup = max_graphs, warmup
         self.capture_error_mode = capture_error_mode
+        self.process_group, self.world_size = process_group, world_size
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -226,6 +241,8 @@ class CapturedTrainStep:
                 out = self.model(context_input_ids=context_input_ids, query_input_ids=query_input_ids, labels=labels)
             loss = out.loss.float()
             loss.backward()
+            if self.process_group is not None:
+                loss = self._average_over_processes(loss)
             grads = [p.grad for p in self.params if p.grad is not None]
             with torch.no_grad():
                 if self.max_grad_norm > 0:
@@ -244,6 +261,27 @@ class CapturedTrainStep:
                 packed = torch.stack([loss.detach(), grad_norm.float(), finite.float()]
                                      + [out.stats[n].float() for n in names])
         return packed, names
+
+    def _average_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
+        """Average every parameter's gradient (zeros where a process has none) and the loss over the process group
+        with one all-reduce per dtype of a flat buffer, as DDP does. Returns the averaged loss."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        by_dtype = {}
+        for p in self.params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        by_dtype.setdefault(loss.dtype, [])
+        for dtype, grads in by_dtype.items():
+            parts = grads + ([loss.detach().reshape(1)] if dtype == loss.dtype else [])
+            flat = torch.cat([g.reshape(-1) for g in parts]).div_(self.world_size)
+            torch.distributed.all_reduce(flat, group=self.process_group)
+            values = flat.split([g.numel() for g in parts])
+            if grads:
+                torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(values, grads)])
+            if dtype == loss.dtype:
+                loss = values[-1].reshape(())
+        return loss
 
     def _shape_key(self, batch: dict) -> tuple:
         missing = [n for n in INPUT_NAMES if batch.get(n) is None]

@@ -208,7 +208,11 @@ class GradMemArgs:
     write_lora_target_modules: Optional[str] = None
     freeze_backbone: bool = False
     use_gradient_checkpointing: bool = False
-    attn_implementation: str = "eager"
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto: the fused Triton double backward on CUDA (exact_eager on the CPU) for second-order "
+                          "training, sdpa otherwise; or any name attn_double_bwd.resolve_attn_implementation knows"},
+    )
     add_inner_loss_to_outer: bool = True
     inner_loss_weight: Optional[float] = field(
         default=None, metadata={"help": "weight of the added inner loss; None -> 0.5 (paper preset) when it is added"}
@@ -1041,10 +1045,13 @@ class GradMemTrainer(Trainer):
             logger.warning("fast step off (%s): training steps run eagerly", problem)
             return None
         precision = "bf16" if self.args.bf16 else "tf32" if self.args.tf32 else "fp32"
+        group = torch.distributed.group.WORLD if self.args.world_size > 1 else None  # gradients averaged in the graph
         self._fast_step = CapturedTrainStep(self.accelerator.unwrap_model(model), guard,
-                                            max_grad_norm=self.args.max_grad_norm, precision=precision)
+                                            max_grad_norm=self.args.max_grad_norm, precision=precision,
+                                            process_group=group)
         logger.warning("fast step on: each training step is recorded once per input shape in a CUDA graph and "
-                       "replayed (precision %s; --fast_step off for eager steps)", precision)
+                       "replayed (precision %s, %d process(es); --fast_step off for eager steps)", precision,
+                       self.args.world_size)
         return self._fast_step
 
     def _clip_grad_norm(self, model):

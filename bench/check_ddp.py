@@ -42,6 +42,7 @@ DATA_NAME = "N8-K2V2-V62"
 BATCH = 64
 TOLERANCE = {"loss_diff": 1e-5, "grad": 1e-5, "update": 1e-4}
 MODELS = ("gradmem", "rmt")
+CAPTURED = "gradmem_captured"  # the GradMem step through fast_step.CapturedTrainStep, compared with one eager GPU
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,6 +92,28 @@ def one_step(kind, tokenizer, batch, accelerator, micro_batches=1):
     loss = accelerator.reduce(total, "mean")
     accelerator.free_memory()
     return float(loss), grads, update
+
+
+def one_captured_step(tokenizer, batch, accelerator):
+    """The same GradMem step through fast_step.CapturedTrainStep (recorded in a CUDA graph on a GPU, its eager code on
+    the CPU), the gradients averaged over the processes inside the step instead of by DDP."""
+    import training
+    from fast_step import CapturedTrainStep
+
+    torch.manual_seed(0)
+    model = build("gradmem", tokenizer)
+    training.freeze_parameters_without_gradient(model)
+    model.to(accelerator.device).train()
+    before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = training.NonFiniteStepSkippingAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    group = torch.distributed.group.WORLD if world > 1 else None
+    step = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, precision="fp32",
+                             use_cuda_graph=torch.cuda.is_available(), process_group=group)
+    out = step({k: v.chunk(world)[rank].to(accelerator.device) for k, v in batch.items()})
+    grads = {n: p.grad.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    update = {n: p.detach().cpu() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    return float(out.loss), grads, update  # the loss is already the mean over the processes
 
 
 class StepTimer(TrainerCallback):
@@ -163,6 +186,10 @@ def worker(work: Path, steps: int, warmup: int, cpu: bool, fast_step: str) -> No
             entry["loss_accumulated"] = loss2
             torch.save({"grads": grads2, "update": update2}, work / f"step_{kind}_np1_acc2.pt")
         result["equality"][kind] = entry
+    loss, grads, update = one_captured_step(tokenizer, batch, accelerator)
+    result["equality"][CAPTURED] = {"loss": loss}
+    if rank == 0:
+        torch.save({"grads": grads, "update": update}, work / f"step_{CAPTURED}_np{world}.pt")
     del grads, update
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -191,10 +218,15 @@ def relative_error(a: dict, b: dict) -> float:
 
 
 def compare(work: Path, kind: str, np_: int, results: dict) -> dict:
-    reference = torch.load(work / f"step_{kind}_np1.pt")
-    other = torch.load(work / (f"step_{kind}_np{np_}.pt" if np_ > 1 else f"step_{kind}_np1_acc2.pt"))
-    loss_ref = results[1]["equality"][kind]["loss"]
-    loss = results[np_]["equality"][kind]["loss"] if np_ > 1 else results[1]["equality"][kind]["loss_accumulated"]
+    """Errors of `kind` on np_ processes (np_ = 1: two accumulated halves; the captured step: itself on one GPU)
+    against the eager one-GPU step of the same model."""
+    base = "gradmem" if kind == CAPTURED else kind
+    reference = torch.load(work / f"step_{base}_np1.pt")
+    if kind == CAPTURED or np_ > 1:
+        other, loss = torch.load(work / f"step_{kind}_np{np_}.pt"), results[np_]["equality"][kind]["loss"]
+    else:
+        other, loss = torch.load(work / f"step_{kind}_np1_acc2.pt"), results[1]["equality"][kind]["loss_accumulated"]
+    loss_ref = results[1]["equality"][base]["loss"]
     if sorted(reference["grads"]) != sorted(other["grads"]):
         raise RuntimeError(f"{kind}: the trained parameters differ between 1 and {np_} processes")
     errors = {"loss_diff": abs(loss - loss_ref) / abs(loss_ref),
@@ -246,14 +278,20 @@ def markdown(results: dict, equality: dict, command: str, elapsed: float) -> str
         f"{TOLERANCE['grad']:g}, update {TOLERANCE['update']:g} (Adam's first step is lr g / (|g| + 1e-8) per element, "
         "which passes the round-off of elements with |g| near 1e-8 to the update undamped). The `1 (2 x B/2 "
         "accumulated)` row is the same step on one GPU in two micro-batches: the round-off scale of splitting the "
-        "batch at all.",
+        "batch at all. The captured rows run the same GradMem step through fast_step.CapturedTrainStep (one CUDA "
+        "graph: forward, backward, one NCCL all-reduce of the flat gradients and loss, clipping, AdamW) and are "
+        "compared with the eager one-GPU step.",
         "",
         "| model | GPUs | loss (1 GPU) | loss | loss rel. diff | gradient rel. error | update rel. error | pass |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (kind, np_), e in sorted(equality.items()):
-        gpus = f"{np_} (DDP)" if np_ > 1 else "1 (2 x B/2 accumulated)"
-        name = {"gradmem": "GradMem, second order (paper KV preset)", "rmt": "RMT (KV preset)"}[kind]
+        if kind == CAPTURED:
+            gpus = f"{np_} (gradients averaged inside the graph)" if np_ > 1 else "1"
+        else:
+            gpus = f"{np_} (DDP)" if np_ > 1 else "1 (2 x B/2 accumulated)"
+        name = {"gradmem": "GradMem, second order (paper KV preset)", "rmt": "RMT (KV preset)",
+                CAPTURED: "GradMem, captured step (fast_step)"}[kind]
         lines.append(f"| {name} | {gpus} | {e['loss_ref']:.7f} | {e['loss']:.7f} | {e['loss_diff']:.1e} | "
                      f"{e['grad']:.1e} | {e['update']:.1e} | {'yes' if e['pass'] else 'NO'} |")
     lines += [
@@ -291,8 +329,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="smoke test of this script on the CPU (gloo processes; the numbers mean nothing)")
     parser.add_argument("--fast_step", choices=("auto", "off"), default="auto",
-                        help="the trainer's --fast_step for the throughput runs (the captured CUDA-graph step runs on "
-                             "one GPU only; several processes always run eager steps)")
+                        help="the trainer's --fast_step for the throughput runs (auto: the captured CUDA-graph step, "
+                             "on one GPU and under DDP; off: eager steps)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -327,7 +365,7 @@ def main() -> None:
         launch(np_, work, args, port=29650 + i)
         results[np_] = json.loads((work / f"result_np{np_}.json").read_text())
     equality = {}
-    for kind in MODELS:
+    for kind in (*MODELS, CAPTURED):
         for np_ in counts:
             equality[(kind, np_)] = compare(work, kind, np_, results)
     command = "python bench/check_ddp.py" + "".join(f" {a}" for a in sys.argv[1:])
@@ -339,7 +377,7 @@ def main() -> None:
     print("=" * 100)
     print(f"[check_ddp] wrote {out / 'ddp_check.md'} ({time.time() - start:.0f} s)")
     for (kind, np_), e in sorted(equality.items()):
-        label = f"{np_} GPUs" if np_ > 1 else "1 GPU, 2 accumulated halves"
+        label = f"{np_} GPUs" if np_ > 1 else "1 GPU" if kind == CAPTURED else "1 GPU, 2 accumulated halves"
         print(f"  equality {kind:8s} {label:28s} loss {e['loss_diff']:.1e}  grad {e['grad']:.1e}  update "
               f"{e['update']:.1e}  -> {'PASS' if e['pass'] else 'FAIL'} (tolerances {TOLERANCE['loss_diff']:g} / "
               f"{TOLERANCE['grad']:g} / {TOLERANCE['update']:g})")

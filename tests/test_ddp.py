@@ -9,6 +9,8 @@ worker script), run every scenario and report to the test process, whose tests c
   samples (float64) for GradMem, RMT and the full-context LMs (llama, gpt2, pythia, mamba).
 - no traffic inside WRITE: DDP's communication hook is never called during a forward (the inner per-sample
   gradients stay local to each process).
+- the captured training step (fast_step.CapturedTrainStep, its eager code here) averages gradients and loss over the
+  processes: its step on 2 processes equals one process's full-batch step.
 - the shared trainer (training.run_experiment) on 2 processes: eval metrics computed on exactly the eval set
   (an odd number of samples: no duplicated or dropped sample at the end), equal to one process's; checkpoints
   written once (by the main process; RNG states once per process); resume with the same number of processes.
@@ -176,6 +178,29 @@ def _gradient_checks(rank, world):
     return results
 
 
+def _captured_step_checks(rank, world):
+    """fast_step.CapturedTrainStep (its eager, sync-free code; the CUDA graph needs a GPU) with the gradients averaged
+    over the processes: one AdamW step of 2 processes with B/2 rows each equals one process's step with all B rows."""
+    import torch.distributed as dist
+
+    import training
+    from fast_step import CapturedTrainStep
+
+    def step(model, rows, group):
+        training.freeze_parameters_without_gradient(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        out = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, use_cuda_graph=False, process_group=group)(rows)
+        return out, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    batch = _memory_batch()
+    reference, reference_params = step(_build("gradmem", "second_paper"), batch, None)
+    out, params = step(_build("gradmem", "second_paper"), {k: v.chunk(world)[rank] for k, v in batch.items()},
+                       dist.group.WORLD)
+    return {"param_rel_error": _relative_error(params, reference_params),
+            "loss": float(out.loss), "loss_reference": float(reference.loss),
+            "grad_norm": float(out.grad_norm), "grad_norm_reference": float(reference.grad_norm)}
+
+
 def _trainer_checks(rank, world, work_dir: Path):
     """training.run_experiment on 2 processes: eval on exactly the eval set, checkpoints, resume."""
     import numpy as np
@@ -269,7 +294,8 @@ def worker(out_path: str) -> None:
     sys.path.insert(0, str(REPO))
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    report = {"world_size": world, "gradients": _gradient_checks(rank, world)}
+    report = {"world_size": world, "gradients": _gradient_checks(rank, world),
+              "captured_step": _captured_step_checks(rank, world)}
     report["trainer"] = _trainer_checks(rank, world, Path(out_path).parent)
     if rank == 0:
         Path(out_path).write_text(json.dumps(report))
@@ -330,6 +356,14 @@ def test_frozen_sets_per_gradient_mode(report):
 def test_without_freezing_ddp_fails(report):
     error = report["gradients"]["unfrozen_error"]
     assert error is not None and "reduction" in error
+
+
+def test_captured_step_averages_over_processes(report):
+    """fast_step's all-reduce: two processes with half the rows each take one process's full-batch step."""
+    r = report["captured_step"]
+    assert r["param_rel_error"] < 1e-12
+    assert r["loss"] == pytest.approx(r["loss_reference"], rel=1e-12)
+    assert r["grad_norm"] == pytest.approx(r["grad_norm_reference"], rel=1e-12)
 
 
 def test_no_communication_inside_write(report):
