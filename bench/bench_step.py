@@ -8,6 +8,8 @@ B of random tokens: context C tokens (no padding), query 16 tokens whose last 4 
 Rows (each optimisation alone, then together), for every context length C and batch size B:
     plain      the eager step as the trainer ran it before fast_step: transformers builds the masks (host syncs),
                torch AdamW (foreach), clip_grad_norm_          (attention: eager, exact_eager, fused_double_bwd)
+    ckpt       the plain step with activation checkpointing of the backbone layers (--use_gradient_checkpointing:
+               layer activations are recomputed in every backward, less memory, more time)
     sync-free  CapturedTrainStep(use_cuda_graph=False): static causal mask, capturable AdamW, in-graph skipping
     graph      CapturedTrainStep: the whole step recorded in a CUDA graph and replayed
     precision  fp32 (strict: TF32 off), tf32, bf16 (autocast, fp32 master weights)
@@ -41,13 +43,15 @@ from fast_step import CapturedTrainStep, autocast_for, precision_flags  # noqa: 
 from grad_memgpt import GradMemGPT, GradMemGPTConfig  # noqa: E402
 
 QUERY_LEN, LABELS = 16, 4
+MODES = ("plain", "ckpt", "sync-free", "graph")
 DEFAULT_ROWS = [
     "plain:eager:fp32", "plain:exact_eager:fp32", "plain:fused_double_bwd:fp32", "plain:eager:tf32",
     "plain:eager:bf16", "sync-free:eager:fp32", "graph:eager:fp32", "graph:exact_eager:fp32",
     "graph:fused_double_bwd:fp32", "graph:fused_double_bwd:tf32", "graph:eager:tf32", "graph:eager:bf16",
 ]
 LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_double_bwd:fp32",
-             "graph:fused_double_bwd:tf32"]
+             "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16", "ckpt:fused_double_bwd:tf32",
+             "ckpt:fused_double_bwd:bf16"]
 
 
 def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
@@ -87,13 +91,13 @@ def plain_step(model, optimizer, batch, precision, max_grad_norm=1.0):
 
 def run_row(row: str, base_state: dict, batch: dict, steps: int, warmup: int) -> dict:
     mode, attn, precision = row.split(":")
-    model = paper_kv_model(attn)
+    model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt")
     model.load_state_dict(base_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    if mode == "plain":
+    if mode in ("plain", "ckpt"):
         def step():
             return plain_step(model, optimizer, batch, precision)
     else:
@@ -231,8 +235,8 @@ def main(argv=None):
         raise SystemExit("bench_step.py needs a CUDA device")
     for row in args.rows:
         mode, attn, precision = (row.split(":") + ["", "", ""])[:3]
-        if mode not in ("plain", "sync-free", "graph") or precision not in ("fp32", "tf32", "bf16") or not attn:
-            raise SystemExit(f"bad row {row!r}: use mode:attention:precision, mode in plain/sync-free/graph, "
+        if mode not in MODES or precision not in ("fp32", "tf32", "bf16") or not attn:
+            raise SystemExit(f"bad row {row!r}: use mode:attention:precision, mode in {'/'.join(MODES)}, "
                              "precision in fp32/tf32/bf16")
     started = time.time()
     out = [header(args)]

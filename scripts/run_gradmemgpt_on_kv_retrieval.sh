@@ -34,7 +34,7 @@ for N in $SEEDS; do
         --base_model llama --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/ \
         --n_mem_tokens 8 --K 2 --last_K_second_order 2 --inner_lr 0.04 --use_adam false --grad_mode second \
         --n_ctrl_tokens 0 --use_write_head --add_inner_loss_to_outer --inner_loss_weight 0.5 \
-        --attn_implementation eager \
+        --attn_implementation auto \
         --per_device_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
         --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps "$MAX_STEPS" \
         --weight_decay 0.0 --max_grad_norm 1.0 \
