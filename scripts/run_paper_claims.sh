@@ -14,7 +14,8 @@
 #   bash scripts/run_paper_claims.sh                       # everything on GPU 0, one run after the other
 #   GPUS="0 1 2 3" bash scripts/run_paper_claims.sh        # one process per GPU, budgets balanced over the GPUs
 #   DRY_RUN=1 GPUS="1 2 3" bash scripts/run_paper_claims.sh   # print the plan and the commands, run nothing
-#   ONLY="gradmem rmt" NS="4 8" SEEDS=1 bash scripts/run_paper_claims.sh --max_steps 20   # a smoke test
+#   ONLY="gradmem rmt" NS="8 16" SEEDS=1 RUNS_DIR=runs/paper_claims_smoke RESULTS_DIR=/tmp/smoke \
+#       bash scripts/run_paper_claims.sh --max_steps 20   # a smoke test (its own folders: done runs are skipped)
 #
 # Environment (defaults in brackets):
 #   GPUS ["0"]  SEEDS ["1 2"]  SEEDS_ABLATION ["1"]  NS ["4 8 16"] (any of 4 8 16 32; 16 needs 8, 32 needs 16)

@@ -18,6 +18,9 @@ from training import (BackboneArgs, DataArgs, GradMemArgs, TrainArgs, gradmem_ru
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_paper_claims.sh"
+SCRIPT_SETTINGS = ("GPUS", "SEEDS", "SEEDS_ABLATION", "NS", "ONLY", "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32",
+                   "EVAL_STEPS", "MAX_EVAL_SAMPLES", "MAX_STEPS", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID",
+                   "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN")
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(.+)$")
 NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
           "run_rmt_on_kv_retrieval.py": (rmt.RMTArgs, rmt.default_run_name),
@@ -25,8 +28,7 @@ NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
 
 
 def run_script(*args, check=True, **env):
-    clean = {k: v for k, v in os.environ.items() if k not in (
-        "GPUS", "SEEDS", "SEEDS_ABLATION", "NS", "ONLY", "DRY_RUN", "RUNS_DIR", "RESULTS_DIR", "DATA_DIR", "DATA_SIZE")}
+    clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_SETTINGS}
     done = subprocess.run(["bash", str(SCRIPT), *args], env={**clean, **env}, capture_output=True, text=True,
                           timeout=300)
     if check:
