@@ -949,8 +949,8 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
 
 
 class StopAfterWallTime(TrainerCallback):
-    """Stop at the first evaluation after `minutes` of training (wall clock from the start of trainer.train()).
-    Checked at evaluations only, where the last checkpoint is saved too; under several processes the main process
+    """Stop at the first evaluation after `minutes` of training (wall clock from the start of trainer.train(), the
+    evaluations included; the evaluation at step 0 never stops a run). Checked at evaluations only, where the last checkpoint is saved too; under several processes the main process
     decides and broadcasts, so every process stops at the same step."""
 
     clock = staticmethod(time.monotonic)
@@ -963,7 +963,7 @@ class StopAfterWallTime(TrainerCallback):
         self.start = self.clock()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.start is None:  # an evaluation outside trainer.train()
+        if self.start is None or state.global_step == 0:  # outside trainer.train(), or the evaluation at the start
             return
         elapsed = self.clock() - self.start
         stop = [elapsed >= self.seconds]

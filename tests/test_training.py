@@ -337,9 +337,9 @@ def test_max_train_minutes_stops_at_the_first_evaluation_after_the_budget(tmp_pa
     args = _train_args(tmp_path, max_steps=20, eval_steps=2, report_to="none", max_train_minutes=2.5 / 60)
     metrics = run_experiment(args, model, tok, kv_splits(), MemoryModelCollator(tok), make_compute_metrics(tok),
                              data_name="kv_test")
-    # readings: start 0, evaluations at steps 0 (1 s), 2 (2 s), 4 (3 s >= 2.5 s: stop)
-    assert metrics["global_step"] == 4
-    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+    # readings: start 0, evaluations at steps 2 (1 s), 4 (2 s), 6 (3 s >= 2.5 s: stop); none at step 0
+    assert metrics["global_step"] == 6
+    assert (tmp_path / "run" / "checkpoint-6").is_dir()
     with pytest.raises(ValueError, match="max_train_minutes must be > 0"):
         _train_args(tmp_path, max_train_minutes=0).validate()
 
