@@ -101,6 +101,48 @@ def _query_ranges(start_n, Lq, causal_off, IS_CAUSAL: tl.constexpr, ANY_MASK: tl
 
 
 @triton.jit
+def _row_program(Q, KPM, MASK, stride_kpm_b, stride_mb, stride_mh, Hq, G, Lq, Lk, causal_off,
+                 IS_CAUSAL: tl.constexpr, ANY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Start of a query-parallel kernel (one program per query block and b * Hq + h): offsets, the key/value
+    head's offset kv_off, KPM and MASK moved to this batch row and head, the q tile, the key ranges to walk."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # b * Hq + h
+    b = bh // Hq
+    h = bh % Hq
+    bhk = b * (Hq // G) + h // G  # key/value head of this query head
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    row_in = offs_m[:, None] < Lq
+    q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+    full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, ANY_MASK, BLOCK_M, BLOCK_N)
+    return (bh, offs_m, offs_d, row_ptrs, row_in, bhk * Lk * HEAD_DIM, KPM + b * stride_kpm_b,
+            MASK + b * stride_mb + h * stride_mh, q, full_end, hi)
+
+
+@triton.jit
+def _col_program(K, V, KPM, stride_kpm_b, Hq, G, Lq, Lk, causal_off,
+                 IS_CAUSAL: tl.constexpr, ANY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Start of a key-parallel kernel (one program per key block and b * Hkv + hk): batch row b, key/value head hk,
+    offsets, KPM moved to row b, the k and v tiles, the query ranges to walk."""
+    start_n = tl.program_id(0)
+    bhk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
+    Hkv = Hq // G
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ptrs = bhk * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    col_in = offs_n[:, None] < Lk
+    k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
+    v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
+    lo, full_start = _query_ranges(start_n, Lq, causal_off, IS_CAUSAL, ANY_MASK, BLOCK_M, BLOCK_N)
+    return b, hk, offs_n, offs_d, col_ptrs, col_in, k, v, KPM + b * stride_kpm_b, lo, full_start
+
+
+@triton.jit
 def _fwd_tile(q, K, V, start_n, offs_m, offs_d, m_i, l_i, acc, Lq, Lk, causal_off, qk_scale,
               KPM, MASK, stride_mq, stride_mk,
               IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
@@ -129,25 +171,15 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, MASK,
                 Hq, G, Lq, Lk, causal_off, qk_scale, LQ_BUCKET,
                 IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # b * Hq + h
-    b = bh // Hq
-    h = bh % Hq
-    bhk = b * (Hq // G) + h // G  # key/value head of this query head
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    Q += bh * Lq * HEAD_DIM
-    K += bhk * Lk * HEAD_DIM
-    V += bhk * Lk * HEAD_DIM
-    KPM += b * stride_kpm_b
-    MASK += b * stride_mb + h * stride_mh
-    row_in = offs_m[:, None] < Lq
-    q = tl.load(Q + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_in, other=0.0)
+    bh, offs_m, offs_d, row_ptrs, row_in, kv_off, KPM, MASK, q, full_end, hi = _row_program(
+        Q, KPM, MASK, stride_kpm_b, stride_mb, stride_mh, Hq, G, Lq, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK,
+        HEAD_DIM, BLOCK_M, BLOCK_N)
+    K += kv_off
+    V += kv_off
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _fwd_tile(q, K, V, start_n, offs_m, offs_d, m_i, l_i, acc, Lq, Lk, causal_off, qk_scale,
                                   KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION,
@@ -159,8 +191,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, MASK,
     has_any = l_i > 0.0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
     lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("inf"))  # +inf: P = 0 everywhere
-    tl.store(O + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_in)
+    tl.store(O + row_ptrs, out.to(O.dtype.element_ty), mask=row_in)
     tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
@@ -191,26 +222,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, MASK,
                    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq = scale * dS k, dS = P * (dO v^T - D); one program per query block and query head."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
-    bhk = b * (Hq // G) + h // G
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    row_in = offs_m[:, None] < Lq
-    K += bhk * Lk * HEAD_DIM
-    V += bhk * Lk * HEAD_DIM
-    KPM += b * stride_kpm_b
-    MASK += b * stride_mb + h * stride_mh
-    q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+    bh, offs_m, offs_d, row_ptrs, row_in, kv_off, KPM, MASK, q, full_end, hi = _row_program(
+        Q, KPM, MASK, stride_kpm_b, stride_mb, stride_mh, Hq, G, Lq, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK,
+        HEAD_DIM, BLOCK_M, BLOCK_N)
+    K += kv_off
+    V += kv_off
     do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
     lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
         dq = _bwd_dq_tile(q, do, lse, delta, dq, K, V, start_n, offs_m, offs_d, Lq, Lk, causal_off, qk_scale,
                           KPM, MASK, stride_mq, stride_mk, IS_CAUSAL, HAS_KPM, HAS_MASK, PRECISION, HEAD_DIM,
@@ -255,21 +276,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, MASK,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dk = scale dS^T q, dv = P^T dO, summed over the G query heads of a key/value head; tiles are transposed
     ([keys, queries])."""
-    start_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
-    Hkv = Hq // G
-    b = bhk // Hkv
-    hk = bhk % Hkv
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ptrs = bhk * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    col_in = offs_n[:, None] < Lk
-    k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
-    v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
-    KPM += b * stride_kpm_b
+    b, hk, offs_n, offs_d, col_ptrs, col_in, k, v, KPM, lo, full_start = _col_program(
+        K, V, KPM, stride_kpm_b, Hq, G, Lq, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, HEAD_DIM, BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo, full_start = _query_ranges(start_n, Lq, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
@@ -336,19 +346,9 @@ def _bwd2_rows_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DQ2, DDO
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Double backward, query-parallel. REDUCE: pass 1, write beta and gamma. Otherwise: pass 2, write
     dq2 = scale (Sbar k + dS gk) and d dO = (P (Bbar - beta)) v + P gv."""
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
-    bhk = b * (Hq // G) + h // G
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    row_in = offs_m[:, None] < Lq
-    kv_off = bhk * Lk * HEAD_DIM
-    KPM += b * stride_kpm_b
-    MASK += b * stride_mb + h * stride_mh
-    q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
+    bh, offs_m, offs_d, row_ptrs, row_in, kv_off, KPM, MASK, q, full_end, hi = _row_program(
+        Q, KPM, MASK, stride_kpm_b, stride_mb, stride_mh, Hq, G, Lq, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK,
+        HEAD_DIM, BLOCK_M, BLOCK_N)
     do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
     gq = tl.load(GQ + row_ptrs, mask=row_in, other=0.0)
     row_ok = offs_m < Lq
@@ -368,7 +368,6 @@ def _bwd2_rows_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DQ2, DDO
         dq2 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         ddo = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
         acc_a, acc_b, acc_c, dq2, ddo = _bwd2_rows_tile(
             q, do, gq, lse, delta, beta, gamma, acc_a, acc_b, acc_c, dq2, ddo, K, V, GK, GV, kv_off, start_n, offs_m,
@@ -434,23 +433,12 @@ def _bwd2_cols_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DELTA, BETA, GAMMA, DK2, DV2
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Double backward pass 3, key-parallel (transposed tiles [keys, queries]), summed over the G query heads:
     dk2 = scale (Sbar^T q + dS^T gq), dv2 = (P (Bbar - beta))^T dO."""
-    start_n = tl.program_id(0)
-    bhk = tl.program_id(1).to(tl.int64)
-    Hkv = Hq // G
-    b = bhk // Hkv
-    hk = bhk % Hkv
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ptrs = bhk * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    col_in = offs_n[:, None] < Lk
-    k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
-    v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
+    b, hk, offs_n, offs_d, col_ptrs, col_in, k, v, KPM, lo, full_start = _col_program(
+        K, V, KPM, stride_kpm_b, Hq, G, Lq, Lk, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, HEAD_DIM, BLOCK_M, BLOCK_N)
     gk = tl.load(GK + col_ptrs, mask=col_in, other=0.0)
     gv = tl.load(GV + col_ptrs, mask=col_in, other=0.0)
-    KPM += b * stride_kpm_b
     dk2 = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv2 = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo, full_start = _query_ranges(start_n, Lq, causal_off, IS_CAUSAL, HAS_KPM or HAS_MASK, BLOCK_M, BLOCK_N)
     for g in range(0, G):
         h = hk * G + g
         bh = b * Hq + h
