@@ -107,8 +107,16 @@ def main(argv=None):
                         help="allow TF32 for float32 (torch.backends.cuda.matmul); runs the float32 cases only")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th case starting at i (parallel compiles)")
     args = parser.parse_args(argv)
-    device = "cuda" if args.suite == "gpu" else "cpu"
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    try:  # restore the flag: main() also runs inside pytest, where later tests expect strict fp32
+        return _run_suite(args)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+
+
+def _run_suite(args) -> int:
+    device = "cuda" if args.suite == "gpu" else "cpu"
     suite = INTERPRET_SUITE if args.suite == "interpret" else GPU_SUITE
     if args.tf32:
         suite = [case for case in suite if case[6] == torch.float32]
