@@ -37,12 +37,16 @@ are averaged with one NCCL all-reduce of a flat buffer, recorded inside the grap
 hooks: the model is run unwrapped); clipping, the finite check and AdamW then see the same numbers on every process.
 WRITE's inner gradients stay local to each process.
 
+Measured on 2 H100s (bench/check_ddp.py): the captured step with its in-graph NCCL all-reduce, each GPU with half
+the batch, equals the eager one-GPU step (gradient 2.1e-7, update 3.3e-5 relative error, the round-off of splitting
+the batch). Recording it for a model that DDP has wrapped fails (DDP keeps AccumulateGrad nodes of the default
+stream alive), so the trainer does not use it under DDP yet.
+
 In the trainer (training.GradMemTrainer, `--fast_step auto`, the default) every training step goes through a
-CapturedTrainStep on CUDA, on one GPU or under DDP with the NCCL backend; the HF loop's own clipping and optimizer
-step are then skipped for that step, the scheduler keeps setting the learning rate, and skipped steps are counted
-per step (one host read of the finite flag) so `--max_consecutive_skipped_steps` still stops a diverging run.
-Without CUDA, with gradient accumulation, write LoRA or gradient checkpointing, the trainer logs why and runs the
-eager step unchanged.
+CapturedTrainStep on one CUDA device; the HF loop's own clipping and optimizer step are then skipped for that step,
+the scheduler keeps setting the learning rate, and skipped steps are counted per step (one host read of the finite
+flag) so `--max_consecutive_skipped_steps` still stops a diverging run. Without CUDA, with several processes (DDP),
+gradient accumulation, write LoRA or gradient checkpointing, the trainer logs why and runs the eager step unchanged.
 Measured (bench/results/step_h100.md, one H100, C=128, B=64): 31.5 ms per step in strict fp32 instead of ~116 ms,
 gradients equal to the eager step to 1e-8; TF32 ~21-25 ms, bf16 ~23 ms.
 """
@@ -72,12 +76,15 @@ def precision_flags(precision: str):
     """TF32 on for "tf32", off for "fp32" and "bf16" (matmuls and cuDNN); restores the previous flags."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    # torch's fp32_precision API: reading the legacy allow_tf32 flags raises once anything (e.g. the HF Trainer's
+    # tf32=True) has used the new one.
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def autocast_for(precision: str, device_type: str = "cuda"):

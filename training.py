@@ -1035,6 +1035,11 @@ class GradMemTrainer(Trainer):
         guard = self._step_guard()
         if self.fast_step_mode == "off":
             problem = "--fast_step off"
+        elif self.args.world_size > 1:
+            # CapturedTrainStep(process_group=...) averages gradients inside the graph and equals one GPU's step
+            # (bench/check_ddp.py), but recording it for a model that DDP has wrapped fails on the GPU: DDP keeps the
+            # parameters' AccumulateGrad nodes of the default stream alive, and the capture stream may not wait on it.
+            problem = f"{self.args.world_size} processes: the model is wrapped in DDP, which cannot be recorded"
         elif guard is None:
             problem = "the optimizer is not NonFiniteStepSkippingAdamW"
         else:
@@ -1045,13 +1050,10 @@ class GradMemTrainer(Trainer):
             logger.warning("fast step off (%s): training steps run eagerly", problem)
             return None
         precision = "bf16" if self.args.bf16 else "tf32" if self.args.tf32 else "fp32"
-        group = torch.distributed.group.WORLD if self.args.world_size > 1 else None  # gradients averaged in the graph
         self._fast_step = CapturedTrainStep(self.accelerator.unwrap_model(model), guard,
-                                            max_grad_norm=self.args.max_grad_norm, precision=precision,
-                                            process_group=group)
+                                            max_grad_norm=self.args.max_grad_norm, precision=precision)
         logger.warning("fast step on: each training step is recorded once per input shape in a CUDA graph and "
-                       "replayed (precision %s, %d process(es); --fast_step off for eager steps)", precision,
-                       self.args.world_size)
+                       "replayed (precision %s; --fast_step off for eager steps)", precision)
         return self._fast_step
 
     def _clip_grad_norm(self, model):

@@ -17,7 +17,8 @@ differentiable twice:
 
 Inputs: q [B, Hq, Lq, D], k, v [B, Hkv, Lk, D] (Hq a multiple of Hkv: grouped-query attention without repeating
 k/v), D in {16, 32, 64, 128}, float32 / bfloat16 / float16, any Lq and Lk (tails are masked in the kernels).
-float32 uses IEEE fp32 dot products unless `torch.backends.cuda.matmul.allow_tf32` is True, then TF32.
+float32 uses IEEE fp32 dot products unless `torch.backends.cuda.matmul.fp32_precision` is "tf32" (what the legacy
+`allow_tf32 = True` also sets), then TF32.
 Masks: `is_causal` (bottom-right aligned: key j visible to query i iff j <= i + Lk - Lq), `key_padding_mask`
 [B, Lk] bool (True = real key), `attn_mask` bool broadcastable to [B, Hq, Lq, Lk] (True = attend; loaded tile by
 tile, never expanded). Rows that see no key give 0 and zero gradients. A third derivative raises.
@@ -526,7 +527,7 @@ class _Meta:
         self.causal_off = self.Lk - Lq
         self.sm_scale = float(scale)
         self.qk_scale = float(scale) * LOG2E
-        allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        allow_tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision == "tf32"
         self.precision = "tf32" if allow_tf32 else "ieee"
         self.lq_bucket = 1 << max(Lq - 1, 0).bit_length()
         self.has_kpm, self.has_mask = key_padding_mask is not None, attn_mask is not None

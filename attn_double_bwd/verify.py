@@ -104,15 +104,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=["interpret", "gpu"], required=True)
     parser.add_argument("--tf32", action="store_true",
-                        help="allow TF32 for float32 (torch.backends.cuda.matmul); runs the float32 cases only")
+                        help="allow TF32 for float32 (torch.backends.cuda.matmul.fp32_precision); runs the float32 cases only")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th case starting at i (parallel compiles)")
     args = parser.parse_args(argv)
-    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    matmul = torch.backends.cuda.matmul
+    saved_precision = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if args.tf32 else "ieee"
     try:  # restore the flag: main() also runs inside pytest, where later tests expect strict fp32
         return _run_suite(args)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
+        matmul.fp32_precision = saved_precision
 
 
 def _run_suite(args) -> int:

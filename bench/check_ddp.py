@@ -166,8 +166,7 @@ def worker(work: Path, steps: int, warmup: int, cpu: bool, fast_step: str) -> No
 
     import training
 
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"  # strict fp32
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     world, rank = accelerator.num_processes, accelerator.process_index
     tokenizer = training.load_tokenizer(training.BackboneArgs())
@@ -329,8 +328,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="smoke test of this script on the CPU (gloo processes; the numbers mean nothing)")
     parser.add_argument("--fast_step", choices=("auto", "off"), default="auto",
-                        help="the trainer's --fast_step for the throughput runs (auto: the captured CUDA-graph step, "
-                             "on one GPU and under DDP; off: eager steps)")
+                        help="the trainer's --fast_step for the throughput runs (auto: the captured CUDA-graph step on "
+                             "one GPU; several processes run eager DDP steps; off: eager steps)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -264,9 +264,9 @@ def test_triton_kernels_under_interpreter_match_float64_reference():
 def test_triton_kernels_on_gpu_match_float64_reference(tf32):
     from attn_double_bwd.verify import main
 
-    before = torch.backends.cuda.matmul.allow_tf32
+    before = torch.backends.cuda.matmul.fp32_precision
     assert main(["--suite", "gpu"] + (["--tf32"] if tf32 else [])) == 0
-    assert torch.backends.cuda.matmul.allow_tf32 == before  # later tests run in the precision they expect
+    assert torch.backends.cuda.matmul.fp32_precision == before  # later tests run in the precision they expect
 
 
 @pytest.mark.gpu

@@ -121,6 +121,22 @@ def test_non_finite_step_is_skipped_without_a_trace():
     assert float(opt.state_dict()["state"][0]["step"]) == 2.0  # skipped steps do not count
 
 
+def test_precision_flags_coexist_with_the_fp32_precision_api():
+    """The HF Trainer's tf32=True sets torch's new fp32_precision API, after which reading the legacy allow_tf32
+    raises: precision_flags must work through the new API and restore what it found."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with fast_step.precision_flags("fp32"):
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        with fast_step.precision_flags("tf32"):
+            assert matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+
+
 def test_fallback_reasons_and_errors():
     model = tiny_model()
     if not torch.cuda.is_available():
