@@ -190,7 +190,7 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dtype_name in args.dtypes:
-        torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if dtype_name == "tf32" else "ieee"
         dtype = DTYPES[dtype_name]
         for L in args.lengths:
             for impl in args.impls:
@@ -228,7 +228,7 @@ def main(argv=None):
 
     breakdown = []
     if args.breakdown:
-        torch.backends.cuda.matmul.allow_tf32 = args.dtypes[0] == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if args.dtypes[0] == "tf32" else "ieee"
         breakdown = ["", f"Fused kernels one by one ({args.dtypes[0]}, ms):", "",
                      "| L | " + " | ".join(["fwd", "bwd (dk dv + dq)", "dbwd pass 1 (beta, gamma)",
                                               "dbwd pass 2 (dq2, d dO)", "dbwd pass 3 (dk2, dv2)"]) + " |",
@@ -253,7 +253,7 @@ def main(argv=None):
         f"- shape: batch {B}, {Hq} query heads, {Hkv} key/value heads, head_dim {D}; "
         f"GRADMEM_ATTN_AUTOTUNE={os.environ.get('GRADMEM_ATTN_AUTOTUNE', '0')}",
         f"- dense bf16 matmul (8192^3, torch) on this card in this run: {mm:.0f} TFLOP/s",
-        "- tf32 = float32 inputs with torch.backends.cuda.matmul.allow_tf32 on (torch matmuls and the fused kernels)",
+        "- tf32 = float32 inputs with torch.backends.cuda.matmul.fp32_precision = 'tf32' (torch matmuls and the fused kernels)",
         "",
     ]
     text = "\n".join(header + lines + breakdown) + "\n"
