@@ -271,24 +271,17 @@ class CapturedTrainStep:
 
     def _average_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
         """Average every parameter's gradient (zeros where a process has none) and the loss over the process group
-        with one all-reduce per dtype of a flat buffer, as DDP does. Returns the averaged loss."""
+        with one all-reduce of a flat buffer (torch.cat promotes to the widest dtype), as DDP does. Returns the
+        averaged loss."""
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        by_dtype = {}
-        for p in self.params:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        by_dtype.setdefault(loss.dtype, [])
-        for dtype, grads in by_dtype.items():
-            parts = grads + ([loss.detach().reshape(1)] if dtype == loss.dtype else [])
-            flat = torch.cat([g.reshape(-1) for g in parts]).div_(self.world_size)
-            torch.distributed.all_reduce(flat, group=self.process_group)
-            values = flat.split([g.numel() for g in parts])
-            if grads:
-                torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(values, grads)])
-            if dtype == loss.dtype:
-                loss = values[-1].reshape(())
-        return loss
+        grads = [p.grad for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1)])
+        torch.distributed.all_reduce(flat.div_(self.world_size), group=self.process_group)
+        values = flat.split([g.numel() for g in grads] + [1])
+        torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(values, grads)])
+        return values[-1].reshape(()).to(loss.dtype)
 
     def _shape_key(self, batch: dict) -> tuple:
         missing = [n for n in INPUT_NAMES if batch.get(n) is None]
