@@ -48,7 +48,7 @@ the scheduler keeps setting the learning rate, and skipped steps are counted per
 flag) so `--max_consecutive_skipped_steps` still stops a diverging run. Without CUDA, with several processes (DDP),
 gradient accumulation, write LoRA or gradient checkpointing, the trainer logs why and runs the eager step unchanged.
 Measured (bench/results/step_h100.md, one H100, C=128, B=64): 31.5 ms per step in strict fp32 instead of ~116 ms,
-gradients equal to the eager step to 1e-8; TF32 ~21-25 ms, bf16 ~23 ms.
+gradients equal to the eager step to 1e-8; TF32 ~21-25 ms, bf16 18-23 ms (step_h100_long_context.md).
 """
 import contextlib
 import logging
