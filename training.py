@@ -950,8 +950,9 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
 
 class StopAfterWallTime(TrainerCallback):
     """Stop at the first evaluation after `minutes` of training (wall clock from the start of trainer.train(), the
-    evaluations included; the evaluation at step 0 never stops a run). Checked at evaluations only, where the last checkpoint is saved too; under several processes the main process
-    decides and broadcasts, so every process stops at the same step."""
+    evaluations included; the evaluation at step 0 never stops a run). Checked at evaluations only, where the last
+    checkpoint is saved too; under several processes the main process decides and broadcasts, so every process stops
+    at the same step."""
 
     clock = staticmethod(time.monotonic)
 
@@ -1044,8 +1045,7 @@ class GradMemTrainer(Trainer):
             problem = "the optimizer is not NonFiniteStepSkippingAdamW"
         else:
             problem = fast_path_problem(self.accelerator.unwrap_model(model), guard,
-                                        gradient_accumulation_steps=self.args.gradient_accumulation_steps,
-                                        world_size=self.args.world_size)
+                                        gradient_accumulation_steps=self.args.gradient_accumulation_steps)
         if problem is not None:
             logger.warning("fast step off (%s): training steps run eagerly", problem)
             return None
