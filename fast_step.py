@@ -39,14 +39,21 @@ WRITE's inner gradients stay local to each process.
 
 Measured on 2 H100s (bench/check_ddp.py): the captured step with its in-graph NCCL all-reduce, each GPU with half
 the batch, equals the eager one-GPU step (gradient 2.1e-7, update 3.3e-5 relative error, the round-off of splitting
-the batch). Recording it for a model that DDP has wrapped fails (DDP keeps AccumulateGrad nodes of the default
-stream alive), so the trainer does not use it under DDP yet.
+the batch).
+A model that DDP has wrapped can be trained this way too (the step runs the unwrapped module, so DDP's hooks stay
+idle), with one condition: DDP's reducer keeps every parameter's AccumulateGrad node alive, and that node remembers
+the stream current when DDP was built. Recording on a different stream then fails (cudaErrorStreamCaptureImplicit).
+So build the DDP wrapper and run the steps inside one `with torch.cuda.stream(s):` (s not the default stream):
+CapturedTrainStep warms up and records on the caller's stream whenever that is not the default stream.
+training.GradMemTrainer does this under several processes.
 
 In the trainer (training.GradMemTrainer, `--fast_step auto`, the default) every training step goes through a
 CapturedTrainStep on one CUDA device; the HF loop's own clipping and optimizer step are then skipped for that step,
 the scheduler keeps setting the learning rate, and skipped steps are counted per step (one host read of the finite
-flag) so `--max_consecutive_skipped_steps` still stops a diverging run. Without CUDA, with several processes (DDP),
-gradient accumulation, write LoRA or gradient checkpointing, the trainer logs why and runs the eager step unchanged.
+flag) so `--max_consecutive_skipped_steps` still stops a diverging run. Under several processes (DDP) the step
+averages over torch.distributed's WORLD group, and the trainer runs its training loop on a side stream (see above).
+Without CUDA, with gradient accumulation, write LoRA or gradient checkpointing, the trainer logs why and runs the eager
+step unchanged.
 Measured (bench/results/step_h100.md, one H100, C=128, B=64): 31.5 ms per step in strict fp32 instead of ~116 ms,
 gradients equal to the eager step to 1e-8; TF32 ~21-25 ms, bf16 18-23 ms (step_h100_long_context.md).
 """
@@ -293,12 +300,18 @@ class CapturedTrainStep:
         static = {n: batch[n].to(self.device, copy=True) for n in INPUT_NAMES}
         snapshot = self._snapshot()
         counters = [(t, t.clone()) for t in (self._skipped, self._consecutive, self._longest_run)]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        current = torch.cuda.current_stream(self.device)
+        # Warm up and record on a side stream, as CUDA graphs need. If the caller already runs on one (the trainer
+        # under DDP does: see the module docstring), use it: autograd nodes that outlive a step, such as the
+        # AccumulateGrad nodes DDP keeps, remember the stream they were made on, and a backward recorded on another
+        # stream would make that stream wait on the capture (cudaErrorStreamCaptureImplicit).
+        on_side_stream = current != torch.cuda.default_stream(self.device)
+        side = current if on_side_stream else torch.cuda.Stream(self.device)
+        side.wait_stream(current)
         with torch.cuda.stream(side):
             for _ in range(self.warmup):  # also creates the AdamW state, so it is not created inside the graph
                 self._body(**static)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        current.wait_stream(side)
         self._restore(snapshot)  # undo the warm-up's updates of parameters, AdamW state and skip counters
         with torch.no_grad():
             for live, saved in counters:
@@ -306,7 +319,8 @@ class CapturedTrainStep:
         for p in self.params:
             p.grad = None
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode=self.capture_error_mode):
+        with torch.cuda.graph(graph, stream=side if on_side_stream else None,
+                              capture_error_mode=self.capture_error_mode):
             packed, names = self._body(**static)
         self._graphs[key] = (graph, static, packed, names)
         logger.info("fast_step: recorded a CUDA graph for input shapes %s (%s)",

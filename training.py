@@ -1009,6 +1009,24 @@ class GradMemTrainer(Trainer):
         self._fast_step = None  # fast_step.CapturedTrainStep once decided on
         self._fast_step_decided = False
         self._fast_grad_norm = None
+        self._training_stream = None  # the CUDA stream train() runs on under several processes
+
+    def train(self, *args, **kwargs):
+        """Under several processes with the captured step possible, the whole training loop (DDP's construction
+        included) runs on one side stream: DDP keeps each parameter's AccumulateGrad node, which remembers the stream
+        it was made on, and CapturedTrainStep can only record a backward through those nodes on that same stream
+        (on a side stream, not the default one). See fast_step's module docstring."""
+        if not (self.fast_step_mode != "off" and self.args.world_size > 1 and torch.cuda.is_available()
+                and self.args.device.type == "cuda"):
+            return super().train(*args, **kwargs)
+        default = torch.cuda.current_stream(self.args.device)
+        self._training_stream = torch.cuda.Stream(self.args.device)
+        self._training_stream.wait_stream(default)
+        try:
+            with torch.cuda.stream(self._training_stream):
+                return super().train(*args, **kwargs)
+        finally:
+            default.wait_stream(self._training_stream)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         return super().create_scheduler(int(num_training_steps / 0.9), optimizer)
@@ -1036,22 +1054,24 @@ class GradMemTrainer(Trainer):
         guard = self._step_guard()
         if self.fast_step_mode == "off":
             problem = "--fast_step off"
-        elif self.args.world_size > 1:
-            # CapturedTrainStep(process_group=...) averages gradients inside the graph and equals one GPU's step
-            # (bench/check_ddp.py), but recording it for a model that DDP has wrapped fails on the GPU: DDP keeps the
-            # parameters' AccumulateGrad nodes of the default stream alive, and the capture stream may not wait on it.
-            problem = f"{self.args.world_size} processes: the model is wrapped in DDP, which cannot be recorded"
         elif guard is None:
             problem = "the optimizer is not NonFiniteStepSkippingAdamW"
         else:
             problem = fast_path_problem(self.accelerator.unwrap_model(model), guard,
-                                        gradient_accumulation_steps=self.args.gradient_accumulation_steps)
+                                        gradient_accumulation_steps=self.args.gradient_accumulation_steps,
+                                        world_size=self.args.world_size)
+            if problem is None and self.args.world_size > 1 and self._training_stream is None:
+                problem = "several processes, but the step is not taken inside GradMemTrainer.train (no side stream)"
         if problem is not None:
             logger.warning("fast step off (%s): training steps run eagerly", problem)
             return None
         precision = "bf16" if self.args.bf16 else "tf32" if self.args.tf32 else "fp32"
+        # Several processes: the step averages gradients and loss over WORLD itself (one all-reduce inside the graph)
+        # and runs the unwrapped model, so DDP's hooks stay idle.
+        group = torch.distributed.group.WORLD if self.args.world_size > 1 else None
         self._fast_step = CapturedTrainStep(self.accelerator.unwrap_model(model), guard,
-                                            max_grad_norm=self.args.max_grad_norm, precision=precision)
+                                            max_grad_norm=self.args.max_grad_norm, precision=precision,
+                                            process_group=group)
         logger.warning("fast step on: each training step is recorded once per input shape in a CUDA graph and "
                        "replayed (precision %s; --fast_step off for eager steps)", precision)
         return self._fast_step

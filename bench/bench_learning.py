@@ -129,6 +129,17 @@ def exact_match(model, data: dict, ignore_ids: torch.Tensor, batch_size: int = 5
     return float(correct) / max(int(total), 1)
 
 
+def learning_rate_at(step: int, peak: float, warmup: int, decay_steps: int = 0, min_ratio: float = 0.1) -> float:
+    """The outer lr of a stage's `step` (0-based): linear warmup to `peak` over `warmup` steps, then constant
+    (decay_steps 0) or a linear decay to min_ratio * peak over `decay_steps` steps, constant after that."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if decay_steps <= 0:
+        return peak
+    done = min(1.0, (step - warmup) / decay_steps)
+    return peak * (1.0 - (1.0 - min_ratio) * done)
+
+
 def parse_stages(items, target):
     stages = []
     for i, item in enumerate(items):
@@ -145,6 +156,13 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--warmup_steps", type=int, default=300, help="linear warmup of the first stage")
     parser.add_argument("--stage_warmup_steps", type=int, default=100, help="linear warmup of every later stage")
+    parser.add_argument("--stage_learning_rate", type=float, default=None,
+                        help="outer lr of every stage after the first (default: --learning_rate)")
+    parser.add_argument("--stage_decay_steps", type=int, default=0,
+                        help="later stages: after the warmup, decay the lr linearly to --min_lr_ratio of it over this "
+                             "many steps (0: constant)")
+    parser.add_argument("--min_lr_ratio", type=float, default=0.1)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--K", type=int, default=2)
     parser.add_argument("--inner_lr", type=float, default=0.04)
@@ -158,9 +176,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out_prefix", default=None, help="writes PREFIX.md, PREFIX.png and PREFIX.jsonl")
     args = parser.parse_args(argv)
+    if args.stage_decay_steps < 0 or not 0 <= args.min_lr_ratio <= 1 or not 0 < args.adam_beta2 < 1:
+        parser.error("need --stage_decay_steps >= 0, 0 <= --min_lr_ratio <= 1 and 0 < --adam_beta2 < 1")
     if not torch.cuda.is_available():
         raise SystemExit("bench_learning.py needs a CUDA device")
     stages = parse_stages(args.stages, args.target)
+    if args.stage_learning_rate is None:
+        args.stage_learning_rate = args.learning_rate
     started = time.time()
     tokenizer = kv_dataset_utils.load_kv_tokenizer(62)
     ignore_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("!", "|")], device="cuda")
@@ -175,12 +197,13 @@ def main(argv=None):
         check_against_collator(train)
         valid = {k: v.cuda() for k, v in KVStream(n_pairs, tokenizer, seed=0, stream=kv_dataset_utils.VALID_STREAM,
                                                     batch_size=args.batch_size).take(args.eval_samples).items()}
-        optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
-        warmup = args.warmup_steps if index == 0 else args.stage_warmup_steps
+        peak, warmup, decay = (args.learning_rate, args.warmup_steps, 0) if index == 0 else (
+            args.stage_learning_rate, args.stage_warmup_steps, args.stage_decay_steps)
+        optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, args.adam_beta2))
         step_fn = CapturedTrainStep(model, optimizer, max_grad_norm=args.max_grad_norm, precision=args.precision)
         step, em = 0, 0.0
         while True:
-            lr = args.learning_rate * min(1.0, (step + 1) / max(warmup, 1))
+            lr = learning_rate_at(step, peak, warmup, decay, args.min_lr_ratio)
             optimizer.param_groups[0]["lr"] = lr
             out = step_fn(train.next_batch())
             step += 1
@@ -190,7 +213,7 @@ def main(argv=None):
                     em = exact_match(model, valid, ignore_ids)
                 wall = time.time() - started
                 record = {"stage": index, "N": n_pairs, "step": step, "total_steps": total_steps, "wall_s": wall,
-                          "exact_match": em, "loss": out.loss.item(), **step_fn.skip_counts()}
+                          "exact_match": em, "loss": out.loss.item(), "lr": lr, **step_fn.skip_counts()}
                 log.append(record)
                 print(json.dumps(record), flush=True)
                 if em >= args.target and n_pairs not in reached:
@@ -211,8 +234,12 @@ def write_results(args, stages, log, reached, started):
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; git commit "
              f"{os.environ.get('GIT_COMMIT', '?')}",
              f"- command: `python {' '.join(sys.argv)}`",
-             f"- recipe: batch {args.batch_size}, AdamW lr {args.learning_rate:g} (warmup {args.warmup_steps}, later "
-             f"stages {args.stage_warmup_steps}, then constant), clip {args.max_grad_norm:g}, K={args.K}, inner lr "
+             f"- recipe: batch {args.batch_size}, AdamW (betas 0.9, {args.adam_beta2:g}) lr {args.learning_rate:g} "
+             f"(warmup {args.warmup_steps}, then constant); later stages lr {args.stage_learning_rate:g} (warmup "
+             f"{args.stage_warmup_steps}, then "
+             + (f"linear decay to {args.min_lr_ratio:g}x over {args.stage_decay_steps} steps" if args.stage_decay_steps
+                else "constant")
+             + f"), clip {args.max_grad_norm:g}, K={args.K}, inner lr "
              f"{args.inner_lr:g}, {args.n_mem_tokens} memory tokens, attention {args.attn_implementation}, "
              f"precision {args.precision}; stages {', '.join(f'N{n} until EM >= {t:g}' for n, t in stages)}",
              f"- wall time counts everything from the first step (data, graph recording, compilation, evaluation "

@@ -13,7 +13,9 @@
    1e-4, because Adam's first step divides every gradient element by its own magnitude (update ~ lr g / (|g| +
    1e-8)), so elements with |g| near 1e-8 pass their round-off to the update undamped. For scale, the table also
    gives the errors of the same step on one GPU run as two accumulated micro-batches of B/2 (the same arithmetic
-   as DDP, without any communication).
+   as DDP, without any communication). And the trainer itself (training.run_experiment, as in 2.): 3 steps on a
+   train set of exactly 64 samples at total batch 64, on NP GPUs against one GPU (same samples in every step, any
+   data order), compared by the mean logged training loss and the parameter change.
 2. Throughput of the paper preset through the project's trainer (training.run_experiment: dataloader workers,
    DDP, AdamW, gradient clipping) on 1, 2, 4 and 8 GPUs, as many as there are: weak scaling (64 samples per GPU,
    total 64 x NP) and strong scaling (total 64, 64 / NP per GPU); median time between step starts over --steps
@@ -43,6 +45,8 @@ BATCH = 64
 TOLERANCE = {"loss_diff": 1e-5, "grad": 1e-5, "update": 1e-4}
 MODELS = ("gradmem", "rmt")
 CAPTURED = "gradmem_captured"  # the GradMem step through fast_step.CapturedTrainStep, compared with one eager GPU
+TRAINER = "gradmem_trainer"  # TRAINER_STEPS steps through the project's trainer, compared with the trainer on one GPU
+TRAINER_STEPS = 3
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +143,24 @@ class StepTimer(TrainerCallback):
         return intervals[warmup:]
 
 
-def throughput(kind, tokenizer, splits, accelerator, per_device, steps, warmup, run_dir, fast_step):
+class StateAfterSteps(TrainerCallback):
+    """The trainable parameters right after the optimizer step of step `steps`, and the logged training loss."""
+
+    def __init__(self, steps: int):
+        self.steps, self.params, self.loss = steps, None, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.steps:
+            self.params = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and self.loss is None:
+            self.loss = logs["loss"]
+
+
+def train_preset(kind, tokenizer, splits, accelerator, per_device, max_steps, run_dir, fast_step, callback):
+    """The paper preset through training.run_experiment (the trainer's DDP, captured step, AdamW, clipping): fp32,
+    TF32 off, model from seed 0, lr schedule constant, one training-loss log over all `max_steps` steps."""
     import training
 
     world = accelerator.num_processes
@@ -147,16 +168,34 @@ def throughput(kind, tokenizer, splits, accelerator, per_device, steps, warmup, 
     model = build(kind, tokenizer)
     args = training.TrainArgs(
         exp_path=str(run_dir), overwrite=True, per_device_batch_size=per_device, total_batch_size=per_device * world,
-        max_steps=warmup + steps, eval_steps=10 * (warmup + steps), logging_steps=warmup + steps, warmup_steps=0,
-        max_eval_samples=BATCH, report_to="none", early_stopping_patience=0, stop_metric_value=None, fp32=True,
-        use_cpu=not torch.cuda.is_available(), fast_step=fast_step)
+        max_steps=max_steps, eval_steps=10 * max_steps, logging_steps=max_steps, warmup_steps=0,
+        lr_scheduler_type="constant", max_eval_samples=BATCH, report_to="none", early_stopping_patience=0,
+        stop_metric_value=None, fp32=True, use_cpu=not torch.cuda.is_available(), fast_step=fast_step)
     args.validate()
-    timer = StepTimer()
+    before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     training.run_experiment(args, model, tokenizer, splits, training.MemoryModelCollator(tokenizer),
                             training.make_compute_metrics(tokenizer), data_name=DATA_NAME,
-                            extra_callbacks=[timer])
+                            extra_callbacks=[callback])
+    return before
+
+
+def trainer_steps(tokenizer, splits, accelerator, run_dir, fast_step):
+    """TRAINER_STEPS steps of GradMem through the trainer on a train set of exactly BATCH samples with total batch
+    BATCH: every step averages over the same samples whatever the data order and the split over processes, so the
+    update must equal one GPU's. Returns (mean logged training loss, parameter update on the CPU)."""
+    world = accelerator.num_processes
+    state = StateAfterSteps(TRAINER_STEPS)
+    one_batch = dict(splits, train=splits["train"].select(range(BATCH)))
+    before = train_preset("gradmem", tokenizer, one_batch, accelerator, BATCH // world, TRAINER_STEPS, run_dir,
+                          fast_step, state)
+    return state.loss, {n: state.params[n] - before[n] for n in state.params}
+
+
+def throughput(kind, tokenizer, splits, accelerator, per_device, steps, warmup, run_dir, fast_step):
+    timer = StepTimer()
+    train_preset(kind, tokenizer, splits, accelerator, per_device, warmup + steps, run_dir, fast_step, timer)
     times = timer.step_times(warmup)
-    return {"per_device": per_device, "total": per_device * world, "step_ms": 1000 * statistics.median(times),
+    return {"per_device": per_device, "total": per_device * accelerator.num_processes, "step_ms": 1000 * statistics.median(times),
             "step_ms_min": 1000 * min(times), "step_ms_max": 1000 * max(times), "n_steps": len(times)}
 
 
@@ -190,6 +229,10 @@ def worker(work: Path, steps: int, warmup: int, cpu: bool, fast_step: str) -> No
     if rank == 0:
         torch.save({"grads": grads, "update": update}, work / f"step_{CAPTURED}_np{world}.pt")
     del grads, update
+    loss, update = trainer_steps(tokenizer, splits, accelerator, work / "runs" / f"np{world}_trainer", fast_step)
+    result["equality"][TRAINER] = {"loss": loss}
+    if rank == 0:
+        torch.save({"grads": {}, "update": update}, work / f"step_{TRAINER}_np{world}.pt")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -218,20 +261,23 @@ def relative_error(a: dict, b: dict) -> float:
 
 def compare(work: Path, kind: str, np_: int, results: dict) -> dict:
     """Errors of `kind` on np_ processes (np_ = 1: two accumulated halves; the captured step: itself on one GPU)
-    against the eager one-GPU step of the same model."""
-    base = "gradmem" if kind == CAPTURED else kind
+    against the eager one-GPU step of the same model; the trainer's steps against the trainer on one GPU (np_ > 1
+    only; no gradients kept)."""
+    base = {CAPTURED: "gradmem", TRAINER: TRAINER}.get(kind, kind)
     reference = torch.load(work / f"step_{base}_np1.pt")
     if kind == CAPTURED or np_ > 1:
         other, loss = torch.load(work / f"step_{kind}_np{np_}.pt"), results[np_]["equality"][kind]["loss"]
     else:
         other, loss = torch.load(work / f"step_{kind}_np1_acc2.pt"), results[1]["equality"][kind]["loss_accumulated"]
     loss_ref = results[1]["equality"][base]["loss"]
-    if sorted(reference["grads"]) != sorted(other["grads"]):
+    if sorted(reference["update"]) != sorted(other["update"]):
         raise RuntimeError(f"{kind}: the trained parameters differ between 1 and {np_} processes")
     errors = {"loss_diff": abs(loss - loss_ref) / abs(loss_ref),
-              "grad": relative_error(other["grads"], reference["grads"]),
               "update": relative_error(other["update"], reference["update"])}
-    return {"loss_ref": loss_ref, "loss": loss, **errors, "pass": all(errors[k] <= TOLERANCE[k] for k in errors)}
+    if reference["grads"]:
+        errors["grad"] = relative_error(other["grads"], reference["grads"])
+    return {"loss_ref": loss_ref, "loss": loss, "grad": float("nan"), **errors,
+            "pass": all(errors[k] <= TOLERANCE[k] for k in errors)}
 
 
 def launch(np_: int, work: Path, args, port: int) -> None:
@@ -259,7 +305,7 @@ def launch(np_: int, work: Path, args, port: int) -> None:
         raise SystemExit(f"NP={np_} failed (see {log})")
 
 
-def markdown(results: dict, equality: dict, command: str, elapsed: float) -> str:
+def markdown(results: dict, equality: dict, command: str, elapsed: float, fast_step: str) -> str:
     first = results[min(results)]
     versions = first["versions"]
     lines = [
@@ -279,7 +325,11 @@ def markdown(results: dict, equality: dict, command: str, elapsed: float) -> str
         "accumulated)` row is the same step on one GPU in two micro-batches: the round-off scale of splitting the "
         "batch at all. The captured rows run the same GradMem step through fast_step.CapturedTrainStep (one CUDA "
         "graph: forward, backward, one NCCL all-reduce of the flat gradients and loss, clipping, AdamW) and are "
-        "compared with the eager one-GPU step.",
+        "compared with the eager one-GPU step. The trainer rows run "
+        f"{TRAINER_STEPS} steps of training.run_experiment (as the throughput runs below: under several processes "
+        "the captured step on the DDP-wrapped model, or eager DDP with `--fast_step off`) on a train set of exactly "
+        f"{BATCH} samples, total batch {BATCH}, so each step averages over the same samples on any number of GPUs; "
+        "loss = the mean logged training loss of those steps, update = the parameter change after them.",
         "",
         "| model | GPUs | loss (1 GPU) | loss | loss rel. diff | gradient rel. error | update rel. error | pass |",
         "|---|---|---|---|---|---|---|---|",
@@ -287,12 +337,16 @@ def markdown(results: dict, equality: dict, command: str, elapsed: float) -> str
     for (kind, np_), e in sorted(equality.items()):
         if kind == CAPTURED:
             gpus = f"{np_} (gradients averaged inside the graph)" if np_ > 1 else "1"
+        elif kind == TRAINER:
+            gpus = f"{np_} (trainer under DDP) vs 1 (trainer)"
         else:
             gpus = f"{np_} (DDP)" if np_ > 1 else "1 (2 x B/2 accumulated)"
         name = {"gradmem": "GradMem, second order (paper KV preset)", "rmt": "RMT (KV preset)",
-                CAPTURED: "GradMem, captured step (fast_step)"}[kind]
+                CAPTURED: "GradMem, captured step (fast_step)",
+                TRAINER: f"GradMem, {TRAINER_STEPS} steps of the trainer (`--fast_step {fast_step}`)"}[kind]
+        grad = "-" if e["grad"] != e["grad"] else f"{e['grad']:.1e}"
         lines.append(f"| {name} | {gpus} | {e['loss_ref']:.7f} | {e['loss']:.7f} | {e['loss_diff']:.1e} | "
-                     f"{e['grad']:.1e} | {e['update']:.1e} | {'yes' if e['pass'] else 'NO'} |")
+                     f"{grad} | {e['update']:.1e} | {'yes' if e['pass'] else 'NO'} |")
     lines += [
         "",
         "## Throughput of the paper preset (GradMem, training.run_experiment)",
@@ -328,8 +382,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true",
                         help="smoke test of this script on the CPU (gloo processes; the numbers mean nothing)")
     parser.add_argument("--fast_step", choices=("auto", "off"), default="auto",
-                        help="the trainer's --fast_step for the throughput runs (auto: the captured CUDA-graph step on "
-                             "one GPU; several processes run eager DDP steps; off: eager steps)")
+                        help="the trainer's --fast_step for the trainer and throughput runs (auto: the captured "
+                             "CUDA-graph step, on any number of GPUs; off: eager (DDP) steps)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -364,11 +418,12 @@ def main() -> None:
         launch(np_, work, args, port=29650 + i)
         results[np_] = json.loads((work / f"result_np{np_}.json").read_text())
     equality = {}
-    for kind in (*MODELS, CAPTURED):
+    for kind in (*MODELS, CAPTURED, TRAINER):
         for np_ in counts:
-            equality[(kind, np_)] = compare(work, kind, np_, results)
+            if kind != TRAINER or np_ > 1:
+                equality[(kind, np_)] = compare(work, kind, np_, results)
     command = "python bench/check_ddp.py" + "".join(f" {a}" for a in sys.argv[1:])
-    text = markdown(results, equality, command, time.time() - start)
+    text = markdown(results, equality, command, time.time() - start, args.fast_step)
     (out / "ddp_check.md").write_text(text)
     shutil.rmtree(work, ignore_errors=True)
 
