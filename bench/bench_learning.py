@@ -20,8 +20,8 @@ seed `--seed`), encoded by a vectorised character lookup that is checked against
 on the first batch of every stage. Context and query lengths are fixed per N (padded to a multiple of 8, as the
 collator does): N8 -> context 64 (57 real tokens), N16 -> 120 (113); query 16 (9 real, the last 4 are labels).
 
-    python bench/bench_learning.py --stages 8 --time_budget 90 --out_prefix bench/results/learning_n8_recipe_h100
-    python bench/bench_learning.py --stages 8:0.9 16 --precision tf32 --out_prefix bench/results/learning_n16_d_h100
+    python bench/bench_learning.py --stages 8 --time_budget 90 --out_prefix runs/learning/n8
+    python bench/bench_learning.py --stages 8:0.9 16 --precision tf32 --out_prefix runs/learning/n16
 """
 import argparse
 import datetime

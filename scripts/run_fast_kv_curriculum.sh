@@ -18,7 +18,7 @@
 #   PRECISION=tf32 bash scripts/run_fast_kv_curriculum.sh           # as measured: N16 >= 0.95 in 200-400 s on an H100
 #   STAGES="8:0.9 16:0.95 32:0.95" SEED=2 bash scripts/run_fast_kv_curriculum.sh
 # The same recipe without the Trainer (fresh samples every step, wall-clock curve):
-#   python bench/bench_learning.py --stages 8:0.9 16 --precision tf32 --out_prefix bench/results/learning_n16_recipe
+#   python bench/bench_learning.py --stages 8:0.9 16 --precision tf32 --out_prefix runs/learning/n16
 # Extra arguments go to every stage's run_gradmemgpt_on_kv_retrieval.py call. Run folders:
 # runs/fast_kv_curriculum/N<n>/run_<seed>; re-running resumes a stage, a finished stage is skipped.
 set -euo pipefail
