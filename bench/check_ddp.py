@@ -276,8 +276,13 @@ def compare(work: Path, kind: str, np_: int, results: dict) -> dict:
               "update": relative_error(other["update"], reference["update"])}
     if reference["grads"]:
         errors["grad"] = relative_error(other["grads"], reference["grads"])
-    return {"loss_ref": loss_ref, "loss": loss, "grad": float("nan"), **errors,
+    return {"loss_ref": loss_ref, "loss": loss, **errors,
             "pass": all(errors[k] <= TOLERANCE[k] for k in errors)}
+
+
+def grad_text(entry: dict) -> str:
+    """The gradient error of a compare() entry, "-" where none was kept (the trainer rows)."""
+    return f"{entry['grad']:.1e}" if "grad" in entry else "-"
 
 
 def launch(np_: int, work: Path, args, port: int) -> None:
@@ -344,9 +349,8 @@ def markdown(results: dict, equality: dict, command: str, elapsed: float, fast_s
         name = {"gradmem": "GradMem, second order (paper KV preset)", "rmt": "RMT (KV preset)",
                 CAPTURED: "GradMem, captured step (fast_step)",
                 TRAINER: f"GradMem, {TRAINER_STEPS} steps of the trainer (`--fast_step {fast_step}`)"}[kind]
-        grad = "-" if e["grad"] != e["grad"] else f"{e['grad']:.1e}"
         lines.append(f"| {name} | {gpus} | {e['loss_ref']:.7f} | {e['loss']:.7f} | {e['loss_diff']:.1e} | "
-                     f"{grad} | {e['update']:.1e} | {'yes' if e['pass'] else 'NO'} |")
+                     f"{grad_text(e)} | {e['update']:.1e} | {'yes' if e['pass'] else 'NO'} |")
     lines += [
         "",
         "## Throughput of the paper preset (GradMem, training.run_experiment)",
@@ -432,7 +436,7 @@ def main() -> None:
     print(f"[check_ddp] wrote {out / 'ddp_check.md'} ({time.time() - start:.0f} s)")
     for (kind, np_), e in sorted(equality.items()):
         label = f"{np_} GPUs" if np_ > 1 else "1 GPU" if kind == CAPTURED else "1 GPU, 2 accumulated halves"
-        print(f"  equality {kind:8s} {label:28s} loss {e['loss_diff']:.1e}  grad {e['grad']:.1e}  update "
+        print(f"  equality {kind:8s} {label:28s} loss {e['loss_diff']:.1e}  grad {grad_text(e)}  update "
               f"{e['update']:.1e}  -> {'PASS' if e['pass'] else 'FAIL'} (tolerances {TOLERANCE['loss_diff']:g} / "
               f"{TOLERANCE['grad']:g} / {TOLERANCE['update']:g})")
     for mode in ("weak", "strong"):
