@@ -10,7 +10,6 @@ the START of the context (query and target are never cut), as the reference did.
 from a .safetensors file or checkpoint folder; re-running the same command resumes (see training.py).
 """
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,8 +17,8 @@ from typing import Optional, Sequence
 from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import base_config_to_dict, build_causal_lm, max_positions
 from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, backbone_source, backbone_tag,
-                      check_tokenizer_covers, check_vocab_fits, load_splits, load_tokenizer, make_compute_metrics,
-                      parse_cli, run_experiment)
+                      check_tokenizer_covers, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
+                      make_compute_metrics, parse_cli, run_experiment)
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -56,8 +55,7 @@ def default_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, args: F
         name += f"_L{b.max_position_embeddings}"
     if args.max_input_length is not None:
         name += f"_in{args.max_input_length}"
-    batch = train_args.per_device_batch_size * world_size * train_args.gradient_accumulation_steps
-    name += f"_bs_{batch}_lr_{train_args.learning_rate:.0e}"
+    name += f"_bs_{train_args.effective_batch_size(world_size)}_lr_{train_args.learning_rate:.0e}"
     if train_args.adam_beta2 != 0.999:
         name += f"_b2_{train_args.adam_beta2:g}"
     return name
@@ -100,8 +98,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     collator = CausalLMCollator(tokenizer, max_input_length=lm_args.max_input_length)
     check_sequences_fit(model, collator, splits["train"])
     if train_args.run_name is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        train_args.run_name = default_run_name(train_args, backbone_args, lm_args, world_size)
+        train_args.run_name = default_run_name(train_args, backbone_args, lm_args, launched_world_size())
     return run_experiment(
         train_args, model, tokenizer, splits,
         collator=collator,

@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from training import (BackboneArgs, DataArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
-                      check_tokenizer_covers, gradmem_run_name, load_splits, load_tokenizer, make_compute_metrics,
-                      parse_cli, run_experiment)
+                      check_tokenizer_covers, gradmem_run_name, launched_world_size, load_splits, load_tokenizer,
+                      make_compute_metrics, parse_cli, run_experiment)
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    import os
-
     train_args, backbone_args, gradmem_args, data_args = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs,
                                                                    args=args)
     tokenizer = load_tokenizer(backbone_args)
@@ -27,8 +25,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     check_tokenizer_covers(tokenizer, splits["train"])
     model = build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
     if train_args.run_name is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        train_args.run_name = gradmem_run_name(train_args, backbone_args, gradmem_args, world_size)
+        train_args.run_name = gradmem_run_name(train_args, backbone_args, gradmem_args, launched_world_size())
     hint = (f"The inner loop probably diverged: lower --inner_lr (now {gradmem_args.inner_lr:g}) or bound the inner "
             f"step with --inner_clip_norm; a lower --learning_rate (now {train_args.learning_rate:g}) may also help.")
     return run_experiment(

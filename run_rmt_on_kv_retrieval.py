@@ -8,15 +8,14 @@ which the reference script rejected). A missing --data_path whose folder name is
 N16-K2V2-V62_1M) is generated on the spot. `python run_rmt_on_kv_retrieval.py --help` lists every option.
 """
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from rmt import RMT2Segm, RMT2SegmConfig
 from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, backbone_source, backbone_tag,
-                      check_tokenizer_covers, check_vocab_fits, load_splits, load_tokenizer, make_compute_metrics,
-                      parse_cli, run_experiment)
+                      check_tokenizer_covers, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
+                      make_compute_metrics, parse_cli, run_experiment)
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -61,8 +60,7 @@ def default_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, r: RMTA
         name += "_whead"
     if r.use_mem_residual:
         name += "_res"
-    batch = train_args.per_device_batch_size * world_size * train_args.gradient_accumulation_steps
-    name += f"_bs_{batch}_lr_{train_args.learning_rate:.0e}"
+    name += f"_bs_{train_args.effective_batch_size(world_size)}_lr_{train_args.learning_rate:.0e}"
     if train_args.adam_beta2 != 0.999:
         name += f"_b2_{train_args.adam_beta2:g}"
     return name
@@ -92,8 +90,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     check_tokenizer_covers(tokenizer, splits["train"])
     model = build_model(backbone_args, rmt_args, tokenizer)
     if train_args.run_name is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        train_args.run_name = default_run_name(train_args, backbone_args, rmt_args, world_size)
+        train_args.run_name = default_run_name(train_args, backbone_args, rmt_args, launched_world_size())
     return run_experiment(
         train_args, model, tokenizer, splits,
         collator=MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length),

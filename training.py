@@ -67,6 +67,11 @@ RESUMABLE_ARG_CHANGES = {
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 
+def launched_world_size() -> int:
+    """The number of processes of this launch (WORLD_SIZE, set by accelerate launch / torchrun); 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @dataclass
 class TrainArgs:
     """Trainer and run options shared by every run script (reference names, paper-preset defaults)."""
@@ -117,6 +122,10 @@ class TrainArgs:
                           "in fp32) when the setup allows it, else train eagerly and log why; off: always eager"},
     )
 
+    def effective_batch_size(self, world_size: int) -> int:
+        """Samples per optimizer step: per-device batch x processes x gradient accumulation steps."""
+        return self.per_device_batch_size * world_size * self.gradient_accumulation_steps
+
     def validate(self) -> None:
         if self.fast_step not in ("auto", "off"):
             raise ValueError(f"--fast_step must be auto or off, got {self.fast_step!r}")
@@ -124,8 +133,8 @@ class TrainArgs:
             raise ValueError("--bf16 and --fp32 are mutually exclusive; pass one of them")
         if self.per_device_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--per_device_batch_size and --gradient_accumulation_steps must be >= 1")
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        effective = self.per_device_batch_size * world_size * self.gradient_accumulation_steps
+        world_size = launched_world_size()
+        effective = self.effective_batch_size(world_size)
         if self.total_batch_size is not None and self.total_batch_size != effective:
             per_step = self.per_device_batch_size * world_size
             fix = (f"set --gradient_accumulation_steps {self.total_batch_size // per_step}"
@@ -422,8 +431,7 @@ def gradmem_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, g: Grad
     name += f"_grad_{g.grad_mode}"
     if g.add_inner_loss_to_outer:
         name += f"_add_inner_w{g.inner_loss_weight:g}"
-    batch = train_args.per_device_batch_size * world_size * train_args.gradient_accumulation_steps
-    return f"{name}_bs_{batch}_lr_{train_args.learning_rate:.0e}"
+    return f"{name}_bs_{train_args.effective_batch_size(world_size)}_lr_{train_args.learning_rate:.0e}"
 
 
 def gradmem_text_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, g: GradMemArgs,
