@@ -102,6 +102,13 @@ def _query_ranges(start_n, Lq, causal_off, IS_CAUSAL: tl.constexpr, ANY_MASK: tl
 
 
 @triton.jit
+def _tile_offsets(base, offs, offs_d, L, HEAD_DIM: tl.constexpr):
+    """Element offsets of the rows `offs` of a row-major [L, HEAD_DIM] matrix that starts at `base`, and the mask of
+    the rows that exist (< L): what every kernel loads its q/k/v-shaped tiles with."""
+    return base + offs[:, None] * HEAD_DIM + offs_d[None, :], offs[:, None] < L
+
+
+@triton.jit
 def _row_program(Q, KPM, MASK, stride_kpm_b, stride_mb, stride_mh, Hq, G, Lq, Lk, causal_off,
                  IS_CAUSAL: tl.constexpr, ANY_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr):
@@ -114,8 +121,7 @@ def _row_program(Q, KPM, MASK, stride_kpm_b, stride_mb, stride_mh, Hq, G, Lq, Lk
     bhk = b * (Hq // G) + h // G  # key/value head of this query head
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    row_in = offs_m[:, None] < Lq
+    row_ptrs, row_in = _tile_offsets(bh * Lq * HEAD_DIM, offs_m, offs_d, Lq, HEAD_DIM)
     q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
     full_end, hi = _key_ranges(start_m, Lk, causal_off, IS_CAUSAL, ANY_MASK, BLOCK_M, BLOCK_N)
     return (bh, offs_m, offs_d, row_ptrs, row_in, bhk * Lk * HEAD_DIM, KPM + b * stride_kpm_b,
@@ -135,8 +141,7 @@ def _col_program(K, V, KPM, stride_kpm_b, Hq, G, Lq, Lk, causal_off,
     hk = bhk % Hkv
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    col_ptrs = bhk * Lk * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    col_in = offs_n[:, None] < Lk
+    col_ptrs, col_in = _tile_offsets(bhk * Lk * HEAD_DIM, offs_n, offs_d, Lk, HEAD_DIM)
     k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
     v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
     lo, full_start = _query_ranges(start_n, Lq, causal_off, IS_CAUSAL, ANY_MASK, BLOCK_M, BLOCK_N)
@@ -250,8 +255,7 @@ def _bwd_dkdv_tile(k, v, dk, dv, Q, DO, LSE, DELTA, bh, start_m, offs_n, offs_d,
                    IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    row_in = offs_m[:, None] < Lq
+    row_ptrs, row_in = _tile_offsets(bh * Lq * HEAD_DIM, offs_m, offs_d, Lq, HEAD_DIM)
     q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
     do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
     lse = tl.load(LSE + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
@@ -304,8 +308,7 @@ def _bwd2_rows_tile(q, do, gq, lse, delta, beta, gamma, acc_a, acc_b, acc_c, dq2
                     PRECISION: tl.constexpr, REDUCE: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    col_ptrs = kv_off + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    col_in = offs_n[:, None] < Lk
+    col_ptrs, col_in = _tile_offsets(kv_off, offs_n, offs_d, Lk, HEAD_DIM)
     k = tl.load(K + col_ptrs, mask=col_in, other=0.0)
     v = tl.load(V + col_ptrs, mask=col_in, other=0.0)
     gk = tl.load(GK + col_ptrs, mask=col_in, other=0.0)
@@ -394,8 +397,7 @@ def _bwd2_cols_tile(k, v, gk, gv, dk2, dv2, Q, DO, GQ, LSE, DELTA, BETA, GAMMA, 
                     IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_MASK: tl.constexpr,
                     PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    row_ptrs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    row_in = offs_m[:, None] < Lq
+    row_ptrs, row_in = _tile_offsets(bh * Lq * HEAD_DIM, offs_m, offs_d, Lq, HEAD_DIM)
     row_ok = offs_m < Lq
     q = tl.load(Q + row_ptrs, mask=row_in, other=0.0)
     do = tl.load(DO + row_ptrs, mask=row_in, other=0.0)
