@@ -18,7 +18,8 @@ What makes the step capturable (and what it changes):
 - Non-finite steps are skipped inside the graph: finite = isfinite(loss) and isfinite(grad norm before clipping);
   parameters and AdamW state are restored with torch.where when not finite. Device counters hold the number of
   skipped steps and the longest run of consecutive skips; `skip_counts()` reads them (one host sync, call it when
-  logging) so a caller can stop on too many skips in a row, as the eager trainer does.
+  logging) so a caller can stop on too many skips in a row, as the eager trainer does. With a `spike_guard`
+  (guards.GradNormSpikeGuard), a step whose gradient norm is far above the running median is skipped the same way.
 
 Precision modes (`precision`):
     fp32  strict fp32 (TF32 off for matmuls and cuDNN while recording): the same numbers as the eager fp32 step.
@@ -74,7 +75,8 @@ INPUT_NAMES = ("context_input_ids", "query_input_ids", "labels")
 class StepOutput:
     loss: torch.Tensor  # [] fp32, the outer loss of this step (the mean over the processes under data parallel)
     grad_norm: torch.Tensor  # [] L2 norm of the gradients before clipping
-    finite: torch.Tensor  # [] 1.0 if the step was applied, 0.0 if skipped (non-finite loss or gradients)
+    finite: torch.Tensor  # [] 1.0 if loss and gradients were finite, else 0.0 (the step was skipped)
+    spike: torch.Tensor  # [] 1.0 if the step was skipped as a gradient-norm spike (guards.GradNormSpikeGuard)
     stats: dict  # name -> [] fp32, the model's stats of this step
 
 
@@ -151,6 +153,8 @@ class CapturedTrainStep:
     max_graphs:     how many input shapes get a graph; further shapes run eagerly (logged once per shape).
     warmup:         eager iterations before recording (initialises kernels, autotuning, optimiser state, the
                     NCCL communicator); their effect on parameters and optimiser state is undone.
+    spike_guard:    a guards.GradNormSpikeGuard on the model's device (checked inside the graph), or None; a step
+                    it flags is skipped like a non-finite one.
     process_group:  data-parallel training: average the gradients and the loss over this torch.distributed group
                     after the backward (e.g. torch.distributed.group.WORLD); every process must hold the same
                     parameters and call the step with its own rows. None: one process.
@@ -158,7 +162,7 @@ class CapturedTrainStep:
 
     def __init__(self, model, optimizer, max_grad_norm: float = 1.0, precision: str = "fp32",
                  use_cuda_graph: bool = True, max_graphs: int = 2, warmup: int = 2,
-                 capture_error_mode: str = "thread_local", process_group=None):
+                 capture_error_mode: str = "thread_local", process_group=None, spike_guard=None):
         world_size = 1 if process_group is None else torch.distributed.get_world_size(process_group)
         problem = _step_problem(model, optimizer, world_size=world_size)
         if problem is None and use_cuda_graph:
@@ -174,6 +178,7 @@ class CapturedTrainStep:
         self.max_graphs, self.warmup = max_graphs, warmup
         self.capture_error_mode = capture_error_mode
         self.process_group, self.world_size = process_group, world_size
+        self.spike_guard = spike_guard
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -264,15 +269,18 @@ class CapturedTrainStep:
                 else:
                     grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
                 finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+                spike = torch.zeros_like(finite)
+                if self.spike_guard is not None:
+                    spike = self.spike_guard.check(grad_norm)
                 before = self._snapshot()
                 torch.optim.AdamW.step(self.optimizer)
-                self._restore(before, keep=finite)  # undo a non-finite step
+                self._restore(before, keep=finite & ~spike)  # undo a non-finite or spike step
                 skipped = (~finite).long()
                 self._skipped.add_(skipped)
                 self._consecutive.mul_(skipped).add_(skipped)
                 torch.maximum(self._longest_run, self._consecutive, out=self._longest_run)
                 names = sorted(out.stats)
-                packed = torch.stack([loss.detach(), grad_norm.float(), finite.float()]
+                packed = torch.stack([loss.detach(), grad_norm.float(), finite.float(), spike.float()]
                                      + [out.stats[n].float() for n in names])
         return packed, names
 
@@ -300,6 +308,8 @@ class CapturedTrainStep:
         static = {n: batch[n].to(self.device, copy=True) for n in INPUT_NAMES}
         snapshot = self._snapshot()
         counters = [(t, t.clone()) for t in (self._skipped, self._consecutive, self._longest_run)]
+        if self.spike_guard is not None:
+            counters += [(t, t.clone()) for t in self.spike_guard.state_dict_live()]
         current = torch.cuda.current_stream(self.device)
         # Warm up and record on a side stream, as CUDA graphs need. If the caller already runs on one (the trainer
         # under DDP does: see the module docstring), use it: autograd nodes that outlive a step, such as the
@@ -344,13 +354,16 @@ class CapturedTrainStep:
                 logger.warning("fast_step: input shapes %s have no CUDA graph (%d recorded, max_graphs=%d): this "
                                "shape runs eagerly", {n: s for n, s, _ in key}, len(self._graphs), self.max_graphs)
             packed, names = self._body(*(batch[n].to(self.device, non_blocking=True) for n in INPUT_NAMES))
-        return StepOutput(loss=packed[0], grad_norm=packed[1], finite=packed[2],
-                          stats={n: packed[3 + i] for i, n in enumerate(names)})
+        return StepOutput(loss=packed[0], grad_norm=packed[1], finite=packed[2], spike=packed[3],
+                          stats={n: packed[4 + i] for i, n in enumerate(names)})
 
     def skip_counts(self) -> dict:
         """{'skipped_steps', 'consecutive_skipped', 'longest_skip_run'} so far (one host synchronisation)."""
-        values = torch.stack([self._skipped, self._consecutive, self._longest_run]).tolist()
-        return dict(zip(("skipped_steps", "consecutive_skipped", "longest_skip_run"), values))
+        counters = {"skipped_steps": self._skipped, "consecutive_skipped": self._consecutive,
+                    "longest_skip_run": self._longest_run}
+        if self.spike_guard is not None:
+            counters["spike_skipped_steps"] = self.spike_guard.spikes
+        return dict(zip(counters, torch.stack(list(counters.values())).tolist()))
 
     @property
     def recorded_shapes(self) -> list:

@@ -355,7 +355,8 @@ def generate_sequence(num_kv_pairs: int = 3, k_length: int = 4, v_length: int = 
 # Vectorised generator
 
 CHUNK_SIZE = 1 << 14  # rows per random stream; part of the determinism contract (changing it changes the data)
-TRAIN_STREAM, VALID_STREAM = 0, 1
+TRAIN_STREAM, VALID_STREAM, TEST_STREAM = 0, 1, 2
+DEFAULT_N_TEST = 2_000  # test samples of a built dataset: reported numbers come from a split selection never saw
 
 
 def _chars_to_strings(codes: np.ndarray) -> np.ndarray:
@@ -523,17 +524,21 @@ def extract_kv_pairs(context: str) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Datasets
 
-def build_kv_dataset_dict(spec: KVTaskSpec, n_train: int = 1_000_000, n_valid: int = 5_000, seed: int = 0):
-    """datasets.DatasetDict({'train', 'valid'}) with string columns context, query, target.
+def build_kv_dataset_dict(spec: KVTaskSpec, n_train: int = 1_000_000, n_valid: int = 5_000, seed: int = 0,
+                          n_test: int = 0):
+    """datasets.DatasetDict({'train', 'valid'[, 'test']}) with string columns context, query, target.
 
-    train is stream 0 of `seed`, valid stream 1 (independent of train and of n_train).
+    train is stream 0 of `seed`, valid stream 1, test stream 2 (each independent of the others and of their sizes):
+    valid is for checkpoint selection, test (n_test > 0) for the reported numbers only.
     """
     for n, what in ((n_train, "n_train"), (n_valid, "n_valid")):
         _check_count(n, what)
         if n == 0:
             raise ValueError(f"{what} must be >= 1")
+    _check_count(n_test, "n_test")
     splits = {}
-    for split, n, stream in (("train", n_train, TRAIN_STREAM), ("valid", n_valid, VALID_STREAM)):
+    wanted = [("train", n_train, TRAIN_STREAM), ("valid", n_valid, VALID_STREAM), ("test", n_test, TEST_STREAM)]
+    for split, n, stream in wanted[:3 if n_test else 2]:
         columns = {"context": [], "query": [], "target": []}
         for samples in _generate_kv_chunks(spec, n, seed, stream):  # numpy -> Arrow, no Python str objects
             for column, strings in samples.items():
@@ -559,7 +564,8 @@ def save_kv_dataset(dataset_dict, out_dir: Union[str, Path], spec: KVTaskSpec, s
         shutil.rmtree(tmp_dir)
     dataset_dict.save_to_disk(str(tmp_dir))
     meta = dict(name=spec.dataset_name(len(dataset_dict["train"])), spec=asdict(spec),
-                n_train=len(dataset_dict["train"]), n_valid=len(dataset_dict["valid"]), seed=seed,
+                n_train=len(dataset_dict["train"]), n_valid=len(dataset_dict["valid"]),
+                n_test=len(dataset_dict["test"]) if "test" in dataset_dict else 0, seed=seed,
                 chunk_size=CHUNK_SIZE, numpy=np.__version__)
     (tmp_dir / "kv_task.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out_dir.exists():
@@ -648,11 +654,13 @@ SPEC_FIELDS = [f.name for f in fields(KVTaskSpec)]
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Build a KV-retrieval DatasetDict (train/valid) or save the tokenizers.")
+    p = argparse.ArgumentParser(description="Build a KV-retrieval DatasetDict (train/valid/test) or save the tokenizers.")
     p.add_argument("--name", help=f"dataset name: {NAME_SCHEME}")
     p.add_argument("--out", help="output folder (default: data/<dataset name>)")
     p.add_argument("--n_train", type=int, help="train samples (default: the name's size suffix, else 1,000,000)")
-    p.add_argument("--n_valid", type=int, default=5_000, help="valid samples (default: 5000)")
+    p.add_argument("--n_valid", type=int, default=5_000, help="valid samples, for checkpoint selection (default: 5000)")
+    p.add_argument("--n_test", type=int, default=DEFAULT_N_TEST,
+                   help=f"test samples, for reported numbers only; 0: no test split (default: {DEFAULT_N_TEST})")
     p.add_argument("--seed", type=int, default=0, help="random seed; train and valid use separate streams (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--skip_existing", action="store_true", help="do nothing if the output folder exists")
@@ -693,6 +701,8 @@ def main(argv=None) -> None:
         for n, flag in ((n_train, "--n_train"), (args.n_valid, "--n_valid")):
             if n < 1:
                 raise ValueError(f"{flag} must be >= 1, got {n}")
+        if args.n_test < 0:
+            raise ValueError(f"--n_test must be >= 0, got {args.n_test}")
         if args.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {args.seed}")
     except ValueError as e:
@@ -707,9 +717,9 @@ def main(argv=None) -> None:
         parser.error(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
 
     print(f"building {spec.dataset_name(n_train)}: {spec}, n_train={n_train}, n_valid={args.n_valid}, "
-          f"seed={args.seed}", flush=True)
+          f"n_test={args.n_test}, seed={args.seed}", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    dataset_dict = build_kv_dataset_dict(spec, n_train, args.n_valid, args.seed)
+    dataset_dict = build_kv_dataset_dict(spec, n_train, args.n_valid, args.seed, n_test=args.n_test)
     t1, c1 = time.perf_counter(), time.process_time()
     save_kv_dataset(dataset_dict, out_dir, spec, args.seed, overwrite=args.overwrite)
     t2, c2 = time.perf_counter(), time.process_time()

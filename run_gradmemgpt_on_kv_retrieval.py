@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 
 from training import (BackboneArgs, DataArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
                       check_tokenizer_covers, gradmem_run_name, launched_world_size, load_splits, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_experiment)
+                      make_compute_metrics, parse_cli, run_experiment, single_token_ids)
+from evaluation import make_generated_answer_metrics
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -28,10 +29,12 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
         train_args.run_name = gradmem_run_name(train_args, backbone_args, gradmem_args, launched_world_size())
     hint = (f"The inner loop probably diverged: lower --inner_lr (now {gradmem_args.inner_lr:g}) or bound the inner "
             f"step with --inner_clip_norm; a lower --learning_rate (now {train_args.learning_rate:g}) may also help.")
+    collator = MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length)
     return run_experiment(
         train_args, model, tokenizer, splits,
-        collator=MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length),
+        collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
+        answer_metrics=make_generated_answer_metrics(collator, single_token_ids(tokenizer, ("!", "|"))),
         data_name=Path(data_args.data_path.rstrip("/")).name,
         all_args=(backbone_args, gradmem_args, data_args),
         nonfinite_hint=hint,

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 from rmt import RMT2Segm, RMT2SegmConfig
 from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, backbone_source, backbone_tag,
                       check_tokenizer_covers, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_experiment)
+                      make_compute_metrics, parse_cli, run_experiment, single_token_ids)
+from evaluation import make_generated_answer_metrics
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -91,10 +92,12 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     model = build_model(backbone_args, rmt_args, tokenizer)
     if train_args.run_name is None:
         train_args.run_name = default_run_name(train_args, backbone_args, rmt_args, launched_world_size())
+    collator = MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length)
     return run_experiment(
         train_args, model, tokenizer, splits,
-        collator=MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length),
+        collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
+        answer_metrics=make_generated_answer_metrics(collator, single_token_ids(tokenizer, ("!", "|"))),
         data_name=Path(data_args.data_path.rstrip("/")).name,
         all_args=(backbone_args, rmt_args, data_args),
         nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",

@@ -48,6 +48,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from grad_memgpt import GradMemGPT, GradMemGPTConfig, check_right_padding
+from guards import CollapseRollback, GradNormSpikeGuard, restore_checkpoint_in_place
 
 logger = logging.getLogger("gradmem")
 
@@ -112,6 +113,17 @@ class TrainArgs:
     max_consecutive_skipped_steps: int = field(
         default=20, metadata={"help": "error after this many optimizer steps in a row with non-finite loss/gradients"}
     )
+    spike_factor: float = field(
+        default=10.0,
+        metadata={"help": "skip an optimizer step whose gradient norm (before clipping) is above this many times the "
+                          "median of the last --spike_window norms (counted as spike_skipped_steps); 0: off"})
+    spike_window: int = field(default=200, metadata={"help": "steps in the spike guard's running median"})
+    collapse_ratio: float = field(
+        default=0.5,
+        metadata={"help": "roll back to the best checkpoint, and halve the lr, when the eval metric_for_best_model "
+                          "falls below this fraction of its best (once the best is >= 0.2) or the eval loss is not "
+                          "finite (counted as rollbacks); 0: off"})
+    max_rollbacks: int = field(default=3, metadata={"help": "stop the run at the collapse after this many rollbacks"})
     seed: int = 142
     report_to: str = field(default="tensorboard", metadata={"help": "comma list: tensorboard, wandb, none"})
     dataloader_num_workers: int = 2
@@ -148,6 +160,12 @@ class TrainArgs:
         for name in ("eval_steps", "logging_steps", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
+        if not (math.isfinite(self.spike_factor) and self.spike_factor >= 0) or self.spike_window < 4:
+            raise ValueError(f"need --spike_factor >= 0 (0: off) and --spike_window >= 4, got {self.spike_factor}, "
+                             f"{self.spike_window}")
+        if not 0 <= self.collapse_ratio < 1 or self.max_rollbacks < 1:
+            raise ValueError(f"need 0 <= --collapse_ratio < 1 (0: off) and --max_rollbacks >= 1, got "
+                             f"{self.collapse_ratio}, {self.max_rollbacks}")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"--max_train_minutes must be > 0 (minutes of training), got {self.max_train_minutes}")
         self.mixed_precision()  # raises on an unsupported accelerate setting
@@ -250,11 +268,15 @@ class DataArgs:
 
 
 def parse_cli(*types, args: Optional[Sequence[str]] = None) -> tuple:
-    """Parse the command line into the given dataclasses and validate each (errors before any work)."""
+    """Parse the command line into the given dataclasses and validate each (errors before any work), then seed
+    python, numpy and torch with the run's --seed, so that the model built next starts from the same weights."""
     parsed = HfArgumentParser(types).parse_args_into_dataclasses(args=args)
     for item in parsed:
         if hasattr(item, "validate"):
             item.validate()
+    seed = next((item.seed for item in parsed if isinstance(getattr(item, "seed", None), int)), None)
+    if seed is not None:
+        transformers.set_seed(seed)
     return tuple(parsed)
 
 
@@ -598,6 +620,17 @@ def reduce_stats(stats: dict) -> dict:
     return out
 
 
+def single_token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> list:
+    """The ids of tokens that must each be one token of the tokenizer (e.g. the KV target's `!` and `|`)."""
+    ids = []
+    for token in tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"ignore token {token!r} is not a single token of the tokenizer")
+        ids.append(token_id)
+    return ids
+
+
 def make_compute_metrics(tokenizer: PreTrainedTokenizerBase, ignore_tokens: Sequence[str] = ("!", "|")) -> Callable:
     """compute_metrics for predictions already aligned with labels (see reduce_logits_to_predictions).
 
@@ -606,13 +639,7 @@ def make_compute_metrics(tokenizer: PreTrainedTokenizerBase, ignore_tokens: Sequ
     Label tokens in `ignore_tokens` (the KV target's structural `!` and `|`) count for neither. The mean (max/min
     for *_max/*_min) of every stat the model returned is added.
     """
-    ignore_ids = []
-    for token in ignore_tokens:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"ignore token {token!r} is not a single token of the tokenizer")
-        ignore_ids.append(token_id)
-    ignore_ids = np.asarray(ignore_ids, dtype=np.int64)
+    ignore_ids = np.asarray(single_token_ids(tokenizer, ignore_tokens), dtype=np.int64)
 
     def compute_metrics(eval_pred) -> dict:
         predictions, stats = eval_pred.predictions, None
@@ -643,8 +670,9 @@ def make_compute_metrics(tokenizer: PreTrainedTokenizerBase, ignore_tokens: Sequ
 def _generate_kv_dataset_if_named(path: Path) -> bool:
     """Generate a missing KV dataset whose folder name follows the KV naming scheme. False if the name does not.
 
-    Train size from the name's suffix (`_1M`, `_20K`, none = 1M), 5000 valid samples, seed 0 (as
-    `python kv_dataset_utils.py --name NAME --out PATH` would build it).
+    Train size from the name's suffix (`_1M`, `_20K`, none = 1M), 5000 valid and 2000 test samples (fewer for a
+    smaller train size: as many as train), seed 0 (as `python kv_dataset_utils.py --name NAME --out PATH --n_test ...`
+    would build it).
     """
     import kv_dataset_utils
 
@@ -658,10 +686,11 @@ def _generate_kv_dataset_if_named(path: Path) -> bool:
     state = PartialState()
     with state.main_process_first():
         if state.is_main_process and not path.exists():
-            n_valid, seed = 5_000, 0
-            logger.warning("%s does not exist: generating it (%s: %d train, %d valid samples, seed %d)", path,
-                           spec.task_name, n_train, n_valid, seed)
-            splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed)
+            n_valid, n_test, seed = 5_000, min(kv_dataset_utils.DEFAULT_N_TEST, n_train), 0
+            logger.warning("%s does not exist: generating it (%s: %d train, %d valid, %d test samples, seed %d)", path,
+                           spec.task_name, n_train, n_valid, n_test, seed)
+            splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed,
+                                                            n_test=n_test)
             path.parent.mkdir(parents=True, exist_ok=True)
             kv_dataset_utils.save_kv_dataset(splits, path, spec, seed)
     return True
@@ -906,14 +935,16 @@ def freeze_parameters_without_gradient(model: torch.nn.Module) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 
 class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
-    """AdamW that skips (never applies) a step whose gradients, or whose loss, are not finite.
+    """AdamW that skips (never applies) a step whose gradients, or whose loss, are not finite, or whose gradient
+    norm is a spike (guards.GradNormSpikeGuard, `spike_factor` > 0).
 
     Inner-loop divergence (too large an inner lr) shows up as inf/nan meta-gradients. Such steps are counted;
-    `max_consecutive` skips in a row raise an error with `hint` (the likely cause). The learning-rate schedule
-    still advances on a skipped step.
+    `max_consecutive` non-finite skips in a row raise an error with `hint` (the likely cause). The learning-rate
+    schedule still advances on a skipped step. The spike guard's state is part of state_dict() (resumes with the run).
     """
 
-    def __init__(self, params, max_consecutive: int = 20, hint: str = "", **kwargs):
+    def __init__(self, params, max_consecutive: int = 20, hint: str = "", spike_factor: float = 0.0,
+                 spike_window: int = 200, **kwargs):
         super().__init__(params, **kwargs)
         self.max_consecutive = max_consecutive
         self.hint = hint
@@ -921,6 +952,21 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
         self.consecutive_skipped = 0
         self.loss_is_finite = True  # set by the trainer for each optimizer step
         self.step_taken_by_fast_path = False  # set by the trainer when fast_step applied (or skipped) the step
+        self.pre_clip_grad_norm = None  # set by the trainer when it clipped the gradients before step()
+        device = next((p.device for group in self.param_groups for p in group["params"]), "cpu")
+        self.spike_guard = GradNormSpikeGuard(spike_factor, spike_window, max(1, spike_window // 4), device=device)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["spike_guard"] = self.spike_guard.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        guard = state_dict.pop("spike_guard", None)
+        super().load_state_dict(state_dict)
+        if guard is not None:
+            self.spike_guard.load_state_dict(guard)
 
     def record_step(self, finite: bool) -> None:
         """Count an applied (finite) or skipped step; raise after max_consecutive skipped steps in a row."""
@@ -943,17 +989,27 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
             self.step_taken_by_fast_path = False
             return None
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.ones((), dtype=torch.bool, device=grads[0].device if grads else "cpu")
-        if grads:
-            finite = torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+        norm = self.pre_clip_grad_norm
+        self.pre_clip_grad_norm = None
+        if norm is None:
+            norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0) if grads else torch.zeros(())
+        norm = torch.as_tensor(norm, dtype=torch.float32, device=self.spike_guard.history.device)
+        finite = torch.isfinite(norm) if grads else torch.ones((), dtype=torch.bool, device=norm.device)
         finite = finite & bool(self.loss_is_finite)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             flag = finite.to(torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             finite = flag.bool()
         self.loss_is_finite = True
+        spike = bool(self.spike_guard.check(norm))  # the same norm on every process (gradients are reduced by now)
         self.record_step(bool(finite))
-        return super().step(closure) if bool(finite) else None
+        if not bool(finite):
+            return None
+        if spike:
+            logger.info("gradient norm %.3g is a spike (> %g x the running median): optimizer step skipped",
+                        float(norm), self.spike_guard.factor)
+            return None
+        return super().step(closure)
 
 
 class StopAfterWallTime(TrainerCallback):
@@ -1008,9 +1064,10 @@ class GradMemTrainer(Trainer):
     log record, and the reference's schedule length (num_training_steps / 0.9: a decaying schedule ends at 10%)."""
 
     def __init__(self, *args, early_stopping: Optional[EarlyStoppingCallback] = None, fast_step: str = "off",
-                 **kwargs):
+                 rollback: Optional[CollapseRollback] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.early_stopping = early_stopping
+        self.rollback = rollback
         self._stat_sums: dict = {}
         self._stat_count = 0
         self.fast_step_mode = fast_step
@@ -1079,7 +1136,8 @@ class GradMemTrainer(Trainer):
         group = torch.distributed.group.WORLD if self.args.world_size > 1 else None
         self._fast_step = CapturedTrainStep(self.accelerator.unwrap_model(model), guard,
                                             max_grad_norm=self.args.max_grad_norm, precision=precision,
-                                            process_group=group)
+                                            process_group=group,
+                                            spike_guard=guard.spike_guard if guard.spike_guard.enabled else None)
         logger.warning("fast step on: each training step is recorded once per input shape in a CUDA graph and "
                        "replayed (precision %s; --fast_step off for eager steps)", precision)
         return self._fast_step
@@ -1088,7 +1146,11 @@ class GradMemTrainer(Trainer):
         if self._fast_grad_norm is not None:  # the captured step clipped already: report its pre-clip norm
             grad_norm, self._fast_grad_norm = self._fast_grad_norm, None
             return grad_norm
-        return super()._clip_grad_norm(model)
+        grad_norm = super()._clip_grad_norm(model)
+        guard = self._step_guard()
+        if guard is not None:  # the spike test needs the norm before clipping
+            guard.pre_clip_grad_norm = grad_norm
+        return grad_norm
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         fast = self._captured_step(model)
@@ -1099,7 +1161,7 @@ class GradMemTrainer(Trainer):
             self._fast_grad_norm = out.grad_norm
             guard = self._step_guard()
             guard.step_taken_by_fast_path = True
-            guard.record_step(bool(out.finite))
+            guard.record_step(bool(out.finite))  # one host read per step (the spike count stays on the device)
             return out.loss
         loss = super().training_step(model, inputs, num_items_in_batch)
         guard = self._step_guard()
@@ -1124,6 +1186,10 @@ class GradMemTrainer(Trainer):
             guard = self._step_guard()
             if guard is not None:
                 logs["skipped_steps"] = guard.skipped_steps
+                if guard.spike_guard.enabled:
+                    logs["spike_skipped_steps"] = int(guard.spike_guard.spikes)
+            if self.rollback is not None:
+                logs["rollbacks"] = self.rollback.rollbacks
         if self.early_stopping is not None:
             logs["patience"] = self.early_stopping.early_stopping_patience_counter
         super().log(logs, *args, **kwargs)
@@ -1224,6 +1290,20 @@ def _ensure_fp32(model: torch.nn.Module) -> None:
         model.float()
 
 
+def evaluate_splits(trainer: Trainer, eval_split, test_split, answer_metrics: Optional[Callable] = None,
+                    prefix: str = "") -> dict:
+    """Metrics of the model as it is now on valid (eval_) and test (test_), with generated-answer metrics when given."""
+    metrics = {}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    for name, split in (("eval", eval_split), ("test", test_split)):
+        if split is None:
+            continue
+        metrics.update(trainer.evaluate(split, metric_key_prefix=prefix + name))
+        if answer_metrics is not None:
+            metrics.update({f"{prefix}{name}_{k}": v for k, v in answer_metrics(model, split).items()})
+    return metrics
+
+
 def run_experiment(
     train_args: TrainArgs,
     model: torch.nn.Module,
@@ -1236,13 +1316,19 @@ def run_experiment(
     next_token_logits: bool = False,
     nonfinite_hint: str = "",
     extra_callbacks: Sequence[TrainerCallback] = (),
+    answer_metrics: Optional[Callable] = None,
 ) -> dict:
     """Train, evaluate the best checkpoint on valid (and test if present), write the run folder. Returns metrics.
+
+    The best checkpoint is selected on valid; test is only evaluated (prefix test_). Where the final checkpoint is not
+    the best one, it is evaluated too (prefix final_eval_, final_test_).
 
     data_name:          folder name of the data (run folder runs/<data_name>/<run_name>/run_<seed>).
     all_args:           the other CLI dataclasses, stored in config.json together with train_args.
     next_token_logits:  the model's logits[:, t] predict token t+1 (plain causal LMs); memory models: False.
     nonfinite_hint:     the likely cause named when many steps in a row are not finite (e.g. the inner lr).
+    answer_metrics:     (model, split) -> dict of metrics of generated answers (evaluation.make_generated_answer_metrics),
+                        added for valid and test with the same prefixes.
     """
     from accelerate import PartialState
 
@@ -1341,9 +1427,15 @@ def run_experiment(
         callbacks.append(StopOnMetricValue(train_args.stop_metric, train_args.stop_metric_value))
     if train_args.max_train_minutes is not None:
         callbacks.append(StopAfterWallTime(train_args.max_train_minutes))
+    rollback = None
+    if train_args.collapse_ratio > 0:
+        rollback = CollapseRollback(train_args.metric_for_best_model, ratio=train_args.collapse_ratio,
+                                    max_rollbacks=train_args.max_rollbacks)
+        callbacks.append(rollback)
     optimizer_kwargs = {"lr": train_args.learning_rate, "betas": (train_args.adam_beta1, train_args.adam_beta2),
                         "eps": train_args.adam_epsilon, "max_consecutive": train_args.max_consecutive_skipped_steps,
-                        "hint": nonfinite_hint}
+                        "hint": nonfinite_hint, "spike_factor": train_args.spike_factor,
+                        "spike_window": train_args.spike_window}
     trainer = GradMemTrainer(
         model=model,
         args=args,
@@ -1358,15 +1450,27 @@ def run_experiment(
         optimizer_cls_and_kwargs=(NonFiniteStepSkippingAdamW, optimizer_kwargs),
         early_stopping=early_stopping,
         fast_step=train_args.fast_step,
+        rollback=rollback,
     )
 
     # ---- train, then evaluate the best checkpoint ----
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    metrics = trainer.evaluate(eval_split)
-    if "test" in splits and len(splits["test"]) > 0:
-        metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+    test_split = splits["test"] if "test" in splits and len(splits["test"]) > 0 else None
+    metrics = evaluate_splits(trainer, eval_split, test_split, answer_metrics)
+    best, final = trainer.state.best_model_checkpoint, last_complete_checkpoint(run_dir)
+    if final is not None and best is not None and final.resolve() != Path(best).resolve():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        best_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        restore_checkpoint_in_place(model, None, final)
+        metrics.update(evaluate_splits(trainer, eval_split, test_split, answer_metrics, prefix="final_"))
+        metrics["final_checkpoint"] = str(final)
+        model.load_state_dict(best_weights)
     guard = trainer._step_guard()
     metrics["skipped_steps"] = guard.skipped_steps if guard is not None else 0
+    if guard is not None and guard.spike_guard.enabled:
+        metrics["spike_skipped_steps"] = int(guard.spike_guard.spikes)
+    if trainer.rollback is not None:
+        metrics["rollbacks"] = trainer.rollback.rollbacks
     metrics["global_step"] = trainer.state.global_step
     metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
     if trainer.is_world_process_zero():
