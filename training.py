@@ -1414,7 +1414,7 @@ def run_experiment(
         dataloader_num_workers=train_args.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available() and not train_args.use_cpu,
         use_cpu=train_args.use_cpu,
-        disable_tqdm=False,
+        disable_tqdm=not sys.stderr.isatty(),  # progress bars only on a terminal, not in log files
         seed=train_args.seed,
     )
     _use_one_gpu_per_process(args)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# KV capacity preset: how many key-value pairs 8 memory vectors hold, by a curriculum N2 -> N4 -> ... -> N96.
+# The paper's KV model (Llama L4 H4 D128, 8 memory vectors, write head, inner loss added with weight 0.5, second
+# order, K=2 at inner lr 0.04 unless a stage says otherwise) trained by run_gradmemgpt_kv_curriculum.py in one
+# process: each stage until its valid exact match reaches the threshold, then the next stage warm-starts from the best
+# checkpoint. First stage: AdamW lr 1e-3, constant after 300 warmup steps; later stages: lr 5e-4, 100 warmup steps,
+# linear decay to 10% at 36000 steps; AdamW betas (0.9, 0.95), clip 1.0, batch 64; eval every 100 steps on 1000 valid
+# samples (selection: exact match); the spike guard and the collapse rollback are on (training.py defaults).
+#
+#   bash scripts/run_kv_capacity.sh                              # seed 1, N2 -> N96, TF32
+#   SEED=2 STAGES="2:0.95 4:0.95 8:0.95" bash scripts/run_kv_capacity.sh
+#   BUDGET_MINUTES=9 bash scripts/run_kv_capacity.sh             # one sitting; re-run the same command to go on
+#   DRY_RUN=1 bash scripts/run_kv_capacity.sh                    # print the command only
+# Stage format: N[:threshold[:option=value,...]] (options of that stage only, e.g. K=5,inner_lr=0.08,max_steps=...).
+# Runs: runs/kv_capacity/seed_<SEED>/N<n>/ and curriculum.json (steps, wall time, valid/test exact match per stage).
+# Extra arguments go to every stage's run_gradmemgpt_on_kv_retrieval.py call.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SEED=${SEED:-1}
+STAGES=${STAGES:-"2:0.95 4:0.95 8:0.95 16:0.95 32:0.95 64:0.95:K=5,inner_lr=0.08,max_steps=200000 96:0.90:K=5,inner_lr=0.08,max_steps=200000"}
+PRECISION=${PRECISION:-tf32}  # fp32 (strict), tf32 or bf16
+OUT_DIR=${OUT_DIR:-runs/kv_capacity/seed_${SEED}}
+PYTHON=${PYTHON:-python3}
+
+case "$PRECISION" in
+    fp32) PRECISION_ARGS=(--fp32) ;;
+    tf32) PRECISION_ARGS=(--fp32 --tf32) ;;
+    bf16) PRECISION_ARGS=(--bf16) ;;
+    *) echo "PRECISION must be fp32, tf32 or bf16, got $PRECISION" >&2; exit 2 ;;
+esac
+BUDGET=()
+if [ -n "${BUDGET_MINUTES:-}" ]; then BUDGET=(--time_budget_minutes "$BUDGET_MINUTES"); fi
+
+# shellcheck disable=SC2086  # STAGES is a list of words
+CMD=("$PYTHON" run_gradmemgpt_kv_curriculum.py --stages $STAGES --out_dir "$OUT_DIR" --seed "$SEED" "${BUDGET[@]}"
+     -- --base_model llama --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/
+     --n_mem_tokens 8 --K 2 --inner_lr 0.04 --grad_mode second --use_write_head --add_inner_loss_to_outer
+     --inner_loss_weight 0.5 --attn_implementation auto --per_device_batch_size 64 --adam_beta2 0.95
+     --max_grad_norm 1.0 --eval_steps 100 --logging_steps 100 --max_eval_samples 1000 --early_stopping_patience 0
+     --metric_for_best_model exact_match --report_to none "${PRECISION_ARGS[@]}" "$@")
+if [ -n "${DRY_RUN:-}" ]; then
+    printf '%q ' "${CMD[@]}"; echo
+    exit 0
+fi
+"${CMD[@]}"
