@@ -1,0 +1,89 @@
+"""Re-evaluate shipped KV checkpoints on freshly generated test samples (CPU is enough) and print the table.
+
+    python evaluate_kv_checkpoints.py                               # every results/kv_checkpoints/N<n>/
+    python evaluate_kv_checkpoints.py --samples 2000 --data_seed 7 results/kv_checkpoints/N16
+
+Each folder is loaded with `GradMemGPT.from_pretrained(folder)` and its tokenizer from the same folder, nothing else.
+Samples are new: the KV generator's test stream with `--data_seed` (the training data used seed 0), so no sample was
+seen in training or selection. The number is the exact match of generated answers (greedy decoding from
+[memory; query] after WRITE; `!` and `|` not scored), with its binomial standard error.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+import kv_dataset_utils
+from evaluation import generated_exact_match
+from grad_memgpt import GradMemGPT
+from training import MemoryModelCollator, single_token_ids
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_ROOT = REPO_DIR / "results" / "kv_checkpoints"
+
+
+def checkpoint_folders(paths) -> list:
+    """The checkpoint folders named (or, for a folder of N<n>/ folders, inside it), sorted by N."""
+    folders = []
+    for path in map(Path, paths):
+        if (path / "config.json").is_file():
+            folders.append(path)
+        elif path.is_dir():
+            folders += [p for p in path.glob("N*") if (p / "config.json").is_file()]
+        else:
+            raise FileNotFoundError(f"{path}: no checkpoint folder (config.json, model.safetensors, tokenizer) here")
+    if not folders:
+        raise FileNotFoundError(f"no checkpoint folders under {', '.join(map(str, paths))}")
+    return sorted(folders, key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else 0)
+
+
+def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int) -> dict:
+    model = GradMemGPT.from_pretrained(str(folder)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    n_pairs = int(folder.name[1:])
+    spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
+    data = kv_dataset_utils.generate_kv_samples(spec, samples, data_seed, kv_dataset_utils.TEST_STREAM)
+    rows = [dict(zip(data, values)) for values in zip(*data.values())]
+    collator = MemoryModelCollator(tokenizer)
+    batches = (collator(rows[i: i + batch_size]) for i in range(0, len(rows), batch_size))
+    started = time.time()
+    metrics = generated_exact_match(model, batches, single_token_ids(tokenizer, ("!", "|")))
+    em = metrics["generated_exact_match"]
+    provenance = folder / "provenance.json"
+    return {"N": n_pairs, "K": model.config.K, "inner_lr": model.config.lr, "exact_match": em,
+            "stderr": math.sqrt(em * (1 - em) / max(metrics["generated_samples"], 1)),
+            "samples": metrics["generated_samples"], "seconds": time.time() - started,
+            "provenance": json.loads(provenance.read_text()) if provenance.is_file() else {}}
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", default=[str(DEFAULT_ROOT)], help="checkpoint folders, or their parent")
+    parser.add_argument("--samples", type=int, default=300,
+                        help="fresh test samples per checkpoint (300: all shipped checkpoints in ~3 min on 2 CPU cores)")
+    parser.add_argument("--data_seed", type=int, default=1, help="generator seed of the fresh samples (training: 0)")
+    parser.add_argument("--batch_size", type=int, default=250)
+    args = parser.parse_args(argv)
+    if args.samples < 1 or args.data_seed < 1:
+        parser.error("need --samples >= 1 and --data_seed >= 1 (seed 0 made the training, valid and test data)")
+    torch.manual_seed(0)
+    rows = []
+    print("| checkpoint | N | K | generated exact match (fresh test) | samples | at training: valid / test | "
+          "CPU s |\n|---|---|---|---|---|---|---|", flush=True)
+    for folder in checkpoint_folders(args.paths):
+        row = evaluate_folder(folder, args.samples, args.data_seed, args.batch_size)
+        p = row["provenance"]
+        trained = (f"{p['valid_exact_match']:.4f} / {p['test_generated_exact_match']:.4f}" if p else "-")
+        print(f"| {folder} | {row['N']} | {row['K']} | {row['exact_match']:.4f} ± {row['stderr']:.4f} | "
+              f"{row['samples']} | {trained} | {row['seconds']:.0f} |", flush=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
