@@ -404,3 +404,14 @@ def test_cli_runs_as_a_script(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "query   ?!" in result.stdout and (out / "dataset_dict.json").is_file()
+
+
+def test_test_split_is_its_own_stream():
+    spec = kvu.parse_dataset_name("N4-K2V2-V62")
+    splits = kvu.build_kv_dataset_dict(spec, n_train=20, n_valid=10, seed=0, n_test=10)
+    assert sorted(splits) == ["test", "train", "valid"] and len(splits["test"]) == 10
+    contexts = {name: set(splits[name]["context"]) for name in splits}
+    assert not contexts["test"] & (contexts["valid"] | contexts["train"])
+    assert splits["test"]["context"] == kvu.generate_kv_samples(
+        spec, 10, 0, kvu.TEST_STREAM)["context"]
+    assert "test" not in kvu.build_kv_dataset_dict(spec, n_train=20, n_valid=10, seed=0)

@@ -357,3 +357,17 @@ def test_single_process_with_several_gpus_trains_on_one(tmp_path, caplog):
         _use_one_gpu_per_process(args)
     assert args.n_gpu == 1 and args.parallel_mode.value == "not_parallel"
     assert "NP=2" in caplog.text
+
+
+def test_parse_cli_seeds_before_the_model_is_built():
+    from training import BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli
+
+    def first_weights(seed):
+        train_args, backbone_args, gradmem_args = parse_cli(
+            TrainArgs, BackboneArgs, GradMemArgs, args=["--seed", str(seed), "--n_layer", "1", "--n_embd", "32",
+                                                        "--n_head", "2"])
+        model = build_grad_memgpt(backbone_args, gradmem_args, load_tokenizer(backbone_args))
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(first_weights(7), first_weights(7))
+    assert not torch.equal(first_weights(7), first_weights(8))
