@@ -7,12 +7,12 @@ the next stage, keeping the weights (a warm start) with a fresh AdamW and its ow
 the stage's threshold. The last stage stops at `--target`. Wall time counts everything from the start of the first
 stage: data generation, CUDA-graph recording, kernel compilation and evaluation.
 
-Model and recipe defaults (the preset of scripts/run_fast_kv_curriculum.sh): Llama 4x4x128, 8 memory tokens, K=2,
-inner lr 0.04, write head, inner loss added with weight 0.5, second order, batch 64, gradient clipping 1.0, AdamW with
-betas (0.9, 0.95): outer lr 1e-3 in the first stage (linear warmup over 300 steps, then constant), 5e-4 in later
-stages (warmup 100, then a linear decay to 10% over 36000 steps). Measured on an H100 (bench/results/
-learning_n16_recipes_h100.md): a constant 1e-3 diverges on N16 after ~7000 steps; the lower, decaying later-stage lr
-with beta2 0.95 reaches N16 >= 0.95 in 198-271 s. Exact match as the trainer computes it (all target tokens right, the
+Model and recipe defaults (those of scripts/run_kv_capacity.sh, which trains through the trainer): Llama 4x4x128,
+8 memory tokens, K=2, inner lr 0.04, write head, inner loss added with weight 0.5, second order, batch 64, gradient clipping 1.0, AdamW with
+betas (0.9, 0.95) and no weight decay (as the trainer; runs before 2026-11-30 had torch's default 0.01): outer lr 1e-3
+in the first stage (linear warmup over 300 steps, then constant), 5e-4 in later stages (warmup 100, then a linear decay
+to 10% over 36000 steps). Measured on an H100 (bench/results/learning_n16_recipes_h100.md): a constant 1e-3 diverges
+on N16 after ~7000 steps; the lower, decaying later-stage lr with beta2 0.95 reaches N16 >= 0.95 in 198-271 s. Exact match as the trainer computes it (all target tokens right, the
 structural `!` and `|` ignored), on `--eval_samples` samples of the valid stream (seed 0, stream 1).
 
 Data: samples come from kv_dataset_utils.generate_kv_samples (the generator the datasets are built with; train stream,
@@ -200,7 +200,7 @@ def main(argv=None):
                                                     batch_size=args.batch_size).take(args.eval_samples).items()}
         peak, warmup, decay = (args.learning_rate, args.warmup_steps, 0) if index == 0 else (
             args.stage_learning_rate, args.stage_warmup_steps, args.stage_decay_steps)
-        optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, args.adam_beta2))
+        optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, args.adam_beta2), weight_decay=0.0)  # as the trainer
         step_fn = CapturedTrainStep(model, optimizer, max_grad_norm=args.max_grad_norm, precision=args.precision)
         step, em = 0, 0.0
         while True:

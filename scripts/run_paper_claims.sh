@@ -4,7 +4,7 @@
 #     forward write) vs the full-context Llama, on N4, N8 and N16;
 #   - K ablation: GradMem K=1 and K=5 at N8 and N16, seeds SEEDS_ABLATION (K=2 is the main run);
 #   - grad_mode ablation: GradMem grad_mode none and first at N8, seeds SEEDS_ABLATION (second is the main run).
-# All on Llama L4 H4 D128 from scratch with the recipe of run_fast_kv_curriculum.sh: batch 64, AdamW lr 1e-3,
+# All on Llama L4 H4 D128 from scratch with the first-stage recipe of run_kv_capacity.sh: batch 64, AdamW lr 1e-3,
 # constant after a linear warmup of 300 steps (100 when warm-started), clip 1.0, eval every EVAL_STEPS steps on
 # MAX_EVAL_SAMPLES held-out samples, no early stopping, stop at eval exact match 0.99, else at the first evaluation
 # after BUDGET_N<n> minutes of training (--max_train_minutes). Runs at N16 (and N32) warm-start (--init_checkpoint)
