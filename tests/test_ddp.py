@@ -374,7 +374,8 @@ def test_no_communication_inside_write(report):
 
 def test_eval_metrics_on_exactly_the_eval_set(report):
     trainer = report["trainer"]
-    assert len(trainer["eval_rows"]) == 6  # first run: at start, steps 1 and 2, best model; resumed: step 3, best
+    # first run: at start, steps 1 and 2, best model, final checkpoint; resumed: step 3, best, final checkpoint
+    assert len(trainer["eval_rows"]) == 8
     assert all(rows == N_EVAL for rows in trainer["eval_rows"])
     labels, predictions = trainer["final_eval"]
     expected_labels, expected_predictions = trainer["single_process_eval"]
