@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import base_config_to_dict, build_causal_lm, max_positions
 from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, backbone_source, backbone_tag,
-                      check_tokenizer_covers, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_experiment)
+                      check_data, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
+                      make_compute_metrics, parse_cli, run_cli, run_experiment)
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -93,7 +93,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     check_options(backbone_args, lm_args, data_args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
-    check_tokenizer_covers(tokenizer, splits["train"])
+    check_data(tokenizer, splits)
     model = build_model(backbone_args, lm_args, tokenizer)
     collator = CausalLMCollator(tokenizer, max_input_length=lm_args.max_input_length)
     check_sequences_fit(model, collator, splits["train"])
@@ -111,4 +111,4 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

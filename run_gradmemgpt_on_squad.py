@@ -18,7 +18,8 @@ from typing import Optional
 
 from phonebook_utils import load_phonebook
 from squad_utils import LAYOUTS, AnswerGenerationArgs, load_squad, train_answer_task
-from training import BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli
+from training import (BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli,
+                      run_cli)
 
 
 @dataclass
@@ -75,4 +76,4 @@ def main(args=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
