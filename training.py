@@ -844,7 +844,7 @@ def check_memory_inputs_fit(tokenizer: PreTrainedTokenizerBase, splits, position
             if suspects.size == 0:
                 continue
             rows = split.select(suspects)
-            texts = ["".join(parts) for parts in zip(*(rows[c] for c in columns))]
+            texts = ["".join(parts) for parts in zip(*(list(rows[c]) for c in columns))]
             longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
             if longest > room:
                 fix = ("set --max_context_length " + str(room) + " (keeps the first tokens) or"
@@ -1182,7 +1182,7 @@ def _finished_reason(run_dir: Path, resume_from: Optional[Path], train_args: Tra
         rule = StopOnMetricValue(train_args.stop_metric, train_args.stop_metric_value)
         value = next((r[rule.key] for r in reversed(state.get("log_history", []))
                       if r.get("step") == step and rule.key in r), None)
-        if value is not None and (value <= rule.value if rule.lower_is_better else value >= rule.value):
+        if value is not None and rule.reached(value):
             return f"it stopped at step {step}: {rule.key} = {value:g} reached --stop_metric_value {rule.value:g}"
     early = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback")
     early = early[-1] if isinstance(early, list) and early else early
@@ -1409,19 +1409,22 @@ class StopAfterWallTime(TrainerCallback):
 
 
 class StopOnMetricValue(TrainerCallback):
-    """Stop training once an eval metric reaches a value (>= for accuracies, <= for losses)."""
+    """Stop training once an eval metric reaches a value (>= for accuracies, <= for losses). The evaluation at step 0
+    never stops a run: a stop there would train one step and end without a checkpoint to resume or report."""
 
     def __init__(self, metric: str, value: float):
         self.key = metric if metric.startswith("eval_") else f"eval_{metric}"
         self.value = value
         self.lower_is_better = metric.endswith("loss")
 
+    def reached(self, current: float) -> bool:
+        return current <= self.value if self.lower_is_better else current >= self.value
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         current = (metrics or {}).get(self.key)
-        if current is None:
+        if current is None or state.global_step == 0:
             return
-        reached = current <= self.value if self.lower_is_better else current >= self.value
-        if reached:
+        if self.reached(current):
             logger.warning("%s = %.4f reached %s %s: stopping", self.key, current,
                            "<=" if self.lower_is_better else ">=", self.value)
             control.should_training_stop = True
