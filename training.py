@@ -12,7 +12,8 @@ A run script is wiring only:
 
 Run folder: `runs/<data>/<run_name>/run_<seed>/` (or `--exp_path`) with `config.json` (all args, package versions,
 git commit), HF checkpoints, tensorboard events, `all_results.json`, `trainer_state.json`, `learning_curve.png`.
-Re-running the same command resumes from the last complete checkpoint; `--overwrite` starts over.
+Re-running the same command resumes an unfinished run and reports a finished one; `--overwrite` starts over, in a
+run folder only. Nothing is written or deleted before every argument is validated (README: Resume, --overwrite).
 
 Defaults are the paper's KV preset (reference `scripts/run_gradmemgpt_on_kv_retrieval.sh`), not the reference
 script's defaults: the reference script defaulted to `grad_mode=none`, Adam inner optimiser and K=3, which no preset
@@ -1002,10 +1003,6 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
     return None
 
 
-def checkpoint_is_complete(folder: Path) -> bool:
-    return checkpoint_problem(folder) is None
-
-
 def _interrupted_save(folder: Path) -> bool:
     """A checkpoint that a kill cut short while writing its weights: no trainer_state.json and no whole weights.
     Only such folders are ever removed (never one that holds complete weights)."""
@@ -1022,23 +1019,6 @@ def _checkpoint_folders(run_dir: Path) -> list:
 
 def _step_of(folder: Path) -> int:
     return int(folder.name.split("-")[-1])
-
-
-def last_complete_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Optional[Path]:
-    """The newest checkpoint that can be resumed from. Checkpoints interrupted while saving their weights are reported
-    (and removed with remove_incomplete); any other unusable one is reported and kept."""
-    found = None
-    for folder in _checkpoint_folders(run_dir):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            found = folder
-        elif _interrupted_save(folder):
-            logger.warning("%s was interrupted while saving (%s)%s", folder, problem, ": removed" if remove_incomplete else "")
-            if remove_incomplete:
-                shutil.rmtree(folder)
-        else:
-            logger.warning("%s cannot be resumed from: %s. It is kept", folder, problem)
-    return found
 
 
 def _resume_checkpoint(run_dir: Path) -> tuple:
@@ -1127,7 +1107,6 @@ def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_pr
         raise NotADirectoryError(f"run folder {run_dir} is a file; choose another --exp_path")
     entries = sorted(run_dir.iterdir())
     foreign = [e.name for e in entries if not is_run_output(e)]
-    has_record = (run_dir / RUN_RECORD).is_file()
     if train_args.overwrite:
         if foreign and not _is_run_record(run_dir / RUN_RECORD):
             raise ValueError(f"--overwrite refused: {run_dir} is not a run folder (no run record {RUN_RECORD}; it holds "
@@ -1135,28 +1114,29 @@ def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_pr
         return RunFolderPlan(clear=[e for e in entries if is_run_output(e)])
     if not entries:
         return RunFolderPlan()
-    if has_record:
-        try:
-            record = _read_run_record(run_dir / RUN_RECORD)
-        except ValueError as e:
-            if not train_args.resume_without_record:
-                raise ValueError(f"{e}: the run's settings cannot be checked. Restore it, pass --overwrite to start "
-                                 "over, or --resume_without_record to resume anyway") from None
-            record = None
-        if record is not None:
-            _check_record(run_dir, record, cli_args, num_processes)
-    if foreign and not has_record:
+    record = _resume_record(run_dir, foreign, train_args)
+    if record is not None:
+        _check_record(run_dir, record, cli_args, num_processes)
+    resume_from, interrupted = _resume_checkpoint(run_dir)
+    return RunFolderPlan(resume_from=resume_from, remove=interrupted, resumed_without_record=record is None,
+                         finished=_finished_reason(run_dir, resume_from, train_args))
+
+
+def _resume_record(run_dir: Path, foreign: list, train_args: TrainArgs) -> Optional[dict]:
+    """The run record of a folder to resume; None only where --resume_without_record resumes without one."""
+    path = run_dir / RUN_RECORD
+    if foreign and not path.is_file():
         raise ValueError(f"{run_dir} exists and is not a run folder (no run record {RUN_RECORD}; it holds "
                          f"{', '.join(foreign[:5])}): choose a new or empty --exp_path")
-    unchecked = not has_record or record is None
-    if unchecked:
+    try:
+        return _read_run_record(path)
+    except ValueError as e:
+        problem = str(e) if path.is_file() else f"{run_dir} has no run record {RUN_RECORD}"
         if not train_args.resume_without_record:
-            raise ValueError(f"{run_dir} has no run record {RUN_RECORD}, so its settings cannot be compared with "
-                             "these: pass --resume_without_record to resume anyway, or --overwrite to start over")
-        logger.warning("%s: resuming without a run record (--resume_without_record): settings not compared", run_dir)
-    resume_from, interrupted = _resume_checkpoint(run_dir)
-    return RunFolderPlan(resume_from=resume_from, remove=interrupted, resumed_without_record=unchecked,
-                         finished=_finished_reason(run_dir, resume_from, train_args))
+            raise ValueError(f"{problem}: its settings cannot be compared with these. Pass --resume_without_record to "
+                             "resume anyway, or --overwrite to start over") from None
+        logger.warning("%s: resuming anyway (--resume_without_record), settings not compared", problem)
+        return None
 
 
 def _is_run_record(path: Path) -> bool:

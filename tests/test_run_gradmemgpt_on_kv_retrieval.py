@@ -111,7 +111,7 @@ def test_overwrite_refuses_a_data_folder_and_warm_starts_must_fit(tmp_path):
 
 
 def test_contexts_must_fit_the_positions(tmp_path):
-    data = ["--data_path", str(tmp_path / "N2-K1V1-V62_32"), "--exp_path", str(tmp_path / "r"), *TINY]
+    data = ["--data_path", str(tmp_path / "N2-K1V1-V62_32"), "--exp_path", str(tmp_path / "r"), "--max_steps", "1", *TINY]
     with pytest.raises(ValueError, match="exceed the backbone's 8 positions; set --max_context_length 6"):
         run_kv.main([*data, "--max_position_embeddings", "8"])
     assert not (tmp_path / "r").exists()
@@ -123,7 +123,8 @@ def test_user_errors_exit_2_with_one_line():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "run_gradmemgpt_on_kv_retrieval.py"
-    done = subprocess.run([sys.executable, str(script), "--max_context_length", "0"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(script), "--max_context_length", "0", "--data_path", "no_such_data"],
+                          capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: --max_context_length must be >= 1 (or None: whole contexts), got 0"
 
