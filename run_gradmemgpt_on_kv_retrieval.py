@@ -12,8 +12,8 @@ from typing import Optional, Sequence
 
 from modeling_utils import max_positions
 from training import (BackboneArgs, DataArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
-                      check_data, check_memory_inputs_fit, gradmem_run_name, launched_world_size, load_splits, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_cli, run_experiment)
+                      check_data, check_memory_inputs_fit, gradmem_run_name, launched_world_size, load_splits,
+                      load_tokenizer, make_compute_metrics, parse_cli, run_cli, run_experiment)
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
