@@ -102,8 +102,6 @@ def test_overwrite_refuses_a_data_folder_and_warm_starts_must_fit(tmp_path):
     with pytest.raises(ValueError, match="unloaded .*--init_checkpoint_partial"):
         run_kv.main([*base, "--exp_path", str(tmp_path / "l2"), "--init_checkpoint", str(tmp_path / "l1" / "checkpoint-1")])
     assert not (tmp_path / "l2").exists()
-    run_kv.main([*base, "--exp_path", str(tmp_path / "l2"), "--init_checkpoint", str(tmp_path / "l1" / "checkpoint-1"),
-                 "--init_checkpoint_partial"])
     run_kv.main([*base, "--exp_path", str(tmp_path / "gpt2"), "--base_model", "gpt2", "--n_layer", "1"])
     with pytest.raises(ValueError, match="unloaded"):
         run_kv.main([*base, "--exp_path", str(tmp_path / "llama"), "--n_layer", "1",
