@@ -324,7 +324,7 @@ def run_cli(main: Callable) -> None:
         if os.environ.get("GRADMEM_TRACEBACK"):
             raise
         if _is_disk_full(error):
-            sys.exit(f"error: the disk is full (no space left on device) while writing: {error}")
+            sys.exit(f"error: the disk is full (no space left on device, or a quota) while writing: {error}")
         if isinstance(error, FloatingPointError):
             sys.exit(f"error: {error}")
         if isinstance(error, USER_ERRORS):
@@ -333,11 +333,14 @@ def run_cli(main: Callable) -> None:
         raise
 
 
+DISK_FULL_MESSAGES = ("No space left on device", "StorageFull", "file write failed")  # OS, safetensors, torch.save
+
+
 def _is_disk_full(error: BaseException) -> bool:
-    """ENOSPC anywhere in the exception chain (torch and safetensors wrap the OSError in their own errors)."""
+    """ENOSPC anywhere in the exception chain (safetensors and torch.save wrap it in their own errors; torch.save's
+    'file write failed' is a short write, i.e. a full disk or quota)."""
     while error is not None:
-        if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error) \
-                or "StorageFull" in str(error):
+        if getattr(error, "errno", None) == errno.ENOSPC or any(m in str(error) for m in DISK_FULL_MESSAGES):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -488,6 +488,9 @@ def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         training.run_cli(lambda: _run(tmp_path, max_steps=3))
     assert exit_info.value.code != 0 and "the disk is full" in str(exit_info.value.code)
+    short_write = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")  # what torch.save raises on a full disk
+    assert training._is_disk_full(short_write) and not training._is_disk_full(RuntimeError("shape mismatch"))
 
 
 def test_skipped_step_counters_survive_resume(tmp_path):
