@@ -830,29 +830,33 @@ def check_data(tokenizer: PreTrainedTokenizerBase, splits) -> None:
     check_targets(splits)
 
 
+def longest_tokens(tokenizer: PreTrainedTokenizerBase, split, columns: Sequence[str], limit: int) -> int:
+    """The most tokens (special tokens included) of the columns joined, over the rows that may exceed `limit`; 0 when
+    none can. Vectorised: UTF-8 byte lengths bound the token counts, and only the rows over the bound are tokenised."""
+    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    suspects = np.nonzero(sum(_byte_lengths(split, c) for c in columns) + n_special > limit)[0]
+    if suspects.size == 0:
+        return 0
+    rows = split.select(suspects)
+    texts = ["".join(parts) for parts in zip(*(list(rows[c]) for c in columns))]
+    return max(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+
+
 def check_memory_inputs_fit(tokenizer: PreTrainedTokenizerBase, splits, positions: Optional[int], n_prefix: int,
                             max_context_length: Optional[int] = None) -> None:
     """WRITE reads [n_prefix memory slots; context] and READ [n_prefix; query + target]: both must fit the
-    backbone's positions (beyond them a model fails mid-training or trains on positions it cannot embed).
-    Byte lengths bound the token counts; only the rows over the bound are tokenised."""
+    backbone's positions (beyond them a model fails mid-training or trains on positions it cannot embed)."""
     if positions is None:
         return
     room = positions - n_prefix
-    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"])
     for name, split in splits.items():
         for columns, cut in ((("context",), max_context_length), (("query", "target"), None)):
             if cut is not None and cut <= room:
                 continue  # the collator keeps the first `cut` tokens
-            lengths = sum(_byte_lengths(split, c) for c in columns) + n_special
-            suspects = np.nonzero(lengths > room)[0]
-            if suspects.size == 0:
-                continue
-            rows = split.select(suspects)
-            texts = ["".join(parts) for parts in zip(*(list(rows[c]) for c in columns))]
-            longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+            longest = longest_tokens(tokenizer, split, columns, room)
             if longest > room:
-                fix = ("set --max_context_length " + str(room) + " (keeps the first tokens) or"
-                       if columns == ("context",) else "use")
+                fix = f"set --max_context_length {room} (keeps the first tokens) or" if columns == ("context",) \
+                    else "use"
                 raise ValueError(f"split {name!r}: {'+'.join(columns)} of up to {longest} tokens + {n_prefix} memory "
                                  f"positions exceed the backbone's {positions} positions; {fix} a larger "
                                  "--max_position_embeddings")
