@@ -1585,12 +1585,18 @@ def _reduce_stats_across_processes(names: list, values: torch.Tensor) -> torch.T
                         for i, name in enumerate(names)])
 
 
-def _report_callbacks(report_to: str, run_dir: Path, run_name: str, is_main: bool) -> tuple:
-    """(HF report_to list, extra callbacks). Tensorboard events go straight into the run folder."""
+def report_targets(report_to: str) -> list:
+    """The --report_to list without 'none'; an unknown name is an error."""
     wanted = [r.strip() for r in report_to.split(",") if r.strip() and r.strip() != "none"]
     unknown = [r for r in wanted if r not in ("tensorboard", "wandb")]
     if unknown:
         raise ValueError(f"--report_to {report_to}: unknown {unknown}; use tensorboard, wandb or none")
+    return wanted
+
+
+def _report_callbacks(report_to: str, run_dir: Path, run_name: str, is_main: bool) -> tuple:
+    """(HF report_to list, extra callbacks). Tensorboard events go straight into the run folder."""
+    wanted = report_targets(report_to)
     callbacks, hf_report = [], []
     if "tensorboard" in wanted and is_main:
         from transformers.integrations import TensorBoardCallback
@@ -1742,6 +1748,7 @@ def run_experiment(
 
     # ---- decide and validate everything before the run folder is touched (every process raises alike) ----
     check_scheduler_name(train_args.lr_scheduler_type)
+    report_targets(train_args.report_to)
     plan = plan_run_folder(run_dir, train_args, cli_args, state.num_processes)
     if plan.finished is not None:
         return report_finished_run(run_dir, plan.finished)

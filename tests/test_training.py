@@ -413,7 +413,7 @@ def test_overwrite_clears_only_run_folders(tmp_path):
 
 def test_failed_validation_leaves_no_stub(tmp_path):
     for kw in (dict(init_checkpoint=str(tmp_path / "nonexistent")), dict(metric_for_best_model="acc"),
-               dict(lr_scheduler_type="cosine_typo")):
+               dict(lr_scheduler_type="cosine_typo"), dict(report_to="tensorbord")):
         with pytest.raises((ValueError, FileNotFoundError)):
             _run(tmp_path, max_steps=3, **kw)
         assert not (tmp_path / "run").exists(), kw
