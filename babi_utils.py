@@ -60,6 +60,9 @@ def parse_babi_lines(lines: list[str], source: str = "<lines>") -> list[dict]:
                              "one inside a story and restart at 1 for a new story")
         previous_number = number
         if "\t" not in text:
+            if "?" in text:  # a question whose answer would silently become story text
+                raise ValueError(f"{where}: {line!r} looks like a question line without tabs; a question line is "
+                                 "'<number> <question>\\t<answer>\\t<supporting fact numbers>' (tabs, not spaces)")
             facts[number] = text.strip()
             continue
         fields = text.split("\t")

@@ -5,7 +5,9 @@ all_results.json, trainer_state.json; checkpoints are not read), or copies of th
 (`--copy_metrics results/runs` makes such copies, so the tables can be rebuilt from git).
 Runs are grouped by (task = data folder, run_name); eval_exact_match / eval_token_accuracy are averaged over seeds,
 written as `mean (std) [per-seed values]` like the reference notebook (std over seeds with ddof=1; `nan` = a seed
-without all_results.json, e.g. still running or crashed; mean and std skip it).
+without all_results.json, e.g. still running or crashed; mean and std skip it). A malformed all_results.json or
+trainer_state.json (not JSON, not a dict, a metric that is not a number, a bad log_history) is skipped with a
+warning naming it, as if it were missing.
 
     python collect_results.py --runs runs --out results/summary          # summary.md, summary.json, *.png
     python collect_results.py --runs runs --copy_metrics results/runs    # copy the three json files of every run
@@ -20,6 +22,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -67,13 +70,53 @@ class Group:
 # Reading run folders
 # ----------------------------------------------------------------------------------------------------------------
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path):
+    """The parsed file; None when it is missing, or malformed (skipped with a warning naming it)."""
     if not path.exists():
         return None
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete or fix the file") from None
+    except (OSError, ValueError) as e:
+        _skip(path, f"not valid JSON ({e})")
+        return None
+
+
+def _skip(path: Path, problem: str) -> None:
+    print(f"warning: skipping {path}: {problem}", file=sys.stderr)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_results(path: Path) -> dict:
+    """all_results.json as a dict whose metrics are numbers; {} when missing or malformed (with a warning)."""
+    results = _read_json(path)
+    if results is None:
+        return {}
+    if not isinstance(results, dict):
+        _skip(path, f"a {type(results).__name__}, not a dict of results")
+        return {}
+    bad = [m for m in METRICS if m in results and not _is_number(results[m])]
+    if bad:
+        _skip(path, f"{', '.join(bad)} not a number")
+        return {}
+    return results
+
+
+def read_log_history(path: Path) -> list:
+    """trainer_state.json's log_history as records logged while training; [] when missing or malformed."""
+    state = _read_json(path)
+    if state is None:
+        return []
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        _skip(path, "log_history is not a list of records")
+        return []
+    if any(not _is_number(r[key]) for r in history for key in ("step", *METRICS) if key in r):
+        _skip(path, "a step or metric of log_history is not a number")
+        return []
+    return training_log(history)
 
 
 def training_log(log_history: list) -> list:
@@ -96,10 +139,9 @@ def find_runs(runs_root) -> list:
         if len(path.relative_to(root).parts) < 3:
             raise ValueError(f"{path} is not laid out as <task>/<run_name>/run_<seed> under {root}; pass --runs with "
                              "the folder above the task folders")
-        state = _read_json(path / "trainer_state.json") or {}
         runs.append(Run(task=path.parent.parent.name, run_name=path.parent.name, seed=int(m[1]), path=path,
-                        metrics=_read_json(path / "all_results.json") or {},
-                        log_history=training_log(state.get("log_history", []))))
+                        metrics=read_results(path / "all_results.json"),
+                        log_history=read_log_history(path / "trainer_state.json")))
     if not runs:
         raise FileNotFoundError(f"no run folders <task>/<run_name>/run_<seed>/ with {' / '.join(RUN_FILES)} under "
                                 f"{root}")

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import base_config_to_dict, build_causal_lm, max_positions
 from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, backbone_source, backbone_tag,
-                      check_tokenizer_covers, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_experiment)
+                      check_data, check_vocab_fits, launched_world_size, load_splits, load_tokenizer, longest_tokens,
+                      make_compute_metrics, parse_cli, run_cli, run_experiment)
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -74,17 +74,17 @@ def build_model(backbone_args: BackboneArgs, args: FullContextArgs, tokenizer):
     return model
 
 
-def check_sequences_fit(model, collator: CausalLMCollator, split, n_samples: int = 1000) -> None:
-    """The longest of the first samples fits the model's positions (else: a cryptic index error mid-training)."""
+def check_sequences_fit(model, collator: CausalLMCollator, splits) -> None:
+    """Every sequence of every split fits the model's positions (else a cryptic index error mid-training)."""
     positions = max_positions(model.config)
-    if positions is None:  # mamba: no position limit
-        return
-    rows = split.select(range(min(n_samples, len(split))))
-    longest = collator([rows[i] for i in range(len(rows))])["attention_mask"].sum(dim=1).max().item()
-    if longest > positions:
-        raise ValueError(f"sequences of {longest} tokens do not fit the model's {positions} positions: set "
-                         f"--max_input_length {positions} (drops the start of the context) or a larger "
-                         "--max_position_embeddings")
+    if positions is None or (collator.max_input_length is not None and collator.max_input_length <= positions):
+        return  # mamba has no position limit; --max_input_length cuts every sequence
+    for name, split in splits.items():
+        longest = longest_tokens(collator.tokenizer, split, ("context", "query", "target"), positions)
+        if longest > positions:
+            raise ValueError(f"sequences of {longest} tokens (split {name!r}) do not fit the model's {positions} "
+                             f"positions: set --max_input_length {positions} (drops the start of the context) or a "
+                             "larger --max_position_embeddings")
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
@@ -93,10 +93,10 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     check_options(backbone_args, lm_args, data_args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
-    check_tokenizer_covers(tokenizer, splits["train"])
+    check_data(tokenizer, splits)
     model = build_model(backbone_args, lm_args, tokenizer)
     collator = CausalLMCollator(tokenizer, max_input_length=lm_args.max_input_length)
-    check_sequences_fit(model, collator, splits["train"])
+    check_sequences_fit(model, collator, splits)
     if train_args.run_name is None:
         train_args.run_name = default_run_name(train_args, backbone_args, lm_args, launched_world_size())
     return run_experiment(
@@ -111,4 +111,4 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

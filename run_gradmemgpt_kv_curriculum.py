@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import curriculum
 import kv_dataset_utils
 import run_gradmemgpt_on_kv_retrieval as run_kv
+from training import run_cli
 
 RECORD = "curriculum.json"
 REPORTED = ("eval_exact_match", "eval_generated_exact_match", "test_exact_match", "test_generated_exact_match",
@@ -152,4 +153,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(lambda: sys.exit(main()))

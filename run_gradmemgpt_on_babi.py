@@ -18,7 +18,8 @@ from typing import Optional
 
 from babi_utils import load_babi_from_disk, load_babi_text
 from squad_utils import AnswerGenerationArgs, train_answer_task
-from training import BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli
+from training import (BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli,
+                      run_cli)
 
 
 @dataclass
@@ -59,4 +60,4 @@ def main(args=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,9 +10,10 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+from modeling_utils import max_positions
 from training import (BackboneArgs, DataArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
-                      check_tokenizer_covers, gradmem_run_name, launched_world_size, load_splits, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_experiment, single_token_ids)
+                      check_data, check_memory_inputs_fit, gradmem_run_name, launched_world_size, load_splits,
+                      load_tokenizer, make_compute_metrics, parse_cli, run_cli, run_experiment, single_token_ids)
 from evaluation import make_generated_answer_metrics
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
@@ -23,8 +24,10 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
                                                                    args=args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
-    check_tokenizer_covers(tokenizer, splits["train"])
+    check_data(tokenizer, splits)
     model = build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
+    check_memory_inputs_fit(tokenizer, splits, max_positions(model.model.config), model.mem_offset,
+                            data_args.max_context_length)
     if train_args.run_name is None:
         train_args.run_name = gradmem_run_name(train_args, backbone_args, gradmem_args, launched_world_size())
     hint = (f"The inner loop probably diverged: lower --inner_lr (now {gradmem_args.inner_lr:g}) or bound the inner "
@@ -42,4 +45,4 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

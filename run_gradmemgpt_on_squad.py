@@ -18,7 +18,8 @@ from typing import Optional
 
 from phonebook_utils import load_phonebook
 from squad_utils import LAYOUTS, AnswerGenerationArgs, load_squad, train_answer_task
-from training import BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli
+from training import (BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli,
+                      run_cli)
 
 
 @dataclass
@@ -39,7 +40,8 @@ class SquadDataArgs:
 @dataclass
 class SquadTaskArgs:
     init_base_checkpoint: Optional[str] = field(default=None, metadata={
-        "help": "safetensors file loaded into the backbone LM only (ignored parts are listed); not with --init_checkpoint"})
+        "help": "safetensors file loaded into the backbone LM only (unused tensors are listed; every trainable backbone "
+                "tensor must be in it unless --init_checkpoint_partial); not with --init_checkpoint"})
 
 
 def load_qa_data(data_args: SquadDataArgs) -> tuple:
@@ -69,10 +71,10 @@ def main(args=None) -> dict:
     if task_args.init_base_checkpoint is not None:
         from training import load_init_checkpoint
 
-        load_init_checkpoint(model.model, task_args.init_base_checkpoint)
+        load_init_checkpoint(model.model, task_args.init_base_checkpoint, partial=train_args.init_checkpoint_partial)
     return train_answer_task(train_args, backbone_args, model_args, answer_args, model, tokenizer, splits, data_name,
                              all_args=(backbone_args, model_args, data_args, answer_args, task_args))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

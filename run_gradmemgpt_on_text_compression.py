@@ -50,6 +50,7 @@ from training import (
     make_compute_metrics,
     pad_right,
     parse_cli,
+    run_cli,
     run_experiment,
 )
 
@@ -264,4 +265,4 @@ def main(args=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 from rmt import RMT2Segm, RMT2SegmConfig
 from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, backbone_source, backbone_tag,
-                      check_tokenizer_covers, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
-                      make_compute_metrics, parse_cli, run_experiment, single_token_ids)
+                      check_data, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
+                      make_compute_metrics, parse_cli, run_cli, run_experiment, single_token_ids)
 from evaluation import make_generated_answer_metrics
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
@@ -88,7 +88,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     check_backbone(backbone_args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
-    check_tokenizer_covers(tokenizer, splits["train"])
+    check_data(tokenizer, splits)
     model = build_model(backbone_args, rmt_args, tokenizer)
     if train_args.run_name is None:
         train_args.run_name = default_run_name(train_args, backbone_args, rmt_args, launched_world_size())
@@ -105,4 +105,4 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -299,6 +299,8 @@ class GenerationEvalCallback(TrainerCallback):
     numbers are added to that log record afterwards and do not reach tensorboard.
     """
 
+    metric_names = ("squad_exact_match", "squad_f1")  # what it adds to an evaluation (checked by the trainer)
+
     def __init__(self, tokenizer, max_new_tokens: int, batch_size: int, max_samples: Optional[int] = None,
                  max_context_length: Optional[int] = None, n_print: int = 3):
         self.tokenizer = tokenizer

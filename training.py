@@ -12,13 +12,16 @@ A run script is wiring only:
 
 Run folder: `runs/<data>/<run_name>/run_<seed>/` (or `--exp_path`) with `config.json` (all args, package versions,
 git commit), HF checkpoints, tensorboard events, `all_results.json`, `trainer_state.json`, `learning_curve.png`.
-Re-running the same command resumes from the last complete checkpoint; `--overwrite` starts over.
+Re-running the same command resumes an unfinished run and reports a finished one; `--overwrite` starts over, in a
+run folder only. Nothing is written or deleted before every argument is validated (README: Resume, --overwrite).
 
 Defaults are the paper's KV preset (reference `scripts/run_gradmemgpt_on_kv_retrieval.sh`), not the reference
 script's defaults: the reference script defaulted to `grad_mode=none`, Adam inner optimiser and K=3, which no preset
 and no reported result used, so running it without the preset's flags silently trained a different model.
 """
 import dataclasses
+import errno
+import fnmatch
 import json
 import logging
 import math
@@ -28,6 +31,8 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -45,6 +50,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from grad_memgpt import GradMemGPT, GradMemGPTConfig, check_right_padding
@@ -56,11 +62,13 @@ REPO_DIR = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
 BASE_MODELS = ("llama", "gpt2", "pythia", "mamba")
 CURVE_FILE = "learning_curve.png"
+COMMON_METRICS = {"loss", "token_accuracy", "exact_match"}  # reported by every evaluation
 # Arguments that may change when a run is resumed (they do not change what is being trained).
 RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
-    "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes",
+    "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
+    "resume_without_record",
 }
 
 
@@ -82,6 +90,10 @@ class TrainArgs:
     runs_dir: str = field(default="./runs", metadata={"help": "root of the default run folder"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing run folder and start over (default: resume)"})
     init_checkpoint: Optional[str] = field(default=None, metadata={"help": "warm start: a .safetensors file or a checkpoint folder"})
+    init_checkpoint_partial: bool = field(default=False, metadata={
+        "help": "--init_checkpoint may leave trainable tensors unloaded or skip tensors of other shapes (default: error)"})
+    resume_without_record: bool = field(default=False, metadata={
+        "help": "resume a run folder whose run record config.json is missing or unreadable (settings not compared)"})
     per_device_batch_size: int = field(default=64, metadata={"help": "train (and eval) batch size per process"})
     per_device_eval_batch_size: Optional[int] = field(default=None, metadata={"help": "default: per_device_batch_size"})
     gradient_accumulation_steps: int = 1
@@ -168,6 +180,10 @@ class TrainArgs:
                              f"{self.collapse_ratio}, {self.max_rollbacks}")
         if self.max_train_minutes is not None and not self.max_train_minutes > 0:
             raise ValueError(f"--max_train_minutes must be > 0 (minutes of training), got {self.max_train_minutes}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be >= 1 (or None: the whole valid split), got {self.max_eval_samples}")
+        check_finite(self, "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                     "stop_metric_value")
         self.mixed_precision()  # raises on an unsupported accelerate setting
 
     def mixed_precision(self) -> str:
@@ -246,6 +262,7 @@ class GradMemArgs:
     )
 
     def validate(self) -> None:
+        check_finite(self, "inner_lr", "inner_clip_value", "inner_clip_norm", "inner_loss_weight")
         if self.grad_mode not in ("none", "first", "second"):
             raise ValueError(f"--grad_mode must be none, first or second, got {self.grad_mode!r}")
         if self.mem_proj_mode not in ("none", "proj", "per_sample"):
@@ -266,11 +283,47 @@ class DataArgs:
     )
     max_context_length: Optional[int] = field(default=None, metadata={"help": "keep the first N context tokens"})
 
+    def validate(self) -> None:
+        if self.max_context_length is not None and self.max_context_length < 1:
+            raise ValueError(f"--max_context_length must be >= 1 (or None: whole contexts), got {self.max_context_length}")
+
+
+def check_finite(args, *names: str) -> None:
+    """Float options must be finite numbers (nan or inf would train on garbage); None stays allowed."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {value}")
+
+
+def _take_none_values(types: Sequence, args: list) -> tuple:
+    """(args without `--name None` of Optional number options, those names): argparse would reject 'None' as a
+    number, though such an option's None means 'off'. The names are set to None after parsing."""
+    optional_numbers = {name for t in types for name, hint in typing.get_type_hints(t).items()
+                        if type(None) in typing.get_args(hint) and {int, float} & set(typing.get_args(hint))}
+    kept, none_names, i = [], set(), 0
+    while i < len(args):
+        name, equals, value = args[i].partition("=")
+        if not equals and i + 1 < len(args):
+            value = args[i + 1]
+        if name.startswith("--") and name[2:] in optional_numbers and value in ("None", "none"):
+            none_names.add(name[2:])
+            i += 1 if equals else 2
+            continue
+        kept.append(args[i])
+        i += 1
+    return kept, none_names
+
 
 def parse_cli(*types, args: Optional[Sequence[str]] = None) -> tuple:
     """Parse the command line into the given dataclasses and validate each (errors before any work), then seed
-    python, numpy and torch with the run's --seed, so that the model built next starts from the same weights."""
+    python, numpy and torch with the run's --seed, so that the model built next starts from the same weights.
+    Optional number options accept `None` (e.g. --stop_metric_value None: never stop on a metric value)."""
+    args, none_names = _take_none_values(types, list(sys.argv[1:] if args is None else args))
     parsed = HfArgumentParser(types).parse_args_into_dataclasses(args=args)
+    for item in parsed:
+        for name in none_names & {f.name for f in dataclasses.fields(item)}:
+            setattr(item, name, None)
     for item in parsed:
         if hasattr(item, "validate"):
             item.validate()
@@ -278,6 +331,41 @@ def parse_cli(*types, args: Optional[Sequence[str]] = None) -> tuple:
     if seed is not None:
         transformers.set_seed(seed)
     return tuple(parsed)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def run_cli(main: Callable) -> None:
+    """A run script's entry point: user errors (bad flags, paths, data, settings: ValueError and missing or wrong
+    paths) print one clear line and exit 2; a full disk and a diverged training say so and exit 1; anything else is
+    a bug and keeps its traceback. GRADMEM_TRACEBACK=1 shows the traceback of every error."""
+    try:
+        main()
+    except Exception as error:
+        if os.environ.get("GRADMEM_TRACEBACK"):
+            raise
+        if _is_disk_full(error):
+            sys.exit(f"error: the disk is full (no space left on device, or a quota) while writing: {error}")
+        if isinstance(error, FloatingPointError):
+            sys.exit(f"error: {error}")
+        if isinstance(error, USER_ERRORS):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+DISK_FULL_MESSAGES = ("No space left on device", "StorageFull", "file write failed")  # OS, safetensors, torch.save
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain (safetensors and torch.save wrap it in their own errors; torch.save's
+    'file write failed' is a short write, i.e. a full disk or quota)."""
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or any(m in str(error) for m in DISK_FULL_MESSAGES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -696,21 +784,111 @@ def _generate_kv_dataset_if_named(path: Path) -> bool:
     return True
 
 
-def check_tokenizer_covers(tokenizer: PreTrainedTokenizerBase, split, n_samples: int = 200) -> None:
-    """The first samples tokenise without unknown tokens (e.g. V512 data with the 62-symbol tokenizer is an error)."""
+def _string_column(split, column: str):
+    """The Arrow ChunkedArray of a string column over the split's rows (no Python strings are made)."""
+    return split.with_format("arrow")[:][column]
+
+
+def _byte_lengths(split, column: str) -> np.ndarray:
+    """UTF-8 byte length of every row of a string column (an upper bound of its characters and tokens)."""
+    return np.concatenate([np.diff(_chunk_offsets(chunk)) for chunk in _string_column(split, column).chunks]
+                          or [np.zeros(0, dtype=np.int64)])
+
+
+def _chunk_offsets(chunk) -> np.ndarray:
+    import pyarrow as pa
+
+    dtype = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+    return np.frombuffer(chunk.buffers()[1], dtype=dtype)[chunk.offset: chunk.offset + len(chunk) + 1].astype(np.int64)
+
+
+def column_characters(split, column: str) -> set:
+    """The characters of a string column over ALL rows, read from the Arrow data buffer: a byte table (ASCII
+    data: about a second for a million rows of a hundred characters) or one decode of the buffer (other text)."""
+    chars = set()
+    for chunk in _string_column(split, column).chunks:
+        if len(chunk) == 0 or chunk.buffers()[2] is None:
+            continue
+        offsets = _chunk_offsets(chunk)
+        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
+        seen = np.zeros(256, dtype=bool)
+        seen[data] = True
+        present = np.nonzero(seen)[0]
+        if present.size and present[-1] >= 128:
+            chars |= set(data.tobytes().decode("utf-8"))
+        else:
+            chars |= {chr(b) for b in present}
+    return chars
+
+
+def check_tokenizer_covers(tokenizer: PreTrainedTokenizerBase, split) -> None:
+    """Every character of every row is known to the tokenizer (e.g. V512 data with the 62-symbol tokenizer is an
+    error). Tokenizers without a real unknown token (byte-level: unk = eos or pad) cannot fail and are skipped."""
     unk = tokenizer.unk_token_id
     if unk is None or unk in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-        return  # byte-level tokenizers have no real unknown token
-    rows = split.select(range(min(n_samples, len(split))))
+        return
     for column in ("context", "query", "target"):
-        if column not in rows.column_names:
+        if column not in split.column_names:
             continue
-        texts = list(rows[column])
-        for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
-            if unk in ids:
-                bad = sorted({ch for ch in text if tokenizer(ch, add_special_tokens=False)["input_ids"] == [unk]})
-                raise ValueError(f"the tokenizer does not know the characters {bad[:10]} of the data ({column!r}); "
-                                 "use the matching tokenizer (e.g. --tokenizer_path ./tokenizers/kv_alphabet_512/)")
+        chars = sorted(column_characters(split, column))
+        ids = tokenizer(chars, add_special_tokens=False)["input_ids"] if chars else []
+        bad = [ch for ch, ch_ids in zip(chars, ids) if unk in ch_ids]
+        if bad:
+            raise ValueError(f"the tokenizer does not know the characters {bad[:10]} of the data ({column!r}); "
+                             "use the matching tokenizer (e.g. --tokenizer_path ./tokenizers/kv_alphabet_512/)")
+
+
+def check_targets(splits) -> None:
+    """A row with an empty target has nothing to learn or score: all rows of a split empty is an error, some of
+    them a warning with the count (metrics skip such rows)."""
+    for name, split in splits.items():
+        if "target" not in split.column_names or len(split) == 0:
+            continue
+        empty = int((_byte_lengths(split, "target") == 0).sum())
+        if empty == len(split):
+            raise ValueError(f"every target of split {name!r} is empty: there is nothing to train on or to score")
+        if empty:
+            logger.warning("%d of %d rows of split %r have an empty target: they are neither trained on nor scored",
+                           empty, len(split), name)
+
+
+def check_data(tokenizer: PreTrainedTokenizerBase, splits) -> None:
+    """The data checks of the KV-style run scripts: every character known to the tokenizer, targets not empty."""
+    for split in splits.values():
+        check_tokenizer_covers(tokenizer, split)
+    check_targets(splits)
+
+
+def longest_tokens(tokenizer: PreTrainedTokenizerBase, split, columns: Sequence[str], limit: int) -> int:
+    """The most tokens (special tokens included) of the columns joined, over the rows that may exceed `limit`; 0 when
+    none can. Vectorised: UTF-8 byte lengths bound the token counts, and only the rows over the bound are tokenised."""
+    n_special = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    suspects = np.nonzero(sum(_byte_lengths(split, c) for c in columns) + n_special > limit)[0]
+    if suspects.size == 0:
+        return 0
+    rows = split.select(suspects)
+    texts = ["".join(parts) for parts in zip(*(list(rows[c]) for c in columns))]
+    return max(len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"])
+
+
+def check_memory_inputs_fit(tokenizer: PreTrainedTokenizerBase, splits, positions: Optional[int], n_prefix: int,
+                            max_context_length: Optional[int] = None) -> None:
+    """WRITE reads [n_prefix memory slots; context] and READ [n_prefix; query + target]: both must fit the
+    backbone's positions (beyond them a model fails mid-training or trains on positions it cannot embed)."""
+    if positions is None:
+        return
+    room = positions - n_prefix
+    for name, split in splits.items():
+        for columns, cut in ((("context",), max_context_length), (("query", "target"), None)):
+            if cut is not None and cut <= room:
+                continue  # the collator keeps the first `cut` tokens
+            longest = longest_tokens(tokenizer, split, columns, room)
+            if longest > room:
+                fix = f"set --max_context_length {room} (keeps the first tokens) or" if columns == ("context",) \
+                    else "use"
+                raise ValueError(f"split {name!r}: {'+'.join(columns)} of up to {longest} tokens + {n_prefix} memory "
+                                 f"positions exceed the backbone's {positions} positions; {fix} a larger "
+                                 "--max_position_embeddings")
 
 
 def check_vocab_fits(model_vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -757,10 +935,12 @@ def load_splits(data_path: str, required: Sequence[str] = ("train", "valid"),
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_init_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Warm start from a .safetensors file or a checkpoint folder; logs missing and unexpected keys.
+def load_init_checkpoint(model: torch.nn.Module, path: str, partial: bool = False) -> None:
+    """Warm start from a .safetensors file or a checkpoint folder.
 
-    A shape mismatch (e.g. a checkpoint trained with another tokenizer/vocabulary) is an error naming the tensors.
+    Every trainable tensor of the model must come from the checkpoint with its shape (the next curriculum stage from
+    the previous one: same architecture, other data). Anything else is an error naming the likely cause, unless
+    `partial` (--init_checkpoint_partial) asks to load only the tensors that fit; what was not loaded is logged.
     """
     from safetensors.torch import load_file
 
@@ -769,50 +949,165 @@ def load_init_checkpoint(model: torch.nn.Module, path: str) -> None:
         p = p / "model.safetensors"
     if not p.is_file():
         raise FileNotFoundError(f"--init_checkpoint {path}: no such safetensors file (or folder with model.safetensors)")
+    problem = _safetensors_problem(p)
+    if problem:
+        raise ValueError(f"--init_checkpoint {p} {problem}")
     state_dict = load_file(str(p))
     own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    if mismatched:
-        hint = ""
-        if any("emb" in m or "lm_head" in m or "write_head" in m for m in mismatched):
-            hint = " (embedding/head sizes differ: the checkpoint was trained with another tokenizer/vocabulary)"
-        raise ValueError(f"--init_checkpoint {path} does not fit the model{hint}: " + "; ".join(mismatched))
-    result = model.load_state_dict(state_dict, strict=False)
-    loaded_ptrs = {own[k].data_ptr() for k in state_dict if k in own}
-    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]  # tied copies are not missing
-    logger.warning("init_checkpoint %s: loaded %d tensors; missing %s; unexpected %s", p,
-                   len(state_dict) - len(result.unexpected_keys), missing or "none", result.unexpected_keys or "none")
+    mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
+                  if k in own and own[k].shape != v.shape}
+    if mismatched and not partial:
+        raise ValueError(f"--init_checkpoint {path} does not fit the model ({_mismatch_cause(mismatched)}): "
+                         + "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in mismatched.items()))
+    fitting = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
+    model.load_state_dict(fitting, strict=False)
+    loaded_ptrs = {own[k].data_ptr() for k in fitting}
+    not_loaded = [k for k in own if k not in fitting and own[k].data_ptr() not in loaded_ptrs]  # tied copies are loaded
+    unused = [k for k in state_dict if k not in fitting]
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    untrained = [k for k in not_loaded if k in trainable]
+    if untrained and not partial:
+        raise ValueError(
+            f"--init_checkpoint {path} leaves {len(untrained)} of the model's {len(trainable)} trainable tensors "
+            f"unloaded (e.g. {', '.join(untrained[:3])}; {len(unused)} checkpoint tensors unused): it was trained with "
+            "another architecture (--base_model, --n_layer, model options). Pass --init_checkpoint_partial to load "
+            "only the tensors that fit")
+    logger.warning("init_checkpoint %s: loaded %d tensors; not loaded %s; unused %s", p, len(fitting),
+                   not_loaded or "none", unused or "none")
 
 
-def checkpoint_is_complete(folder: Path) -> bool:
-    """HF writes trainer_state.json last; a checkpoint is usable once that file parses and names its step."""
+def _mismatch_cause(mismatched: dict) -> str:
+    """The likely reason for checkpoint tensors of other shapes, read from the token embedding [vocab, width]."""
+    for name, (saved, wanted) in mismatched.items():
+        if ("embed" in name or "wte" in name) and len(saved) == 2:
+            if saved[1] != wanted[1]:
+                return f"another width: --n_embd {saved[1]} in the checkpoint, {wanted[1]} here"
+            return "embedding/head sizes differ: the checkpoint was trained with another tokenizer/vocabulary"
+    return "another architecture or model options (e.g. --n_head, --n_mem_tokens, --mem_proj_mode)"
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """None when the safetensors file is whole (its header parses and the file has the size the header says)."""
     try:
-        state = json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return folder.name == f"{PREFIX_CHECKPOINT_DIR}-{state.get('global_step')}"
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_size))
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        size = path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"is unreadable ({type(e).__name__}: {e})"
+    if size != 8 + header_size + data_end:
+        return f"is truncated ({size} bytes, its header says {8 + header_size + data_end})"
+    return None
 
 
-def last_complete_checkpoint(run_dir: Path, remove_incomplete: bool = False) -> Optional[Path]:
-    """The newest complete checkpoint; incomplete ones (a kill while saving) are reported (and removed)."""
-    found = []
-    for folder in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        if not folder.is_dir() or not folder.name.split("-")[-1].isdigit():
-            continue
-        if checkpoint_is_complete(folder):
-            found.append(folder)
+def _torch_file_problem(path: Path) -> Optional[str]:
+    """None when a torch.save file (a zip archive) is whole: truncated or empty files have no readable directory."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"is unreadable or truncated ({e})"
+    return None
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from, naming the file; None when it can.
+
+    HF writes the weights first and trainer_state.json last; every weight, optimizer, scheduler and RNG file is
+    checked for truncation (cheaply: headers and zip directories, nothing is loaded)."""
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except FileNotFoundError:
+        return f"{state_file} is missing (interrupted while saving?)"
+    except (OSError, ValueError) as e:
+        return f"{state_file} is unreadable ({e})"
+    if not isinstance(state, dict) or folder.name != f"{PREFIX_CHECKPOINT_DIR}-{state.get('global_step')}":
+        return f"{state_file} does not name step {folder.name.split('-')[-1]}"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return f"{folder} holds no model weights (model.safetensors)"
+    for path in weights:
+        problem = _safetensors_problem(path)
+        if problem:
+            return f"{path} {problem}"
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]):
+        problem = _torch_file_problem(path)
+        if problem:
+            return f"{path} {problem}"
+    return None
+
+
+def _interrupted_save(folder: Path) -> bool:
+    """A checkpoint that a kill cut short while writing its weights: no trainer_state.json and no whole weights.
+    Only such folders are ever removed (never one that holds complete weights)."""
+    weights = list(folder.glob("*.safetensors"))
+    whole = bool(weights) and all(_safetensors_problem(p) is None for p in weights)
+    return not (folder / "trainer_state.json").exists() and not whole
+
+
+def _checkpoint_folders(run_dir: Path) -> list:
+    """checkpoint-<step> folders, oldest first."""
+    folders = [f for f in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f.is_dir() and f.name.split("-")[-1].isdigit()]
+    return sorted(folders, key=_step_of)
+
+
+def newest_usable_checkpoint(run_dir: Path) -> Optional[Path]:
+    return next((f for f in reversed(_checkpoint_folders(run_dir)) if checkpoint_problem(f) is None), None)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[-1])
+
+
+def _resume_checkpoint(run_dir: Path) -> tuple:
+    """(newest usable checkpoint or None, checkpoints interrupted while saving). Falls back past unusable newer
+    checkpoints with a warning; raises, naming the file, when checkpoints exist but none can be resumed from."""
+    usable, broken, interrupted = [], [], []
+    for folder in _checkpoint_folders(run_dir):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            usable.append(folder)
+        elif _interrupted_save(folder):
+            logger.warning("%s was interrupted while saving (%s): it will be removed", folder, problem)
+            interrupted.append(folder)
         else:
-            logger.warning("incomplete checkpoint %s (interrupted while saving)%s", folder,
-                           ": removed" if remove_incomplete else "")
-            if remove_incomplete:
-                shutil.rmtree(folder)
-    return max(found, key=lambda f: int(f.name.split("-")[-1])) if found else None
+            logger.warning("%s cannot be resumed from: %s. It is kept (not deleted)", folder, problem)
+            broken.append((folder, problem))
+    resume_from = usable[-1] if usable else None
+    newer = [(f, p) for f, p in broken if resume_from is None or _step_of(f) > _step_of(resume_from)]
+    if newer and resume_from is None:
+        raise ValueError(f"cannot resume {run_dir}: {newer[-1][1]}, and there is no earlier complete checkpoint. "
+                         "Restore or delete that checkpoint, or pass --overwrite to start over")
+    if newer:
+        logger.warning("falling back to the previous complete checkpoint %s (newer %s cannot be resumed from)",
+                       resume_from, ", ".join(f.name for f, _ in newer))
+    return resume_from, interrupted
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run folder and config.json
 # ----------------------------------------------------------------------------------------------------------------
+
+RUN_RECORD = "config.json"  # the CLI record of a run (cli_args, versions, git commit); marks a run folder
+# Names of what a run writes into its folder: --overwrite deletes these and nothing else.
+RUN_OUTPUTS = (RUN_RECORD, f"{PREFIX_CHECKPOINT_DIR}-*", "*_results.json", "trainer_state.json", CURVE_FILE,
+               "events.out.tfevents.*", "runs", "wandb", "*.safetensors", "model.safetensors.index.json",
+               "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja",
+               "training_args.bin")
+
+
+@dataclass
+class RunFolderPlan:
+    """What run_experiment does with the run folder; decided (read-only) before anything is written."""
+
+    resume_from: Optional[Path] = None
+    clear: list = field(default_factory=list)  # run outputs deleted for a new run (--overwrite)
+    remove: list = field(default_factory=list)  # checkpoints interrupted while saving their weights
+    finished: Optional[str] = None  # why a finished run is not trained again
+    resumed_without_record: bool = False
+
 
 def resolve_run_dir(train_args: TrainArgs, data_name: str) -> Path:
     if train_args.exp_path is not None:
@@ -820,6 +1115,122 @@ def resolve_run_dir(train_args: TrainArgs, data_name: str) -> Path:
     if train_args.run_name is None:
         raise ValueError("give --exp_path or --run_name (the run script normally fills run_name in)")
     return Path(train_args.runs_dir) / data_name / train_args.run_name / f"run_{train_args.seed}"
+
+
+def is_run_output(path: Path) -> bool:
+    return any(fnmatch.fnmatch(path.name, pattern) for pattern in RUN_OUTPUTS)
+
+
+def read_json_file(path: Path, what: str = "file"):
+    """json.loads of a file; an unreadable file is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path} is unreadable ({type(e).__name__}: {e})") from None
+
+
+def _read_run_record(path: Path) -> dict:
+    record = read_json_file(path, "run record")
+    if not isinstance(record, dict) or "cli_args" not in record:
+        raise ValueError(f"{path} is not a run record of this code (no cli_args)")
+    return record
+
+
+def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_processes: int) -> RunFolderPlan:
+    """Start fresh, start over (--overwrite), resume, or report a finished run; raises on anything unsafe.
+
+    Only run folders are cleared or resumed: a folder with a run record, or one that holds nothing but run outputs.
+    Resuming needs the record (to compare the settings) unless --resume_without_record."""
+    if not run_dir.exists():
+        return RunFolderPlan()
+    if not run_dir.is_dir():
+        raise NotADirectoryError(f"run folder {run_dir} is a file; choose another --exp_path")
+    entries = sorted(run_dir.iterdir())
+    foreign = [e.name for e in entries if not is_run_output(e)]
+    if train_args.overwrite:
+        if foreign and not _is_run_record(run_dir / RUN_RECORD):
+            raise ValueError(f"--overwrite refused: {run_dir} is not a run folder (no run record {RUN_RECORD}; it holds "
+                             f"{', '.join(foreign[:5])}). Only run folders are cleared; choose another --exp_path")
+        return RunFolderPlan(clear=[e for e in entries if is_run_output(e)])
+    if not entries:
+        return RunFolderPlan()
+    record = _resume_record(run_dir, foreign, train_args)
+    if record is not None:
+        _check_record(run_dir, record, cli_args, num_processes)
+    resume_from, interrupted = _resume_checkpoint(run_dir)
+    return RunFolderPlan(resume_from=resume_from, remove=interrupted, resumed_without_record=record is None,
+                         finished=_finished_reason(run_dir, resume_from, train_args))
+
+
+def _resume_record(run_dir: Path, foreign: list, train_args: TrainArgs) -> Optional[dict]:
+    """The run record of a folder to resume; None only where --resume_without_record resumes without one."""
+    path = run_dir / RUN_RECORD
+    if foreign and not path.is_file():
+        raise ValueError(f"{run_dir} exists and is not a run folder (no run record {RUN_RECORD}; it holds "
+                         f"{', '.join(foreign[:5])}): choose a new or empty --exp_path")
+    try:
+        return _read_run_record(path)
+    except ValueError as e:
+        problem = str(e) if path.is_file() else f"{run_dir} has no run record {RUN_RECORD}"
+        if not train_args.resume_without_record:
+            raise ValueError(f"{problem}: its settings cannot be compared with these. Pass --resume_without_record to "
+                             "resume anyway, or --overwrite to start over") from None
+        logger.warning("%s: resuming anyway (--resume_without_record), settings not compared", problem)
+        return None
+
+
+def _is_run_record(path: Path) -> bool:
+    try:
+        _read_run_record(path)
+    except ValueError:
+        return False
+    return True
+
+
+def _finished_reason(run_dir: Path, resume_from: Optional[Path], train_args: TrainArgs) -> Optional[str]:
+    """Why a run that wrote its results should not train again with these arguments (None: it goes on).
+
+    Finished: its last checkpoint reached --max_steps, or its last evaluation met the (current) stop rule, or early
+    stopping ran out of patience. A larger --max_steps, or a changed stop rule, continues it."""
+    if resume_from is None or not (run_dir / "all_results.json").is_file():
+        return None
+    state = read_json_file(resume_from / "trainer_state.json", "trainer state")
+    step = state["global_step"]
+    if step >= train_args.max_steps:
+        return f"it finished at step {step} (--max_steps {train_args.max_steps})"
+    if train_args.stop_metric_value is not None:
+        rule = StopOnMetricValue(train_args.stop_metric, train_args.stop_metric_value)
+        value = next((r[rule.key] for r in reversed(state.get("log_history", []))
+                      if r.get("step") == step and rule.key in r), None)
+        if value is not None and rule.reached(value):
+            return f"it stopped at step {step}: {rule.key} = {value:g} reached --stop_metric_value {rule.value:g}"
+    early = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback")
+    early = early[-1] if isinstance(early, list) and early else early
+    waited = (early or {}).get("attributes", {}).get("early_stopping_patience_counter", 0)
+    if 0 < train_args.early_stopping_patience <= waited:
+        return f"it stopped early at step {step} ({waited} evaluations without improvement)"
+    logger.warning("%s ended at step %d: continuing to --max_steps %d", run_dir, step, train_args.max_steps)
+    return None
+
+
+def report_finished_run(run_dir: Path, reason: str) -> dict:
+    """The saved results of a finished run, logged; nothing is trained or written."""
+    results = read_json_file(run_dir / "all_results.json", "results file")
+    logger.warning("%s: %s; nothing to train (a larger --max_steps continues it, --overwrite starts over). "
+                   "results: %s", run_dir, reason, json.dumps(results))
+    return results
+
+
+def prepare_run_folder(run_dir: Path, plan: RunFolderPlan) -> None:
+    """Carry out a plan: delete the run outputs (--overwrite) or the interrupted checkpoints, create the folder."""
+    if plan.clear:
+        logger.warning("--overwrite: deleting %s from %s", ", ".join(p.name for p in plan.clear), run_dir)
+        kept = [p.name for p in run_dir.iterdir() if p not in plan.clear]
+        if kept:
+            logger.warning("--overwrite: keeping %s (not written by a run)", ", ".join(kept))
+    for path in [*plan.clear, *plan.remove]:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _git_commit() -> dict:
@@ -857,11 +1268,15 @@ def _flat_args(all_args: Sequence) -> dict:
 
 
 def _check_resumable(config_path: Path, cli_args: dict, num_processes: int) -> None:
-    saved = json.loads(config_path.read_text())
+    _check_record(config_path.parent, _read_run_record(config_path), cli_args, num_processes)
+
+
+def _check_record(run_dir: Path, saved: dict, cli_args: dict, num_processes: int) -> None:
+    """The run record's settings against these: same processes, and only RESUMABLE_ARG_CHANGES may differ."""
     old_processes = saved.get("num_processes", num_processes)
     if old_processes != num_processes:
         raise ValueError(
-            f"{config_path.parent} was trained with {old_processes} processes and is resumed with {num_processes}: "
+            f"{run_dir} was trained with {old_processes} processes and is resumed with {num_processes}: "
             f"resume with the same number of processes (NP={old_processes}; each process has its own RNG state in the "
             "checkpoints and its own share of the data), or pass --overwrite to start over")
     old = saved.get("cli_args", {})
@@ -869,7 +1284,7 @@ def _check_resumable(config_path: Path, cli_args: dict, num_processes: int) -> N
                if k not in RESUMABLE_ARG_CHANGES and k in old and old.get(k) != v}
     if changed:
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
-        raise ValueError(f"{config_path.parent} was started with other arguments ({lines}); pass --overwrite to start "
+        raise ValueError(f"{run_dir} was started with other arguments ({lines}); pass --overwrite to start "
                          "over, or choose another --run_name/--exp_path")
 
 
@@ -1041,22 +1456,54 @@ class StopAfterWallTime(TrainerCallback):
 
 
 class StopOnMetricValue(TrainerCallback):
-    """Stop training once an eval metric reaches a value (>= for accuracies, <= for losses)."""
+    """Stop training once an eval metric reaches a value (>= for accuracies, <= for losses). The evaluation at step 0
+    never stops a run: a stop there would train one step and end without a checkpoint to resume or report."""
 
     def __init__(self, metric: str, value: float):
         self.key = metric if metric.startswith("eval_") else f"eval_{metric}"
         self.value = value
         self.lower_is_better = metric.endswith("loss")
 
+    def reached(self, current: float) -> bool:
+        return current <= self.value if self.lower_is_better else current >= self.value
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         current = (metrics or {}).get(self.key)
-        if current is None:
+        if current is None or state.global_step == 0:
             return
-        reached = current <= self.value if self.lower_is_better else current >= self.value
-        if reached:
+        if self.reached(current):
             logger.warning("%s = %.4f reached %s %s: stopping", self.key, current,
                            "<=" if self.lower_is_better else ">=", self.value)
             control.should_training_stop = True
+
+
+class NonFiniteGuardState(TrainerCallback, ExportableState):
+    """Keeps the counters of the non-finite-step guard (NonFiniteStepSkippingAdamW) in every checkpoint's
+    trainer_state.json and restores them on resume, so that skipped steps in a row are counted across a kill and a
+    resume. A run whose every optimizer step was skipped trained nothing: that is an error, never a result."""
+
+    COUNTERS = ("skipped_steps", "consecutive_skipped")
+
+    def __init__(self):
+        self.guard = None
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {name: getattr(self.guard, name, 0) for name in self.COUNTERS}}
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        while optimizer is not None and not isinstance(optimizer, NonFiniteStepSkippingAdamW):
+            optimizer = getattr(optimizer, "optimizer", None)
+        self.guard = optimizer
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if self.guard is not None and isinstance(saved, dict):
+            for name in self.COUNTERS:
+                setattr(self.guard, name, int(saved.get("attributes", {}).get(name, 0)))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.guard is not None and 0 < state.global_step <= self.guard.skipped_steps:
+            raise FloatingPointError(
+                f"all {state.global_step} optimizer steps had non-finite loss or gradients and were skipped: nothing "
+                f"was trained. {self.guard.hint or 'Lower --learning_rate, or check the data.'}")
 
 
 class GradMemTrainer(Trainer):
@@ -1208,12 +1655,18 @@ def _reduce_stats_across_processes(names: list, values: torch.Tensor) -> torch.T
                         for i, name in enumerate(names)])
 
 
-def _report_callbacks(report_to: str, run_dir: Path, run_name: str, is_main: bool) -> tuple:
-    """(HF report_to list, extra callbacks). Tensorboard events go straight into the run folder."""
+def report_targets(report_to: str) -> list:
+    """The --report_to list without 'none'; an unknown name is an error."""
     wanted = [r.strip() for r in report_to.split(",") if r.strip() and r.strip() != "none"]
     unknown = [r for r in wanted if r not in ("tensorboard", "wandb")]
     if unknown:
         raise ValueError(f"--report_to {report_to}: unknown {unknown}; use tensorboard, wandb or none")
+    return wanted
+
+
+def _report_callbacks(report_to: str, run_dir: Path, run_name: str, is_main: bool) -> tuple:
+    """(HF report_to list, extra callbacks). Tensorboard events go straight into the run folder."""
+    wanted = report_targets(report_to)
     callbacks, hf_report = [], []
     if "tensorboard" in wanted and is_main:
         from transformers.integrations import TensorBoardCallback
@@ -1304,6 +1757,52 @@ def evaluate_splits(trainer: Trainer, eval_split, test_split, answer_metrics: Op
     return metrics
 
 
+def check_scheduler_name(name: str) -> None:
+    from transformers import SchedulerType
+
+    try:
+        SchedulerType(name)
+    except ValueError:
+        raise ValueError(f"--lr_scheduler_type {name!r} is not a scheduler; choose one of "
+                         f"{', '.join(t.value for t in SchedulerType)}") from None
+
+
+def evaluation_metric_names(model, collator: Callable, compute_metrics: Callable, eval_split,
+                            next_token_logits: bool = False, callbacks: Sequence = ()) -> set:
+    """The metric names an evaluation reports (without the eval_ prefix), found by one forward pass on two eval rows:
+    loss, compute_metrics' names (with the model's stats) and the callbacks' `metric_names`."""
+    from transformers.trainer_utils import EvalPrediction
+
+    batch = collator([eval_split[i] for i in range(min(2, len(eval_split)))])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+    model.train(was_training)
+    stats = out.get("stats") if isinstance(out, dict) else None
+    predictions = reduce_logits_to_predictions(out["logits"], batch["labels"], next_token_logits=next_token_logits)
+    if stats:
+        predictions = (predictions.numpy(), {k: v.detach().float().cpu().numpy() for k, v in stats.items()})
+    else:
+        predictions = predictions.numpy()
+    metrics = compute_metrics(EvalPrediction(predictions=predictions, label_ids=batch["labels"].numpy()))
+    return {"loss", *metrics, *(name for cb in callbacks for name in getattr(cb, "metric_names", ()))}
+
+
+def check_metric_names(train_args: TrainArgs, metric_names: Callable[[], set]) -> None:
+    """--metric_for_best_model and --stop_metric name metrics that the evaluation reports. Names other than the
+    common ones (loss, token_accuracy, exact_match) are looked up with `metric_names()` (a forward pass)."""
+    options = ["metric_for_best_model"] + (["stop_metric"] if train_args.stop_metric_value is not None else [])
+    wanted = {option: getattr(train_args, option) for option in options}
+    if all(value.removeprefix("eval_") in COMMON_METRICS for value in wanted.values()):
+        return
+    names = metric_names()
+    for option, value in wanted.items():
+        if value.removeprefix("eval_") not in names:
+            raise ValueError(f"--{option} {value!r} is not a metric of this evaluation; choose one of "
+                             f"{', '.join(sorted(names))}")
+
+
 def run_experiment(
     train_args: TrainArgs,
     model: torch.nn.Module,
@@ -1334,41 +1833,40 @@ def run_experiment(
 
     state = PartialState(cpu=train_args.use_cpu)  # with --use_cpu, several processes run DDP over gloo
     run_dir = resolve_run_dir(train_args, data_name)
-    cli_args = _flat_args([train_args, *all_args])
-    config_path = run_dir / "config.json"
+    cli_args = {**_flat_args([train_args, *all_args]), "mixed_precision": train_args.mixed_precision()}
+    config_path = run_dir / RUN_RECORD
 
-    # ---- run folder: start over, resume, or start fresh (main process decides, the others wait) ----
-    if not train_args.overwrite and config_path.exists():
-        _check_resumable(config_path, cli_args, state.num_processes)  # every process raises, so none waits for the others forever
-    if state.is_main_process:
-        if train_args.overwrite and run_dir.exists():
-            logger.warning("--overwrite: deleting %s", run_dir)
-            shutil.rmtree(run_dir)
-        if run_dir.exists():
-            last_complete_checkpoint(run_dir, remove_incomplete=True)
-    state.wait_for_everyone()
-    resume_from = last_complete_checkpoint(run_dir) if run_dir.exists() else None
-
-    if state.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config = {"cli_args": cli_args,
-                  "args": {type(a).__name__: dataclasses.asdict(a) for a in [train_args, *all_args]
-                           if dataclasses.is_dataclass(a)},
-                  "command": [sys.executable, *sys.argv], "versions": package_versions(), "git": _git_commit(),
-                  "num_processes": state.num_processes, "resumed_from": str(resume_from) if resume_from else None}
-        config_path.write_text(json.dumps(config, indent=2, default=str))
-
-    # ---- model and data ----
+    # ---- decide and validate everything before the run folder is touched (every process raises alike) ----
+    check_scheduler_name(train_args.lr_scheduler_type)
+    report_targets(train_args.report_to)
+    plan = plan_run_folder(run_dir, train_args, cli_args, state.num_processes)
+    if plan.finished is not None:
+        return report_finished_run(run_dir, plan.finished)
+    resume_from = plan.resume_from
     _ensure_fp32(model)
     if train_args.init_checkpoint is not None:
         if resume_from is None:
-            load_init_checkpoint(model, train_args.init_checkpoint)
+            load_init_checkpoint(model, train_args.init_checkpoint, partial=train_args.init_checkpoint_partial)
         else:
             logger.warning("resuming from %s: --init_checkpoint is not loaded again", resume_from)
     freeze_parameters_without_gradient(model)  # then DDP needs no find_unused_parameters
     eval_split = splits["valid"]
     if train_args.max_eval_samples is not None:
         eval_split = eval_split.select(range(min(train_args.max_eval_samples, len(eval_split))))
+    check_metric_names(train_args, lambda: evaluation_metric_names(model, collator, compute_metrics, eval_split,
+                                                                   next_token_logits, extra_callbacks))
+
+    # ---- run folder: start over, resume, or start fresh (the main process writes, the others wait) ----
+    if state.is_main_process:
+        prepare_run_folder(run_dir, plan)
+        config = {"cli_args": cli_args,
+                  "args": {type(a).__name__: dataclasses.asdict(a) for a in [train_args, *all_args]
+                           if dataclasses.is_dataclass(a)},
+                  "command": [sys.executable, *sys.argv], "versions": package_versions(), "git": _git_commit(),
+                  "num_processes": state.num_processes, "resumed_from": str(resume_from) if resume_from else None,
+                  "resumed_without_record": plan.resumed_without_record}
+        config_path.write_text(json.dumps(config, indent=2, default=str))
+    state.wait_for_everyone()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.warning("run folder %s | %s trainable parameters | train %d, valid %d%s", run_dir, f"{n_params:,}",
                    len(splits["train"]), len(eval_split), f" | resuming from {resume_from.name}" if resume_from else "")
@@ -1418,7 +1916,7 @@ def run_experiment(
         seed=train_args.seed,
     )
     _use_one_gpu_per_process(args)
-    callbacks = list(report_callbacks) + list(extra_callbacks)
+    callbacks = list(report_callbacks) + list(extra_callbacks) + [NonFiniteGuardState()]
     early_stopping = None
     if train_args.early_stopping_patience > 0:
         early_stopping = EarlyStoppingCallback(early_stopping_patience=train_args.early_stopping_patience)
@@ -1457,7 +1955,7 @@ def run_experiment(
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     test_split = splits["test"] if "test" in splits and len(splits["test"]) > 0 else None
     metrics = evaluate_splits(trainer, eval_split, test_split, answer_metrics)
-    best, final = trainer.state.best_model_checkpoint, last_complete_checkpoint(run_dir)
+    best, final = trainer.state.best_model_checkpoint, newest_usable_checkpoint(run_dir)
     if final is not None and best is not None and final.resolve() != Path(best).resolve():
         model = trainer.accelerator.unwrap_model(trainer.model)
         best_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}

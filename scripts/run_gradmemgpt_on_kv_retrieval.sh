@@ -9,6 +9,7 @@
 #   NP=2 bash scripts/run_gradmemgpt_on_kv_retrieval.sh                 # 2 GPUs per run (gradient accumulation adapts)
 #   SEEDS=1 MAX_STEPS=300 bash scripts/run_gradmemgpt_on_kv_retrieval.sh --eval_steps 100   # a quick check
 #   DATA_NAME=N16-K2V2-V62_1M INIT_CHECKPOINT=runs/.../checkpoint-198000 bash scripts/...  # curriculum warm start
+#   DRY_RUN=1 bash scripts/run_gradmemgpt_on_kv_retrieval.sh            # print the commands, run nothing
 # Extra arguments are passed to run_gradmemgpt_on_kv_retrieval.py (they override the preset's).
 # A missing ./data/$DATA_NAME is generated on the spot (KV names only). Re-running resumes each seed's run folder.
 set -euo pipefail
@@ -22,9 +23,11 @@ PER_DEVICE=${PER_DEVICE:-64}  # the largest micro-batch of one GPU (see scripts/
 MAX_STEPS=${MAX_STEPS:-1000000}
 PRECISION=${PRECISION:-no}  # no (fp32) or bf16 (autocast, fp32 master weights)
 PORT=${PORT:-$((29500 + RANDOM % 1000))}
+DRY_RUN=${DRY_RUN:-}
 
 source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
 LAUNCH+=(--main_process_port "$PORT" --mixed_precision "$PRECISION")
+if [ -n "$DRY_RUN" ]; then LAUNCH=(printf '%q ' "${LAUNCH[@]}"); fi
 INIT=()
 if [ -n "${INIT_CHECKPOINT:-}" ]; then INIT=(--init_checkpoint "$INIT_CHECKPOINT"); fi
 
@@ -41,4 +44,5 @@ for N in $SEEDS; do
         --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 \
         --stop_metric exact_match --stop_metric_value 1.0 \
         --seed $((142 + N)) "${INIT[@]}" "$@"
+    if [ -n "$DRY_RUN" ]; then echo; fi
 done

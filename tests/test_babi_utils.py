@@ -69,3 +69,9 @@ def test_save_to_disk_forms(tmp_path):
     DatasetDict({"train": prepared}).save_to_disk(str(tmp_path / "no_valid"))
     with pytest.raises(ValueError, match="train and valid"):
         load_babi_from_disk(str(tmp_path / "no_valid"))
+
+
+def test_question_line_with_spaces_instead_of_tabs_is_an_error():
+    lines = ["1 Mary moved to the bathroom.", "2 Where is Mary?  bathroom  1"]
+    with pytest.raises(ValueError, match="line 2: .* looks like a question line without tabs"):
+        parse_babi_lines(lines)

@@ -148,7 +148,24 @@ def test_bad_input_fails_clearly(tmp_path, runs_root):
         cr.copy_metrics(runs_root, runs_root / "copy")
     with pytest.raises(SystemExit):
         cr.main(["--runs", str(runs_root)])  # neither --out nor --copy_metrics
-    bad = runs_root / "N8-K2V2-V62_1M" / RMT / "run_1" / "all_results.json"
-    bad.write_text("{")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        cr.find_runs(runs_root)
+
+
+def test_malformed_result_files_are_skipped_with_a_warning(runs_root, capsys):
+    run = runs_root / "N8-K2V2-V62_1M" / RMT
+    bad = {run / "run_1" / "all_results.json": "{",
+           run / "run_2" / "all_results.json": "[0.9, 0.8]",
+           runs_root / "N16-K2V2-V62_1M" / RMT / "run_1" / "all_results.json": '{"eval_exact_match": "0.9"}',
+           runs_root / "N16-K2V2-V62_1M" / RMT / "run_2" / "trainer_state.json": '{"log_history": "none"}',
+           runs_root / "N16-K2V2-V62_1M" / GRADMEM_K2 / "run_1" / "trainer_state.json":
+               '{"log_history": [{"step": "ten", "eval_exact_match": 0.5}]}'}
+    for path, text in bad.items():
+        path.write_text(text)
+    runs = {r.path: r for r in cr.find_runs(runs_root)}
+    assert len(runs) == len(RESULTS)  # every run is still listed
+    warnings = capsys.readouterr().err
+    for path in bad:
+        assert f"skipping {path}" in warnings
+        assert (runs[path.parent].metrics if path.name == "all_results.json" else runs[path.parent].log_history) in ({}, [])
+    groups = by_key(cr.group_runs(list(runs.values())))
+    assert math.isnan(groups[("N8-K2V2-V62_1M", RMT)].mean("eval_exact_match"))
+    assert groups[("N16-K2V2-V62_1M", GRADMEM_K2)].values["eval_exact_match"] == [pytest.approx(0.8), 0.5]

@@ -88,3 +88,57 @@ def test_preset_script_arguments_parse(tmp_path, monkeypatch):
         assert (t.seed, t.max_steps, t.learning_rate, t.warmup_steps) == (int(seed), 300, 1e-4, 10000)
         assert (g.K, g.inner_lr, g.grad_mode, g.use_write_head, g.inner_loss_weight) == (2, 0.04, "second", True, 0.5)
         assert d.data_path == "./data/N8-K2V2-V62_1M" and b.n_embd == 128
+
+
+def test_overwrite_refuses_a_data_folder_and_warm_starts_must_fit(tmp_path):
+    data = tmp_path / "N2-K1V1-V62_32"
+    base = ["--data_path", str(data), "--max_steps", "1", "--eval_steps", "1", *TINY]
+    run_kv.main([*base, "--exp_path", str(tmp_path / "l1"), "--n_layer", "1"])
+    listing = sorted(p.name for p in data.rglob("*"))
+    with pytest.raises(ValueError, match="--overwrite refused: .* is not a run folder"):
+        run_kv.main([*base, "--exp_path", str(data), "--overwrite"])
+    assert sorted(p.name for p in data.rglob("*")) == listing
+    # a 1-layer checkpoint into a 2-layer model, a GPT-2 run into a Llama model: errors unless meant
+    with pytest.raises(ValueError, match="unloaded .*--init_checkpoint_partial"):
+        run_kv.main([*base, "--exp_path", str(tmp_path / "l2"), "--init_checkpoint", str(tmp_path / "l1" / "checkpoint-1")])
+    assert not (tmp_path / "l2").exists()
+    run_kv.main([*base, "--exp_path", str(tmp_path / "gpt2"), "--base_model", "gpt2", "--n_layer", "1"])
+    with pytest.raises(ValueError, match="unloaded"):
+        run_kv.main([*base, "--exp_path", str(tmp_path / "llama"), "--n_layer", "1",
+                     "--init_checkpoint", str(tmp_path / "gpt2" / "checkpoint-1")])
+
+
+def test_contexts_must_fit_the_positions(tmp_path):
+    data = ["--data_path", str(tmp_path / "N2-K1V1-V62_32"), "--exp_path", str(tmp_path / "r"), "--max_steps", "1", *TINY]
+    with pytest.raises(ValueError, match="exceed the backbone's 8 positions; set --max_context_length 6"):
+        run_kv.main([*data, "--max_position_embeddings", "8"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_user_errors_exit_2_with_one_line():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "run_gradmemgpt_on_kv_retrieval.py"
+    done = subprocess.run([sys.executable, str(script), "--max_context_length", "0", "--data_path", "no_such_data"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: --max_context_length must be >= 1 (or None: whole contexts), got 0"
+
+
+def test_preset_dry_run_prints_and_runs_nothing(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "bin" / "accelerate"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/usr/bin/env bash\necho called > {tmp_path}/called.txt\n")
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_gradmemgpt_on_kv_retrieval.sh"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "DRY_RUN": "1", "SEEDS": "1 2"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
+    assert not (tmp_path / "called.txt").exists()
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2 and all(line.startswith("accelerate launch") and "--seed 14" in line for line in lines)

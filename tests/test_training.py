@@ -371,3 +371,234 @@ def test_parse_cli_seeds_before_the_model_is_built():
 
     assert torch.equal(first_weights(7), first_weights(7))
     assert not torch.equal(first_weights(7), first_weights(8))
+
+
+# ---------------------------------------------------------------- never lose a run: run folder, resume, checkpoints
+
+def _run(tmp_path, max_steps=6, exp="run", nan_loss=False, **kw):
+    """A tiny fake-model run into tmp_path/exp: evaluation and checkpoint every 3 steps."""
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = FakeMemoryModel(FakeMemoryConfig(vocab_size=len(tok), nan_loss=nan_loss))
+    args = _train_args(tmp_path, **{"exp_path": str(tmp_path / exp), "max_steps": max_steps, "eval_steps": 3,
+                                    "report_to": "none", **kw})
+    return run_experiment(args, model, tok, kv_splits(32, 8), MemoryModelCollator(tok), make_compute_metrics(tok),
+                          data_name="kv_test", all_args=[DataArgs(data_path="kv_test")])
+
+
+def _listing(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    _run(tmp_path)
+    return tmp_path / "run"
+
+
+def test_overwrite_validates_everything_before_deleting(tmp_path, finished_run):
+    before = _listing(finished_run)
+    bad = [(dict(init_checkpoint=str(tmp_path / "nonexistent")), FileNotFoundError, "nonexistent"),
+           (dict(lr_scheduler_type="cosine_typo"), ValueError, "cosine_typo.*choose one of"),
+           (dict(metric_for_best_model="exact_mtch"), ValueError, "exact_mtch.*not a metric")]
+    for kw, error, message in bad:
+        with pytest.raises(error, match=message):
+            _run(tmp_path, overwrite=True, **kw)
+        assert _listing(finished_run) == before, kw  # nothing deleted, nothing written
+    # a warm start from the run's own checkpoint is loaded before the folder is cleared
+    metrics = _run(tmp_path, max_steps=3, overwrite=True, init_checkpoint=str(finished_run / "checkpoint-6"))
+    assert metrics["global_step"] == 3 and not (finished_run / "checkpoint-6").exists()
+
+
+def test_overwrite_clears_only_run_folders(tmp_path):
+    data = tmp_path / "data"
+    kv_splits(4, 2).save_to_disk(str(data))
+    before = _listing(data)
+    for overwrite in (True, False):
+        with pytest.raises(ValueError, match="not a run folder"):
+            _run(tmp_path, exp="data", overwrite=overwrite)
+        assert _listing(data) == before
+    _run(tmp_path, max_steps=3)
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # not written by a run: kept
+    _run(tmp_path, max_steps=3, overwrite=True, learning_rate=1e-2)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cli_args"]["learning_rate"] == 1e-2
+
+
+def test_failed_validation_leaves_no_stub(tmp_path):
+    for kw in (dict(init_checkpoint=str(tmp_path / "nonexistent")), dict(metric_for_best_model="acc"),
+               dict(lr_scheduler_type="cosine_typo"), dict(report_to="tensorbord")):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            _run(tmp_path, max_steps=3, **kw)
+        assert not (tmp_path / "run").exists(), kw
+    # the corrected command is not blocked; a model stat is a metric name too (found by a forward pass)
+    assert _run(tmp_path, max_steps=3, metric_for_best_model="inner_loss")["global_step"] == 3
+
+
+def test_finished_run_is_reported_not_trained_again(tmp_path, finished_run, caplog):
+    results = json.loads((finished_run / "all_results.json").read_text())
+    before = _listing(finished_run)
+    with caplog.at_level("WARNING", logger="gradmem"):
+        again = _run(tmp_path)
+    assert again == results and _listing(finished_run) == before
+    assert "finished at step 6" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradmem"):
+        more = _run(tmp_path, max_steps=9)  # a larger budget continues it, and says so
+    assert more["global_step"] == 9 and "continuing to --max_steps 9" in caplog.text
+
+
+def test_run_stopped_at_metric_stays_stopped_unless_the_rule_changes(tmp_path):
+    first = _run(tmp_path, max_steps=9, stop_metric="loss", stop_metric_value=100.0)
+    assert first["global_step"] == 3
+    assert _run(tmp_path, max_steps=9, stop_metric="loss", stop_metric_value=100.0)["global_step"] == 3
+    assert _run(tmp_path, max_steps=9, stop_metric="loss", stop_metric_value=None)["global_step"] == 9
+
+
+def test_unreadable_checkpoint_with_weights_is_kept(tmp_path, finished_run, caplog):
+    (finished_run / "checkpoint-3" / "trainer_state.json").write_text("{")
+    best = json.loads((finished_run / "all_results.json").read_text())["best_model_checkpoint"]
+    with caplog.at_level("WARNING", logger="gradmem"):
+        _run(tmp_path)
+    assert (finished_run / "checkpoint-3" / "model.safetensors").is_file()
+    assert "checkpoint-3 cannot be resumed from" in caplog.text and "kept" in caplog.text
+    assert json.loads((finished_run / "all_results.json").read_text())["best_model_checkpoint"] == best
+
+
+def test_corrupt_latest_checkpoint_falls_back_or_names_the_file(tmp_path, finished_run, caplog):
+    weights = finished_run / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING", logger="gradmem"):
+        metrics = _run(tmp_path, max_steps=9)
+    assert "falling back to the previous complete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+    assert metrics["global_step"] == 9
+    assert json.loads((finished_run / "config.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    # the only checkpoint broken: a message naming the file, nothing trained
+    _run(tmp_path, exp="one", max_steps=3)
+    (tmp_path / "one" / "checkpoint-3" / "rng_state.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"checkpoint-3/rng_state.pth is unreadable or truncated"):
+        _run(tmp_path, exp="one", max_steps=6)
+
+
+def test_checkpoint_problems_name_the_file(tmp_path, finished_run):
+    ckpt = finished_run / "checkpoint-6"
+    assert training.checkpoint_problem(ckpt) is None
+    optimizer = ckpt / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-10])
+    assert "optimizer.pt is unreadable or truncated" in training.checkpoint_problem(ckpt)
+    partial = finished_run / "checkpoint-9"  # killed while writing its weights: the only kind ever removed
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x10\x00")
+    assert training._interrupted_save(partial) and not training._interrupted_save(ckpt)
+
+
+def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training.GradMemTrainer, "_save_checkpoint", no_space)
+    with pytest.raises(SystemExit) as exit_info:
+        training.run_cli(lambda: _run(tmp_path, max_steps=3))
+    assert exit_info.value.code != 0 and "the disk is full" in str(exit_info.value.code)
+    short_write = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")  # what torch.save raises on a full disk
+    assert training._is_disk_full(short_write) and not training._is_disk_full(RuntimeError("shape mismatch"))
+
+
+def test_skipped_step_counters_survive_resume(tmp_path):
+    with pytest.raises(FloatingPointError, match="all 3 optimizer steps .* skipped: nothing was trained"):
+        _run(tmp_path, max_steps=3, nan_loss=True, max_consecutive_skipped_steps=5)
+    state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["NonFiniteGuardState"]["attributes"]["consecutive_skipped"] == 3
+    with pytest.raises(FloatingPointError, match="5 optimizer steps in a row"):  # 3 before the resume + 2 after
+        _run(tmp_path, max_steps=9, nan_loss=True, max_consecutive_skipped_steps=5)
+
+
+def test_resume_compares_precision_and_needs_the_record(tmp_path, finished_run, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what a preset with PRECISION=bf16 launches
+    with pytest.raises(ValueError, match="mixed_precision: 'no' -> 'bf16'"):
+        _run(tmp_path, max_steps=9)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    record = finished_run / "config.json"
+    record.write_text("{")
+    with pytest.raises(ValueError, match=f"{record}.*unreadable"):
+        _run(tmp_path, max_steps=9)
+    record.unlink()
+    with pytest.raises(ValueError, match="no run record config.json.*--resume_without_record"):
+        _run(tmp_path, max_steps=9, learning_rate=1e-2)
+    metrics = _run(tmp_path, max_steps=9, learning_rate=1e-2, resume_without_record=True)
+    assert metrics["global_step"] == 9 and json.loads(record.read_text())["resumed_without_record"]
+
+
+# ---------------------------------------------------------------- bad data and options
+
+def test_data_checks_cover_every_row(caplog):
+    tok = char_tokenizer()
+    rows = kv_splits(400, 4)
+    bad = rows["train"].map(lambda row, i: {"context": row["context"] + ("#" if i == 300 else "")}, with_indices=True)
+    with pytest.raises(ValueError, match=r"does not know the characters \['#'\]"):
+        training.check_tokenizer_covers(tok, bad)
+    empty = DatasetDict(train=rows["train"].map(lambda row: {"target": ""}), valid=rows["valid"])
+    with pytest.raises(ValueError, match="every target of split 'train' is empty"):
+        training.check_targets(empty)
+    some = DatasetDict(train=rows["train"].map(lambda row, i: {"target": "" if i < 3 else row["target"]},
+                                               with_indices=True))
+    with caplog.at_level("WARNING", logger="gradmem"):
+        training.check_targets(some)
+    assert "3 of 400 rows of split 'train' have an empty target" in caplog.text
+    longest = max(len(ids) for ids in tok(list(rows["train"]["context"]))["input_ids"])
+    training.check_memory_inputs_fit(tok, rows, positions=longest + 4, n_prefix=4)
+    with pytest.raises(ValueError, match=f"context of up to {longest} tokens .* --max_context_length"):
+        training.check_memory_inputs_fit(tok, rows, positions=longest + 3, n_prefix=4)
+    training.check_memory_inputs_fit(tok, rows, positions=longest + 3, n_prefix=4, max_context_length=8)
+
+
+def test_option_values_are_checked(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    bad = [(["--inner_lr", "nan"], "inner_lr must be a finite number"),
+           (["--learning_rate", "inf"], "learning_rate must be a finite number"),
+           (["--max_eval_samples", "0"], "max_eval_samples must be >= 1"),
+           (["--max_context_length", "0"], "max_context_length must be >= 1")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            parse_cli(TrainArgs, GradMemArgs, DataArgs, args=args)
+    t, d = parse_cli(TrainArgs, DataArgs, args=["--stop_metric_value", "None", "--max_context_length=none"])
+    assert t.stop_metric_value is None and d.max_context_length is None
+
+
+def test_warm_start_must_load_every_trainable_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    model = FakeMemoryModel(FakeMemoryConfig(vocab_size=48))
+    weights = {k: v.contiguous() for k, v in FakeMemoryModel(FakeMemoryConfig(vocab_size=48)).state_dict().items()}
+    one_layer = {k: v for k, v in weights.items() if ".layers.1." not in k}  # a 1-layer checkpoint
+    save_file(one_layer, str(tmp_path / "one_layer.safetensors"))
+    with pytest.raises(ValueError, match="leaves 9 of the model's .* trainable tensors unloaded.*--init_checkpoint_partial"):
+        training.load_init_checkpoint(model, str(tmp_path / "one_layer.safetensors"))
+    training.load_init_checkpoint(model, str(tmp_path / "one_layer.safetensors"), partial=True)
+    assert torch.equal(model.lm.model.layers[0].mlp.up_proj.weight, one_layer["lm.model.layers.0.mlp.up_proj.weight"])
+    other_family = {"transformer." + k: v for k, v in weights.items()}  # e.g. a GPT-2 run into a Llama model
+    save_file(other_family, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="unloaded"):
+        training.load_init_checkpoint(model, str(tmp_path / "other.safetensors"))
+    wider = FakeMemoryModel(FakeMemoryConfig(vocab_size=48, width=64))
+    save_file({k: v.contiguous() for k, v in wider.state_dict().items()}, str(tmp_path / "wide.safetensors"))
+    with pytest.raises(ValueError, match="another width: --n_embd 64 in the checkpoint, 32 here"):
+        training.load_init_checkpoint(model, str(tmp_path / "wide.safetensors"))
+
+
+def test_cli_user_errors_are_one_line_bugs_keep_their_traceback(capsys):
+    def user_error():
+        raise ValueError("--exp_path x is not a run folder")
+
+    with pytest.raises(SystemExit) as exit_info:
+        training.run_cli(user_error)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: --exp_path x is not a run folder\n"
+
+    def bug():
+        raise KeyError("oops")
+
+    with pytest.raises(KeyError):
+        training.run_cli(bug)
