@@ -12,7 +12,8 @@ checkpoint. One process for all stages: Python, CUDA and the compiled kernels st
 
 `<out_dir>/curriculum.json` records every stage of every invocation: steps, wall time from the start of the
 invocation (datasets are built before the clock starts), valid and test exact match (teacher-forced and generated) of
-the selected checkpoint, the final checkpoint's where it differs, and the guards' interventions. Re-running the same
+the selected checkpoint, the final checkpoint's where it differs, the guards' interventions, and where the stage's time
+went (train_wall_s: training with its evaluations; final_evaluation_wall_s; the rest is set-up). Re-running the same
 command resumes where the last one stopped (`--time_budget_minutes` splits long curricula into sittings).
 """
 import argparse
@@ -30,7 +31,7 @@ from training import run_cli
 RECORD = "curriculum.json"
 REPORTED = ("eval_exact_match", "eval_generated_exact_match", "test_exact_match", "test_generated_exact_match",
             "final_eval_exact_match", "final_test_generated_exact_match", "global_step", "skipped_steps",
-            "spike_skipped_steps", "rollbacks", "train_runtime")
+            "spike_skipped_steps", "rollbacks", "train_wall_s", "final_evaluation_wall_s")
 
 
 def build_parser() -> argparse.ArgumentParser:

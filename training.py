@@ -1952,7 +1952,9 @@ def run_experiment(
     )
 
     # ---- train, then evaluate the best checkpoint ----
+    started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    trained = time.monotonic()
     test_split = splits["test"] if "test" in splits and len(splits["test"]) > 0 else None
     metrics = evaluate_splits(trainer, eval_split, test_split, answer_metrics)
     best, final = trainer.state.best_model_checkpoint, newest_usable_checkpoint(run_dir)
@@ -1963,6 +1965,8 @@ def run_experiment(
         metrics.update(evaluate_splits(trainer, eval_split, test_split, answer_metrics, prefix="final_"))
         metrics["final_checkpoint"] = str(final)
         model.load_state_dict(best_weights)
+    metrics["train_wall_s"] = round(trained - started, 2)  # trainer.train(), its evaluations and checkpoints included
+    metrics["final_evaluation_wall_s"] = round(time.monotonic() - trained, 2)
     guard = trainer._step_guard()
     metrics["skipped_steps"] = guard.skipped_steps if guard is not None else 0
     if guard is not None and guard.spike_guard.enabled:

@@ -21,7 +21,7 @@
 #   GPUS ["0"]  SEEDS ["1 2"]  SEEDS_ABLATION ["1"]  NS ["4 8 16"] (any of 4 8 16 32; 16 needs 8, 32 needs 16)
 #   ONLY ["gradmem rmt llama k_ablation grad_mode"]   BUDGET_N4 [1] BUDGET_N8 [2] BUDGET_N16 [3] BUDGET_N32 [4]
 #   EVAL_STEPS [200]  MAX_EVAL_SAMPLES [500]  MAX_STEPS [1000000]  PRECISION [fp32] (fp32 | tf32 | bf16)
-#   DATA_DIR [./data]  DATA_SIZE [1M]  N_VALID [5000]  RUNS_DIR [runs/paper_claims]  RESULTS_DIR [results/paper_claims]
+#   DATA_DIR [./data]  DATA_SIZE [1M]  N_VALID [5000]  N_TEST [2000]  RUNS_DIR [runs/paper_claims]  RESULTS_DIR [results/paper_claims]
 #   PYTHON [python3]  DRY_RUN [empty]
 # Seed s uses --seed 142+s, so run folders are RUNS_DIR/<data>/<run_name>/run_<142+s> (the run scripts' names).
 # Extra arguments go to every run (they override the preset's). Logs: RUNS_DIR/logs/<run id>.log. Missing datasets
@@ -47,6 +47,7 @@ MAX_STEPS=${MAX_STEPS:-1000000}
 PRECISION=${PRECISION:-fp32}
 DATA_DIR=${DATA_DIR:-./data}
 DATA_SIZE=${DATA_SIZE:-1M}
+N_TEST=${N_TEST:-2000}
 N_VALID=${N_VALID:-5000}
 RUNS_DIR=${RUNS_DIR:-runs/paper_claims}
 RESULTS_DIR=${RESULTS_DIR:-results/paper_claims}
@@ -90,7 +91,7 @@ done
 for name in BUDGET_N4 BUDGET_N8 BUDGET_N16 BUDGET_N32; do
     is_positive_number "${!name}" || fail "$name=${!name} must be a positive number of minutes"
 done
-for name in EVAL_STEPS MAX_EVAL_SAMPLES MAX_STEPS N_VALID; do
+for name in EVAL_STEPS MAX_EVAL_SAMPLES MAX_STEPS N_VALID N_TEST; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || fail "$name=${!name} must be a positive integer"
 done
 [[ "$DATA_SIZE" =~ ^[1-9][0-9]*[KM]?$ ]] || fail "DATA_SIZE=$DATA_SIZE must look like 1M, 100K or 5000"
@@ -241,7 +242,7 @@ fi
 USED_NS=$(printf '%s\n' "${R_N[@]}" | sort -n -u)
 for n in $USED_NS; do
     if [ ! -d "$(data_path "$n")" ]; then
-        "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_$DATA_SIZE" --out "$(data_path "$n")" --n_valid "$N_VALID"
+        "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_$DATA_SIZE" --out "$(data_path "$n")" --n_valid "$N_VALID" --n_test "$N_TEST"
     fi
 done
 

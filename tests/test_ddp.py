@@ -275,7 +275,9 @@ def _trainer_checks(rank, world, work_dir: Path):
         "eval_rows": [len(labels) for labels, _ in seen],
         "train_logs": train_logs,  # per process
         "find_unused_parameters": RecordTrainLogs.find_unused_parameters,
-        "final_eval": evaluations[-1],  # (labels, predictions) of the best model, gathered from 2 processes
+        # (labels, predictions) of the best model right after training (evaluations at start, steps 1 and 2, then the
+        # best model, then the final checkpoint), gathered from 2 processes
+        "final_eval": evaluations[3],
         "single_process_eval": (full["labels"].tolist(), predictions.tolist()),
         "files": sorted(files),
         "num_processes": config["num_processes"],

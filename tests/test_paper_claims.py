@@ -19,7 +19,7 @@ from training import (BackboneArgs, DataArgs, GradMemArgs, TrainArgs, gradmem_ru
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_paper_claims.sh"
 SCRIPT_SETTINGS = ("GPUS", "SEEDS", "SEEDS_ABLATION", "NS", "ONLY", "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32",
-                   "EVAL_STEPS", "MAX_EVAL_SAMPLES", "MAX_STEPS", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID",
+                   "EVAL_STEPS", "MAX_EVAL_SAMPLES", "MAX_STEPS", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST",
                    "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN")
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(.+)$")
 NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
@@ -170,7 +170,7 @@ def test_tiny_real_execution_warm_start_failure_and_results(tmp_path):
     tiny = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--per_device_batch_size", "8", "--max_steps", "4",
             "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0"]
     done = run_script(*tiny, check=False, GPUS="0 1", NS="8 16", ONLY="gradmem k_ablation", SEEDS="1",
-                      DATA_SIZE="64", N_VALID="16", MAX_EVAL_SAMPLES="8", EVAL_STEPS="2", PYTHON=str(stand_in),
+                      DATA_SIZE="64", N_VALID="16", N_TEST="8", MAX_EVAL_SAMPLES="8", EVAL_STEPS="2", PYTHON=str(stand_in),
                       RUNS_DIR=str(runs), RESULTS_DIR=str(results), DATA_DIR=str(data), OMP_NUM_THREADS="1")
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
