@@ -31,7 +31,10 @@ import shutil
 import subprocess
 import sys
 
-import torch
+try:
+    import torch
+except ImportError:
+    sys.exit("torch is not installed: run `bash scripts/setup.sh`")
 
 cuda = torch.version.cuda
 visible = torch.cuda.is_available()
@@ -39,7 +42,7 @@ gpu = f"yes ({torch.cuda.get_device_name(0)})" if visible else "no"
 print(f"torch {torch.__version__}, CUDA {cuda or 'none (CPU-only build)'}, GPU visible: {gpu}")
 
 nvidia_smi = shutil.which("nvidia-smi")
-listed = nvidia_smi and subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True).stdout.strip()
+listed = nvidia_smi and subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=60).stdout.strip()
 if listed and cuda is None:
     print(f"warning: this machine has an NVIDIA GPU ({listed.splitlines()[0]}) but torch {torch.__version__} is a "
           "CPU-only build, so everything would run on the CPU. Install a CUDA build, e.g. "
