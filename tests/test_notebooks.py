@@ -3,9 +3,11 @@
 Contract for a notebook (so that it can be added here without touching this test):
 - valid nbformat 4 JSON;
 - its first code cell defines the size constants and reads GRADMEM_NOTEBOOK_TINY: when it is "1", sizes are tiny
-  (the whole notebook runs in a few seconds on one CPU core);
+  (the whole notebook runs in at most ~30 s on a 2-core CPU);
 - it writes files only under GRADMEM_NOTEBOOK_OUT_DIR when that variable is set;
-- plain Python cells: no shell escapes (`!cmd`); line magics (`%matplotlib inline`) are skipped here.
+- plain Python cells: no shell escapes (`!cmd`); line magics (`%matplotlib inline`) are skipped here;
+- it is committed with the outputs of one real run, top to bottom, without errors (at its full, non-tiny sizes,
+  small enough for a CPU).
 The code cells are executed in order in one namespace, with notebooks/ as the working directory.
 """
 import json
@@ -21,6 +23,7 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 EXPECTED_OUTPUTS = {
     "dump_dataset.ipynb": ["*/dataset_dict.json", "*/kv_task.json"],
     "collect_results.ipynb": ["summary/summary.md", "summary/*.png"],
+    "memory_write_read.ipynb": ["memory.pt", "memory_write_read/trainer_state.json", "data/*/dataset_dict.json"],
 }
 
 
@@ -54,8 +57,8 @@ def test_there_are_notebooks():
     assert NOTEBOOKS, "notebooks/ holds no notebook"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs_on_tiny_sizes(path, tmp_path, monkeypatch):
+def run_notebook(path: Path, out_dir: Path, monkeypatch) -> dict:
+    """Executes the code cells of a notebook on tiny sizes; returns the namespace."""
     nb = load_notebook(path)
     code_cells = [cell for cell in nb["cells"] if cell["cell_type"] == "code"]
     assert code_cells, f"{path.name} has no code"
@@ -63,7 +66,7 @@ def test_notebook_runs_on_tiny_sizes(path, tmp_path, monkeypatch):
         f"{path.name}: the first code cell must define its sizes and read GRADMEM_NOTEBOOK_TINY"
 
     monkeypatch.setenv("GRADMEM_NOTEBOOK_TINY", "1")
-    monkeypatch.setenv("GRADMEM_NOTEBOOK_OUT_DIR", str(tmp_path))
+    monkeypatch.setenv("GRADMEM_NOTEBOOK_OUT_DIR", str(out_dir))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(path.parent)
     monkeypatch.setattr(sys, "path", list(sys.path))  # a notebook may extend sys.path
@@ -71,6 +74,34 @@ def test_notebook_runs_on_tiny_sizes(path, tmp_path, monkeypatch):
     for i, cell in enumerate(code_cells):
         where = f"{path.name}, code cell {i}"
         exec(compile(as_plain_python(cell_source(cell), where), where, "exec"), namespace)
+    return namespace
 
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs_on_tiny_sizes(path, tmp_path, monkeypatch):
+    run_notebook(path, tmp_path, monkeypatch)
     for pattern in EXPECTED_OUTPUTS.get(path.name, []):
         assert list(tmp_path.glob(pattern)), f"{path.name} wrote no {pattern} under GRADMEM_NOTEBOOK_OUT_DIR"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_holds_the_outputs_of_one_run(path):
+    code_cells = [cell for cell in load_notebook(path)["cells"] if cell["cell_type"] == "code"]
+    assert [cell["execution_count"] for cell in code_cells] == list(range(1, len(code_cells) + 1)), \
+        f"{path.name}: commit it executed once, top to bottom"
+    outputs = [output for cell in code_cells for output in cell["outputs"]]
+    assert outputs, f"{path.name} holds no output"
+    assert not [output for output in outputs if output["output_type"] == "error"], f"{path.name} stored an error"
+
+
+def test_collect_results_after_the_quickstart(tmp_path, monkeypatch):
+    """The quickstart leaves runs/quickstart (no <task>/<run_name>/run_<seed> folders): the notebook collects the
+    committed results instead of failing."""
+    quickstart = tmp_path / "runs" / "quickstart"
+    quickstart.mkdir(parents=True)
+    for name, content in (("all_results.json", {"eval_exact_match": 0.9}), ("config.json", {"cli_args": {}}),
+                          ("trainer_state.json", {"log_history": []})):
+        (quickstart / name).write_text(json.dumps(content))
+    namespace = run_notebook(NOTEBOOK_DIR / "collect_results.ipynb", tmp_path, monkeypatch)
+    assert namespace["RUNS_DIR"] == namespace["COMMITTED_RUNS_DIR"]
+    assert (tmp_path / "summary" / "summary.md").is_file()
