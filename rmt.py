@@ -18,7 +18,7 @@ READ sequence: `[read_st (C)] [memory (M)] [read_end (C)] [query (Q)]` (right pa
 token, causal attention keeps them invisible). As in GradMem, the logit at position `P - 1 + j` (P = M + 2C)
 predicts query token j, so `logits[:, j]` lines up with `labels[:, j]`.
 
-Options (all from the reference, §7 of reference-behaviour.md):
+Options (all from the reference implementation):
 - `K` forward writes: write k > 0 starts from the memory written by write k - 1 (the hidden states at the
   write-out slots, fed back as input embeddings). K must be >= 1.
 - `mem_proj_mode`: `none`; `proj` = one Linear (PyTorch default init) applied to the memory before every write

@@ -5,7 +5,7 @@
 
 Data: `--data_path` = a save_to_disk folder (scripts/download_babi.sh; BABILong input/question/target or prepared
 context/query/target columns), or `--babi_dir` + `--babi_task` = the original bAbI text files (babi_utils.py).
-WRITE reads the story, READ reads `question + ' ' + answer` (reference §3.3).
+WRITE reads the story, READ reads `question + ' ' + answer` (as the reference implementation does).
 
 Metrics: teacher-forced token accuracy / exact match of the answer tokens (the reference's metrics), and the
 answers decoded greedily from [memory; question] scored with the official SQuAD v1.1 exact match / F1

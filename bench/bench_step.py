@@ -1,6 +1,6 @@
 """Benchmark a full GradMem training step of the paper's KV model: ms/step, steps/s, peak memory, gradient agreement.
 
-Model (TARGETS.md): Llama 4 layers x 4 heads x width 128 (SwiGLU 512, vocab 70 from the KV tokenizer), 8 memory
+Model (the paper's KV model): Llama 4 layers x 4 heads x width 128 (SwiGLU 512, vocab 70 from the KV tokenizer), 8 memory
 tokens, K=2 inner SGD steps (inner lr 0.04), write head, inner loss added with weight 0.5, grad_mode=second; batch
 B of random tokens: context C tokens (no padding), query 16 tokens whose last 4 are labels. One step = forward
 (WRITE + READ), backward, gradient clipping at 1.0 and the AdamW step (lr 1e-3).

@@ -9,7 +9,7 @@
    N8-K2V2-V62: one GPU with batch B against NP GPUs with B/NP each (accelerate + DDP, find_unused_parameters off,
    parameters without gradient frozen as training.py does). Compared: the loss (mean over processes), the
    all-reduced and clipped gradient, and the AdamW parameter update, as relative L2 errors ||a - b|| / ||b||.
-   Tolerances: loss and gradient 1e-5 (fp32 round-off; TARGETS.md's bound for fp32 gradient agreement); update
+   Tolerances: loss and gradient 1e-5 (fp32 round-off; the bound used for fp32 gradient agreement); update
    1e-4, because Adam's first step divides every gradient element by its own magnitude (update ~ lr g / (|g| +
    1e-8)), so elements with |g| near 1e-8 pass their round-off to the update undamped. For scale, the table also
    gives the errors of the same step on one GPU run as two accumulated micro-batches of B/2 (the same arithmetic

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's central claims on KV retrieval, each run limited by a wall-clock budget (issue 10):
+# The paper's central claims on KV retrieval, each run limited by a wall-clock budget:
 #   - main comparison, seeds SEEDS: GradMem (8 memory vectors, K=2 second order) vs RMT (8 memory vectors, one
 #     forward write) vs the full-context Llama, on N4, N8 and N16;
 #   - K ablation: GradMem K=1 and K=5 at N8 and N16, seeds SEEDS_ABLATION (K=2 is the main run);
