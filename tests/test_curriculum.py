@@ -87,3 +87,21 @@ def test_driver_runs_a_real_tiny_stage(tmp_path, monkeypatch):
     for key in ("test_generated_exact_match", "eval_generated_exact_match", "spike_skipped_steps", "rollbacks"):
         assert key in stage, key
     assert not (tmp_path / "out" / "N4").exists()
+
+
+def test_capacity_preset_dry_run():
+    """scripts/run_kv_capacity.sh: the paper model, the stage list, the precision flags; a bad PRECISION is refused."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_kv_capacity.sh"
+    env = {**os.environ, "DRY_RUN": "1", "SEED": "4", "STAGES": "2:0.9 8:0.95:K=3", "BUDGET_MINUTES": "5"}
+    out = subprocess.run(["bash", str(script), "--eval_steps", "50"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    for part in ("run_gradmemgpt_kv_curriculum.py --stages 2:0.9 8:0.95:K=3", "--out_dir runs/kv_capacity/seed_4",
+                 "--seed 4", "--time_budget_minutes 5", "--n_mem_tokens 8", "--use_write_head", "--fp32 --tf32",
+                 "--eval_steps 50"):
+        assert part in out, part
+    bad = subprocess.run(["bash", str(script)], env={**env, "PRECISION": "fp16"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "PRECISION" in bad.stderr
