@@ -309,7 +309,7 @@ class CapturedTrainStep:
         snapshot = self._snapshot()
         counters = [(t, t.clone()) for t in (self._skipped, self._consecutive, self._longest_run)]
         if self.spike_guard is not None:
-            counters += [(t, t.clone()) for t in self.spike_guard.state_dict_live()]
+            counters += [(t, t.clone()) for t in self.spike_guard.live_tensors()]
         current = torch.cuda.current_stream(self.device)
         # Warm up and record on a side stream, as CUDA graphs need. If the caller already runs on one (the trainer
         # under DDP does: see the module docstring), use it: autograd nodes that outlive a step, such as the

@@ -41,10 +41,6 @@ class GradNormSpikeGuard:
     def enabled(self) -> bool:
         return self.factor > 0
 
-    def to(self, device) -> "GradNormSpikeGuard":
-        self.history, self.position, self.spikes = (t.to(device) for t in (self.history, self.position, self.spikes))
-        return self
-
     def check(self, grad_norm: torch.Tensor) -> torch.Tensor:
         """Is this step's norm (a 0-d tensor) a spike? Records it. Returns a 0-d bool tensor (never True for a
         non-finite norm: that step is skipped as non-finite)."""
@@ -60,7 +56,7 @@ class GradNormSpikeGuard:
         self.spikes.add_(spike.long())
         return spike
 
-    def state_dict_live(self) -> tuple:
+    def live_tensors(self) -> tuple:
         """The live state tensors (what a recorded graph reads and writes)."""
         return self.history, self.position, self.spikes
 

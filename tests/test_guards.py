@@ -33,12 +33,12 @@ def test_spike_guard_off_and_state_round_trip_in_place():
     assert not off.enabled and feed(off, [1] * 60 + [1e9]) == [False] * 61
     guard = GradNormSpikeGuard(factor=5, window=6, min_history=2)
     feed(guard, [1, 2, 3])
-    live = guard.state_dict_live()
+    live = guard.live_tensors()
     other = GradNormSpikeGuard(factor=5, window=6, min_history=2)
-    kept = other.state_dict_live()
+    kept = other.live_tensors()
     other.load_state_dict(guard.state_dict())
-    assert all(a is b for a, b in zip(kept, other.state_dict_live()))  # same tensors: a recorded graph keeps them
-    for a, b in zip(live, other.state_dict_live()):
+    assert all(a is b for a, b in zip(kept, other.live_tensors()))  # same tensors: a recorded graph keeps them
+    for a, b in zip(live, other.live_tensors()):
         torch.testing.assert_close(a, b, equal_nan=True)
     with pytest.raises(ValueError, match="window"):
         GradNormSpikeGuard(factor=5, window=4, min_history=5)
