@@ -20,6 +20,7 @@ by the tokenizer's EOS token, so the model learns where an answer ends and decod
 """
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -97,6 +98,14 @@ def main(args=None) -> dict:
         load_init_checkpoint(model.model, task_args.init_base_checkpoint, partial=train_args.init_checkpoint_partial)
     return train_answer_task(train_args, backbone_args, model_args, answer_args, model, tokenizer, splits, data_name,
                              all_args=(backbone_args, model_args, data_args, answer_args, task_args))
+
+
+def main_with_layout(layout: str, args=None) -> dict:
+    """main() with a fixed --layout: the reference's run_gradmemgpt_on_squad_{cq_a,qc_a}.py command lines."""
+    args = list(sys.argv[1:] if args is None else args)
+    if any(arg == "--layout" or arg.startswith("--layout=") for arg in args):
+        raise ValueError(f"this script's layout is {layout}; for another one run run_gradmemgpt_on_squad.py --layout")
+    return main(["--layout", layout, *args])
 
 
 if __name__ == "__main__":

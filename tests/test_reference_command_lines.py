@@ -21,6 +21,7 @@ import phonebook_utils
 import run_gpt2_on_kv_retrieval
 import run_gradmemgpt_on_kv_retrieval
 import run_gradmemgpt_on_squad
+import run_gradmemgpt_on_squad_cq_a
 import run_rmt_on_kv_retrieval
 import squad_utils
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
@@ -80,6 +81,15 @@ REFERENCE_GRADMEM_SQUAD = """
     --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed 143
     --n_mem_tokens 8 --n_ctrl_tokens 0 --K 2 --inner_lr 0.25 --use_adam false --grad_mode second
     --use_mem_proj --mem_proj_mode proj --use_write_head --use_gradient_checkpointing false
+"""
+REFERENCE_GRADMEM_SQUAD_CQ_A = """
+    --data_path ./data/squad --pretrained_model gpt2
+    --exp_path ./runs/squad_cq_a/gradmem_gpt2_mem8_K2_ilr0.03_proj_whead_grad_second_bs_64_lr_1e-04/run_1
+    --per_device_batch_size 32 --gradient_accumulation_steps 2 --total_batch_size 64
+    --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000
+    --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed 143
+    --n_mem_tokens 8 --n_ctrl_tokens 0 --K 2 --last_K_second_order 2 --inner_lr 0.03 --use_adam false
+    --grad_mode second --use_mem_proj --mem_proj_mode proj --use_write_head
 """
 REFERENCE_GRADMEM_PHONEBOOK = """
     --dataset_name booydar/phonebook_N8 --pretrained_model gpt2 --attn_implementation eager
@@ -257,6 +267,16 @@ def test_gradmem_squad_preset_accepts_data_path(tmp_path, gpt2_dir, caplog):
     # the reference's SQuAD script had no inner-loss option: off by default here
     assert record["add_inner_loss_to_outer"] is False and record["inner_loss_weight"] is None
     assert (record["inner_lr"], record["mem_proj_mode"], record["use_write_head"]) == (0.25, "proj", True)
+
+
+def test_gradmem_squad_cq_a_preset_under_its_own_script_name(tmp_path, gpt2_dir):
+    run_dir = tmp_path / "run"
+    run_gradmemgpt_on_squad_cq_a.main(reference(REFERENCE_GRADMEM_SQUAD_CQ_A) + shrink(run_dir) + [
+        "--pretrained_model", gpt2_dir, "--squad_json", str(DATA / "squad"), "--generation_max_new_tokens", "4"])
+    record = run_record(run_dir)
+    assert (record["layout"], record["last_K_second_order"], record["inner_lr"]) == ("cq_a", 2, 0.03)
+    with pytest.raises(ValueError, match="this script's layout is cq_a"):
+        run_gradmemgpt_on_squad_cq_a.main(["--layout", "c_q"])
 
 
 def test_gradmem_phonebook_preset_with_warm_start(tmp_path, gpt2_dir, phonebook_data):
