@@ -137,7 +137,8 @@ def checkpoint_to_evaluate(run_dir: Path, init_checkpoint: Optional[str]) -> Pat
 
 
 def evaluate_only(train_args: TrainArgs, model, tokenizer, splits, collator: CausalLMCollator, data_name: str) -> dict:
-    """--do_eval_only: load the weights (see checkpoint_to_evaluate), evaluate on valid (and test), write <run folder>/eval_only_results.json. Nothing is trained; no other file is touched."""
+    """--do_eval_only: load the weights (see checkpoint_to_evaluate), evaluate on valid (and test), write
+    <run folder>/eval_only_results.json. Nothing is trained and no other file is touched."""
     from transformers import Trainer, TrainingArguments
 
     run_dir = resolve_run_dir(train_args, data_name)

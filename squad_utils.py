@@ -165,9 +165,9 @@ def read_squad_v1_json(path: str) -> Dataset:
     return Dataset.from_dict(rows)
 
 
-def load_named_dataset(name: str, option: str = "--dataset_name", offline_fix: str = ""):
-    """A local save_to_disk folder, else `datasets.load_dataset(name)` (a hub id). A failed hub load (no hub access,
-    unknown id) is a ValueError naming the fix: a local copy (or `offline_fix`)."""
+def load_named_dataset(name: str, offline_fix: str = ""):
+    """--dataset_name: a local save_to_disk folder, else `datasets.load_dataset(name)` (a hub id). A failed hub load
+    (no hub access, unknown id) is a ValueError naming the fix: a local copy (or `offline_fix`)."""
     if os.path.isdir(name):
         return load_from_disk(name)
     import datasets
@@ -175,11 +175,12 @@ def load_named_dataset(name: str, option: str = "--dataset_name", offline_fix: s
     try:
         return datasets.load_dataset(name)
     except Exception as error:  # connection, missing dataset, offline mode: the fix is the same
+        local = f"./data/{name.split('/')[-1]}"
         raise ValueError(
-            f"{option} {name!r} is not a local folder and loading it from the hub failed ({type(error).__name__}: "
-            f"{error}). Without hub access, save it where the hub is reachable with python -c \"import datasets; "
-            f"datasets.load_dataset('{name}').save_to_disk('./data/{name.split('/')[-1]}')\", copy the folder here "
-            f"and pass {option} ./data/{name.split('/')[-1]}{offline_fix}") from error
+            f"--dataset_name {name!r} is not a local folder and loading it from the hub failed "
+            f"({type(error).__name__}: {error}). Without hub access, save it where the hub is reachable with python -c "
+            f"\"import datasets; datasets.load_dataset('{name}').save_to_disk('{local}')\", copy the folder here and "
+            f"pass --dataset_name {local}{offline_fix}") from error
 
 
 def load_squad(layout: str, squad_json: Optional[str] = None, dataset_name: str = "squad") -> DatasetDict:

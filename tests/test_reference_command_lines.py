@@ -113,8 +113,13 @@ def shrink(run_dir, batch=2, steps=2) -> list:
 TINY_SCRATCH = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32"]
 
 
-def reference(command: str) -> list:
-    return shlex.split(command)
+def reference(command: str, *without: str) -> list:
+    """The command's arguments, less the options named in `without` (and their values)."""
+    args = shlex.split(command)
+    for option in without:
+        i = args.index(option)
+        del args[i: i + (1 if i + 1 == len(args) or args[i + 1].startswith("--") else 2)]
+    return args
 
 
 def results(run_dir) -> dict:
@@ -191,8 +196,7 @@ def test_full_context_kv_preset_warm_start_resume_and_eval_only(tmp_path, kv_dat
     checkpoint without training and gives the numbers of the run's final evaluation."""
     first, run_dir = tmp_path / "n64", tmp_path / "n96"
     tiny = TINY_SCRATCH + ["--max_position_embeddings", "64", "--data_path", kv_data]
-    command = reference(REFERENCE_GPT_KV)
-    no_init = command[:command.index("--init_checkpoint")] + command[command.index("--init_checkpoint") + 2:]
+    command, no_init = reference(REFERENCE_GPT_KV), reference(REFERENCE_GPT_KV, "--init_checkpoint")
     run_gpt2_on_kv_retrieval.main(no_init + shrink(first) + tiny)
     init = ["--init_checkpoint", str(first / "checkpoint-2" / "model.safetensors")]
     run_gpt2_on_kv_retrieval.main(command + shrink(run_dir) + tiny + init)
@@ -218,7 +222,7 @@ def test_full_context_kv_preset_warm_start_resume_and_eval_only(tmp_path, kv_dat
 
 
 def test_full_context_eval_only_and_overwrite_errors(tmp_path, kv_data):
-    args = reference(REFERENCE_GPT_KV)[:-3] + shrink(tmp_path / "run") + TINY_SCRATCH + [
+    args = reference(REFERENCE_GPT_KV, "--init_checkpoint", "--overwrite_output_dir") + shrink(tmp_path / "run") + TINY_SCRATCH + [
         "--max_position_embeddings", "64", "--data_path", kv_data]
     with pytest.raises(ValueError, match="holds no usable checkpoint to evaluate"):
         run_gpt2_on_kv_retrieval.main(args + ["--do_eval_only"])
