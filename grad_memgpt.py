@@ -255,6 +255,8 @@ class GradMemGPT(PreTrainedModel):
             config.attn_implementation,
             device_type=device_type,
             second_order=config.grad_mode == "second" and config.K > 0,
+            head_dim=attn_double_bwd.head_dim_of(config.base_config if config.pretrained_model is None
+                                                 else AutoConfig.from_pretrained(config.pretrained_model)),
         )
         self.model = self._build_backbone(config, attn)
         lm_config = self.model.config

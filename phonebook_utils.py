@@ -19,7 +19,7 @@ import argparse
 import os
 import random
 
-from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict
 
 FIRST_NAMES = (
     "Alice", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Irene", "Jonas", "Keiko", "Liam",
@@ -61,7 +61,9 @@ def preprocess_dataset(raw: DatasetDict, name: str = "phonebook") -> DatasetDict
 
 def load_phonebook(dataset_name: str) -> DatasetDict:
     """A local save_to_disk folder (from the generator) or a hub dataset such as booydar/phonebook_N8."""
-    raw = load_from_disk(dataset_name) if os.path.isdir(dataset_name) else load_dataset(dataset_name)
+    from squad_utils import load_named_dataset
+
+    raw = load_named_dataset(dataset_name, offline_fix=", or generate one locally (see this module's docstring)")
     if not isinstance(raw, DatasetDict):
         raise ValueError(f"{dataset_name} holds a single {type(raw).__name__}; expected a DatasetDict with splits")
     return preprocess_dataset(raw, name=dataset_name)

@@ -8,19 +8,31 @@ Backbones from scratch (`--base_model llama|gpt2|pythia|mamba`, local configs, s
 pretrained (`--pretrained_model NAME`). `--max_input_length N` keeps the LAST N tokens of each sequence, i.e. drops
 the START of the context (query and target are never cut), as the reference did. `--init_checkpoint` warm-starts
 from a .safetensors file or checkpoint folder; re-running the same command resumes (see training.py).
+
+The reference's run-folder switches work too: `--do_eval_only` evaluates without training (the run folder's best
+checkpoint; in a folder without checkpoints, `--init_checkpoint`) on valid (and test if present) and writes
+`eval_only_results.json` into the run folder; `--overwrite_output_dir` meant "continue in the existing folder from
+its last checkpoint" there, which every run does here (`--overwrite` starts over).
 """
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from attn_double_bwd import resolve_attn_implementation
+from transformers import AutoConfig
+
+from attn_double_bwd import head_dim_of, resolve_attn_implementation
 from modeling_utils import base_config_to_dict, build_causal_lm, max_positions
 from training import (BackboneArgs, CausalLMCollator, DataArgs, TrainArgs, backbone_source, backbone_tag,
-                      check_data, check_vocab_fits, launched_world_size, load_splits, load_tokenizer, longest_tokens,
-                      make_compute_metrics, parse_cli, run_cli, run_experiment)
+                      check_data, check_vocab_fits, checkpoint_problem, evaluate_splits, launched_world_size,
+                      load_init_checkpoint, load_splits, load_tokenizer, longest_tokens, make_compute_metrics,
+                      newest_usable_checkpoint, parse_cli, read_json_file, reduce_logits_to_predictions,
+                      resolve_run_dir, run_cli, run_experiment)
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+logger = logging.getLogger("gradmem")
+EVAL_ONLY_RESULTS = "eval_only_results.json"
 
 
 @dataclass
@@ -39,7 +51,27 @@ class FullContextArgs:
             resolve_attn_implementation(self.attn_implementation, second_order=False)  # unknown names fail here
 
 
-def check_options(backbone_args: BackboneArgs, args: FullContextArgs, data_args: DataArgs) -> None:
+@dataclass
+class RunFolderArgs:
+    """The reference script's run-folder switches. Not kept in the run record: they do not change what is trained
+    (so adding or dropping one does not stop a run from resuming)."""
+
+    do_eval_only: bool = field(default=False, metadata={
+        "help": f"evaluate without training: the run folder's best checkpoint (a folder without checkpoints: "
+                f"--init_checkpoint); metrics go to <run folder>/{EVAL_ONLY_RESULTS}"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "the reference's switch to continue an existing run folder from its last checkpoint, which every run "
+                "does here (accepted for its command lines); --overwrite starts over"})
+
+
+def check_options(backbone_args: BackboneArgs, args: FullContextArgs, data_args: DataArgs, train_args: TrainArgs,
+                  folder_args: RunFolderArgs) -> None:
+    if train_args.overwrite and (folder_args.do_eval_only or folder_args.overwrite_output_dir):
+        other = "--do_eval_only" if folder_args.do_eval_only else "--overwrite_output_dir (continue the run folder)"
+        raise ValueError(f"--overwrite (delete the run folder and start over) contradicts {other}: drop one")
+    if folder_args.overwrite_output_dir and not folder_args.do_eval_only:
+        logger.warning("--overwrite_output_dir: an existing run folder is continued from its last checkpoint, as in "
+                       "the reference (every run does that here; --overwrite starts over)")
     if data_args.max_context_length is not None:
         raise ValueError("--max_context_length is for the memory models; the full-context baseline truncates the "
                          "whole sequence from the start with --max_input_length")
@@ -62,16 +94,76 @@ def default_run_name(train_args: TrainArgs, backbone_args: BackboneArgs, args: F
 
 
 def build_model(backbone_args: BackboneArgs, args: FullContextArgs, tokenizer):
-    attn = None
-    if backbone_args.base_model != "mamba":
-        attn = resolve_attn_implementation(args.attn_implementation or "auto", second_order=False)
     source = backbone_source(backbone_args, tokenizer)
     base_config = source.get("base_config")
+    config = base_config if base_config is not None else AutoConfig.from_pretrained(source["pretrained_model"])
+    attn = None
+    if head_dim_of(config) is not None:  # mamba (from scratch or pretrained) has no attention
+        attn = resolve_attn_implementation(args.attn_implementation or "auto", second_order=False)
+    elif args.attn_implementation is not None:
+        raise ValueError(f"--attn_implementation {args.attn_implementation}: {config.model_type} has no attention; "
+                         "drop the flag")
     model = build_causal_lm(source.get("pretrained_model"),
                             None if base_config is None else base_config_to_dict(base_config), attn)
     model.config.use_cache = False
     check_vocab_fits(model.get_input_embeddings().weight.shape[0], tokenizer)
     return model
+
+
+def checkpoint_to_evaluate(run_dir: Path, init_checkpoint: Optional[str]) -> Path:
+    """--do_eval_only's weights: the run folder's selected checkpoint (all_results.json of a finished run, else the
+    best so far in the newest checkpoint's trainer state, else the newest checkpoint), as the reference did; a run
+    folder without checkpoints: --init_checkpoint. Recorded paths are looked up by name inside run_dir, so a moved
+    run folder still works."""
+    newest = newest_usable_checkpoint(run_dir) if run_dir.is_dir() else None
+    if newest is None:
+        if init_checkpoint is None:
+            raise ValueError(f"--do_eval_only: {run_dir} holds no usable checkpoint to evaluate; train first (the "
+                             "same command without --do_eval_only), or pass --init_checkpoint")
+        return Path(init_checkpoint)
+    if init_checkpoint is not None:
+        logger.warning("--do_eval_only: evaluating the run's checkpoint, not --init_checkpoint %s (it is what the run "
+                       "started from)", init_checkpoint)
+    results = run_dir / "all_results.json"
+    best = read_json_file(results if results.is_file() else newest / "trainer_state.json").get("best_model_checkpoint")
+    if best is None:
+        return newest
+    best = run_dir / Path(best).name
+    problem = checkpoint_problem(best) if best.is_dir() else f"{best} is missing"
+    if problem:
+        raise ValueError(f"--do_eval_only: the best checkpoint cannot be evaluated: {problem}. Evaluate the newest "
+                         f"one with --exp_path <new folder> --init_checkpoint {newest}")
+    return best
+
+
+def evaluate_only(train_args: TrainArgs, model, tokenizer, splits, collator: CausalLMCollator, data_name: str) -> dict:
+    """--do_eval_only: load the weights (see checkpoint_to_evaluate), evaluate on valid (and test), write
+    <run folder>/eval_only_results.json. Nothing is trained and no other file is touched."""
+    from transformers import Trainer, TrainingArguments
+
+    run_dir = resolve_run_dir(train_args, data_name)
+    checkpoint = checkpoint_to_evaluate(run_dir, train_args.init_checkpoint)
+    load_init_checkpoint(model, str(checkpoint))
+    eval_split = splits["valid"]
+    if train_args.max_eval_samples is not None:
+        eval_split = eval_split.select(range(min(train_args.max_eval_samples, len(eval_split))))
+    args = TrainingArguments(
+        output_dir=str(run_dir), per_device_eval_batch_size=train_args.per_device_eval_batch_size
+        or train_args.per_device_batch_size, bf16=train_args.mixed_precision() == "bf16", use_cpu=train_args.use_cpu,
+        report_to="none", remove_unused_columns=False, label_names=["labels"], seed=train_args.seed,
+        dataloader_num_workers=train_args.dataloader_num_workers, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, data_collator=collator, processing_class=tokenizer,
+                      compute_metrics=make_compute_metrics(tokenizer),
+                      preprocess_logits_for_metrics=lambda logits, labels: reduce_logits_to_predictions(
+                          logits, labels, next_token_logits=True))
+    test_split = splits["test"] if "test" in splits and len(splits["test"]) > 0 else None
+    metrics = {**evaluate_splits(trainer, eval_split, test_split), "evaluated_checkpoint": str(checkpoint)}
+    if trainer.is_world_process_zero():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / EVAL_ONLY_RESULTS).write_text(json.dumps(metrics, indent=2))
+        logger.warning("evaluated %s without training: %s (written to %s)", checkpoint, json.dumps(metrics),
+                       run_dir / EVAL_ONLY_RESULTS)
+    return metrics
 
 
 def check_sequences_fit(model, collator: CausalLMCollator, splits) -> None:
@@ -88,9 +180,9 @@ def check_sequences_fit(model, collator: CausalLMCollator, splits) -> None:
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    train_args, backbone_args, lm_args, data_args = parse_cli(TrainArgs, BackboneArgs, FullContextArgs, DataArgs,
-                                                              args=args)
-    check_options(backbone_args, lm_args, data_args)
+    train_args, backbone_args, lm_args, data_args, folder_args = parse_cli(
+        TrainArgs, BackboneArgs, FullContextArgs, DataArgs, RunFolderArgs, args=args)
+    check_options(backbone_args, lm_args, data_args, train_args, folder_args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
     check_data(tokenizer, splits)
@@ -99,11 +191,14 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     check_sequences_fit(model, collator, splits)
     if train_args.run_name is None:
         train_args.run_name = default_run_name(train_args, backbone_args, lm_args, launched_world_size())
+    data_name = Path(data_args.data_path.rstrip("/")).name
+    if folder_args.do_eval_only:
+        return evaluate_only(train_args, model, tokenizer, splits, collator, data_name)
     return run_experiment(
         train_args, model, tokenizer, splits,
         collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
-        data_name=Path(data_args.data_path.rstrip("/")).name,
+        data_name=data_name,
         all_args=(backbone_args, lm_args, data_args),
         next_token_logits=True,
         nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",

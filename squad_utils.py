@@ -30,7 +30,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Optional
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, load_from_disk
 from transformers import TrainerCallback
 
 from modeling_utils import max_positions
@@ -165,11 +165,30 @@ def read_squad_v1_json(path: str) -> Dataset:
     return Dataset.from_dict(rows)
 
 
+def load_named_dataset(name: str, offline_fix: str = ""):
+    """--dataset_name: a local save_to_disk folder, else `datasets.load_dataset(name)` (a hub id). A failed hub load
+    (no hub access, unknown id) is a ValueError naming the fix: a local copy (or `offline_fix`)."""
+    if os.path.isdir(name):
+        return load_from_disk(name)
+    import datasets
+
+    try:
+        return datasets.load_dataset(name)
+    except Exception as error:  # connection, missing dataset, offline mode: the fix is the same
+        local = f"./data/{name.split('/')[-1]}"
+        raise ValueError(
+            f"--dataset_name {name!r} is not a local folder and loading it from the hub failed "
+            f"({type(error).__name__}: {error}). Without hub access, save it where the hub is reachable with python -c "
+            f"\"import datasets; datasets.load_dataset('{name}').save_to_disk('{local}')\", copy the folder here and "
+            f"pass --dataset_name {local}{offline_fix}") from error
+
+
 def load_squad(layout: str, squad_json: Optional[str] = None, dataset_name: str = "squad") -> DatasetDict:
     """SQuAD v1.1 as a DatasetDict(train, valid) of layout rows (context, query, target, answers, id).
 
     squad_json: a directory holding the official `train-v1.1.json` and `dev-v1.1.json`; without it the data come
-    from the hub dataset `dataset_name` (splits train / validation).
+    from `dataset_name`: the hub dataset (`squad`) or a local save_to_disk copy of it (splits train and validation
+    or valid; columns id, context, question, answers).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown SQuAD layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -183,12 +202,17 @@ def load_squad(layout: str, squad_json: Optional[str] = None, dataset_name: str 
             raise ValueError(f"--squad_json: missing {', '.join(missing)} (the official SQuAD v1.1 file names)")
         raw = DatasetDict({split: read_squad_v1_json(path) for split, path in paths.items()})
     else:
-        from datasets import load_dataset
-
-        hub = load_dataset(dataset_name)
-        if "train" not in hub or "validation" not in hub:
-            raise ValueError(f"dataset {dataset_name!r} has splits {list(hub)}; expected train and validation")
-        raw = DatasetDict({"train": hub["train"], "valid": hub["validation"]})
+        data = load_named_dataset(dataset_name, offline_fix=", or pass --squad_json DIR with the official "
+                                  f"{SQUAD_JSON_FILES['train']} and {SQUAD_JSON_FILES['valid']}")
+        eval_split = next((s for s in ("validation", "valid") if isinstance(data, DatasetDict) and s in data), None)
+        if eval_split is None or "train" not in data:
+            found = list(data) if isinstance(data, DatasetDict) else type(data).__name__
+            raise ValueError(f"dataset {dataset_name!r} has splits {found}; expected train and validation (or valid)")
+        raw = DatasetDict({"train": data["train"], "valid": data[eval_split]})
+        for split, rows in raw.items():
+            missing = {"id", "context", "question", "answers"} - set(rows.column_names)
+            if missing:
+                raise ValueError(f"dataset {dataset_name!r} split {split}: missing SQuAD columns {sorted(missing)}")
     return DatasetDict({split: _layout_rows(rows, layout) for split, rows in raw.items()})
 
 

@@ -15,10 +15,15 @@ Function API (q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] -> [B, Hq, Lq, D]):
     fused_attention(q, k, v, is_causal=..., attn_mask=..., key_padding_mask=..., scale=...)
 """
 import importlib.util
+import logging
 import os
+from typing import Optional
 
-from .hf_integration import EXACT_NAME, FUSED_NAME, LEGACY_NAMES, register_with_transformers
+from .hf_integration import (EXACT_NAME, FUSED_HEAD_DIMS, FUSED_NAME, LEGACY_NAMES, head_dim_of,
+                             register_with_transformers)
 from .reference import exact_attention
+
+logger = logging.getLogger("gradmem")
 
 # Implementations whose backward can be differentiated again exactly.
 EXACT_DOUBLE_BACKWARD = {"eager", EXACT_NAME, FUSED_NAME, *LEGACY_NAMES}
@@ -35,7 +40,8 @@ def _fused_runs_on(device_type: str) -> bool:
     return triton_available() and (device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def resolve_attn_implementation(name: str, *, device_type: str = "cpu", second_order: bool = False) -> str:
+def resolve_attn_implementation(name: str, *, device_type: str = "cpu", second_order: bool = False,
+                                head_dim: Optional[int] = None) -> str:
     """Map a requested attention implementation onto a registered one.
 
     "auto" picks the fastest exact implementation for the device when second-order gradients are needed
@@ -43,11 +49,21 @@ def resolve_attn_implementation(name: str, *, device_type: str = "cpu", second_o
     Legacy names map onto exact implementations: "hvp_manual" -> "exact_eager"; "hvp_semi_manual" and
     "jvp_flash" -> "fused_double_bwd" on CUDA, "exact_eager" elsewhere. Asking for an implementation without a
     double backward while `second_order` is true raises a ValueError that names the exact alternatives.
+    `head_dim` (the backbone's attention head dim, when known): the fused kernels take 16, 32, 64 or 128; with
+    another head dim "auto" and the legacy names fall back to "exact_eager" (one log line), and an explicit
+    "fused_double_bwd" raises, naming the limit and the fallbacks.
     """
+    fused_fits = head_dim is None or head_dim in FUSED_HEAD_DIMS
     if name in (None, "auto"):
         if not second_order:
             return "sdpa"
-        return FUSED_NAME if _fused_runs_on(device_type) else EXACT_NAME
+        if not _fused_runs_on(device_type):
+            return EXACT_NAME
+        if not fused_fits:
+            logger.warning("attention head dim %d is outside the fused kernels' %s: using %r (exact, slower)",
+                           head_dim, "/".join(map(str, FUSED_HEAD_DIMS)), EXACT_NAME)
+            return EXACT_NAME
+        return FUSED_NAME
     if second_order and name in NO_DOUBLE_BACKWARD:
         raise ValueError(
             f"attn_implementation={name!r} has no double backward, which grad_mode='second' needs; "
@@ -59,8 +75,14 @@ def resolve_attn_implementation(name: str, *, device_type: str = "cpu", second_o
         )
     if name in LEGACY_NAMES:
         name = LEGACY_NAMES[name]
-        if name == FUSED_NAME and not _fused_runs_on(device_type):
+        if name == FUSED_NAME and not (_fused_runs_on(device_type) and fused_fits):
             name = EXACT_NAME
+    if name == FUSED_NAME and not fused_fits:
+        raise ValueError(
+            f"attn_implementation={FUSED_NAME!r} supports attention head dims {', '.join(map(str, FUSED_HEAD_DIMS))} "
+            f"(16 to 128); this backbone's head dim is {head_dim}. Use --attn_implementation {EXACT_NAME} (exact "
+            "double backward, any head dim) or eager"
+        )
     if name == FUSED_NAME and not _fused_runs_on(device_type):
         raise ValueError(
             f"attn_implementation={FUSED_NAME!r} needs triton and a CUDA device (device_type={device_type!r}, triton "

@@ -22,7 +22,18 @@ from .reference import exact_attention
 
 EXACT_NAME = "exact_eager"
 FUSED_NAME = "fused_double_bwd"
+FUSED_HEAD_DIMS = (16, 32, 64, 128)  # head dims the Triton kernels are built for
 LEGACY_NAMES = {"hvp_manual": EXACT_NAME, "hvp_semi_manual": FUSED_NAME, "jvp_flash": FUSED_NAME}
+
+
+def head_dim_of(config) -> "int | None":
+    """Attention head dim of a transformers config (or its to_dict()); None for backbones without attention heads."""
+    get = config.get if isinstance(config, dict) else lambda name: getattr(config, name, None)
+    if get("head_dim"):
+        return int(get("head_dim"))
+    width = next((get(n) for n in ("hidden_size", "n_embd", "d_model") if get(n)), None)
+    heads = next((get(n) for n in ("num_attention_heads", "n_head") if get(n)), None)
+    return int(width) // int(heads) if width and heads else None
 
 
 def _prepare(module, query, key, attention_mask, is_causal, kwargs):

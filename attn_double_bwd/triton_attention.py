@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from .hf_integration import FUSED_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from .reference import check_attention_inputs
 
 LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -30,6 +30,6 @@ for S in $SEEDS; do
         --per_device_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
         --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000 \
         --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed $((142 + S)) \
-        --n_mem_tokens 32 --K 2 --inner_lr 0.4 --grad_mode second --use_write_head --no_add_inner_loss_to_outer \
+        --n_mem_tokens 32 --K 2 --inner_lr 0.4 --grad_mode second --use_write_head --add_inner_loss_to_outer false \
         --attn_implementation auto --generation_max_new_tokens 16 "$@"
 done

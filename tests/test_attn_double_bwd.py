@@ -215,6 +215,47 @@ def test_resolver():
             resolve_attn_implementation("fused_double_bwd", device_type="cpu", second_order=True)
 
 
+def test_head_dims_outside_the_fused_kernels(monkeypatch, caplog):
+    """Head dims other than 16/32/64/128: 'auto' and the legacy names fall back to exact_eager with one log line, an
+    explicit fused_double_bwd fails before any work, naming the limit and the fallbacks (CPU: the CUDA check is
+    faked)."""
+    monkeypatch.setattr(attn_double_bwd, "_fused_runs_on", lambda device_type: True)
+    resolve = resolve_attn_implementation
+    assert resolve("auto", device_type="cuda", second_order=True, head_dim=128) == "fused_double_bwd"
+    with caplog.at_level("WARNING", logger="gradmem"):
+        assert resolve("auto", device_type="cuda", second_order=True, head_dim=256) == "exact_eager"
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention head dim 256 is outside the fused kernels' 16/32/64/128: using 'exact_eager' (exact, slower)"]
+    assert resolve("hvp_semi_manual", device_type="cuda", second_order=True, head_dim=256) == "exact_eager"
+    assert resolve("auto", device_type="cuda", second_order=False, head_dim=256) == "sdpa"
+    with pytest.raises(ValueError, match=r"16 to 128.*head dim is 256.*exact_eager .*or eager"):
+        resolve("fused_double_bwd", device_type="cuda", second_order=True, head_dim=256)
+    with pytest.raises(ValueError, match="head dim is 48"):
+        resolve("fused_double_bwd", device_type="cuda", second_order=True, head_dim=48)
+
+
+def test_head_dim_of_backbone_configs():
+    from transformers import GPT2Config, LlamaConfig, MambaConfig
+
+    assert attn_double_bwd.head_dim_of(LlamaConfig(hidden_size=512, num_attention_heads=2, head_dim=256)) == 256
+    assert attn_double_bwd.head_dim_of(GPT2Config(n_embd=64, n_head=4).to_dict()) == 16
+    assert attn_double_bwd.head_dim_of(MambaConfig(hidden_size=32)) is None
+
+
+def test_grad_memgpt_with_head_dim_256_falls_back_or_fails_before_any_work(monkeypatch):
+    from transformers import LlamaConfig
+
+    from grad_memgpt import GradMemGPT, GradMemGPTConfig
+
+    monkeypatch.setattr(attn_double_bwd, "_fused_runs_on", lambda device_type: True)
+    backbone = LlamaConfig(vocab_size=16, hidden_size=256, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=1, num_key_value_heads=1, head_dim=256)
+    model = GradMemGPT(GradMemGPTConfig(base_config=backbone, n_mem_tokens=2, attn_implementation="auto"))
+    assert model.model.config._attn_implementation == "exact_eager"
+    with pytest.raises(ValueError, match="16 to 128"):
+        GradMemGPT(GradMemGPTConfig(base_config=backbone, n_mem_tokens=2, attn_implementation="fused_double_bwd"))
+
+
 def test_import_and_exact_path_work_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail
