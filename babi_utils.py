@@ -1,6 +1,6 @@
 """bAbI question answering (BABILong `qa{N}_0k`: plain bAbI stories without haystack) for memory models.
 
-Every question becomes one row with the strings the reference trains on (reference-behaviour §3.3):
+Every question becomes one row with the strings the reference implementation trains on:
     context = story facts before the question, joined by spaces, + ' '     (WRITE)
     query   = question + ' '                                               (READ prompt)
     target  = answer                                                       (READ target)

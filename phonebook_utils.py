@@ -1,7 +1,7 @@
 """Phonebook lookup for memory models: the `booydar/phonebook_N*` datasets and a local generator of the same shape.
 
 A sample is a phone book of N entries (the context), one name from it (the query) and that name's number (the
-target). Raw rows have `context`, `query`, `target`; the reference prepares them as (reference-behaviour §3.5)
+target). Raw rows have `context`, `query`, `target`; the reference implementation prepares them as
     context = context.strip()                 (its preprocessing appends ' ', its run script strips it again)
     query   = '\\n' + query.strip() + ' '
     target  = target.strip()
