@@ -10,8 +10,9 @@ A run script is wiring only:
     run_experiment(train_args, model, tokenizer, splits, MemoryModelCollator(tokenizer), make_compute_metrics(tokenizer),
                    data_name=..., all_args=(backbone_args, model_args, data_args))
 
-Run folder: `runs/<data>/<run_name>/run_<seed>/` (or `--exp_path`) with `config.json` (all args, package versions,
-git commit), HF checkpoints, tensorboard events, `all_results.json`, `trainer_state.json`, `learning_curve.png`.
+Run folder: `runs/<data>/<run_name>/run_<seed>/` (or `--exp_path`) with `run_config.json` (all args, package versions,
+git commit), HF checkpoints, the selected model at the root (`config.json`, weights, tokenizer: `from_pretrained(run_dir)`),
+tensorboard events, `all_results.json`, `trainer_state.json`, `learning_curve.png`.
 Re-running the same command resumes an unfinished run and reports a finished one; `--overwrite` starts over, in a
 run folder only. Nothing is written or deleted before every argument is validated (README: Resume, --overwrite).
 
@@ -1087,10 +1088,12 @@ def _resume_checkpoint(run_dir: Path) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run folder and config.json
+# Run folder and its run record
 # ----------------------------------------------------------------------------------------------------------------
 
-RUN_RECORD = "config.json"  # the CLI record of a run (cli_args, versions, git commit); marks a run folder
+RUN_RECORD = "run_config.json"  # the CLI record of a run (cli_args, versions, git commit); marks a run folder
+LEGACY_RUN_RECORD = "config.json"  # where runs written by older code keep their record (a dict with cli_args)
+MODEL_CONFIG = "config.json"  # the selected model's config at the run root; a run output only beside a run record
 # Names of what a run writes into its folder: --overwrite deletes these and nothing else.
 RUN_OUTPUTS = (RUN_RECORD, f"{PREFIX_CHECKPOINT_DIR}-*", "*_results.json", "trainer_state.json", CURVE_FILE,
                "events.out.tfevents.*", "runs", "wandb", "*.safetensors", "model.safetensors.index.json",
@@ -1117,8 +1120,9 @@ def resolve_run_dir(train_args: TrainArgs, data_name: str) -> Path:
     return Path(train_args.runs_dir) / data_name / train_args.run_name / f"run_{train_args.seed}"
 
 
-def is_run_output(path: Path) -> bool:
-    return any(fnmatch.fnmatch(path.name, pattern) for pattern in RUN_OUTPUTS)
+def is_run_output(path: Path, has_record: bool = False) -> bool:
+    """A file a run writes. config.json counts only in a folder with a run record: elsewhere it may be a model's."""
+    return any(fnmatch.fnmatch(path.name, pattern) for pattern in RUN_OUTPUTS) or (has_record and path.name == MODEL_CONFIG)
 
 
 def read_json_file(path: Path, what: str = "file"):
@@ -1146,12 +1150,13 @@ def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_pr
     if not run_dir.is_dir():
         raise NotADirectoryError(f"run folder {run_dir} is a file; choose another --exp_path")
     entries = sorted(run_dir.iterdir())
-    foreign = [e.name for e in entries if not is_run_output(e)]
+    has_record = find_run_record(run_dir) is not None
+    foreign = [e.name for e in entries if not is_run_output(e, has_record)]
     if train_args.overwrite:
-        if foreign and not _is_run_record(run_dir / RUN_RECORD):
+        if foreign and not has_record:
             raise ValueError(f"--overwrite refused: {run_dir} is not a run folder (no run record {RUN_RECORD}; it holds "
                              f"{', '.join(foreign[:5])}). Only run folders are cleared; choose another --exp_path")
-        return RunFolderPlan(clear=[e for e in entries if is_run_output(e)])
+        return RunFolderPlan(clear=[e for e in entries if is_run_output(e, has_record)])
     if not entries:
         return RunFolderPlan()
     record = _resume_record(run_dir, foreign, train_args)
@@ -1164,7 +1169,7 @@ def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_pr
 
 def _resume_record(run_dir: Path, foreign: list, train_args: TrainArgs) -> Optional[dict]:
     """The run record of a folder to resume; None only where --resume_without_record resumes without one."""
-    path = run_dir / RUN_RECORD
+    path = find_run_record(run_dir) or run_dir / RUN_RECORD
     if foreign and not path.is_file():
         raise ValueError(f"{run_dir} exists and is not a run folder (no run record {RUN_RECORD}; it holds "
                          f"{', '.join(foreign[:5])}): choose a new or empty --exp_path")
@@ -1185,6 +1190,14 @@ def _is_run_record(path: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def find_run_record(run_dir: Path) -> Optional[Path]:
+    """The run record of a folder: run_config.json, or a legacy config.json that holds cli_args; None if neither."""
+    for name in (RUN_RECORD, LEGACY_RUN_RECORD):
+        if _is_run_record(run_dir / name):
+            return run_dir / name
+    return None
 
 
 def _finished_reason(run_dir: Path, resume_from: Optional[Path], train_args: TrainArgs) -> Optional[str]:
@@ -1757,6 +1770,12 @@ def evaluate_splits(trainer: Trainer, eval_split, test_split, answer_metrics: Op
     return metrics
 
 
+def save_selected_model(trainer: Trainer, run_dir: Path) -> None:
+    """The selected (best) model at the run root: config (with the backbone's), weights and tokenizer, so that
+    `from_pretrained(run_dir)` needs nothing else. Called on every process (the Trainer saves on the main one)."""
+    trainer.save_model(str(run_dir))
+
+
 def check_scheduler_name(name: str) -> None:
     from transformers import SchedulerType
 
@@ -1823,7 +1842,7 @@ def run_experiment(
     the best one, it is evaluated too (prefix final_eval_, final_test_).
 
     data_name:          folder name of the data (run folder runs/<data_name>/<run_name>/run_<seed>).
-    all_args:           the other CLI dataclasses, stored in config.json together with train_args.
+    all_args:           the other CLI dataclasses, stored in run_config.json together with train_args.
     next_token_logits:  the model's logits[:, t] predict token t+1 (plain causal LMs); memory models: False.
     nonfinite_hint:     the likely cause named when many steps in a row are not finite (e.g. the inner lr).
     answer_metrics:     (model, split) -> dict of metrics of generated answers (evaluation.make_generated_answer_metrics),
@@ -1975,6 +1994,7 @@ def run_experiment(
         metrics["rollbacks"] = trainer.rollback.rollbacks
     metrics["global_step"] = trainer.state.global_step
     metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    save_selected_model(trainer, run_dir)
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
