@@ -1120,9 +1120,10 @@ def resolve_run_dir(train_args: TrainArgs, data_name: str) -> Path:
     return Path(train_args.runs_dir) / data_name / train_args.run_name / f"run_{train_args.seed}"
 
 
-def is_run_output(path: Path, has_record: bool = False) -> bool:
-    """A file a run writes. config.json counts only in a folder with a run record: elsewhere it may be a model's."""
-    return any(fnmatch.fnmatch(path.name, pattern) for pattern in RUN_OUTPUTS) or (has_record and path.name == MODEL_CONFIG)
+def is_run_output(path: Path, with_model_config: bool = False) -> bool:
+    """A file a run writes. The model's config.json counts only where asked (in a folder with a run record): elsewhere
+    it may be a saved model's folder, which --overwrite must not clear."""
+    return any(fnmatch.fnmatch(path.name, p) for p in RUN_OUTPUTS) or (with_model_config and path.name == MODEL_CONFIG)
 
 
 def read_json_file(path: Path, what: str = "file"):
@@ -1150,15 +1151,17 @@ def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_pr
     if not run_dir.is_dir():
         raise NotADirectoryError(f"run folder {run_dir} is a file; choose another --exp_path")
     entries = sorted(run_dir.iterdir())
-    has_record = find_run_record(run_dir) is not None
-    foreign = [e.name for e in entries if not is_run_output(e, has_record)]
     if train_args.overwrite:
+        has_record = find_run_record(run_dir) is not None
+        foreign = [e.name for e in entries if not is_run_output(e, has_record)]
         if foreign and not has_record:
             raise ValueError(f"--overwrite refused: {run_dir} is not a run folder (no run record {RUN_RECORD}; it holds "
                              f"{', '.join(foreign[:5])}). Only run folders are cleared; choose another --exp_path")
         return RunFolderPlan(clear=[e for e in entries if is_run_output(e, has_record)])
     if not entries:
         return RunFolderPlan()
+    # resuming deletes nothing but interrupted checkpoints: a model's config.json is the run's own (its record may be lost)
+    foreign = [e.name for e in entries if not is_run_output(e, with_model_config=True)]
     record = _resume_record(run_dir, foreign, train_args)
     if record is not None:
         _check_record(run_dir, record, cli_args, num_processes)
