@@ -24,7 +24,7 @@ import grad_memgpt  # noqa: F401  (registers GradMemGPT with AutoModel)
 import rmt  # noqa: F401  (registers RMT2Segm with AutoModel)
 from evaluation import IGNORE_INDEX, generated_exact_match
 from training import (CausalLMCollator, MemoryModelCollator, load_splits, make_compute_metrics,
-                      reduce_logits_to_predictions, run_cli, single_token_ids)
+                      reduce_logits_to_predictions, run_cli, setup_logging, single_token_ids)
 
 logger = logging.getLogger("gradmem")
 MEMORY_MODEL_TYPES = ("grad_memgpt", "rmt_2segm")
@@ -112,7 +112,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.log_level.upper())
+    setup_logging(args.log_level)
     model, tokenizer = load_trained_model(args.model)
     split = load_splits(args.data_path, required=(args.split,))[args.split]
     if args.max_samples is not None:

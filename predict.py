@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from evaluate import is_memory_model, load_trained_model
-from training import run_cli
+from training import run_cli, setup_logging
 
 logger = logging.getLogger("gradmem")
 
@@ -106,7 +106,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=args.log_level.upper())
+    setup_logging(args.log_level)
     if args.save_memory and args.memory:
         raise ValueError("--save_memory writes the memory of --context; with --memory there is nothing new to save")
     queries = read_queries(args)

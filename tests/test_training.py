@@ -476,14 +476,34 @@ def test_failed_validation_leaves_no_stub(tmp_path):
 def test_finished_run_is_reported_not_trained_again(tmp_path, finished_run, caplog):
     results = json.loads((finished_run / "all_results.json").read_text())
     before = _listing(finished_run)
-    with caplog.at_level("WARNING", logger="gradmem"):
+    with caplog.at_level("INFO", logger="gradmem"):
         again = _run(tmp_path)
     assert again == results and _listing(finished_run) == before
     assert "finished at step 6" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="gradmem"):
+    with caplog.at_level("INFO", logger="gradmem"):
         more = _run(tmp_path, max_steps=9)  # a larger budget continues it, and says so
     assert more["global_step"] == 9 and "continuing to --max_steps 9" in caplog.text
+    table = caplog.text[caplog.text.index("results of"):]  # a short final table, not one long JSON line
+    for line in ("best checkpoint", "valid exact match", "steps                9", "skipped steps        0",
+                 "spike-skipped steps", "rollbacks"):
+        assert line in table, line
+    assert len(table.splitlines()) <= 8 and "{" not in table
+
+
+def test_log_level_option_and_tied_weights_are_no_missing_keys(tmp_path):
+    import logging
+
+    parse_cli(TrainArgs, args=["--log_level", "warning"])
+    assert training.logger.level == logging.WARNING
+    parse_cli(TrainArgs, args=[])
+    assert training.logger.level == logging.INFO
+    with pytest.raises(SystemExit):
+        parse_cli(TrainArgs, args=["--log_level", "loud"])
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=True))
+    assert training.tied_parameter_names(tied, ["lm_head.weight", "model.norm.weight"]) == {"lm_head.weight"}
+    assert training.tied_parameter_names(tied, ["lm_head.weight", "model.embed_tokens.weight"]) == set()
 
 
 def test_run_stopped_at_metric_stays_stopped_unless_the_rule_changes(tmp_path):
