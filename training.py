@@ -800,7 +800,7 @@ def _generate_kv_dataset_if_named(path: Path) -> bool:
         if state.is_main_process and not path.exists():
             n_valid, n_test, seed = 5_000, min(kv_dataset_utils.DEFAULT_N_TEST, n_train), 0
             logger.info("%s does not exist: generating it (%s: %d train, %d valid, %d test samples, seed %d)", path,
-                           spec.task_name, n_train, n_valid, n_test, seed)
+                        spec.task_name, n_train, n_valid, n_test, seed)
             splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed,
                                                             n_test=n_test)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1255,8 +1255,8 @@ def _finished_reason(run_dir: Path, resume_from: Optional[Path], train_args: Tra
 def report_finished_run(run_dir: Path, reason: str) -> dict:
     """The saved results of a finished run, logged; nothing is trained or written."""
     results = read_json_file(run_dir / "all_results.json", "results file")
-    logger.info("%s: %s; nothing to train (a larger --max_steps continues it, --overwrite starts over). "
-                   "results: %s", run_dir, reason, json.dumps(results))
+    logger.info("%s: %s; nothing to train (a larger --max_steps continues it, --overwrite starts over). Results (all "
+                "of them in all_results.json):\n%s", run_dir, reason, final_table(results))
     return results
 
 
@@ -1636,7 +1636,7 @@ class GradMemTrainer(Trainer):
                                             process_group=group,
                                             spike_guard=guard.spike_guard if guard.spike_guard.enabled else None)
         logger.info("fast step on: each training step is recorded once per input shape in a CUDA graph and "
-                       "replayed (precision %s; --fast_step off for eager steps)", precision)
+                    "replayed (precision %s; --fast_step off for eager steps)", precision)
         return self._fast_step
 
     def _issue_warnings_after_load(self, load_result) -> None:
@@ -1850,12 +1850,6 @@ def final_table(metrics: dict) -> str:
     rows += [("steps", value("global_step")), ("skipped steps", value("skipped_steps")),
              ("spike-skipped steps", value("spike_skipped_steps")), ("rollbacks", value("rollbacks"))]
     return "\n".join(f"  {name:<20} {text}" for name, text in rows)
-
-
-def save_selected_model(trainer: Trainer, run_dir: Path) -> None:
-    """The selected (best) model at the run root: config (with the backbone's), weights and tokenizer, so that
-    `from_pretrained(run_dir)` needs nothing else. Called on every process (the Trainer saves on the main one)."""
-    trainer.save_model(str(run_dir))
 
 
 def check_scheduler_name(name: str) -> None:
@@ -2080,7 +2074,9 @@ def run_experiment(
         metrics["rollbacks"] = trainer.rollback.rollbacks
     metrics["global_step"] = trainer.state.global_step
     metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
-    save_selected_model(trainer, run_dir)
+    # the selected model at the run root (config with the backbone's, weights, tokenizer): from_pretrained(run_dir)
+    # needs nothing else. Every process calls it; the main one writes.
+    trainer.save_model(str(run_dir))
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
