@@ -28,7 +28,7 @@ from training import (CausalLMCollator, MemoryModelCollator, load_splits, make_c
 
 logger = logging.getLogger("gradmem")
 MEMORY_MODEL_TYPES = ("grad_memgpt", "rmt_2segm")
-KV_IGNORE_TOKENS = ("!", "|")  # the KV target's structural tokens, not scored (as in training)
+KV_IGNORE_TOKENS = ("!", "|")  # the KV target's structural tokens: not scored, as in training
 
 
 def model_folder(path: str) -> Path:
@@ -81,10 +81,9 @@ def generated_answers(model, tokenizer, split, collator, batch_size: int, prefix
     """({prefix_generated_exact_match, ...}, one answer record per sample): WRITE each context, decode greedily."""
     decoded = []
 
-    def keep_answers(batch, generated):
-        for ids, labels in zip(generated.cpu(), batch["labels"].cpu()):
-            answer = labels != IGNORE_INDEX
-            decoded.append((tokenizer.decode(ids[answer]), bool((ids[answer] == labels[answer]).all())))
+    def keep_answers(batch, generated, right):
+        for ids, labels, correct in zip(generated.cpu(), batch["labels"].cpu(), right.tolist()):
+            decoded.append((tokenizer.decode(ids[labels != IGNORE_INDEX]), correct))
 
     collated = (collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
                 for start in range(0, len(split), batch_size))

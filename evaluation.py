@@ -41,8 +41,8 @@ def generate_answer_tokens(model, memory: torch.Tensor, query_input_ids: torch.T
 def generated_exact_match(model, batches: Iterable[dict], ignore_ids: Sequence[int] = (),
                           on_batch: Optional[Callable] = None) -> dict:
     """{'generated_exact_match', 'generated_token_accuracy', 'generated_samples'} over the batches (on the model's
-    device), counting samples with at least one scored answer token. `on_batch(batch, generated ids)` sees each
-    batch's generated answers (evaluate.py writes them out)."""
+    device), counting samples with at least one scored answer token. `on_batch(batch, generated ids, row is right)` sees
+    each batch's generated answers (evaluate.py writes them out)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -53,11 +53,11 @@ def generated_exact_match(model, batches: Iterable[dict], ignore_ids: Sequence[i
             batch = {k: v.to(device) for k, v in batch.items()}
             memory = model.write(batch["context_input_ids"])[0]
             generated = generate_answer_tokens(model, memory, batch["query_input_ids"], batch["labels"])
-            if on_batch is not None:
-                on_batch(batch, generated)
             labels = batch["labels"]
             scored = (labels != IGNORE_INDEX) & ~torch.isin(labels, ignore)
             right = (generated == labels) | ~scored
+            if on_batch is not None:
+                on_batch(batch, generated, right.all(dim=1))
             has = scored.any(dim=1)
             correct += int((right.all(dim=1) & has).sum())
             total += int(has.sum())

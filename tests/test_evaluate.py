@@ -49,8 +49,9 @@ def test_evaluate_writes_metrics_and_answers(tmp_path, kv_data, gradmem_dir):
     answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 6 and set(answers[0]) == {"query", "target", "answer", "correct"}
     assert len(answers[0]["answer"]) == len(answers[0]["target"])  # one character token per target character
-    right = sum(a["target"][:-2] == a["answer"][:-2] for a in answers)  # the structural "!|" is not scored
-    assert saved["test_generated_exact_match"] == pytest.approx(right / 6)
+    right = [a["target"][:-2] == a["answer"][:-2] for a in answers]  # the structural "!|" is not scored
+    assert [a["correct"] for a in answers] == right
+    assert saved["test_generated_exact_match"] == pytest.approx(sum(right) / 6)
 
 
 def test_evaluate_finds_the_model_of_a_run_folder(tmp_path, gradmem_dir):
