@@ -35,7 +35,8 @@ def read_queries(args: argparse.Namespace) -> list:
 
 
 def encode(tokenizer, text: str) -> list:
-    """Token ids as the training collator makes them (special tokens included), without a trailing EOS."""
+    """A query's ids as the training collator makes them (special tokens included), without a trailing EOS (in
+    training it follows the answer)."""
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     while ids and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
@@ -43,9 +44,9 @@ def encode(tokenizer, text: str) -> list:
 
 
 def write_memory(model, tokenizer, context: str) -> torch.Tensor:
-    """The memory [1, M, d] written from the context."""
+    """The memory [1, M, d] written from the context (tokenised as the training collator does)."""
     device = next(model.parameters()).device
-    context_ids = torch.tensor([encode(tokenizer, context)], device=device)
+    context_ids = torch.tensor([tokenizer(context, add_special_tokens=True)["input_ids"]], device=device)
     with torch.no_grad():  # the inner steps still take their gradients (GradMem enables them itself)
         return model.write(context_ids)[0]
 
