@@ -29,7 +29,8 @@ class RMTArgs:
     K: int = field(default=1, metadata={"help": "forward writes of the context (>= 1)"})
     n_ctrl_tokens: int = field(default=0, metadata={"help": "learned start/end marker vectors around the memory"})
     use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
-    mem_proj_mode: Literal["none", "proj", "proj_rw"] = field(default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
+    mem_proj_mode: Literal["none", "proj", "proj_rw"] = field(
+        default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
     use_reconstruction_loss: bool = field(default=False, metadata={"help": "add a loss of reconstructing the context"})
     reconstruction_loss_weight: float = field(default=1.0, metadata={"help": "weight of the reconstruction loss"})
     use_write_head: bool = field(default=False, metadata={"help": "own head for the reconstruction loss (needs it)"})

@@ -291,7 +291,8 @@ def test_end_to_end_run_folder_and_resume(tmp_path):
 
     metrics = run(4)
     run_dir = tmp_path / "run"
-    for name in ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "all_results.json", "trainer_state.json", training.CURVE_FILE):
+    for name in ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "all_results.json",
+                 "trainer_state.json", training.CURVE_FILE):
         assert (run_dir / name).is_file(), name
     assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir()) and not (run_dir / "runs").exists()
     assert (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
