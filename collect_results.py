@@ -1,7 +1,8 @@
 """Collect the metrics of finished runs into a markdown table and PNG plots.
 
-Reads run folders `<runs>/<task>/<run_name>/run_<seed>/` as training.run_experiment writes them (config.json,
-all_results.json, trainer_state.json; checkpoints are not read), or copies of them that hold only those three files
+Reads run folders `<runs>/<task>/<run_name>/run_<seed>/` as training.run_experiment writes them (run_config.json
+or a legacy config.json that holds cli_args, all_results.json, trainer_state.json; checkpoints and the model are not
+read), or copies of them that hold only those three files
 (`--copy_metrics results/runs` makes such copies, so the tables can be rebuilt from git).
 Runs are grouped by (task = data folder, run_name); eval_exact_match / eval_token_accuracy are averaged over seeds,
 written as `mean (std) [per-seed values]` like the reference notebook (std over seeds with ddof=1; `nan` = a seed
@@ -31,7 +32,8 @@ import numpy as np
 
 METRICS = ("eval_token_accuracy", "eval_exact_match")
 METRIC_LABELS = {"eval_token_accuracy": "token_acc", "eval_exact_match": "exact_match"}
-RUN_FILES = ("config.json", "all_results.json", "trainer_state.json")
+RUN_FILES = ("run_config.json", "all_results.json", "trainer_state.json")
+LEGACY_RUN_RECORD = "config.json"  # the run record of runs written by older code; now the model's config
 FAMILIES = ("gradmem", "rmt2segm", "llama", "mamba")
 RUN_DIR_PATTERN = re.compile(r"run_(\d+)")
 K_PATTERN = re.compile(r"(?<!_last)_K(\d+)_")  # gradmem_..._mem8_K2_ilr..; not _last_K1_
@@ -125,6 +127,21 @@ def training_log(log_history: list) -> list:
     return log_history[:end]
 
 
+def _is_legacy_record(path: Path) -> bool:
+    try:
+        return "cli_args" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def run_files(run_dir: Path) -> list:
+    """The RUN_FILES a run folder holds, with a legacy record config.json (not a model's config.json)."""
+    names = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if _is_legacy_record(run_dir / LEGACY_RUN_RECORD):
+        names.append(LEGACY_RUN_RECORD)
+    return names
+
+
 def find_runs(runs_root) -> list:
     """Every `<task>/<run_name>/run_<seed>` folder under runs_root (at any depth) holding at least one of RUN_FILES."""
     root = Path(runs_root)
@@ -134,7 +151,7 @@ def find_runs(runs_root) -> list:
     runs = []
     for path in sorted(root.rglob("run_*")):
         m = RUN_DIR_PATTERN.fullmatch(path.name)
-        if not m or not path.is_dir() or not any((path / f).exists() for f in RUN_FILES):
+        if not m or not path.is_dir() or not run_files(path):
             continue
         if len(path.relative_to(root).parts) < 3:
             raise ValueError(f"{path} is not laid out as <task>/<run_name>/run_<seed> under {root}; pass --runs with "
@@ -387,7 +404,7 @@ def write_summary(runs_root, out_dir) -> dict:
 
 
 def copy_metrics(runs_root, dest) -> list:
-    """Copy config.json / all_results.json / trainer_state.json of every run to dest/<task>/<run_name>/run_<seed>/."""
+    """Copy the run record / all_results.json / trainer_state.json of every run to dest/<task>/<run_name>/run_<seed>/."""
     root, dest = Path(runs_root).resolve(), Path(dest).resolve()
     if dest == root or root in dest.parents:
         raise ValueError(f"--copy_metrics {dest} lies inside --runs {root}; copy to a folder outside it "
@@ -396,10 +413,9 @@ def copy_metrics(runs_root, dest) -> list:
     for run in find_runs(root):
         target = dest / run.path.relative_to(root)
         target.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            if (run.path / name).exists():
-                shutil.copy2(run.path / name, target / name)
-                copied.append(target / name)
+        for name in run_files(run.path):
+            shutil.copy2(run.path / name, target / name)
+            copied.append(target / name)
     return copied
 
 

@@ -8,7 +8,7 @@ the `ignore_ids`, e.g. the KV target's structural `!` and `|`) is generated righ
 Any model with `write(context_ids) -> (memory, ...)` and `read(memory, ids) -> logits` (logits[:, j] predicts token j)
 works; batches are the memory-model collator's {context_input_ids, query_input_ids (query + answer), labels}.
 """
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -38,9 +38,11 @@ def generate_answer_tokens(model, memory: torch.Tensor, query_input_ids: torch.T
 
 
 @torch.no_grad()
-def generated_exact_match(model, batches: Iterable[dict], ignore_ids: Sequence[int] = ()) -> dict:
+def generated_exact_match(model, batches: Iterable[dict], ignore_ids: Sequence[int] = (),
+                          on_batch: Optional[Callable] = None) -> dict:
     """{'generated_exact_match', 'generated_token_accuracy', 'generated_samples'} over the batches (on the model's
-    device), counting samples with at least one scored answer token."""
+    device), counting samples with at least one scored answer token. `on_batch(batch, generated ids, row is right)` sees
+    each batch's generated answers (evaluate.py writes them out)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -54,6 +56,8 @@ def generated_exact_match(model, batches: Iterable[dict], ignore_ids: Sequence[i
             labels = batch["labels"]
             scored = (labels != IGNORE_INDEX) & ~torch.isin(labels, ignore)
             right = (generated == labels) | ~scored
+            if on_batch is not None:
+                on_batch(batch, generated, right.all(dim=1))
             has = scored.any(dim=1)
             correct += int((right.all(dim=1) & has).sum())
             total += int(has.sum())

@@ -161,6 +161,8 @@ class GradMemGPTConfig(PretrainedConfig):
         if add_inner_loss_to_outer and inner_loss_weight is None:
             inner_loss_weight = 1.0
         self.inner_loss_weight = inner_loss_weight
+        # architecture of a pretrained backbone, recorded when it is loaded, so that a saved model reloads without it
+        self.pretrained_backbone_config = kwargs.pop("pretrained_backbone_config", None)
         super().__init__(**kwargs)
         self.validate_options()
 
@@ -302,11 +304,14 @@ class GradMemGPT(PreTrainedModel):
     @staticmethod
     def _build_backbone(config: GradMemGPTConfig, attn_implementation: str) -> PreTrainedModel:
         if config.pretrained_model is not None and torch.empty(0).device.type == "meta":
-            # Being loaded by from_pretrained: every weight comes from our checkpoint; skip fetching the
-            # pretrained backbone weights and build it from its config instead.
-            lm_config = AutoConfig.from_pretrained(config.pretrained_model).to_dict()
+            # Being loaded by from_pretrained: every weight comes from our checkpoint; build the backbone from the
+            # architecture recorded at construction (checkpoints of older code: re-read from pretrained_model).
+            lm_config = config.pretrained_backbone_config or AutoConfig.from_pretrained(config.pretrained_model).to_dict()
             return build_causal_lm(None, lm_config, attn_implementation=attn_implementation)
-        return build_causal_lm(config.pretrained_model, config.base_config, attn_implementation=attn_implementation)
+        model = build_causal_lm(config.pretrained_model, config.base_config, attn_implementation=attn_implementation)
+        if config.pretrained_model is not None:
+            config.pretrained_backbone_config = model.config.to_dict()  # pretrained_model stays as provenance
+        return model
 
     def _add_write_lora(self, config: GradMemGPTConfig):
         from peft import LoraConfig, inject_adapter_in_model

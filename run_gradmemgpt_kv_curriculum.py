@@ -39,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", nargs="+", required=True, help="N[:threshold[:option=value,...]] per stage")
     p.add_argument("--out_dir", required=True, help="one run folder per stage: <out_dir>/N<n>")
     p.add_argument("--seed", type=int, default=1, help="run seed (model init, data order) of every stage")
-    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--data_dir", default="./data", help="folder of the stages' KV datasets (generated if missing)")
     p.add_argument("--data_size", default="1M", help="train samples of each stage's dataset (name suffix)")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="first stage, constant after the warmup")
-    p.add_argument("--warmup_steps", type=int, default=300)
+    p.add_argument("--warmup_steps", type=int, default=300, help="first stage's lr warmup steps")
     p.add_argument("--max_steps", type=int, default=100_000, help="first stage's step budget")
     p.add_argument("--stage_learning_rate", type=float, default=5e-4, help="later stages' peak lr")
-    p.add_argument("--stage_warmup_steps", type=int, default=100)
+    p.add_argument("--stage_warmup_steps", type=int, default=100, help="later stages' lr warmup steps")
     p.add_argument("--stage_steps", type=int, default=36_000,
                    help="later stages: step budget; the lr decays linearly to 10%% of its peak at this step")
     p.add_argument("--time_budget_minutes", type=float, default=None,

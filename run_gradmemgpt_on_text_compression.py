@@ -31,7 +31,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import datasets
 import numpy as np
@@ -89,24 +89,29 @@ class TextCompressionBackboneArgs(BackboneArgs):
         super().validate()
 
 
+def _other_default(name: str, default):
+    """GradMemArgs' option `name`, with its help, and another default."""
+    return field(default=default, metadata=GradMemArgs.__dataclass_fields__[name].metadata)
+
+
 @dataclass
 class TextCompressionModelArgs(GradMemArgs):
     """GradMem options with the reference text-compression defaults."""
 
-    inner_lr: float = 0.08
-    use_mem_proj: bool = True
-    mem_proj_mode: str = field(default="proj", metadata={"help": "none / proj / per_sample"})
-    use_write_head: bool = True
-    use_write_lora: bool = True
+    inner_lr: float = _other_default("inner_lr", 0.08)
+    use_mem_proj: bool = _other_default("use_mem_proj", True)
+    mem_proj_mode: Literal["none", "proj", "per_sample"] = _other_default("mem_proj_mode", "proj")
+    use_write_head: bool = _other_default("use_write_head", True)
+    use_write_lora: bool = _other_default("use_write_lora", True)
     freeze_backbone: bool = field(default=True, metadata={
         "help": "train only the memory init, memory projection, write head and write LoRA"})
-    add_inner_loss_to_outer: bool = False
+    add_inner_loss_to_outer: bool = _other_default("add_inner_loss_to_outer", False)
 
 
 @dataclass
 class TextCompressionDataArgs:
     dataset_path: str = field(metadata={"help": "DatasetDict written by prepare_pg19_chunks.py"})
-    train_split: str = "train"
+    train_split: str = field(default="train", metadata={"help": "split of --dataset_path to train on"})
     eval_split: Optional[str] = field(default=None, metadata={
         "help": f"default: the first of {', '.join(EVAL_SPLIT_CANDIDATES)} present"})
     max_context_length: int = field(default=256, metadata={"help": "L: tokens per span (WRITE and READ)"})

@@ -10,7 +10,7 @@ N16-K2V2-V62_1M) is generated on the spot. `python run_rmt_on_kv_retrieval.py --
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from rmt import RMT2Segm, RMT2SegmConfig
 from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, backbone_source, backbone_tag,
@@ -27,14 +27,15 @@ class RMTArgs:
 
     n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
     K: int = field(default=1, metadata={"help": "forward writes of the context (>= 1)"})
-    n_ctrl_tokens: int = 0
+    n_ctrl_tokens: int = field(default=0, metadata={"help": "learned start/end marker vectors around the memory"})
     use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
-    mem_proj_mode: str = field(default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
-    use_reconstruction_loss: bool = False
-    reconstruction_loss_weight: float = 1.0
+    mem_proj_mode: Literal["none", "proj", "proj_rw"] = field(
+        default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
+    use_reconstruction_loss: bool = field(default=False, metadata={"help": "add a loss of reconstructing the context"})
+    reconstruction_loss_weight: float = field(default=1.0, metadata={"help": "weight of the reconstruction loss"})
     use_write_head: bool = field(default=False, metadata={"help": "own head for the reconstruction loss (needs it)"})
     use_mem_residual: bool = field(default=False, metadata={"help": "memory_k = memory_{k-1} + LayerNorm(write-out), K >= 2"})
-    use_gradient_checkpointing: bool = False
+    use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations"})
     attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa, flash_attention_2, ... or auto"})
 
     def config_kwargs(self) -> dict:

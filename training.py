@@ -10,8 +10,9 @@ A run script is wiring only:
     run_experiment(train_args, model, tokenizer, splits, MemoryModelCollator(tokenizer), make_compute_metrics(tokenizer),
                    data_name=..., all_args=(backbone_args, model_args, data_args))
 
-Run folder: `runs/<data>/<run_name>/run_<seed>/` (or `--exp_path`) with `config.json` (all args, package versions,
-git commit), HF checkpoints, tensorboard events, `all_results.json`, `trainer_state.json`, `learning_curve.png`.
+Run folder: `runs/<data>/<run_name>/run_<seed>/` (or `--exp_path`) with `run_config.json` (all args, package versions,
+git commit), HF checkpoints, the selected model at the root (`config.json`, weights, tokenizer: `from_pretrained(run_dir)`),
+tensorboard events, `all_results.json`, `trainer_state.json`, `learning_curve.png`.
 Re-running the same command resumes an unfinished run and reports a finished one; `--overwrite` starts over, in a
 run folder only. Nothing is written or deleted before every argument is validated (README: Resume, --overwrite).
 
@@ -61,6 +62,7 @@ logger = logging.getLogger("gradmem")
 REPO_DIR = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
 BASE_MODELS = ("llama", "gpt2", "pythia", "mamba")
+SCHEDULERS = typing.Literal[tuple(t.value for t in transformers.SchedulerType)]  # --lr_scheduler_type choices
 CURVE_FILE = "learning_curve.png"
 COMMON_METRICS = {"loss", "token_accuracy", "exact_match"}  # reported by every evaluation
 # Arguments that may change when a run is resumed (they do not change what is being trained).
@@ -68,7 +70,7 @@ RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
     "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
-    "resume_without_record",
+    "resume_without_record", "log_level",
 }
 
 
@@ -93,27 +95,28 @@ class TrainArgs:
     init_checkpoint_partial: bool = field(default=False, metadata={
         "help": "--init_checkpoint may leave trainable tensors unloaded or skip tensors of other shapes (default: error)"})
     resume_without_record: bool = field(default=False, metadata={
-        "help": "resume a run folder whose run record config.json is missing or unreadable (settings not compared)"})
+        "help": "resume a run folder whose run record run_config.json is missing or unreadable (settings not compared)"})
     per_device_batch_size: int = field(default=64, metadata={"help": "train (and eval) batch size per process"})
     per_device_eval_batch_size: Optional[int] = field(default=None, metadata={"help": "default: per_device_batch_size"})
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     total_batch_size: Optional[int] = field(default=None, metadata={"help": "checked == per_device x processes x grad_acc"})
-    learning_rate: float = 1e-4
-    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "any HF scheduler name"})
-    warmup_steps: int = 10_000
-    max_steps: int = 1_000_000
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate of the outer AdamW"})
+    lr_scheduler_type: SCHEDULERS = field(default="constant_with_warmup", metadata={"help": "HF learning-rate schedule"})
+    warmup_steps: int = field(default=10_000, metadata={"help": "linear warmup of the learning rate, in optimizer steps"})
+    max_steps: int = field(default=1_000_000, metadata={"help": "optimizer steps of the run (>= 1)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "outer gradient clipping (<= 0: off)"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast; weights and optimiser states stay fp32"})
     fp32: bool = field(default=False, metadata={"help": "plain fp32 even if accelerate launch asked for mixed precision"})
     tf32: bool = field(default=False, metadata={"help": "allow TF32 matmuls on Ampere+ GPUs (default off: exact fp32)"})
-    logging_steps: int = 500
+    logging_steps: int = field(default=500, metadata={"help": "log the training loss and stats every this many steps"})
     eval_steps: int = field(default=500, metadata={"help": "evaluate and checkpoint every this many steps"})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "evaluate on the first N validation samples"})
-    metric_for_best_model: str = "token_accuracy"
+    metric_for_best_model: str = field(default="token_accuracy", metadata={
+        "help": "eval metric that selects the best checkpoint (higher is better unless it ends in loss)"})
     early_stopping_patience: int = field(default=500, metadata={"help": "evals without improvement before stopping (0: off)"})
     stop_metric: str = field(default="exact_match", metadata={"help": "stop when this eval metric reaches stop_metric_value"})
     stop_metric_value: Optional[float] = field(default=1.0, metadata={"help": "None: never stop on a metric value"})
@@ -136,11 +139,13 @@ class TrainArgs:
                           "falls below this fraction of its best (once the best is >= 0.2) or the eval loss is not "
                           "finite (counted as rollbacks); 0: off"})
     max_rollbacks: int = field(default=3, metadata={"help": "stop the run at the collapse after this many rollbacks"})
-    seed: int = 142
-    report_to: str = field(default="tensorboard", metadata={"help": "comma list: tensorboard, wandb, none"})
-    dataloader_num_workers: int = 2
+    seed: int = field(default=142, metadata={"help": "seed of the model's initialisation and the data order"})
+    report_to: str = field(default="tensorboard", metadata={"help": "comma list of tensorboard, wandb; or none"})
+    dataloader_num_workers: int = field(default=2, metadata={"help": "data loading worker processes (0: in the main one)"})
     use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
-    fast_step: str = field(
+    log_level: typing.Literal["debug", "info", "warning", "error"] = field(
+        default="info", metadata={"help": "log level of this code's messages (transformers' own stay at warning)"})
+    fast_step: typing.Literal["auto", "off"] = field(
         default="auto",
         metadata={"help": "auto: on CUDA, record the whole training step in a CUDA graph (fast_step.py; same numbers "
                           "in fp32) when the setup allows it, else train eagerly and log why; off: always eager"},
@@ -202,13 +207,13 @@ class TrainArgs:
 class BackboneArgs:
     """Which causal LM sits inside the model: a from-scratch config or a pretrained name/folder."""
 
-    base_model: Optional[str] = field(
-        default=None, metadata={"help": f"from-scratch backbone: one of {BASE_MODELS}; default llama unless --pretrained_model"}
+    base_model: Optional[typing.Literal[BASE_MODELS]] = field(
+        default=None, metadata={"help": "from-scratch backbone; default llama unless --pretrained_model"}
     )
     pretrained_model: Optional[str] = field(default=None, metadata={"help": "HF name or local folder of a pretrained LM"})
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
+    n_layer: int = field(default=4, metadata={"help": "from-scratch backbone: layers"})
+    n_head: int = field(default=4, metadata={"help": "from-scratch backbone: attention heads"})
+    n_embd: int = field(default=128, metadata={"help": "from-scratch backbone: hidden size"})
     tokenizer_path: str = field(default="./tokenizers/kv_alphabet_62/", metadata={"help": "tokenizer of a from-scratch backbone"})
     max_position_embeddings: Optional[int] = field(
         default=None, metadata={"help": "llama: plain RoPE (theta 1e4) with this many positions instead of llama3 scaling"}
@@ -235,28 +240,32 @@ class GradMemArgs:
     n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
     K: int = field(default=2, metadata={"help": "inner (WRITE) gradient steps"})
     last_K_second_order: Optional[int] = field(default=None, metadata={"help": "differentiate through the last L steps only"})
-    inner_lr: float = 0.04
+    inner_lr: float = field(default=0.04, metadata={"help": "learning rate of the inner (WRITE) steps on the memory"})
     use_adam: bool = field(default=False, metadata={"help": "inner Adam (first order) instead of SGD"})
-    grad_mode: str = field(default="second", metadata={"help": "none / first / second"})
-    n_ctrl_tokens: int = 0
-    inner_clip_value: Optional[float] = None
-    inner_clip_norm: Optional[float] = None
-    use_mem_proj: bool = False
-    mem_proj_mode: str = field(default="none", metadata={"help": "none / proj / per_sample"})
-    use_write_head: bool = True
-    use_write_lora: bool = False
-    write_lora_r: int = 8
-    write_lora_alpha: int = 16
-    write_lora_dropout: float = 0.0
-    write_lora_target_modules: Optional[str] = None
-    freeze_backbone: bool = False
-    use_gradient_checkpointing: bool = False
+    grad_mode: typing.Literal["none", "first", "second"] = field(default="second", metadata={
+        "help": "outer gradient through the WRITE: none (the written memory is a constant), first (first order), "
+                "second (exact, through the inner gradients)"})
+    n_ctrl_tokens: int = field(default=0, metadata={"help": "learned start/end marker vectors around the memory"})
+    inner_clip_value: Optional[float] = field(default=None, metadata={"help": "clip inner gradients elementwise"})
+    inner_clip_norm: Optional[float] = field(default=None, metadata={"help": "clip each sample's inner gradient norm"})
+    use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
+    mem_proj_mode: typing.Literal["none", "proj", "per_sample"] = field(default="none", metadata={
+        "help": "linear projection of the memory before READ: none, proj (shared) or per_sample"})
+    use_write_head: bool = field(default=True, metadata={"help": "own output head for the inner (WRITE) loss"})
+    use_write_lora: bool = field(default=False, metadata={"help": "LoRA adapters active during WRITE only"})
+    write_lora_r: int = field(default=8, metadata={"help": "write LoRA rank"})
+    write_lora_alpha: int = field(default=16, metadata={"help": "write LoRA alpha"})
+    write_lora_dropout: float = field(default=0.0, metadata={"help": "write LoRA dropout"})
+    write_lora_target_modules: Optional[str] = field(default=None, metadata={
+        "help": "comma list of module names for the write LoRA; default: the backbone's attention and MLP projections"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "train only the memory parameters (and adapters)"})
+    use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations"})
     attn_implementation: str = field(
         default="auto",
         metadata={"help": "auto: the fused Triton double backward on CUDA (exact_eager on the CPU) for second-order "
                           "training, sdpa otherwise; or any name attn_double_bwd.resolve_attn_implementation knows"},
     )
-    add_inner_loss_to_outer: bool = True
+    add_inner_loss_to_outer: bool = field(default=True, metadata={"help": "add the inner loss to the training loss"})
     inner_loss_weight: Optional[float] = field(
         default=None, metadata={"help": "weight of the added inner loss; None -> 0.5 (paper preset) when it is added"}
     )
@@ -315,6 +324,18 @@ def _take_none_values(types: Sequence, args: list) -> tuple:
     return kept, none_names
 
 
+def setup_logging(level: str) -> None:
+    """This code's messages at `level` (a run script's --log_level) with time and level; progress bars of saving and
+    dataset writing only on a terminal (they leave escape codes in log files)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(level.upper())  # the "gradmem" logger only: other libraries keep their own levels
+    if not sys.stderr.isatty():
+        import datasets
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
 def parse_cli(*types, args: Optional[Sequence[str]] = None) -> tuple:
     """Parse the command line into the given dataclasses and validate each (errors before any work), then seed
     python, numpy and torch with the run's --seed, so that the model built next starts from the same weights.
@@ -327,6 +348,9 @@ def parse_cli(*types, args: Optional[Sequence[str]] = None) -> tuple:
     for item in parsed:
         if hasattr(item, "validate"):
             item.validate()
+    level = next((item.log_level for item in parsed if isinstance(item, TrainArgs)), None)
+    if level is not None:
+        setup_logging(level)
     seed = next((item.seed for item in parsed if isinstance(getattr(item, "seed", None), int)), None)
     if seed is not None:
         transformers.set_seed(seed)
@@ -775,8 +799,8 @@ def _generate_kv_dataset_if_named(path: Path) -> bool:
     with state.main_process_first():
         if state.is_main_process and not path.exists():
             n_valid, n_test, seed = 5_000, min(kv_dataset_utils.DEFAULT_N_TEST, n_train), 0
-            logger.warning("%s does not exist: generating it (%s: %d train, %d valid, %d test samples, seed %d)", path,
-                           spec.task_name, n_train, n_valid, n_test, seed)
+            logger.info("%s does not exist: generating it (%s: %d train, %d valid, %d test samples, seed %d)", path,
+                        spec.task_name, n_train, n_valid, n_test, seed)
             splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed,
                                                             n_test=n_test)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1087,10 +1111,12 @@ def _resume_checkpoint(run_dir: Path) -> tuple:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run folder and config.json
+# Run folder and its run record
 # ----------------------------------------------------------------------------------------------------------------
 
-RUN_RECORD = "config.json"  # the CLI record of a run (cli_args, versions, git commit); marks a run folder
+RUN_RECORD = "run_config.json"  # the CLI record of a run (cli_args, versions, git commit); marks a run folder
+LEGACY_RUN_RECORD = "config.json"  # where runs written by older code keep their record (a dict with cli_args)
+MODEL_CONFIG = "config.json"  # the selected model's config at the run root; a run output only beside a run record
 # Names of what a run writes into its folder: --overwrite deletes these and nothing else.
 RUN_OUTPUTS = (RUN_RECORD, f"{PREFIX_CHECKPOINT_DIR}-*", "*_results.json", "trainer_state.json", CURVE_FILE,
                "events.out.tfevents.*", "runs", "wandb", "*.safetensors", "model.safetensors.index.json",
@@ -1117,8 +1143,10 @@ def resolve_run_dir(train_args: TrainArgs, data_name: str) -> Path:
     return Path(train_args.runs_dir) / data_name / train_args.run_name / f"run_{train_args.seed}"
 
 
-def is_run_output(path: Path) -> bool:
-    return any(fnmatch.fnmatch(path.name, pattern) for pattern in RUN_OUTPUTS)
+def is_run_output(path: Path, with_model_config: bool = False) -> bool:
+    """A file a run writes. The model's config.json counts only where asked (in a folder with a run record): elsewhere
+    it may be a saved model's folder, which --overwrite must not clear."""
+    return any(fnmatch.fnmatch(path.name, p) for p in RUN_OUTPUTS) or (with_model_config and path.name == MODEL_CONFIG)
 
 
 def read_json_file(path: Path, what: str = "file"):
@@ -1146,14 +1174,17 @@ def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_pr
     if not run_dir.is_dir():
         raise NotADirectoryError(f"run folder {run_dir} is a file; choose another --exp_path")
     entries = sorted(run_dir.iterdir())
-    foreign = [e.name for e in entries if not is_run_output(e)]
     if train_args.overwrite:
-        if foreign and not _is_run_record(run_dir / RUN_RECORD):
+        has_record = find_run_record(run_dir) is not None
+        foreign = [e.name for e in entries if not is_run_output(e, has_record)]
+        if foreign and not has_record:
             raise ValueError(f"--overwrite refused: {run_dir} is not a run folder (no run record {RUN_RECORD}; it holds "
                              f"{', '.join(foreign[:5])}). Only run folders are cleared; choose another --exp_path")
-        return RunFolderPlan(clear=[e for e in entries if is_run_output(e)])
+        return RunFolderPlan(clear=[e for e in entries if is_run_output(e, has_record)])
     if not entries:
         return RunFolderPlan()
+    # resuming deletes nothing but interrupted checkpoints: a model's config.json is the run's own (its record may be lost)
+    foreign = [e.name for e in entries if not is_run_output(e, with_model_config=True)]
     record = _resume_record(run_dir, foreign, train_args)
     if record is not None:
         _check_record(run_dir, record, cli_args, num_processes)
@@ -1164,7 +1195,7 @@ def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_pr
 
 def _resume_record(run_dir: Path, foreign: list, train_args: TrainArgs) -> Optional[dict]:
     """The run record of a folder to resume; None only where --resume_without_record resumes without one."""
-    path = run_dir / RUN_RECORD
+    path = find_run_record(run_dir) or run_dir / RUN_RECORD
     if foreign and not path.is_file():
         raise ValueError(f"{run_dir} exists and is not a run folder (no run record {RUN_RECORD}; it holds "
                          f"{', '.join(foreign[:5])}): choose a new or empty --exp_path")
@@ -1185,6 +1216,14 @@ def _is_run_record(path: Path) -> bool:
     except ValueError:
         return False
     return True
+
+
+def find_run_record(run_dir: Path) -> Optional[Path]:
+    """The run record of a folder: run_config.json, or a legacy config.json that holds cli_args; None if neither."""
+    for name in (RUN_RECORD, LEGACY_RUN_RECORD):
+        if _is_run_record(run_dir / name):
+            return run_dir / name
+    return None
 
 
 def _finished_reason(run_dir: Path, resume_from: Optional[Path], train_args: TrainArgs) -> Optional[str]:
@@ -1209,15 +1248,15 @@ def _finished_reason(run_dir: Path, resume_from: Optional[Path], train_args: Tra
     waited = (early or {}).get("attributes", {}).get("early_stopping_patience_counter", 0)
     if 0 < train_args.early_stopping_patience <= waited:
         return f"it stopped early at step {step} ({waited} evaluations without improvement)"
-    logger.warning("%s ended at step %d: continuing to --max_steps %d", run_dir, step, train_args.max_steps)
+    logger.info("%s ended at step %d: continuing to --max_steps %d", run_dir, step, train_args.max_steps)
     return None
 
 
 def report_finished_run(run_dir: Path, reason: str) -> dict:
     """The saved results of a finished run, logged; nothing is trained or written."""
     results = read_json_file(run_dir / "all_results.json", "results file")
-    logger.warning("%s: %s; nothing to train (a larger --max_steps continues it, --overwrite starts over). "
-                   "results: %s", run_dir, reason, json.dumps(results))
+    logger.info("%s: %s; nothing to train (a larger --max_steps continues it, --overwrite starts over). Results (all "
+                "of them in all_results.json):\n%s", run_dir, reason, final_table(results))
     return results
 
 
@@ -1506,6 +1545,15 @@ class NonFiniteGuardState(TrainerCallback, ExportableState):
                 f"was trained. {self.guard.hint or 'Lower --learning_rate, or check the data.'}")
 
 
+def tied_parameter_names(model: torch.nn.Module, missing: Sequence[str]) -> set:
+    """The `missing` names that are the same tensor as a parameter that is not missing (tied weights)."""
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    missing = set(missing)
+    return {name for names in names_of.values() if not set(names) <= missing for name in names if name in missing}
+
+
 class GradMemTrainer(Trainer):
     """HF Trainer + model stats averaged into the training logs (over the logged steps and the processes), skipped-step and early-stopping counters in every
     log record, and the reference's schedule length (num_training_steps / 0.9: a decaying schedule ends at 10%)."""
@@ -1575,7 +1623,9 @@ class GradMemTrainer(Trainer):
             if problem is None and self.args.world_size > 1 and self._training_stream is None:
                 problem = "several processes, but the step is not taken inside GradMemTrainer.train (no side stream)"
         if problem is not None:
-            logger.warning("fast step off (%s): training steps run eagerly", problem)
+            stated = self.fast_step_mode == "off" or self.args.device.type != "cuda"  # in run_experiment's setup line
+            logger.log(logging.DEBUG if stated else logging.INFO, "fast step off (%s): training steps run eagerly",
+                       problem)
             return None
         precision = "bf16" if self.args.bf16 else "tf32" if self.args.tf32 else "fp32"
         # Several processes: the step averages gradients and loss over WORLD itself (one all-reduce inside the graph)
@@ -1585,9 +1635,15 @@ class GradMemTrainer(Trainer):
                                             max_grad_norm=self.args.max_grad_norm, precision=precision,
                                             process_group=group,
                                             spike_guard=guard.spike_guard if guard.spike_guard.enabled else None)
-        logger.warning("fast step on: each training step is recorded once per input shape in a CUDA graph and "
-                       "replayed (precision %s; --fast_step off for eager steps)", precision)
+        logger.info("fast step on: each training step is recorded once per input shape in a CUDA graph and "
+                    "replayed (precision %s; --fast_step off for eager steps)", precision)
         return self._fast_step
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """No alarm for tied weights (lm_head = embeddings): they are saved under one name, the other is "missing"."""
+        tied = tied_parameter_names(self.accelerator.unwrap_model(self.model), load_result.missing_keys)
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _clip_grad_norm(self, model):
         if self._fast_grad_norm is not None:  # the captured step clipped already: report its pre-clip norm
@@ -1757,6 +1813,45 @@ def evaluate_splits(trainer: Trainer, eval_split, test_split, answer_metrics: Op
     return metrics
 
 
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation the backbone runs (memory models keep their causal LM in `.model`)."""
+    backbone = getattr(model, "model", model)
+    return getattr(getattr(backbone, "config", None), "_attn_implementation", None) or "default"
+
+
+def setup_line(trainer: Trainer, precision: str, fast_step: str) -> str:
+    """One line at the start of a run: where and how it computes."""
+    device = trainer.args.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    tf32 = " (tf32 matmuls)" if trainer.args.tf32 and precision == "no" else ""
+    if fast_step == "off":
+        fast = "off (--fast_step off)"
+    elif device.type != "cuda":
+        fast = "off (not on CUDA)"
+    else:
+        fast = "auto (decided, and logged, at the first step)"
+    return (f"device {device} ({name}) x {trainer.args.world_size} process(es) | precision "
+            f"{'bf16 autocast, fp32 weights' if precision == 'bf16' else 'fp32'}{tf32} | attention "
+            f"{attention_implementation(trainer.accelerator.unwrap_model(trainer.model))} | fast step {fast}")
+
+
+def final_table(metrics: dict) -> str:
+    """A few lines that end a run: the selected checkpoint, its exact match, steps and what the guards did."""
+    def value(key):
+        v = metrics.get(key)
+        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    rows = [("best checkpoint", value("best_model_checkpoint"))]
+    for split, name in (("eval", "valid"), ("test", "test")):
+        if f"{split}_exact_match" in metrics:
+            generated = f"{split}_generated_exact_match"
+            rows.append((f"{name} exact match", value(f"{split}_exact_match") + (
+                f" (generated answers: {value(generated)})" if generated in metrics else "")))
+    rows += [("steps", value("global_step")), ("skipped steps", value("skipped_steps")),
+             ("spike-skipped steps", value("spike_skipped_steps")), ("rollbacks", value("rollbacks"))]
+    return "\n".join(f"  {name:<20} {text}" for name, text in rows)
+
+
 def check_scheduler_name(name: str) -> None:
     from transformers import SchedulerType
 
@@ -1823,7 +1918,7 @@ def run_experiment(
     the best one, it is evaluated too (prefix final_eval_, final_test_).
 
     data_name:          folder name of the data (run folder runs/<data_name>/<run_name>/run_<seed>).
-    all_args:           the other CLI dataclasses, stored in config.json together with train_args.
+    all_args:           the other CLI dataclasses, stored in run_config.json together with train_args.
     next_token_logits:  the model's logits[:, t] predict token t+1 (plain causal LMs); memory models: False.
     nonfinite_hint:     the likely cause named when many steps in a row are not finite (e.g. the inner lr).
     answer_metrics:     (model, split) -> dict of metrics of generated answers (evaluation.make_generated_answer_metrics),
@@ -1848,7 +1943,7 @@ def run_experiment(
         if resume_from is None:
             load_init_checkpoint(model, train_args.init_checkpoint, partial=train_args.init_checkpoint_partial)
         else:
-            logger.warning("resuming from %s: --init_checkpoint is not loaded again", resume_from)
+            logger.info("resuming from %s: --init_checkpoint is not loaded again", resume_from)
     freeze_parameters_without_gradient(model)  # then DDP needs no find_unused_parameters
     eval_split = splits["valid"]
     if train_args.max_eval_samples is not None:
@@ -1868,8 +1963,8 @@ def run_experiment(
         config_path.write_text(json.dumps(config, indent=2, default=str))
     state.wait_for_everyone()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.warning("run folder %s | %s trainable parameters | train %d, valid %d%s", run_dir, f"{n_params:,}",
-                   len(splits["train"]), len(eval_split), f" | resuming from {resume_from.name}" if resume_from else "")
+    logger.info("run folder %s | %s trainable parameters | train %d, valid %d%s", run_dir, f"{n_params:,}",
+                len(splits["train"]), len(eval_split), f" | resuming from {resume_from.name}" if resume_from else "")
 
     # ---- Trainer ----
     precision = train_args.mixed_precision()
@@ -1951,10 +2046,14 @@ def run_experiment(
         rollback=rollback,
     )
 
+    if state.is_main_process:
+        logger.info("%s", setup_line(trainer, precision, train_args.fast_step))
+
     # ---- train, then evaluate the best checkpoint ----
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trained = time.monotonic()
+    trainer.remove_callback(EarlyStoppingCallback)  # training is over: no "metric not found" on test evaluations
     test_split = splits["test"] if "test" in splits and len(splits["test"]) > 0 else None
     metrics = evaluate_splits(trainer, eval_split, test_split, answer_metrics)
     best, final = trainer.state.best_model_checkpoint, newest_usable_checkpoint(run_dir)
@@ -1975,9 +2074,12 @@ def run_experiment(
         metrics["rollbacks"] = trainer.rollback.rollbacks
     metrics["global_step"] = trainer.state.global_step
     metrics["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    # the selected model at the run root (config with the backbone's, weights, tokenizer): from_pretrained(run_dir)
+    # needs nothing else. Every process calls it; the main one writes.
+    trainer.save_model(str(run_dir))
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
         trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
         plot_learning_curve(trainer.state.log_history, run_dir / CURVE_FILE, title=f"{data_name} / {run_name}")
-        logger.warning("results: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, str)}))
+        logger.info("results of %s (all of them in all_results.json):\n%s", run_dir, final_table(metrics))
     return metrics

@@ -62,7 +62,7 @@ done
 for item in ${STATE:-}; do
     seed=${item%%:*}; st=${item#*:}
     last=$(ls -d "runs/kv_capacity/seed_$seed/$st"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
-    [ -n "$last" ] && tar cf "$OUT/state_seed_${seed}_$st.tar" "$last" "runs/kv_capacity/seed_$seed/$st/config.json"
+    [ -n "$last" ] && tar cf "$OUT/state_seed_${seed}_$st.tar" "$last" "runs/kv_capacity/seed_$seed/$st/run_config.json"
 done
 rm -f "$OUT"/seed_*.log
 ls -la "$OUT"

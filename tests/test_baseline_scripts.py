@@ -61,10 +61,11 @@ def test_rmt_trains_from_scratch_and_checkpoints_reload(tmp_path, kv_data):
     results, history = check_run_folder(run_dir)
     assert "eval_mem_norm_mean" in results and "eval_target_loss" in results
     assert all("mem_norm_mean" in r for r in history if "loss" in r)  # model stats in the training logs
-    config = json.loads((run_dir / "config.json").read_text())["cli_args"]
+    config = json.loads((run_dir / "run_config.json").read_text())["cli_args"]
     assert config["mem_proj_mode"] == "proj" and config["K"] == 1
     model = AutoModel.from_pretrained(run_dir / "checkpoint-3")
     assert isinstance(model, RMT2Segm) and model.config.mem_proj_mode == "proj"
+    assert isinstance(RMT2Segm.from_pretrained(run_dir), RMT2Segm)  # the selected model at the run root
 
 
 def test_rmt_all_options_gpt2_backbone(tmp_path, kv_data):
@@ -124,10 +125,11 @@ def test_full_context_llama_trains_resumes_and_warm_starts(tmp_path, kv_data):
     args = cpu_args(run_dir, kv_data, *TINY, "--base_model", "llama", "--max_position_embeddings", "64")
     run_gpt2_on_kv_retrieval.main(args)
     results, _ = check_run_folder(run_dir)
+    assert AutoModelForCausalLM.from_pretrained(run_dir).config.model_type == "llama"  # the selected model at the root
     # re-running with a larger budget resumes from checkpoint-3
     run_gpt2_on_kv_retrieval.main(args[:args.index("--max_steps")] + ["--max_steps", "4"]
                                   + args[args.index("--max_steps") + 2:])
-    assert json.loads((run_dir / "config.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    assert json.loads((run_dir / "run_config.json").read_text())["resumed_from"].endswith("checkpoint-3")
     assert json.loads((run_dir / "all_results.json").read_text())["global_step"] == 4
     # a new run warm-started from that checkpoint starts from its weights: its step-0 eval equals the old step-4 eval
     warm_dir = tmp_path / "warm"
@@ -217,5 +219,5 @@ def test_presets_train(tmp_path, kv_data, preset, module):
     assert ("--bf16" in args) == (module is run_gpt2_on_kv_retrieval)  # RMT preset: fp32; full context: bf16
     module.main(args)
     check_run_folder(run_dir, steps=2, logging_steps=2)
-    cli = json.loads((run_dir / "config.json").read_text())["cli_args"]
+    cli = json.loads((run_dir / "run_config.json").read_text())["cli_args"]
     assert (cli["n_layer"], cli["n_head"], cli["n_embd"], cli["seed"]) == (4, 4, 128, 143)

@@ -30,7 +30,12 @@ def write_runs(root):
     for (task, name, seed), result in RESULTS.items():
         run = root / task / name / f"run_{seed}"
         run.mkdir(parents=True)
-        (run / "config.json").write_text(json.dumps({"cli_args": {"seed": seed, "run_name": name}}))
+        record = {"cli_args": {"seed": seed, "run_name": name}}
+        if seed == 1:  # today's layout: run record run_config.json beside the model's config.json
+            (run / "run_config.json").write_text(json.dumps(record))
+            (run / "config.json").write_text(json.dumps({"model_type": "grad_memgpt"}))
+        else:  # older runs: the run record is config.json
+            (run / "config.json").write_text(json.dumps(record))
         (run / "checkpoint-10").mkdir()
         (run / "checkpoint-10" / "model.safetensors").write_bytes(b"weights")
         em = result[1] if result else 0.1
@@ -133,7 +138,8 @@ def test_copy_metrics_copies_json_only_and_rebuilds_same_table(runs_root, tmp_pa
     cr.main(["--runs", str(runs_root), "--copy_metrics", str(dest)])
     copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert len(copied) == 3 * len(RESULTS) - 1  # one run has no all_results.json
-    assert all(p.endswith(cr.RUN_FILES) for p in copied) and not any("checkpoint" in p for p in copied)
+    assert all(p.endswith(cr.RUN_FILES + ("/config.json",)) for p in copied) and not any("checkpoint" in p for p in copied)
+    assert not any(p.endswith("run_1/config.json") for p in copied)  # a model's config is not a run record
     original = cr.markdown_table(cr.group_runs(cr.find_runs(runs_root)))
     assert cr.markdown_table(cr.group_runs(cr.find_runs(dest))) == original
 

@@ -266,11 +266,11 @@ def _trainer_checks(rank, world, work_dir: Path):
     predictions = predictions[0] if isinstance(predictions, tuple) else predictions
     run_dir = work_dir / "run"
     files = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "run_config.json").read_text())
 
     resumed = training.run_experiment(train_args(3), model(), tokenizer, splits, collator, compute_metrics,
                                       data_name="kv")
-    resumed_config = json.loads((run_dir / "config.json").read_text())
+    resumed_config = json.loads((run_dir / "run_config.json").read_text())
     return {
         "eval_rows": [len(labels) for labels, _ in seen],
         "train_logs": train_logs,  # per process
@@ -399,7 +399,7 @@ def test_checkpoints_written_once_and_resume(report):
     assert trainer["find_unused_parameters"] == [[False, False]]  # DDP options: no unused-parameter search, no
     # buffer broadcast before every forward
     assert {"checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt", "checkpoint-2/trainer_state.json",
-            "checkpoint-2/rng_state_0.pth", "checkpoint-2/rng_state_1.pth", "config.json"} <= files
+            "checkpoint-2/rng_state_0.pth", "checkpoint-2/rng_state_1.pth", "run_config.json", "config.json"} <= files
     assert not any("rng_state_2" in f for f in files)
     writers = {f.rsplit(".", 2)[-2] for f in files if "tfevents" in f}  # events.out.tfevents.<time>.<host>.<pid>.<n>
     assert len(writers) == 1  # tensorboard events from one process (the main one; pid in the file name)
@@ -480,7 +480,7 @@ def test_python_check_names_the_fix(monkeypatch):
 def test_resume_needs_the_same_number_of_processes(tmp_path):
     import training
 
-    config = tmp_path / "config.json"
+    config = tmp_path / "run_config.json"
     config.write_text(json.dumps({"cli_args": {"seed": 1}, "num_processes": 2}))
     training._check_resumable(config, {"seed": 1}, num_processes=2)
     with pytest.raises(ValueError, match="trained with 2 processes and is resumed with 1.*NP=2"):

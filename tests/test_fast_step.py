@@ -255,15 +255,16 @@ def test_trainer_falls_back_to_eager_steps_with_a_log_line(tmp_path, caplog):
 
     with pytest.raises(ValueError, match="--fast_step must be auto or off"):
         TrainArgs(fast_step="on").validate()
-    with caplog.at_level(logging.WARNING, logger="gradmem"):
+    with caplog.at_level(logging.INFO, logger="gradmem"):
         _, metrics = _kv_run(tmp_path, "cpu", max_steps=2)
-    assert "fast step off (CUDA is not available)" in caplog.text
+    assert "device cpu" in caplog.text and "precision fp32 | attention eager | fast step off (not on CUDA)" \
+        in caplog.text  # one setup line at the start, the fast-step decision included
     assert metrics["global_step"] == 2 and metrics["skipped_steps"] == 0
 
 
 @pytest.mark.gpu
 def test_trainer_fast_step_matches_eager_steps(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="gradmem"):
+    with caplog.at_level(logging.INFO, logger="gradmem"):
         fast_model, fast_metrics = _kv_run(tmp_path, "fast", use_cpu=False)
     assert "fast step on" in caplog.text
     eager_model, eager_metrics = _kv_run(tmp_path, "eager", fast_step="off", use_cpu=False)

@@ -495,7 +495,9 @@ def test_pretrained_backbone_from_a_local_folder_round_trips(tmp_path):
         torch.testing.assert_close(model.model.state_dict()[key], value, rtol=0, atol=0)
     assert all(p.abs().max() == 0 for n, p in model.named_parameters() if "lora_B" in n)
     model.save_pretrained(tmp_path / "gradmem")
+    (tmp_path / "backbone").rename(tmp_path / "moved")  # the saved config holds the backbone's: loads without it
     loaded = GradMemGPT.from_pretrained(tmp_path / "gradmem")
+    assert loaded.config.pretrained_model == str(tmp_path / "backbone")  # provenance only
     with torch.no_grad():
         torch.testing.assert_close(loaded(**BATCH).logits, model(**BATCH).logits)
 

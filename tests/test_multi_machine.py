@@ -75,7 +75,7 @@ def runs(tmp_path_factory):
     run_kv.main([*common, "--exp_path", str(one), "--max_steps", "3", "--per_device_batch_size", str(TOTAL_BATCH)])
     two = work / "two_machines"
     launch_two_machines([*common, "--exp_path", str(two), "--max_steps", "2"])
-    after_two_steps = checkpoint(two, 2), json.loads((two / "config.json").read_text())
+    after_two_steps = checkpoint(two, 2), json.loads((two / "run_config.json").read_text())
     launch_two_machines([*common, "--exp_path", str(two), "--max_steps", "3"])  # the same command, resumed
     return {"init": work / "init", "one": one, "two": two, "after_two_steps": after_two_steps}
 
@@ -98,7 +98,7 @@ def test_two_machines_take_the_one_process_update(runs):
 
 def test_two_machines_resume(runs):
     two = runs["two"]
-    config = json.loads((two / "config.json").read_text())
+    config = json.loads((two / "run_config.json").read_text())
     assert config["resumed_from"].endswith("checkpoint-2") and config["num_processes"] == 2
     history = json.loads((two / "trainer_state.json").read_text())["log_history"]
     assert [r["step"] for r in history if "loss" in r] == [1, 2, 3]

@@ -99,7 +99,7 @@ def test_collect_results_after_the_quickstart(tmp_path, monkeypatch):
     committed results instead of failing."""
     quickstart = tmp_path / "runs" / "quickstart"
     quickstart.mkdir(parents=True)
-    for name, content in (("all_results.json", {"eval_exact_match": 0.9}), ("config.json", {"cli_args": {}}),
+    for name, content in (("all_results.json", {"eval_exact_match": 0.9}), ("run_config.json", {"cli_args": {}}),
                           ("trainer_state.json", {"log_history": []})):
         (quickstart / name).write_text(json.dumps(content))
     namespace = run_notebook(NOTEBOOK_DIR / "collect_results.ipynb", tmp_path, monkeypatch)

@@ -184,7 +184,7 @@ def test_tiny_real_execution_warm_start_failure_and_results(tmp_path):
     (n16,) = runs.glob("N16-K2V2-V62_64/gradmem_*_K2_*/run_143")
     assert n8.parent.name == n16.parent.name  # one run name over N: one line in em_vs_n
     n8_results = json.loads((n8 / "all_results.json").read_text())
-    n16_config = json.loads((n16 / "config.json").read_text())["cli_args"]
+    n16_config = json.loads((n16 / "run_config.json").read_text())["cli_args"]
     assert n16_config["init_checkpoint"] == n8_results["best_model_checkpoint"] and Path(
         n8_results["best_model_checkpoint"]).is_dir()
     assert n16_config["warmup_steps"] == 100 and n16_config["max_train_minutes"] == 3
@@ -194,4 +194,4 @@ def test_tiny_real_execution_warm_start_failure_and_results(tmp_path):
     assert "N8-K2V2-V62_64" in summary and "N16-K2V2-V62_64" in summary and (results / "em_vs_n.png").exists()
     for run in (n8, n16):
         copy = results / "runs" / run.relative_to(runs)
-        assert sorted(p.name for p in copy.iterdir()) == ["all_results.json", "config.json", "trainer_state.json"]
+        assert sorted(p.name for p in copy.iterdir()) == ["all_results.json", "run_config.json", "trainer_state.json"]

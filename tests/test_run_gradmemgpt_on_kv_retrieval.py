@@ -2,8 +2,10 @@
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 import run_gradmemgpt_on_kv_retrieval as run_kv
+from grad_memgpt import GradMemGPT
 from training import BackboneArgs, GradMemArgs, TrainArgs, gradmem_run_name, parse_cli
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size", "4",
@@ -33,10 +35,12 @@ def test_train_generated_kv_data_then_warm_start(tmp_path):
     for key in ("eval_exact_match", "eval_token_accuracy", "eval_inner_loss", "eval_inner_grad_norm_max",
                 "eval_target_loss"):
         assert key in results and key in metrics, key
-    config = json.loads((run_dir / "config.json").read_text())["cli_args"]
+    config = json.loads((run_dir / "run_config.json").read_text())["cli_args"]
     assert config["inner_lr"] == 0.04 and config["grad_mode"] == "second" and config["n_embd"] == 32
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     assert any("inner_grad_norm_mean" in r and "loss" in r for r in history)  # inner stats logged while training
+    model = GradMemGPT.from_pretrained(run_dir)  # the selected model at the run root, with its tokenizer
+    assert model.config.base_config["hidden_size"] == 32 and AutoTokenizer.from_pretrained(run_dir).pad_token
 
     # warm start another run from the checkpoint folder
     other = run_kv.main(["--data_path", str(data), "--exp_path", str(tmp_path / "warm"), "--max_steps", "1",

@@ -4,6 +4,7 @@ The model here is a tiny fake memory model (a 2-layer Llama reading [context; qu
 contract, so that these tests do not depend on GradMem itself.
 """
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ def test_logits_reduced_to_aligned_predictions():
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_preset_defaults_bools_and_errors(monkeypatch):
+def test_cli_preset_defaults_bools_and_errors(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     t, b, g, d = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=[])
     assert (g.grad_mode, g.K, g.inner_lr, g.use_adam, g.use_write_head) == ("second", 2, 0.04, False, True)
@@ -174,14 +175,18 @@ def test_cli_preset_defaults_bools_and_errors(monkeypatch):
     (g,) = parse_cli(GradMemArgs, args=["--no_use_write_head", "--use_adam", "true", "--add_inner_loss_to_outer", "false"])
     assert (g.use_write_head, g.use_adam, g.inner_loss_weight) == (False, True, None)
     bad = [(["--base_model", "gpt2", "--pretrained_model", "gpt2"], "mutually exclusive"),
-           (["--base_model", "bert"], "unknown --base_model"),
            (["--total_batch_size", "64", "--per_device_batch_size", "16"], "gradient_accumulation_steps 4"),
            (["--bf16", "--fp32"], "mutually exclusive"),
-           (["--grad_mode", "third"], "grad_mode"),
            (["--no_add_inner_loss_to_outer", "--inner_loss_weight", "0.3"], "only used with")]
     for args, message in bad:
         with pytest.raises(ValueError, match=message):
             parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=args)
+    for option, value in (("--base_model", "bert"), ("--grad_mode", "third"), ("--mem_proj_mode", "proj_rw"),
+                          ("--fast_step", "on"), ("--lr_scheduler_type", "cosine_typo")):
+        with pytest.raises(SystemExit) as exit_info:  # typed choices: argparse names them and exits 2
+            parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=[option, value])
+        assert exit_info.value.code == 2
+    assert "invalid choice: 'cosine_typo' (choose from" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
     (t,) = parse_cli(TrainArgs, args=["--total_batch_size", "64", "--per_device_batch_size", "16",
                                       "--gradient_accumulation_steps", "2"])
@@ -286,11 +291,12 @@ def test_end_to_end_run_folder_and_resume(tmp_path):
 
     metrics = run(4)
     run_dir = tmp_path / "run"
-    for name in ("config.json", "all_results.json", "trainer_state.json", training.CURVE_FILE):
+    for name in ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "all_results.json",
+                 "trainer_state.json", training.CURVE_FILE):
         assert (run_dir / name).is_file(), name
     assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir()) and not (run_dir / "runs").exists()
     assert (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "run_config.json").read_text())
     assert config["cli_args"]["data_path"] == "kv_test" and "torch" in config["versions"]
     assert config["resumed_from"] is None
     results = json.loads((run_dir / "all_results.json").read_text())
@@ -305,7 +311,7 @@ def test_end_to_end_run_folder_and_resume(tmp_path):
     # re-running the same command with a larger budget resumes at the saved step (a killed run does the same)
     (run_dir / "checkpoint-99").mkdir()  # a checkpoint interrupted while saving: ignored and removed
     run(8)
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "run_config.json").read_text())
     assert config["resumed_from"].endswith("checkpoint-4") and not (run_dir / "checkpoint-99").exists()
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     evals = [r["step"] for r in history if "eval_exact_match" in r]
@@ -316,7 +322,7 @@ def test_end_to_end_run_folder_and_resume(tmp_path):
     with pytest.raises(ValueError, match="learning_rate"):
         run(8, learning_rate=1e-2)
     run(2, overwrite=True, eval_steps=1)
-    assert json.loads((run_dir / "config.json").read_text())["resumed_from"] is None
+    assert json.loads((run_dir / "run_config.json").read_text())["resumed_from"] is None
     assert not (run_dir / "checkpoint-4").exists()
 
 
@@ -422,7 +428,44 @@ def test_overwrite_clears_only_run_folders(tmp_path):
     (tmp_path / "run" / "notes.txt").write_text("mine")  # not written by a run: kept
     _run(tmp_path, max_steps=3, overwrite=True, learning_rate=1e-2)
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["cli_args"]["learning_rate"] == 1e-2
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["cli_args"]["learning_rate"] == 1e-2
+
+
+def test_selected_model_at_run_root_loads_alone(tmp_path, finished_run):
+    results = json.loads((finished_run / "all_results.json").read_text())
+    model = FakeMemoryModel.from_pretrained(str(finished_run))
+    best = FakeMemoryModel.from_pretrained(results["best_model_checkpoint"])
+    for (name, a), b in zip(model.state_dict().items(), best.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert training.AutoTokenizer.from_pretrained(str(finished_run)).get_vocab() == char_tokenizer().get_vocab()
+
+
+def test_legacy_run_record_config_json_still_resumes_and_overwrites(tmp_path, finished_run):
+    """Run folders of older code hold their record as config.json (no model at the root)."""
+    for path in finished_run.iterdir():
+        if path.is_file() and path.name in ("config.json", "model.safetensors") or path.name.startswith("tokenizer"):
+            path.unlink()
+    (finished_run / "run_config.json").rename(finished_run / "config.json")
+    (finished_run / "notes.txt").write_text("mine")  # foreign: allowed only in a folder with a run record
+    legacy = tmp_path / "legacy"
+    shutil.copytree(finished_run, legacy)
+    with pytest.raises(ValueError, match="learning_rate"):  # the legacy record is compared
+        _run(tmp_path, max_steps=9, learning_rate=1e-2)
+    assert _run(tmp_path, max_steps=9)["global_step"] == 9
+    assert training.find_run_record(finished_run).name == "run_config.json"
+    _run(tmp_path, exp="legacy", max_steps=3, overwrite=True)  # --overwrite recognises the legacy run folder
+    assert (legacy / "notes.txt").is_file() and not (legacy / "checkpoint-6").exists()
+
+
+def test_a_model_folder_is_not_a_run_folder(tmp_path):
+    """A saved model (config.json, weights, tokenizer) is never cleared by --overwrite."""
+    folder = tmp_path / "model"
+    FakeMemoryModel(FakeMemoryConfig(vocab_size=len(char_tokenizer()))).save_pretrained(str(folder))
+    (folder / "notes.txt").write_text("mine")
+    before = _listing(folder)
+    with pytest.raises(ValueError, match="not a run folder"):
+        _run(tmp_path, exp="model", overwrite=True)
+    assert _listing(folder) == before
 
 
 def test_failed_validation_leaves_no_stub(tmp_path):
@@ -438,14 +481,34 @@ def test_failed_validation_leaves_no_stub(tmp_path):
 def test_finished_run_is_reported_not_trained_again(tmp_path, finished_run, caplog):
     results = json.loads((finished_run / "all_results.json").read_text())
     before = _listing(finished_run)
-    with caplog.at_level("WARNING", logger="gradmem"):
+    with caplog.at_level("INFO", logger="gradmem"):
         again = _run(tmp_path)
     assert again == results and _listing(finished_run) == before
     assert "finished at step 6" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="gradmem"):
+    with caplog.at_level("INFO", logger="gradmem"):
         more = _run(tmp_path, max_steps=9)  # a larger budget continues it, and says so
     assert more["global_step"] == 9 and "continuing to --max_steps 9" in caplog.text
+    table = caplog.text[caplog.text.index("results of"):]  # a short final table, not one long JSON line
+    for line in ("best checkpoint", "valid exact match", "steps                9", "skipped steps        0",
+                 "spike-skipped steps", "rollbacks"):
+        assert line in table, line
+    assert len(table.splitlines()) <= 8 and "{" not in table
+
+
+def test_log_level_option_and_tied_weights_are_no_missing_keys(tmp_path):
+    import logging
+
+    parse_cli(TrainArgs, args=["--log_level", "warning"])
+    assert training.logger.level == logging.WARNING
+    parse_cli(TrainArgs, args=[])
+    assert training.logger.level == logging.INFO
+    with pytest.raises(SystemExit):
+        parse_cli(TrainArgs, args=["--log_level", "loud"])
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=True))
+    assert training.tied_parameter_names(tied, ["lm_head.weight", "model.norm.weight"]) == {"lm_head.weight"}
+    assert training.tied_parameter_names(tied, ["lm_head.weight", "model.embed_tokens.weight"]) == set()
 
 
 def test_run_stopped_at_metric_stays_stopped_unless_the_rule_changes(tmp_path):
@@ -472,7 +535,7 @@ def test_corrupt_latest_checkpoint_falls_back_or_names_the_file(tmp_path, finish
         metrics = _run(tmp_path, max_steps=9)
     assert "falling back to the previous complete checkpoint" in caplog.text and "checkpoint-6" in caplog.text
     assert metrics["global_step"] == 9
-    assert json.loads((finished_run / "config.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    assert json.loads((finished_run / "run_config.json").read_text())["resumed_from"].endswith("checkpoint-3")
     # the only checkpoint broken: a message naming the file, nothing trained
     _run(tmp_path, exp="one", max_steps=3)
     (tmp_path / "one" / "checkpoint-3" / "rng_state.pth").write_bytes(b"")
@@ -521,12 +584,12 @@ def test_resume_compares_precision_and_needs_the_record(tmp_path, finished_run, 
     with pytest.raises(ValueError, match="mixed_precision: 'no' -> 'bf16'"):
         _run(tmp_path, max_steps=9)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    record = finished_run / "config.json"
+    record = finished_run / "run_config.json"
     record.write_text("{")
     with pytest.raises(ValueError, match=f"{record}.*unreadable"):
         _run(tmp_path, max_steps=9)
     record.unlink()
-    with pytest.raises(ValueError, match="no run record config.json.*--resume_without_record"):
+    with pytest.raises(ValueError, match="no run record run_config.json.*--resume_without_record"):
         _run(tmp_path, max_steps=9, learning_rate=1e-2)
     metrics = _run(tmp_path, max_steps=9, learning_rate=1e-2, resume_without_record=True)
     assert metrics["global_step"] == 9 and json.loads(record.read_text())["resumed_without_record"]
