@@ -42,7 +42,7 @@ def generated_exact_match(model, batches: Iterable[dict], ignore_ids: Sequence[i
                           on_batch: Optional[Callable] = None) -> dict:
     """{'generated_exact_match', 'generated_token_accuracy', 'generated_samples'} over the batches (on the model's
     device), counting samples with at least one scored answer token. `on_batch(batch, generated ids, row is right)` sees
-    each batch's generated answers (evaluate.py writes them out)."""
+    each batch's generated answers (evaluate_model.py writes them out)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from evaluate import is_memory_model, load_trained_model
+from evaluate_model import is_memory_model, load_trained_model
 from training import run_cli, setup_logging
 
 logger = logging.getLogger("gradmem")

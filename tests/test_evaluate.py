@@ -1,11 +1,11 @@
-"""evaluate.py and predict.py on tiny saved memory models (untrained: the plumbing is tested, not the accuracy)."""
+"""evaluate_model.py and predict.py on tiny saved memory models (untrained: the plumbing is tested, not the accuracy)."""
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import evaluate
+import evaluate_model as evaluate
 import kv_dataset_utils
 import predict
 from rmt import RMT2Segm, RMT2SegmConfig

@@ -1,6 +1,6 @@
 """Evaluate a trained model on a dataset split, without training: metrics json and the generated answers.
 
-    python evaluate.py --model runs/N8-K2V2-V62_1M/<run_name>/run_142 --data_path data/N8-K2V2-V62_1M --split test \
+    python evaluate_model.py --model runs/N8-K2V2-V62_1M/<run_name>/run_142 --data_path data/N8-K2V2-V62_1M --split test \
         --out eval/N8_test
 
 --model is a run folder (its selected model at the root; runs of older code: the best checkpoint named in its
