@@ -257,8 +257,7 @@ class GradMemGPT(PreTrainedModel):
             config.attn_implementation,
             device_type=device_type,
             second_order=config.grad_mode == "second" and config.K > 0,
-            head_dim=attn_double_bwd.head_dim_of(config.base_config if config.pretrained_model is None
-                                                 else AutoConfig.from_pretrained(config.pretrained_model)),
+            head_dim=attn_double_bwd.head_dim_of(_backbone_config(config)),
         )
         self.model = self._build_backbone(config, attn)
         lm_config = self.model.config
@@ -306,8 +305,7 @@ class GradMemGPT(PreTrainedModel):
         if config.pretrained_model is not None and torch.empty(0).device.type == "meta":
             # Being loaded by from_pretrained: every weight comes from our checkpoint; build the backbone from the
             # architecture recorded at construction (checkpoints of older code: re-read from pretrained_model).
-            lm_config = config.pretrained_backbone_config or AutoConfig.from_pretrained(config.pretrained_model).to_dict()
-            return build_causal_lm(None, lm_config, attn_implementation=attn_implementation)
+            return build_causal_lm(None, _backbone_config(config), attn_implementation=attn_implementation)
         model = build_causal_lm(config.pretrained_model, config.base_config, attn_implementation=attn_implementation)
         if config.pretrained_model is not None:
             config.pretrained_backbone_config = model.config.to_dict()  # pretrained_model stays as provenance
@@ -656,6 +654,14 @@ class GradMemGPT(PreTrainedModel):
                 if bool(finished.all()):
                     break
         return new_tokens
+
+
+def _backbone_config(config: GradMemGPTConfig) -> dict:
+    """The backbone's config as a dict: base_config, or the pretrained backbone's as recorded at construction
+    (checkpoints of older code: re-read from pretrained_model)."""
+    if config.pretrained_model is None:
+        return config.base_config
+    return config.pretrained_backbone_config or AutoConfig.from_pretrained(config.pretrained_model).to_dict()
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,7 @@ def results(run_dir) -> dict:
 
 
 def run_record(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "config.json").read_text())["cli_args"]
+    return json.loads((Path(run_dir) / "run_config.json").read_text())["cli_args"]
 
 
 @pytest.fixture(autouse=True)
@@ -204,9 +204,9 @@ def test_full_context_kv_preset_warm_start_resume_and_eval_only(tmp_path, kv_dat
     assert "overwrite_output_dir" not in run_record(run_dir)  # a run-folder switch, not a training setting
     # the same command with a larger budget continues the folder (the reference's meaning of --overwrite_output_dir)
     run_gpt2_on_kv_retrieval.main(command + shrink(run_dir, steps=3) + tiny + init)
-    assert json.loads((run_dir / "config.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    assert json.loads((run_dir / "run_config.json").read_text())["resumed_from"].endswith("checkpoint-2")
     trained = results(run_dir)
-    (run_dir / "config.json").unlink()  # eval-only needs nothing but the checkpoints
+    (run_dir / "run_config.json").unlink()  # eval-only needs nothing but the checkpoints
     metrics = run_gpt2_on_kv_retrieval.main(command + shrink(run_dir, steps=3) + tiny + ["--do_eval_only"])
     saved = json.loads((run_dir / "eval_only_results.json").read_text())
     assert saved == metrics
