@@ -320,7 +320,7 @@ class GenerationEvalCallback(TrainerCallback):
     evaluation's metrics as `<prefix>_squad_exact_match` and `<prefix>_squad_f1` (prefix `eval`, or `test` for
     the final test evaluation), so they can drive `--metric_for_best_model` / `--stop_metric`, and end up in
     all_results.json and trainer_state.json. The Trainer logs its metrics before calling callbacks, so these two
-    numbers are added to that log record afterwards and do not reach tensorboard.
+    numbers are added to that log record afterwards; GradMemTrainer sends them to tensorboard/wandb (metric_names).
     """
 
     metric_names = ("squad_exact_match", "squad_f1")  # what it adds to an evaluation (checked by the trainer)

@@ -1588,6 +1588,16 @@ class GradMemTrainer(Trainer):
         finally:
             default.wait_stream(self._training_stream)
 
+    def evaluate(self, *args, **kwargs):
+        """As the Trainer's; metrics that callbacks add after the Trainer has logged the evaluation (the names in their
+        `metric_names`, e.g. SQuAD EM/F1 of generated answers) are sent to the loggers (tensorboard, wandb) too."""
+        metrics = super().evaluate(*args, **kwargs)
+        names = {n for cb in self.callback_handler.callbacks for n in getattr(cb, "metric_names", ())}
+        late = {k: v for k, v in metrics.items() if any(k.endswith("_" + n) for n in names)}
+        if late:
+            self.control = self.callback_handler.on_log(self.args, self.state, self.control, late)
+        return metrics
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         return super().create_scheduler(int(num_training_steps / 0.9), optimizer)
 

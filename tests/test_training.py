@@ -665,3 +665,31 @@ def test_cli_user_errors_are_one_line_bugs_keep_their_traceback(capsys):
 
     with pytest.raises(KeyError):
         training.run_cli(bug)
+
+
+def test_metrics_added_by_callbacks_reach_the_loggers(tmp_path):
+    """A callback's late metric (declared in metric_names, as the SQuAD generation callback does) is passed to
+    on_log, so tensorboard and wandb get it like every other metric."""
+    from transformers import TrainerCallback
+
+    class LateMetric(TrainerCallback):
+        metric_names = ("late_score",)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            prefix = "test" if any(k.startswith("test_") for k in metrics) else "eval"
+            metrics[f"{prefix}_late_score"] = 0.25
+
+    class Recorder(TrainerCallback):
+        logged = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logged.append(dict(logs))
+
+    tok = char_tokenizer()
+    torch.manual_seed(0)
+    model = FakeMemoryModel(FakeMemoryConfig(vocab_size=len(tok)))
+    args = _train_args(tmp_path, exp_path=str(tmp_path / "run"), max_steps=3, eval_steps=3, report_to="none")
+    run_experiment(args, model, tok, kv_splits(32, 8), MemoryModelCollator(tok), make_compute_metrics(tok),
+                   data_name="kv_test", all_args=[DataArgs(data_path="kv_test")],
+                   extra_callbacks=[LateMetric(), Recorder()])
+    assert any(r.get("eval_late_score") == 0.25 for r in Recorder.logged)
