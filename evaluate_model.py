@@ -23,8 +23,8 @@ from transformers.trainer_callback import PrinterCallback
 import grad_memgpt  # noqa: F401  (registers GradMemGPT with AutoModel)
 import rmt  # noqa: F401  (registers RMT2Segm with AutoModel)
 from evaluation import IGNORE_INDEX, generated_exact_match
-from training import (CausalLMCollator, MemoryModelCollator, load_splits, make_compute_metrics,
-                      reduce_logits_to_predictions, run_cli, setup_logging, single_token_ids)
+from training import (CausalLMCollator, MemoryModelCollator, add_log_level_argument, load_splits,
+                      make_compute_metrics, reduce_logits_to_predictions, run_cli, setup_logging, single_token_ids)
 
 logger = logging.getLogger("gradmem")
 MEMORY_MODEL_TYPES = ("grad_memgpt", "rmt_2segm")
@@ -104,8 +104,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N samples")
     parser.add_argument("--max_context_length", type=int, default=None,
                         help="memory models: keep the first N context tokens (give the run's value if it had one)")
-    parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="logging level (default: info)")
+    add_log_level_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from evaluate_model import is_memory_model, load_trained_model
-from training import run_cli, setup_logging
+from training import add_log_level_argument, run_cli, setup_logging, single_token_ids
 
 logger = logging.getLogger("gradmem")
 
@@ -79,13 +79,7 @@ def answer(model, memory: torch.Tensor, query_ids: list, max_new_tokens: int, st
 
 
 def stop_token_ids(tokenizer, stops: Sequence[str]) -> set:
-    ids = {tokenizer.eos_token_id} - {None}
-    for text in stops:
-        token = tokenizer.convert_tokens_to_ids(text)
-        if token is None or token == tokenizer.unk_token_id:
-            raise ValueError(f"--stop {text!r} is not a single token of this tokenizer")
-        ids.add(token)
-    return ids
+    return ({tokenizer.eos_token_id} - {None}) | set(single_token_ids(tokenizer, stops, what="--stop"))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -100,8 +94,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stop", action="append", default=[], help="a token that ends an answer (repeatable; "
                                                                    "the KV tasks: '|'); EOS always does")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="longest answer in tokens (default: 16)")
-    parser.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="logging level (default: info)")
+    add_log_level_argument(parser)
     return parser.parse_args(argv)
 
 

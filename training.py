@@ -61,6 +61,7 @@ logger = logging.getLogger("gradmem")
 
 REPO_DIR = Path(__file__).resolve().parent
 IGNORE_INDEX = -100
+LOG_LEVELS = ("debug", "info", "warning", "error")
 BASE_MODELS = ("llama", "gpt2", "pythia", "mamba")
 SCHEDULERS = typing.Literal[tuple(t.value for t in transformers.SchedulerType)]  # --lr_scheduler_type choices
 CURVE_FILE = "learning_curve.png"
@@ -143,7 +144,7 @@ class TrainArgs:
     report_to: str = field(default="tensorboard", metadata={"help": "comma list of tensorboard, wandb; or none"})
     dataloader_num_workers: int = field(default=2, metadata={"help": "data loading worker processes (0: in the main one)"})
     use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
-    log_level: typing.Literal["debug", "info", "warning", "error"] = field(
+    log_level: typing.Literal[LOG_LEVELS] = field(
         default="info", metadata={"help": "log level of this code's messages (transformers' own stay at warning)"})
     fast_step: typing.Literal["auto", "off"] = field(
         default="auto",
@@ -322,6 +323,11 @@ def _take_none_values(types: Sequence, args: list) -> tuple:
         kept.append(args[i])
         i += 1
     return kept, none_names
+
+
+def add_log_level_argument(parser) -> None:
+    """--log_level of the entry points that are not run scripts (evaluate_model.py, predict.py)."""
+    parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="logging level (default: info)")
 
 
 def setup_logging(level: str) -> None:
@@ -732,13 +738,14 @@ def reduce_stats(stats: dict) -> dict:
     return out
 
 
-def single_token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> list:
-    """The ids of tokens that must each be one token of the tokenizer (e.g. the KV target's `!` and `|`)."""
+def single_token_ids(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str], what: str = "ignore token") -> list:
+    """The ids of tokens that must each be one token of the tokenizer (e.g. the KV target's `!` and `|`); `what`
+    names them in the error."""
     ids = []
     for token in tokens:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"ignore token {token!r} is not a single token of the tokenizer")
+            raise ValueError(f"{what} {token!r} is not a single token of the tokenizer")
         ids.append(token_id)
     return ids
 
