@@ -61,6 +61,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import string
@@ -559,7 +560,7 @@ def save_kv_dataset(dataset_dict, out_dir: Union[str, Path], spec: KVTaskSpec, s
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists: pass --overwrite (overwrite=True) or choose another --out")
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    tmp_dir = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")  # one per process: two builders never mix
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     dataset_dict.save_to_disk(str(tmp_dir))
@@ -569,6 +570,9 @@ def save_kv_dataset(dataset_dict, out_dir: Union[str, Path], spec: KVTaskSpec, s
                 chunk_size=CHUNK_SIZE, numpy=np.__version__)
     (tmp_dir / "kv_task.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out_dir.exists():
+        if not overwrite:  # another process finished the same dataset meanwhile: keep the one already there
+            shutil.rmtree(tmp_dir)
+            return out_dir
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
     return out_dir

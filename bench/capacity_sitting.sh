@@ -3,7 +3,7 @@
 # stopped after MINUTES of training (re-running the same sitting resumes every seed where it stopped), then the
 # metrics of every stage packed into $OUT.
 #   SEEDS="1 2" STAGES="2:0.95 4:0.95 8:0.95 16:0.95 32:0.95" MINUTES=8 bash bench/capacity_sitting.sh
-#   PREPARE="64 96"   also build the N64/N96 datasets in the background while the seeds train
+#   PREPARE="64 96"   build the N64/N96 datasets in the background while the seeds train
 #   SHIP="1:N8,N16"   copy those stages' selected checkpoints (weights + config) of seed 1 into $OUT
 #   STATE="1:N32"     copy the latest checkpoint of seed 1's N32 (to resume it on another machine) into $OUT
 # Wheels the machine lacks (datasets, dill, multiprocess) are installed from .whl/ when it exists.
@@ -27,10 +27,7 @@ build() {  # build ./data/N<n>-K2V2-V62_1M with a test split unless it exists
     [ -d "data/N$1-K2V2-V62_1M" ] || python3 kv_dataset_utils.py --name "N$1-K2V2-V62_1M" --out "data/N$1-K2V2-V62_1M" \
         >/dev/null
 }
-NEEDED=$(for s in ${STAGES:-2 4 8 16 32}; do echo "${s%%:*}"; done)
-for n in $NEEDED; do build "$n" & done
-wait
-for n in ${PREPARE:-}; do build "$n" & done  # runs beside the training below
+for n in ${PREPARE:-}; do build "$n" & done  # beside the training below (a stage builds its own data if missing)
 
 i=0
 for seed in $SEEDS; do

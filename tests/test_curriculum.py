@@ -56,7 +56,7 @@ def test_driver_chains_stages_resumes_and_stops(tmp_path, monkeypatch):
         return {"eval_exact_match": exact_match, "global_step": 50, "test_generated_exact_match": exact_match}
 
     monkeypatch.setattr(driver.run_kv, "main", fake_main)
-    monkeypatch.setattr(driver, "prepare_data", lambda args, stages: None)
+    monkeypatch.setattr(driver, "prepare_data", lambda args, stage: 0.0)
     argv = ["--stages", "2:0.95", "4:0.95:K=3", "--out_dir", str(tmp_path / "out"), "--seed", "5", "--stage_steps",
             "200", "--", "--n_layer", "1"]
     assert driver.main(argv) == 3  # N4 ended below its threshold with steps left: re-run to go on
