@@ -96,7 +96,10 @@ def prepare_data(args, stage: curriculum.Stage) -> float:
         splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=5_000, seed=0,
                                                         n_test=kv_dataset_utils.DEFAULT_N_TEST)
         path.parent.mkdir(parents=True, exist_ok=True)
-        kv_dataset_utils.save_kv_dataset(splits, path, spec, seed=0)
+        try:
+            kv_dataset_utils.save_kv_dataset(splits, path, spec, seed=0)
+        except FileExistsError:  # another run built the same dataset (same name and seed) meanwhile
+            pass
     return time.monotonic() - start
 
 

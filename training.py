@@ -1544,6 +1544,8 @@ class NonFiniteGuardState(TrainerCallback, ExportableState):
         if self.guard is not None and isinstance(saved, dict):
             for name in self.COUNTERS:
                 setattr(self.guard, name, int(saved.get("attributes", {}).get(name, 0)))
+        # a checkpoint written before this callback existed has no entry, and Trainer._save_checkpoint expects one
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.guard is not None and 0 < state.global_step <= self.guard.skipped_steps:

@@ -579,6 +579,15 @@ def test_skipped_step_counters_survive_resume(tmp_path):
         _run(tmp_path, max_steps=9, nan_loss=True, max_consecutive_skipped_steps=5)
 
 
+def test_resume_from_a_checkpoint_written_before_the_guard_state_existed(tmp_path, finished_run):
+    state_file = finished_run / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["stateful_callbacks"]["NonFiniteGuardState"]
+    state_file.write_text(json.dumps(state))
+    metrics = _run(tmp_path, max_steps=9)  # saving checkpoint-9 used to fail with KeyError 'NonFiniteGuardState'
+    assert metrics["global_step"] == 9 and (finished_run / "checkpoint-9" / "trainer_state.json").is_file()
+
+
 def test_resume_compares_precision_and_needs_the_record(tmp_path, finished_run, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what a preset with PRECISION=bf16 launches
     with pytest.raises(ValueError, match="mixed_precision: 'no' -> 'bf16'"):
