@@ -1,6 +1,6 @@
 """Collect the metrics of finished runs into a markdown table and PNG plots.
 
-Reads run folders `<runs>/<task>/<run_name>/run_<seed>/` as training.run_experiment writes them (run_config.json
+Reads run folders `<runs>/<task>/<run_name>/run_<seed>/` as run_experiment writes them (run_config.json
 or a legacy config.json that holds cli_args, all_results.json, trainer_state.json; checkpoints and the model are not
 read), or copies of them that hold only those three files
 (`--copy_metrics results/runs` makes such copies, so the tables can be rebuilt from git).

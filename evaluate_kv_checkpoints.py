@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 import kv_dataset_utils
 from evaluation import generated_exact_match
 from grad_memgpt import GradMemGPT
-from training import MemoryModelCollator, single_token_ids
+from training_collators import MemoryModelCollator, single_token_ids
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_ROOT = REPO_DIR / "results" / "kv_checkpoints"

@@ -23,8 +23,11 @@ from transformers.trainer_callback import PrinterCallback
 import grad_memgpt  # noqa: F401  (registers GradMemGPT with AutoModel)
 import rmt  # noqa: F401  (registers RMT2Segm with AutoModel)
 from evaluation import IGNORE_INDEX, generated_exact_match
-from training import (CausalLMCollator, MemoryModelCollator, add_log_level_argument, load_splits,
-                      make_compute_metrics, reduce_logits_to_predictions, run_cli, setup_logging, single_token_ids)
+from kv_dataset_utils import build_named_dataset
+from training_args import add_log_level_argument, run_cli, setup_logging
+from training_collators import (CausalLMCollator, MemoryModelCollator, make_compute_metrics,
+                                reduce_logits_to_predictions, single_token_ids)
+from training_data import load_splits
 
 logger = logging.getLogger("gradmem")
 MEMORY_MODEL_TYPES = ("grad_memgpt", "rmt_2segm")
@@ -112,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     setup_logging(args.log_level)
     model, tokenizer = load_trained_model(args.model)
-    split = load_splits(args.data_path, required=(args.split,))[args.split]
+    split = load_splits(args.data_path, required=(args.split,), build_missing=build_named_dataset)[args.split]
     if args.max_samples is not None:
         split = split.select(range(min(args.max_samples, len(split))))
     memory_model = is_memory_model(model)

@@ -46,9 +46,9 @@ idle), with one condition: DDP's reducer keeps every parameter's AccumulateGrad 
 the stream current when DDP was built. Recording on a different stream then fails (cudaErrorStreamCaptureImplicit).
 So build the DDP wrapper and run the steps inside one `with torch.cuda.stream(s):` (s not the default stream):
 CapturedTrainStep warms up and records on the caller's stream whenever that is not the default stream.
-training.GradMemTrainer does this under several processes.
+training_loop.GradMemTrainer does this under several processes.
 
-In the trainer (training.GradMemTrainer, `--fast_step auto`, the default) every training step goes through a
+In the trainer (training_loop.GradMemTrainer, `--fast_step auto`, the default) every training step goes through a
 CapturedTrainStep on one CUDA device; the HF loop's own clipping and optimizer step are then skipped for that step,
 the scheduler keeps setting the learning rate, and skipped steps are counted per step (one host read of the finite
 flag) so `--max_consecutive_skipped_steps` still stops a diverging run. Under several processes (DDP) the step
@@ -116,14 +116,12 @@ def fast_path_problem(model: torch.nn.Module, optimizer=None, *, gradient_accumu
 
 def _step_problem(model, optimizer, gradient_accumulation_steps: int = 1, world_size: int = 1) -> Optional[str]:
     """Why CapturedTrainStep's code (captured or eager) cannot run this training setup, on any device."""
-    from grad_memgpt import GradMemGPT
-
-    if not isinstance(model, GradMemGPT):
-        return f"captured steps are implemented for GradMemGPT, not {type(model).__name__}"
-    if model.config.use_gradient_checkpointing:
-        return "gradient checkpointing is on (recomputation is not captured)"
-    if model.config.use_write_lora:
-        return "write LoRA toggles adapters from Python inside the step"
+    model_problem = getattr(model, "captured_step_problem", None)
+    if model_problem is None:  # the model's hook: a memory model that knows its step can be recorded (GradMemGPT)
+        return f"captured steps are implemented for models with captured_step_problem(), not {type(model).__name__}"
+    problem = model_problem()
+    if problem is not None:
+        return problem
     if gradient_accumulation_steps != 1:
         return f"gradient accumulation ({gradient_accumulation_steps} micro-batches per step)"
     if world_size != 1:
@@ -145,7 +143,7 @@ class CapturedTrainStep:
     graph per input shape (`use_cuda_graph=True`, CUDA only) or run eagerly with the same sync-free code (False; on
     the CPU, where AdamW cannot be capturable, the optimiser keeps its plain settings).
 
-    model:          a GradMemGPT on CUDA, in train mode.
+    model:          a memory model with the captured_step_problem() hook (GradMemGPT) on CUDA, in train mode.
     optimizer:      torch.optim.AdamW (or subclass) over the model's trainable parameters; switched to capturable
                     with GPU learning-rate tensors (its state_dict format is unchanged).
     max_grad_norm:  clip the global L2 norm of the gradients to this (<= 0: no clipping).

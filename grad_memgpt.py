@@ -59,8 +59,15 @@ builds no graph through the updates: about one forward + backward per inner step
 change the math (only the backbone's dropout), so gradients taken in eval mode are still exact.
 Dropout of the backbone (e.g. GPT-2's 0.1) is active in WRITE while training; the double backward reuses the
 same masks, so the meta-gradient is exact for the sampled masks.
+
+Hooks of the shared trainer, which knows no model: `parameters_without_gradient()` (trainable parameters the loss
+cannot reach in this configuration; frozen so that DDP needs no unused-parameter search) and
+`captured_step_problem()` (why fast_step cannot record the training step, or None). The run scripts' options and
+builder (GradMemArgs, build_grad_memgpt) are at the end of this file.
 """
 import contextlib
+import typing
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -79,6 +86,8 @@ from modeling_utils import (
     pad_token_id,
     unwrap_peft,
 )
+from training_args import BackboneArgs, check_finite
+from training_backbone import backbone_source, check_vocab_fits
 
 GRAD_MODES = ("none", "first", "second")
 MEM_PROJ_MODES = ("none", "proj", "per_sample")
@@ -372,6 +381,46 @@ class GradMemGPT(PreTrainedModel):
 
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # hooks of the shared trainer (training_loop, fast_step)
+
+    def parameters_without_gradient(self) -> list:
+        """Names of the trainable parameters that the training loss cannot reach in this configuration, decided from
+        the config alone (no forward pass); the trainer freezes them so that DDP needs no find_unused_parameters.
+
+        write head, write control tokens, write LoRA: used only inside WRITE, so reached only through the inner
+            gradients: when K > 0 and either an inner step is differentiated (grad_mode second with
+            last_K_second_order != 0) or the inner loss is added to the outer loss;
+        memory init, and a per-sample projection (an inner variable): reached unless grad_mode is none (then the
+            written memory is a constant);
+        everything else (backbone, shared mem_proj, read control tokens): always reached through READ.
+        """
+        config = self.config
+        through_write = config.K > 0 and (config.n_second_order_steps > 0 or config.add_inner_loss_to_outer)
+        through_memory = config.grad_mode != "none"
+        unreached = []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            top = name.split(".")[0]
+            if top in ("write_head", "write_start", "write_end") or "lora_" in name:
+                reached = through_write
+            elif top == "mem" or (top == "mem_proj" and config.mem_proj_mode == "per_sample"):
+                reached = through_memory
+            else:
+                reached = True
+            if not reached:
+                unreached.append(name)
+        return unreached
+
+    def captured_step_problem(self) -> Optional[str]:
+        """Why fast_step.CapturedTrainStep cannot record this model's training step (None: it can)."""
+        if self.config.use_gradient_checkpointing:
+            return "gradient checkpointing is on (recomputation is not captured)"
+        if self.config.use_write_lora:
+            return "write LoRA toggles adapters from Python inside the step"
+        return None
 
     # ----------------------------------------------------------------------------------------------------------------
     # building blocks
@@ -687,3 +736,72 @@ def _masked_summary(name: str, values: torch.Tensor, weights: torch.Tensor) -> d
 
 AutoConfig.register(GradMemGPTConfig.model_type, GradMemGPTConfig)
 AutoModel.register(GradMemGPTConfig, GradMemGPT)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line options and the builder of the run scripts
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class GradMemArgs:
+    """GradMem model options (reference names; defaults = the paper's KV preset)."""
+
+    n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
+    K: int = field(default=2, metadata={"help": "inner (WRITE) gradient steps"})
+    last_K_second_order: Optional[int] = field(default=None, metadata={"help": "differentiate through the last L steps only"})
+    inner_lr: float = field(default=0.04, metadata={"help": "learning rate of the inner (WRITE) steps on the memory"})
+    use_adam: bool = field(default=False, metadata={"help": "inner Adam (first order) instead of SGD"})
+    grad_mode: typing.Literal["none", "first", "second"] = field(default="second", metadata={
+        "help": "outer gradient through the WRITE: none (the written memory is a constant), first (first order), "
+                "second (exact, through the inner gradients)"})
+    n_ctrl_tokens: int = field(default=0, metadata={"help": "learned start/end marker vectors around the memory"})
+    inner_clip_value: Optional[float] = field(default=None, metadata={"help": "clip inner gradients elementwise"})
+    inner_clip_norm: Optional[float] = field(default=None, metadata={"help": "clip each sample's inner gradient norm"})
+    use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
+    mem_proj_mode: typing.Literal["none", "proj", "per_sample"] = field(default="none", metadata={
+        "help": "linear projection of the memory before READ: none, proj (shared) or per_sample"})
+    use_write_head: bool = field(default=True, metadata={"help": "own output head for the inner (WRITE) loss"})
+    use_write_lora: bool = field(default=False, metadata={"help": "LoRA adapters active during WRITE only"})
+    write_lora_r: int = field(default=8, metadata={"help": "write LoRA rank"})
+    write_lora_alpha: int = field(default=16, metadata={"help": "write LoRA alpha"})
+    write_lora_dropout: float = field(default=0.0, metadata={"help": "write LoRA dropout"})
+    write_lora_target_modules: Optional[str] = field(default=None, metadata={
+        "help": "comma list of module names for the write LoRA; default: the backbone's attention and MLP projections"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "train only the memory parameters (and adapters)"})
+    use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations"})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={"help": "auto: the fused Triton double backward on CUDA (exact_eager on the CPU) for second-order "
+                          "training, sdpa otherwise; or any name attn_double_bwd.resolve_attn_implementation knows"},
+    )
+    add_inner_loss_to_outer: bool = field(default=True, metadata={"help": "add the inner loss to the training loss"})
+    inner_loss_weight: Optional[float] = field(
+        default=None, metadata={"help": "weight of the added inner loss; None -> 0.5 (paper preset) when it is added"}
+    )
+
+    def validate(self) -> None:
+        check_finite(self, "inner_lr", "inner_clip_value", "inner_clip_norm", "inner_loss_weight")
+        if self.grad_mode not in ("none", "first", "second"):
+            raise ValueError(f"--grad_mode must be none, first or second, got {self.grad_mode!r}")
+        if self.mem_proj_mode not in ("none", "proj", "per_sample"):
+            raise ValueError(f"--mem_proj_mode must be none, proj or per_sample, got {self.mem_proj_mode!r}")
+        if self.use_mem_proj != (self.mem_proj_mode != "none"):
+            raise ValueError("--use_mem_proj must be given exactly when --mem_proj_mode is proj or per_sample")
+        if self.inner_loss_weight is not None and not self.add_inner_loss_to_outer:
+            raise ValueError("--inner_loss_weight is only used with --add_inner_loss_to_outer (drop one of them)")
+        if self.add_inner_loss_to_outer and self.inner_loss_weight is None:
+            self.inner_loss_weight = 0.5
+
+
+
+def build_grad_memgpt(backbone_args: BackboneArgs, g: GradMemArgs, tokenizer) -> GradMemGPT:
+    """GradMemGPT around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
+    check_right_padding(tokenizer)
+    options = {name: getattr(g, name) for name in (
+        "n_mem_tokens", "K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens", "inner_clip_value",
+        "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora", "write_lora_r",
+        "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
+        "use_gradient_checkpointing", "attn_implementation", "add_inner_loss_to_outer", "inner_loss_weight")}
+    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), lr=g.inner_lr, **options))
+    check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
+    return model

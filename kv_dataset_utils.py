@@ -60,6 +60,7 @@ CLI
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -576,6 +577,35 @@ def save_kv_dataset(dataset_dict, out_dir: Union[str, Path], spec: KVTaskSpec, s
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
     return out_dir
+
+
+def build_named_dataset(path: Path) -> bool:
+    """Generate a missing KV dataset whose folder name follows the KV naming scheme. False if the name does not.
+
+    Train size from the name's suffix (`_1M`, `_20K`, none = 1M), 5000 valid and 2000 test samples (fewer for a
+    smaller train size: as many as train), seed 0 (as `python kv_dataset_utils.py --name NAME --out PATH --n_test ...`
+    would build it). Under several processes the main one builds it while the others wait. The KV run scripts pass
+    this to the trainer's load_splits.
+    """
+    path = Path(path)
+    try:
+        spec = parse_dataset_name(path.name)
+        n_train = dataset_size(path.name) or 1_000_000
+    except ValueError:
+        return False
+    from accelerate import PartialState
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not path.exists():
+            n_valid, n_test, seed = 5_000, min(DEFAULT_N_TEST, n_train), 0
+            logging.getLogger("gradmem").info(
+                "%s does not exist: generating it (%s: %d train, %d valid, %d test samples, seed %d)", path,
+                spec.task_name, n_train, n_valid, n_test, seed)
+            splits = build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed, n_test=n_test)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_kv_dataset(splits, path, spec, seed)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------------------

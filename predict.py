@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 from evaluate_model import is_memory_model, load_trained_model
-from training import add_log_level_argument, run_cli, setup_logging, single_token_ids
+from training_args import add_log_level_argument, run_cli, setup_logging
+from training_collators import single_token_ids
 
 logger = logging.getLogger("gradmem")
 

@@ -33,7 +33,8 @@ Every parameter that is created receives a gradient: options that would create a
 without the reconstruction loss, a residual LayerNorm with K=1) are rejected, so multi-GPU DDP runs never need
 `find_unused_parameters`.
 """
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ from modeling_utils import (
     hidden_size,
     pad_token_id,
 )
+from training_args import BackboneArgs
+from training_backbone import backbone_source, check_vocab_fits
 
 MEM_PROJ_MODES = ("none", "proj", "proj_rw")
 
@@ -370,3 +373,48 @@ def _norm_stats(prefix: str, norms: torch.Tensor) -> dict:
 
 AutoConfig.register(RMT2SegmConfig.model_type, RMT2SegmConfig)
 AutoModel.register(RMT2SegmConfig, RMT2Segm)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command-line options and the builder of the run script
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RMTArgs:
+    """RMT2Segm options (reference names and defaults)."""
+
+    n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
+    K: int = field(default=1, metadata={"help": "forward writes of the context (>= 1)"})
+    n_ctrl_tokens: int = field(default=0, metadata={"help": "learned start/end marker vectors around the memory"})
+    use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
+    mem_proj_mode: Literal["none", "proj", "proj_rw"] = field(
+        default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
+    use_reconstruction_loss: bool = field(default=False, metadata={"help": "add a loss of reconstructing the context"})
+    reconstruction_loss_weight: float = field(default=1.0, metadata={"help": "weight of the reconstruction loss"})
+    use_write_head: bool = field(default=False, metadata={"help": "own head for the reconstruction loss (needs it)"})
+    use_mem_residual: bool = field(default=False, metadata={"help": "memory_k = memory_{k-1} + LayerNorm(write-out), K >= 2"})
+    use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations"})
+    attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa, flash_attention_2, ... or auto"})
+
+    def config_kwargs(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+    def validate(self) -> None:
+        RMT2SegmConfig(**self.config_kwargs())  # raises on any inconsistent option, before any work
+
+
+def check_backbone(backbone_args: BackboneArgs) -> None:
+    if backbone_args.base_model == "mamba":
+        raise ValueError("--base_model mamba: RMT needs a transformer backbone (llama, gpt2, pythia); the Mamba "
+                         "baseline is run_gpt2_on_kv_retrieval.py")
+
+
+def build_rmt(backbone_args: BackboneArgs, r: RMTArgs, tokenizer) -> RMT2Segm:
+    """RMT2Segm around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
+    check_backbone(backbone_args)
+    model = RMT2Segm(RMT2SegmConfig(**backbone_source(backbone_args, tokenizer), **r.config_kwargs()))
+    check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
+    if model.pad_token_id != tokenizer.pad_token_id:
+        raise ValueError(f"the backbone's pad id {model.pad_token_id} differs from the tokenizer's "
+                         f"{tokenizer.pad_token_id}: the model would not recognise the collator's padding")
+    return model

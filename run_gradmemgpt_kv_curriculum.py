@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import curriculum
 import kv_dataset_utils
 import run_gradmemgpt_on_kv_retrieval as run_kv
-from training import run_cli
+from training_args import run_cli
 
 RECORD = "curriculum.json"
 REPORTED = ("eval_exact_match", "eval_generated_exact_match", "test_exact_match", "test_generated_exact_match",

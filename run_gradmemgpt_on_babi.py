@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from babi_utils import load_babi_from_disk, load_babi_text
+from grad_memgpt import GradMemArgs, build_grad_memgpt
 from squad_utils import AnswerGenerationArgs, train_answer_task
-from training import (BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli,
-                      run_cli)
+from training_args import BackboneArgs, TrainArgs, parse_cli, run_cli
+from training_backbone import load_tokenizer
 
 
 @dataclass

@@ -3,18 +3,23 @@
     python run_gradmemgpt_on_kv_retrieval.py --data_path ./data/N8-K2V2-V62_1M --per_device_batch_size 64
     accelerate launch --config_file accelerate.yaml run_gradmemgpt_on_kv_retrieval.py ...   (see scripts/*.sh)
 
-Defaults are the paper's KV preset (see training.py). A missing --data_path whose folder name is a KV dataset name
+Defaults are the paper's KV preset (see training_args.py). A missing --data_path whose folder name is a KV dataset name
 (e.g. N8-K2V2-V62_1M) is generated on the spot. `python run_gradmemgpt_on_kv_retrieval.py --help` lists every option.
 """
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from modeling_utils import max_positions
-from training import (BackboneArgs, DataArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
-                      check_data, check_memory_inputs_fit, gradmem_run_name, launched_world_size, load_splits,
-                      load_tokenizer, make_compute_metrics, parse_cli, run_cli, run_experiment, single_token_ids)
 from evaluation import make_generated_answer_metrics
+from grad_memgpt import GradMemArgs, build_grad_memgpt
+from kv_dataset_utils import build_named_dataset
+from modeling_utils import max_positions
+from training_args import BackboneArgs, DataArgs, TrainArgs, launched_world_size, parse_cli, run_cli
+from training_backbone import load_tokenizer
+from training_collators import MemoryModelCollator, make_compute_metrics, single_token_ids
+from training_data import check_data, check_memory_inputs_fit, load_splits
+from training_experiment import run_experiment
+from training_runs import gradmem_run_name
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -23,7 +28,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     train_args, backbone_args, gradmem_args, data_args = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs,
                                                                    args=args)
     tokenizer = load_tokenizer(backbone_args)
-    splits = load_splits(data_args.data_path)
+    splits = load_splits(data_args.data_path, build_missing=build_named_dataset)
     check_data(tokenizer, splits)
     model = build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
     check_memory_inputs_fit(tokenizer, splits, max_positions(model.model.config), model.mem_offset,

@@ -24,10 +24,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from grad_memgpt import GradMemArgs, build_grad_memgpt
 from phonebook_utils import load_phonebook
 from squad_utils import LAYOUTS, AnswerGenerationArgs, load_squad, train_answer_task
-from training import (BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli,
-                      run_cli)
+from training_args import BackboneArgs, TrainArgs, parse_cli, run_cli
+from training_backbone import load_tokenizer
+from training_checkpoints import load_init_checkpoint
 
 logger = logging.getLogger("gradmem")
 
@@ -93,8 +95,6 @@ def main(args=None) -> dict:
     splits, data_name = load_qa_data(data_args)
     model = build_grad_memgpt(backbone_args, model_args, tokenizer)
     if task_args.init_base_checkpoint is not None:
-        from training import load_init_checkpoint
-
         load_init_checkpoint(model.model, task_args.init_base_checkpoint, partial=train_args.init_checkpoint_partial)
     return train_answer_task(train_args, backbone_args, model_args, answer_args, model, tokenizer, splits, data_name,
                              all_args=(backbone_args, model_args, data_args, answer_args, task_args))

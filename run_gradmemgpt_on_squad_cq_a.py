@@ -7,7 +7,7 @@ LAYOUT=cq_a bash scripts/run_gradmemgpt_on_squad.sh).
 from functools import partial
 
 from run_gradmemgpt_on_squad import main_with_layout
-from training import run_cli
+from training_args import run_cli
 
 main = partial(main_with_layout, "cq_a")
 

@@ -37,22 +37,13 @@ import datasets
 import numpy as np
 import torch
 
-from grad_memgpt import GradMemGPT
+from grad_memgpt import GradMemArgs, GradMemGPT, build_grad_memgpt
 from modeling_utils import max_positions
-from training import (
-    IGNORE_INDEX,
-    BackboneArgs,
-    GradMemArgs,
-    TrainArgs,
-    build_grad_memgpt,
-    gradmem_text_run_name,
-    load_tokenizer,
-    make_compute_metrics,
-    pad_right,
-    parse_cli,
-    run_cli,
-    run_experiment,
-)
+from training_args import BackboneArgs, TrainArgs, parse_cli, run_cli
+from training_backbone import load_tokenizer
+from training_collators import IGNORE_INDEX, make_compute_metrics, pad_right
+from training_experiment import run_experiment
+from training_runs import gradmem_text_run_name
 
 logger = logging.getLogger("gradmem")
 

@@ -427,7 +427,9 @@ def train_answer_task(train_args, backbone_args, model_args, answer_args: Answer
                       splits, data_name: str, all_args: tuple) -> dict:
     """The common end of the question-answering GradMem scripts (bAbI, SQuAD, phonebook): answer splits checked
     against the backbone's positions, the run name, and the shared trainer with generation-based evaluation."""
-    from training import MemoryModelCollator, gradmem_text_run_name, make_compute_metrics, run_experiment
+    from training_runs import gradmem_text_run_name
+    from training_collators import MemoryModelCollator, make_compute_metrics
+    from training_experiment import run_experiment
 
     splits = prepare_answer_splits(splits, tokenizer, max_positions(model.model.config), model.mem_offset, answer_args)
     if train_args.run_name is None and train_args.exp_path is None:

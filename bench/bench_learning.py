@@ -102,7 +102,7 @@ class KVStream:
 
 def check_against_collator(stream: KVStream) -> None:
     """The vectorised encoding gives exactly the trainer collator's tensors."""
-    from training import MemoryModelCollator
+    from training_collators import MemoryModelCollator
 
     samples = kv_dataset_utils.generate_kv_samples(stream.spec, 64, 12345, stream.stream)
     ours = stream.encode(samples)

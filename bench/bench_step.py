@@ -57,7 +57,7 @@ LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_dou
 def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
     """The paper's KV GradMem model (see the module docstring), freshly initialised with `seed`."""
     import kv_dataset_utils
-    from training import build_backbone_config
+    from training_backbone import build_backbone_config
 
     tokenizer = kv_dataset_utils.load_kv_tokenizer(62)
     base = build_backbone_config("llama", 4, 4, 128, tokenizer)

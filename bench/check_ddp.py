@@ -7,16 +7,16 @@
    steps, inner lr 0.04, second order, write head, inner loss added with weight 0.5, eager attention) and of the RMT
    preset (8 memory vectors, K=1, write-side projection, sdpa), fp32 with TF32 off, on the same B=64 samples of
    N8-K2V2-V62: one GPU with batch B against NP GPUs with B/NP each (accelerate + DDP, find_unused_parameters off,
-   parameters without gradient frozen as training.py does). Compared: the loss (mean over processes), the
+   parameters without gradient frozen as the trainer does). Compared: the loss (mean over processes), the
    all-reduced and clipped gradient, and the AdamW parameter update, as relative L2 errors ||a - b|| / ||b||.
    Tolerances: loss and gradient 1e-5 (fp32 round-off; the bound used for fp32 gradient agreement); update
    1e-4, because Adam's first step divides every gradient element by its own magnitude (update ~ lr g / (|g| +
    1e-8)), so elements with |g| near 1e-8 pass their round-off to the update undamped. For scale, the table also
    gives the errors of the same step on one GPU run as two accumulated micro-batches of B/2 (the same arithmetic
-   as DDP, without any communication). And the trainer itself (training.run_experiment, as in 2.): 3 steps on a
-   train set of exactly 64 samples at total batch 64, on NP GPUs against one GPU (same samples in every step, any
+   as DDP, without any communication). And the trainer itself (run_experiment, as in 2.): 3 steps on a train set
+   of exactly 64 samples at total batch 64, on NP GPUs against one GPU (same samples in every step, any
    data order), compared by the mean logged training loss and the parameter change.
-2. Throughput of the paper preset through the project's trainer (training.run_experiment: dataloader workers,
+2. Throughput of the paper preset through the project's trainer (run_experiment: dataloader workers,
    DDP, AdamW, gradient clipping) on 1, 2, 4 and 8 GPUs, as many as there are: weak scaling (64 samples per GPU,
    total 64 x NP) and strong scaling (total 64, 64 / NP per GPU); median time between step starts over --steps
    steps after --warmup steps.
@@ -53,8 +53,9 @@ TRAINER_STEPS = 3
 # worker: runs under accelerate launch, one copy per GPU
 
 def build(kind: str, tokenizer):
-    """The preset model, built by the run scripts' builders (defaults = the paper's KV preset)."""
-    from training import BackboneArgs, GradMemArgs, build_grad_memgpt
+    """The preset model, built by the models' builders (defaults = the paper's KV preset)."""
+    from grad_memgpt import GradMemArgs, build_grad_memgpt
+    from training_args import BackboneArgs
 
     backbone_args = BackboneArgs()
     backbone_args.validate()
@@ -62,24 +63,24 @@ def build(kind: str, tokenizer):
         gradmem_args = GradMemArgs()
         gradmem_args.validate()
         return build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
-    from run_rmt_on_kv_retrieval import RMTArgs, build_model
+    from rmt import RMTArgs, build_rmt
 
     rmt_args = RMTArgs(n_mem_tokens=8, K=1, use_mem_proj=True, mem_proj_mode="proj", attn_implementation="sdpa")
     rmt_args.validate()
-    return build_model(backbone_args, rmt_args, tokenizer)
+    return build_rmt(backbone_args, rmt_args, tokenizer)
 
 
 def one_step(kind, tokenizer, batch, accelerator, micro_batches=1):
     """One AdamW step (lr 1e-4, clip 1.0) from seed 0 on this process's rows of `batch`, as `micro_batches`
     accumulated parts. Returns (loss averaged over processes, gradient, update), the last two on the CPU."""
-    import training
+    import training_loop
 
     torch.manual_seed(0)
     model = build(kind, tokenizer)
-    training.freeze_parameters_without_gradient(model)
+    training_loop.freeze_parameters_without_gradient(model)
     model.to(accelerator.device).train()
     before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = training.NonFiniteStepSkippingAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = training_loop.NonFiniteStepSkippingAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     rank, world = accelerator.process_index, accelerator.num_processes
     local = {k: v.chunk(world)[rank].to(accelerator.device) for k, v in batch.items()}
@@ -101,15 +102,15 @@ def one_step(kind, tokenizer, batch, accelerator, micro_batches=1):
 def one_captured_step(tokenizer, batch, accelerator):
     """The same GradMem step through fast_step.CapturedTrainStep (recorded in a CUDA graph on a GPU, its eager code on
     the CPU), the gradients averaged over the processes inside the step instead of by DDP."""
-    import training
+    import training_loop
     from fast_step import CapturedTrainStep
 
     torch.manual_seed(0)
     model = build("gradmem", tokenizer)
-    training.freeze_parameters_without_gradient(model)
+    training_loop.freeze_parameters_without_gradient(model)
     model.to(accelerator.device).train()
     before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = training.NonFiniteStepSkippingAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = training_loop.NonFiniteStepSkippingAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rank, world = accelerator.process_index, accelerator.num_processes
     group = torch.distributed.group.WORLD if world > 1 else None
     step = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, precision="fp32",
@@ -159,23 +160,24 @@ class StateAfterSteps(TrainerCallback):
 
 
 def train_preset(kind, tokenizer, splits, accelerator, per_device, max_steps, run_dir, fast_step, callback):
-    """The paper preset through training.run_experiment (the trainer's DDP, captured step, AdamW, clipping): fp32,
+    """The paper preset through run_experiment (the trainer's DDP, captured step, AdamW, clipping): fp32,
     TF32 off, model from seed 0, lr schedule constant, one training-loss log over all `max_steps` steps."""
-    import training
+    from training_args import TrainArgs
+    from training_collators import MemoryModelCollator, make_compute_metrics
+    from training_experiment import run_experiment
 
     world = accelerator.num_processes
     torch.manual_seed(0)
     model = build(kind, tokenizer)
-    args = training.TrainArgs(
+    args = TrainArgs(
         exp_path=str(run_dir), overwrite=True, per_device_batch_size=per_device, total_batch_size=per_device * world,
         max_steps=max_steps, eval_steps=10 * max_steps, logging_steps=max_steps, warmup_steps=0,
         lr_scheduler_type="constant", max_eval_samples=BATCH, report_to="none", early_stopping_patience=0,
         stop_metric_value=None, fp32=True, use_cpu=not torch.cuda.is_available(), fast_step=fast_step)
     args.validate()
     before = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    training.run_experiment(args, model, tokenizer, splits, training.MemoryModelCollator(tokenizer),
-                            training.make_compute_metrics(tokenizer), data_name=DATA_NAME,
-                            extra_callbacks=[callback])
+    run_experiment(args, model, tokenizer, splits, MemoryModelCollator(tokenizer), make_compute_metrics(tokenizer),
+                   data_name=DATA_NAME, extra_callbacks=[callback])
     return before
 
 
@@ -203,14 +205,18 @@ def worker(work: Path, steps: int, warmup: int, cpu: bool, fast_step: str) -> No
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    import training
+    import training_args
+    import training_backbone
+    import training_collators
+    import training_data
+    import training_run_folder
 
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"  # strict fp32
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
     world, rank = accelerator.num_processes, accelerator.process_index
-    tokenizer = training.load_tokenizer(training.BackboneArgs())
-    splits = training.load_splits(str(work / "data" / DATA_NAME))
-    collator = training.MemoryModelCollator(tokenizer)
+    tokenizer = training_backbone.load_tokenizer(training_args.BackboneArgs())
+    splits = training_data.load_splits(str(work / "data" / DATA_NAME))
+    collator = training_collators.MemoryModelCollator(tokenizer)
     batch = collator([splits["train"][i] for i in range(BATCH)])
 
     result = {"num_processes": world, "equality": {}, "throughput": {}}
@@ -245,7 +251,7 @@ def worker(work: Path, steps: int, warmup: int, cpu: bool, fast_step: str) -> No
                                                     warmup, work / "runs" / f"np{world}_strong", fast_step)
     if rank == 0:
         result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke test)"
-        result["versions"] = training.package_versions()
+        result["versions"] = training_run_folder.package_versions()
         (work / f"result_np{world}.json").write_text(json.dumps(result, indent=1))
     accelerator.wait_for_everyone()
 
@@ -331,7 +337,7 @@ def markdown(results: dict, equality: dict, command: str, elapsed: float, fast_s
         "batch at all. The captured rows run the same GradMem step through fast_step.CapturedTrainStep (one CUDA "
         "graph: forward, backward, one NCCL all-reduce of the flat gradients and loss, clipping, AdamW) and are "
         "compared with the eager one-GPU step. The trainer rows run "
-        f"{TRAINER_STEPS} steps of training.run_experiment (as the throughput runs below: under several processes "
+        f"{TRAINER_STEPS} steps of run_experiment (as the throughput runs below: under several processes "
         "the captured step on the DDP-wrapped model, or eager DDP with `--fast_step off`) on a train set of exactly "
         f"{BATCH} samples, total batch {BATCH}, so each step averages over the same samples on any number of GPUs; "
         "loss = the mean logged training loss of those steps, update = the parameter change after them.",
@@ -353,7 +359,7 @@ def markdown(results: dict, equality: dict, command: str, elapsed: float, fast_s
                      f"{grad_text(e)} | {e['update']:.1e} | {'yes' if e['pass'] else 'NO'} |")
     lines += [
         "",
-        "## Throughput of the paper preset (GradMem, training.run_experiment)",
+        "## Throughput of the paper preset (GradMem, run_experiment)",
         "",
         "Median time between step starts (dataloader, forward with K=2 second-order WRITE, backward, DDP all-reduce, "
         "clipping, AdamW) over the timed steps; samples/s = total batch / median step time. Weak scaling: 64 samples "

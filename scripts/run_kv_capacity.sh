@@ -5,7 +5,7 @@
 # process: each stage until its valid exact match reaches the threshold, then the next stage warm-starts from the best
 # checkpoint. First stage: AdamW lr 1e-3, constant after 300 warmup steps; later stages: lr 5e-4, 100 warmup steps,
 # linear decay to 10% at 36000 steps; AdamW betas (0.9, 0.95), clip 1.0, batch 64; eval every 100 steps on 1000 valid
-# samples (selection: exact match); the spike guard and the collapse rollback are on (training.py defaults).
+# samples (selection: exact match); the spike guard and the collapse rollback are on (TrainArgs defaults).
 #
 #   bash scripts/run_kv_capacity.sh                              # seed 1, N2 -> N96, TF32
 #   SEED=2 STAGES="2:0.95 4:0.95 8:0.95" bash scripts/run_kv_capacity.sh

@@ -246,19 +246,21 @@ for n in $USED_NS; do
     fi
 done
 
-# The run folder of every run, from the run scripts' own naming (checks every command's options, too).
+# The run folder of every run, named as the run scripts name it (checks every command's options, too).
 RESOLVE_RUN_DIRS='
 import shlex, sys
 from pathlib import Path
 
-import run_gpt2_on_kv_retrieval as lm
-import run_rmt_on_kv_retrieval as rmt
-from training import (BackboneArgs, DataArgs, GradMemArgs, TrainArgs, gradmem_run_name, parse_cli,
-                      resolve_run_dir)
+from full_context_lm import FullContextArgs
+from grad_memgpt import GradMemArgs
+from rmt import RMTArgs
+from training_runs import full_context_run_name, gradmem_run_name, rmt_run_name
+from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
+from training_run_folder import resolve_run_dir
 
 NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
-          "run_rmt_on_kv_retrieval.py": (rmt.RMTArgs, rmt.default_run_name),
-          "run_gpt2_on_kv_retrieval.py": (lm.FullContextArgs, lm.default_run_name)}
+          "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name),
+          "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name)}
 for line in sys.stdin:
     script, *args = shlex.split(line)
     model_args, run_name = NAMING[script]

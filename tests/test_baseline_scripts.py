@@ -10,11 +10,15 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig
 
+from full_context_lm import FullContextArgs
 import kv_dataset_utils
+from rmt import RMT2Segm, RMTArgs
 import run_gpt2_on_kv_retrieval
 import run_rmt_on_kv_retrieval
-from rmt import RMT2Segm
-from training import CausalLMCollator, load_tokenizer, BackboneArgs
+from training_args import BackboneArgs
+from training_backbone import load_tokenizer
+from training_collators import CausalLMCollator
+from training_runs import full_context_run_name, rmt_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32"]
@@ -110,11 +114,11 @@ def test_rmt_bad_options_fail_before_any_work(tmp_path, extra, message):
 
 
 def test_rmt_run_name():
-    from training import TrainArgs
+    from training_args import TrainArgs
 
-    name = run_rmt_on_kv_retrieval.default_run_name(
+    name = rmt_run_name(
         TrainArgs(per_device_batch_size=64), BackboneArgs(base_model="llama"),
-        run_rmt_on_kv_retrieval.RMTArgs(use_mem_proj=True, mem_proj_mode="proj"), world_size=1)
+        RMTArgs(use_mem_proj=True, mem_proj_mode="proj"), world_size=1)
     assert name == "rmt2segm_llama_L4H4D128_mem8_mem_proj_bs_64_lr_1e-04"
 
 
@@ -185,15 +189,15 @@ def test_full_context_sequences_must_fit_the_positions(tmp_path, kv_data):
 
 
 def test_full_context_run_name():
-    from training import TrainArgs
+    from training_args import TrainArgs
 
-    name = run_gpt2_on_kv_retrieval.default_run_name(
+    name = full_context_run_name(
         TrainArgs(per_device_batch_size=64, learning_rate=5e-5, adam_beta2=0.98),
-        BackboneArgs(base_model="llama", max_position_embeddings=1024), run_gpt2_on_kv_retrieval.FullContextArgs(), 1)
+        BackboneArgs(base_model="llama", max_position_embeddings=1024), FullContextArgs(), 1)
     assert name == "llama_L4H4D128_L1024_bs_64_lr_5e-05_b2_0.98"
-    name = run_gpt2_on_kv_retrieval.default_run_name(
+    name = full_context_run_name(
         TrainArgs(per_device_batch_size=64, learning_rate=3e-4), BackboneArgs(base_model="mamba"),
-        run_gpt2_on_kv_retrieval.FullContextArgs(), 1)
+        FullContextArgs(), 1)
     assert name == "mamba_L4D128_bs_64_lr_3e-04"
 
 

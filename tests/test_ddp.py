@@ -3,7 +3,7 @@ worker script), run every scenario and report to the test process, whose tests c
 
 - unused parameters: GradMem in grad modes none / first / second with write head, write control tokens, per-sample
   projection and write LoRA; the parameters that cannot receive a gradient are decided from the config
-  (training.parameters_without_gradient), frozen, and DDP runs with find_unused_parameters=False. Without the
+  (training_loop.parameters_without_gradient), frozen, and DDP runs with find_unused_parameters=False. Without the
   freezing, DDP fails on the second step (so the check can fail).
 - equality: the DDP gradient of two processes with B/2 samples each equals one process's gradient with all B
   samples (float64) for GradMem, RMT and the full-context LMs (llama, gpt2, pythia, mamba).
@@ -11,7 +11,7 @@ worker script), run every scenario and report to the test process, whose tests c
   gradients stay local to each process).
 - the captured training step (fast_step.CapturedTrainStep, its eager code here) averages gradients and loss over the
   processes: its step on 2 processes equals one process's full-batch step.
-- the shared trainer (training.run_experiment) on 2 processes: eval metrics computed on exactly the eval set
+- the shared trainer (training_experiment.run_experiment) on 2 processes: eval metrics computed on exactly the eval set
   (an odd number of samples: no duplicated or dropped sample at the end), equal to one process's; checkpoints
   written once (by the main process; RNG states once per process); resume with the same number of processes.
 Also (in the test process): the batch arithmetic of scripts/_launch.sh and its agreement with TrainArgs.validate.
@@ -101,7 +101,7 @@ def _build(kind, name):
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
         from tokenizers import Tokenizer, models
 
-        from training import build_backbone_config
+        from training_backbone import build_backbone_config
 
         vocab = {f"t{i}": i for i in range(64)}
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
@@ -151,7 +151,7 @@ def _relative_error(grads, reference):
 
 
 def _gradient_checks(rank, world):
-    import training
+    import training_loop
 
     results = {}
     cases = ([("gradmem", n) for n in GRADMEM_CASES] + [("rmt", n) for n in RMT_CASES]
@@ -164,7 +164,7 @@ def _gradient_checks(rank, world):
         no_grad = sorted(n for n, p in reference_model.named_parameters() if p.requires_grad and p.grad is None)
         reference = {n: p.grad for n, p in reference_model.named_parameters() if p.grad is not None}
         model = _build(kind, name)
-        frozen = sorted(training.freeze_parameters_without_gradient(model))
+        frozen = sorted(training_loop.freeze_parameters_without_gradient(model))
         grads, calls = _ddp_steps(model, local)
         results[name] = {"kind": kind, "frozen": frozen, "no_grad_single_process": no_grad,
                          "rel_error": _relative_error(grads, reference), "same_params": sorted(grads) == sorted(reference),
@@ -183,11 +183,11 @@ def _captured_step_checks(rank, world):
     over the processes: one AdamW step of 2 processes with B/2 rows each equals one process's step with all B rows."""
     import torch.distributed as dist
 
-    import training
+    import training_loop
     from fast_step import CapturedTrainStep
 
     def step(model, rows, group):
-        training.freeze_parameters_without_gradient(model)
+        training_loop.freeze_parameters_without_gradient(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         out = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, use_cuda_graph=False, process_group=group)(rows)
         return out, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -202,19 +202,23 @@ def _captured_step_checks(rank, world):
 
 
 def _trainer_checks(rank, world, work_dir: Path):
-    """training.run_experiment on 2 processes: eval on exactly the eval set, checkpoints, resume."""
+    """training_experiment.run_experiment on 2 processes: eval on exactly the eval set, checkpoints, resume."""
     import numpy as np
     from transformers import TrainerCallback
 
     import kv_dataset_utils
-    import training
+    import training_args
+    import training_backbone
+    import training_collators
+    import training_experiment
     from grad_memgpt import GradMemGPT, GradMemGPTConfig
 
-    tokenizer = training.load_tokenizer(training.BackboneArgs(tokenizer_path=str(REPO / "tokenizers/kv_alphabet_62")))
+    tokenizer = training_backbone.load_tokenizer(
+        training_args.BackboneArgs(tokenizer_path=str(REPO / "tokenizers/kv_alphabet_62")))
     spec = kv_dataset_utils.parse_dataset_name("N2-K2V2-V62")
     splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=8, n_valid=N_EVAL, seed=0)
-    collator = training.MemoryModelCollator(tokenizer)
-    base_metrics = training.make_compute_metrics(tokenizer)
+    collator = training_collators.MemoryModelCollator(tokenizer)
+    base_metrics = training_collators.make_compute_metrics(tokenizer)
     seen = []
 
     def compute_metrics(eval_pred):  # what the trainer gathered from both processes
@@ -225,14 +229,14 @@ def _trainer_checks(rank, world, work_dir: Path):
 
     def model():
         torch.manual_seed(0)
-        base = training.build_backbone_config("llama", n_layer=2, n_head=2, n_embd=32, tokenizer=tokenizer,
-                                              max_position_embeddings=128)
+        base = training_backbone.build_backbone_config("llama", n_layer=2, n_head=2, n_embd=32, tokenizer=tokenizer,
+                                                       max_position_embeddings=128)
         # grad_mode first without the inner loss: the write head cannot get a gradient and must be frozen
         return GradMemGPT(GradMemGPTConfig(base_config=base, n_mem_tokens=2, K=1, lr=0.1, grad_mode="first",
                                            use_write_head=True))
 
     def train_args(max_steps):
-        return training.TrainArgs(
+        return training_args.TrainArgs(
             exp_path=str(work_dir / "run"), per_device_batch_size=2, per_device_eval_batch_size=2,
             total_batch_size=2 * world, max_steps=max_steps, eval_steps=1, logging_steps=1, warmup_steps=0,
             learning_rate=1e-3, report_to="tensorboard", dataloader_num_workers=0, use_cpu=True,
@@ -252,8 +256,8 @@ def _trainer_checks(rank, world, work_dir: Path):
     first = train_args(2)
     first.validate()  # the batch identity with WORLD_SIZE from torchrun
     trained = model()
-    metrics = training.run_experiment(first, trained, tokenizer, splits, collator, compute_metrics, data_name="kv",
-                                      extra_callbacks=[RecordTrainLogs()])
+    metrics = training_experiment.run_experiment(first, trained, tokenizer, splits, collator, compute_metrics,
+                                                 data_name="kv", extra_callbacks=[RecordTrainLogs()])
     train_logs = [None] * world
     torch.distributed.all_gather_object(train_logs, RecordTrainLogs.records)
     evaluations = list(seen)
@@ -262,14 +266,14 @@ def _trainer_checks(rank, world, work_dir: Path):
     full = collator([splits["valid"][i] for i in range(N_EVAL)])
     with torch.no_grad():
         logits = trained(full["context_input_ids"], full["query_input_ids"]).logits
-    predictions = training.reduce_logits_to_predictions(logits, full["labels"])
+    predictions = training_collators.reduce_logits_to_predictions(logits, full["labels"])
     predictions = predictions[0] if isinstance(predictions, tuple) else predictions
     run_dir = work_dir / "run"
     files = {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
     config = json.loads((run_dir / "run_config.json").read_text())
 
-    resumed = training.run_experiment(train_args(3), model(), tokenizer, splits, collator, compute_metrics,
-                                      data_name="kv")
+    resumed = training_experiment.run_experiment(train_args(3), model(), tokenizer, splits, collator, compute_metrics,
+                                                 data_name="kv")
     resumed_config = json.loads((run_dir / "run_config.json").read_text())
     return {
         "eval_rows": [len(labels) for labels, _ in seen],
@@ -432,10 +436,10 @@ def test_launch_arithmetic(np_, tbs, per_device, expected):
     config = "accelerate.yaml" if np_ == 1 else "accelerate_ddp.yaml"
     assert launch[:6] == ["accelerate", "launch", "--config_file", config, "--num_processes", str(np_)]
     # the run scripts' Python check accepts what the presets derive
-    import training
+    import training_args
 
-    args = training.TrainArgs(per_device_batch_size=int(per_device_batch), gradient_accumulation_steps=int(grad_acc),
-                              total_batch_size=tbs)
+    args = training_args.TrainArgs(per_device_batch_size=int(per_device_batch),
+                                   gradient_accumulation_steps=int(grad_acc), total_batch_size=tbs)
     os.environ["WORLD_SIZE"], saved = str(np_), os.environ.get("WORLD_SIZE")
     try:
         args.validate()
@@ -470,31 +474,31 @@ def test_launch_warns_about_missing_gpus():
 
 
 def test_python_check_names_the_fix(monkeypatch):
-    import training
+    import training_args
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="set --gradient_accumulation_steps 2"):
-        training.TrainArgs(per_device_batch_size=16, gradient_accumulation_steps=1, total_batch_size=64).validate()
+        training_args.TrainArgs(per_device_batch_size=16, gradient_accumulation_steps=1, total_batch_size=64).validate()
 
 
 def test_resume_needs_the_same_number_of_processes(tmp_path):
-    import training
+    import training_run_folder
 
     config = tmp_path / "run_config.json"
     config.write_text(json.dumps({"cli_args": {"seed": 1}, "num_processes": 2}))
-    training._check_resumable(config, {"seed": 1}, num_processes=2)
+    training_run_folder._check_resumable(config, {"seed": 1}, num_processes=2)
     with pytest.raises(ValueError, match="trained with 2 processes and is resumed with 1.*NP=2"):
-        training._check_resumable(config, {"seed": 1}, num_processes=1)
+        training_run_folder._check_resumable(config, {"seed": 1}, num_processes=1)
 
 
 def test_a_model_with_nothing_to_train_is_an_error():
-    import training
+    import training_loop
     from grad_memgpt import GradMemGPT, GradMemGPTConfig
 
     torch.manual_seed(0)
     sys.path.insert(0, str(REPO))
     model = GradMemGPT(GradMemGPTConfig(base_config=_gpt2_base(), n_mem_tokens=2, grad_mode="none", K=1,
                                         use_write_head=True, freeze_backbone=True))
-    assert sorted(training.parameters_without_gradient(model)) == ["mem", "write_head.weight"]
+    assert sorted(training_loop.parameters_without_gradient(model)) == ["mem", "write_head.weight"]
     with pytest.raises(ValueError, match="no parameter of this model can receive a gradient"):
-        training.freeze_parameters_without_gradient(model)
+        training_loop.freeze_parameters_without_gradient(model)

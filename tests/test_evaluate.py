@@ -9,7 +9,9 @@ import evaluate_model as evaluate
 import kv_dataset_utils
 import predict
 from rmt import RMT2Segm, RMT2SegmConfig
-from training import BackboneArgs, GradMemArgs, build_backbone_config, build_grad_memgpt, load_tokenizer
+from grad_memgpt import GradMemArgs, build_grad_memgpt
+from training_args import BackboneArgs
+from training_backbone import build_backbone_config, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def test_predict_answers_and_memory_round_trip(tmp_path, gradmem_dir, capsys):
 def test_predict_answer_matches_evaluation_decoding(gradmem_dir):
     """predict's one-query decoding gives the tokens evaluation.generate_answer_tokens gives for the same target."""
     from evaluation import generate_answer_tokens
-    from training import MemoryModelCollator
+    from training_collators import MemoryModelCollator
 
     model, tokenizer = evaluate.load_trained_model(str(gradmem_dir), device="cpu")
     row = {"context": "!ab:12!!cd:34!|", "query": "?!ab:", "target": "12!|"}

@@ -230,8 +230,10 @@ def _kv_run(tmp_path, name, fast_step="auto", use_cpu=True, max_steps=3):
     import kv_dataset_utils
     from datasets import Dataset, DatasetDict
 
-    from training import (MemoryModelCollator, TrainArgs, build_backbone_config, make_compute_metrics,
-                          run_experiment)
+    from training_args import TrainArgs
+    from training_backbone import build_backbone_config
+    from training_collators import MemoryModelCollator, make_compute_metrics
+    from training_experiment import run_experiment
 
     tok = kv_dataset_utils.load_kv_tokenizer(62)
     spec = kv_dataset_utils.parse_dataset_name("N2-K2V2-V62")
@@ -251,7 +253,7 @@ def _kv_run(tmp_path, name, fast_step="auto", use_cpu=True, max_steps=3):
 
 
 def test_trainer_falls_back_to_eager_steps_with_a_log_line(tmp_path, caplog):
-    from training import TrainArgs
+    from training_args import TrainArgs
 
     with pytest.raises(ValueError, match="--fast_step must be auto or off"):
         TrainArgs(fast_step="on").validate()

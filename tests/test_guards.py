@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from fast_step import CapturedTrainStep
 from guards import CollapseRollback, GradNormSpikeGuard, restore_checkpoint_in_place
 from test_fast_step import adamw, batch, params_of, tiny_model
-from training import NonFiniteStepSkippingAdamW
+from training_loop import NonFiniteStepSkippingAdamW
 
 
 def feed(guard, norms):

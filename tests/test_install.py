@@ -65,10 +65,10 @@ def test_modules_import_without_the_optional_packages_and_find_their_data(tmp_pa
             "    sys.modules[name] = None  # `import name` now raises ImportError\n"
             f"for module in {MODULES!r}:\n"
             "    importlib.import_module(module)\n"
-            "import attn_double_bwd, kv_dataset_utils, training\n"
+            "import attn_double_bwd, kv_dataset_utils, training_args, training_backbone\n"
             "assert not attn_double_bwd.triton_available()\n"
             "assert kv_dataset_utils.load_kv_tokenizer(62).vocab_size == 70\n"
-            "assert training.load_tokenizer(training.BackboneArgs()).vocab_size == 70\n")
+            "assert training_backbone.load_tokenizer(training_args.BackboneArgs()).vocab_size == 70\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)

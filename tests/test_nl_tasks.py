@@ -11,7 +11,9 @@ import phonebook_utils
 import squad_utils
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
 from make_local_gpt2 import EOS, save_local_gpt2
-from training import IGNORE_INDEX, MemoryModelCollator, load_tokenizer, BackboneArgs
+from training_args import BackboneArgs
+from training_backbone import load_tokenizer
+from training_collators import IGNORE_INDEX, MemoryModelCollator
 
 DATA = Path(__file__).parent / "data"
 BABI_DIR, SQUAD_DIR = str(DATA / "babi"), str(DATA / "squad")

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 import collect_results as cr
-import run_gpt2_on_kv_retrieval as lm
-import run_rmt_on_kv_retrieval as rmt
-from training import (BackboneArgs, DataArgs, GradMemArgs, TrainArgs, gradmem_run_name, parse_cli,
-                      resolve_run_dir)
+from full_context_lm import FullContextArgs
+from grad_memgpt import GradMemArgs
+from rmt import RMTArgs
+from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
+from training_run_folder import resolve_run_dir
+from training_runs import full_context_run_name, gradmem_run_name, rmt_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_paper_claims.sh"
@@ -23,8 +25,8 @@ SCRIPT_SETTINGS = ("GPUS", "SEEDS", "SEEDS_ABLATION", "NS", "ONLY", "BUDGET_N4",
                    "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN")
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(.+)$")
 NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
-          "run_rmt_on_kv_retrieval.py": (rmt.RMTArgs, rmt.default_run_name),
-          "run_gpt2_on_kv_retrieval.py": (lm.FullContextArgs, lm.default_run_name)}
+          "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name),
+          "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name)}
 
 
 def run_script(*args, check=True, **env):

@@ -8,7 +8,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from modeling_utils import get_backbone
 from rmt import RMT2Segm, RMT2SegmConfig
-from training import make_compute_metrics, reduce_logits_to_predictions
+from training_collators import make_compute_metrics, reduce_logits_to_predictions
 
 V, PAD = 24, 0
 

@@ -4,9 +4,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from grad_memgpt import GradMemArgs, GradMemGPT
 import run_gradmemgpt_on_kv_retrieval as run_kv
-from grad_memgpt import GradMemGPT
-from training import BackboneArgs, GradMemArgs, TrainArgs, gradmem_run_name, parse_cli
+from training_args import BackboneArgs, TrainArgs, parse_cli
+from training_runs import gradmem_run_name
 
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size", "4",
         "--warmup_steps", "0", "--learning_rate", "1e-3", "--eval_steps", "2", "--logging_steps", "1",

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, EvalPrediction
 import prepare_pg19_chunks
 from make_local_gpt2 import save_local_gpt2
 import run_gradmemgpt_on_text_compression as tc
-from training import IGNORE_INDEX, parse_cli
+from training_args import parse_cli
+from training_collators import IGNORE_INDEX
 
 FIXTURE = Path(__file__).parent / "data" / "pg19_fixture"
 WRITE_ONLY_MARKERS = ("lora_", "write_head.", "mem_proj.")

@@ -12,14 +12,25 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (AutoTokenizer, LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast)
 from transformers.trainer_utils import EvalPrediction
 
-import training
+from grad_memgpt import GradMemArgs
 from modeling_utils import MemoryModelOutput
-from training import (BackboneArgs, CausalLMCollator, DataArgs, GradMemArgs, MemoryModelCollator,
-                      NonFiniteStepSkippingAdamW, TrainArgs, build_backbone_config, load_splits, make_compute_metrics,
-                      parse_cli, reduce_logits_to_predictions, run_experiment)
+import training_args
+from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
+import training_backbone
+from training_backbone import build_backbone_config
+import training_checkpoints
+from training_collators import CausalLMCollator, MemoryModelCollator, make_compute_metrics, reduce_logits_to_predictions
+import training_data
+from training_data import load_splits
+from training_experiment import run_experiment
+import training_loop
+from training_loop import NonFiniteStepSkippingAdamW
+import training_run_folder
+import training_runs
 
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!?:|"
 
@@ -240,10 +251,10 @@ def test_init_checkpoint_vocab_mismatch(tmp_path):
     other = FakeMemoryModel(FakeMemoryConfig(vocab_size=60))
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="another tokenizer/vocabulary"):
-        training.load_init_checkpoint(model, str(tmp_path))
+        training_checkpoints.load_init_checkpoint(model, str(tmp_path))
     same = FakeMemoryModel(FakeMemoryConfig(vocab_size=48))
     save_file({k: v.contiguous() for k, v in same.state_dict().items()}, str(tmp_path / "same.safetensors"))
-    training.load_init_checkpoint(model, str(tmp_path / "same.safetensors"))
+    training_checkpoints.load_init_checkpoint(model, str(tmp_path / "same.safetensors"))
     assert torch.equal(model.lm.lm_head.weight, same.lm.lm_head.weight)
 
 
@@ -292,7 +303,7 @@ def test_end_to_end_run_folder_and_resume(tmp_path):
     metrics = run(4)
     run_dir = tmp_path / "run"
     for name in ("run_config.json", "config.json", "model.safetensors", "tokenizer.json", "all_results.json",
-                 "trainer_state.json", training.CURVE_FILE):
+                 "trainer_state.json", training_run_folder.CURVE_FILE):
         assert (run_dir / name).is_file(), name
     assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir()) and not (run_dir / "runs").exists()
     assert (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
@@ -337,7 +348,7 @@ def test_end_to_end_nonfinite_loss_stops_with_hint(tmp_path):
 
 def test_max_train_minutes_stops_at_the_first_evaluation_after_the_budget(tmp_path, monkeypatch):
     ticks = iter(range(1000))  # a clock that advances one second at every reading
-    monkeypatch.setattr(training.StopAfterWallTime, "clock", staticmethod(lambda: float(next(ticks))))
+    monkeypatch.setattr(training_loop.StopAfterWallTime, "clock", staticmethod(lambda: float(next(ticks))))
     tok = char_tokenizer()
     model = FakeMemoryModel(FakeMemoryConfig(vocab_size=len(tok)))
     args = _train_args(tmp_path, max_steps=20, eval_steps=2, report_to="none", max_train_minutes=2.5 / 60)
@@ -354,7 +365,7 @@ def test_single_process_with_several_gpus_trains_on_one(tmp_path, caplog):
     """HF would wrap the model in nn.DataParallel (batch x GPUs, stats gathered into vectors); we use one GPU."""
     from transformers import TrainingArguments
 
-    from training import _use_one_gpu_per_process
+    from training_experiment import _use_one_gpu_per_process
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     args._n_gpu = 2  # what transformers sets for one process that sees two GPUs
@@ -366,7 +377,9 @@ def test_single_process_with_several_gpus_trains_on_one(tmp_path, caplog):
 
 
 def test_parse_cli_seeds_before_the_model_is_built():
-    from training import BackboneArgs, GradMemArgs, TrainArgs, build_grad_memgpt, load_tokenizer, parse_cli
+    from grad_memgpt import GradMemArgs, build_grad_memgpt
+    from training_args import BackboneArgs, TrainArgs, parse_cli
+    from training_backbone import load_tokenizer
 
     def first_weights(seed):
         train_args, backbone_args, gradmem_args = parse_cli(
@@ -437,7 +450,7 @@ def test_selected_model_at_run_root_loads_alone(tmp_path, finished_run):
     best = FakeMemoryModel.from_pretrained(results["best_model_checkpoint"])
     for (name, a), b in zip(model.state_dict().items(), best.state_dict().values()):
         assert torch.equal(a, b), name
-    assert training.AutoTokenizer.from_pretrained(str(finished_run)).get_vocab() == char_tokenizer().get_vocab()
+    assert AutoTokenizer.from_pretrained(str(finished_run)).get_vocab() == char_tokenizer().get_vocab()
 
 
 def test_legacy_run_record_config_json_still_resumes_and_overwrites(tmp_path, finished_run):
@@ -452,7 +465,7 @@ def test_legacy_run_record_config_json_still_resumes_and_overwrites(tmp_path, fi
     with pytest.raises(ValueError, match="learning_rate"):  # the legacy record is compared
         _run(tmp_path, max_steps=9, learning_rate=1e-2)
     assert _run(tmp_path, max_steps=9)["global_step"] == 9
-    assert training.find_run_record(finished_run).name == "run_config.json"
+    assert training_runs.find_run_record(finished_run).name == "run_config.json"
     _run(tmp_path, exp="legacy", max_steps=3, overwrite=True)  # --overwrite recognises the legacy run folder
     assert (legacy / "notes.txt").is_file() and not (legacy / "checkpoint-6").exists()
 
@@ -500,15 +513,15 @@ def test_log_level_option_and_tied_weights_are_no_missing_keys(tmp_path):
     import logging
 
     parse_cli(TrainArgs, args=["--log_level", "warning"])
-    assert training.logger.level == logging.WARNING
+    assert training_args.logger.level == logging.WARNING
     parse_cli(TrainArgs, args=[])
-    assert training.logger.level == logging.INFO
+    assert training_args.logger.level == logging.INFO
     with pytest.raises(SystemExit):
         parse_cli(TrainArgs, args=["--log_level", "loud"])
     tied = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                         num_attention_heads=2, tie_word_embeddings=True))
-    assert training.tied_parameter_names(tied, ["lm_head.weight", "model.norm.weight"]) == {"lm_head.weight"}
-    assert training.tied_parameter_names(tied, ["lm_head.weight", "model.embed_tokens.weight"]) == set()
+    assert training_loop.tied_parameter_names(tied, ["lm_head.weight", "model.norm.weight"]) == {"lm_head.weight"}
+    assert training_loop.tied_parameter_names(tied, ["lm_head.weight", "model.embed_tokens.weight"]) == set()
 
 
 def test_run_stopped_at_metric_stays_stopped_unless_the_rule_changes(tmp_path):
@@ -545,14 +558,14 @@ def test_corrupt_latest_checkpoint_falls_back_or_names_the_file(tmp_path, finish
 
 def test_checkpoint_problems_name_the_file(tmp_path, finished_run):
     ckpt = finished_run / "checkpoint-6"
-    assert training.checkpoint_problem(ckpt) is None
+    assert training_checkpoints.checkpoint_problem(ckpt) is None
     optimizer = ckpt / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:-10])
-    assert "optimizer.pt is unreadable or truncated" in training.checkpoint_problem(ckpt)
+    assert "optimizer.pt is unreadable or truncated" in training_checkpoints.checkpoint_problem(ckpt)
     partial = finished_run / "checkpoint-9"  # killed while writing its weights: the only kind ever removed
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\x10\x00")
-    assert training._interrupted_save(partial) and not training._interrupted_save(ckpt)
+    assert training_checkpoints._interrupted_save(partial) and not training_checkpoints._interrupted_save(ckpt)
 
 
 def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, capsys):
@@ -561,13 +574,13 @@ def test_full_disk_while_saving_says_so(tmp_path, monkeypatch, capsys):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(training.GradMemTrainer, "_save_checkpoint", no_space)
+    monkeypatch.setattr(training_loop.GradMemTrainer, "_save_checkpoint", no_space)
     with pytest.raises(SystemExit) as exit_info:
-        training.run_cli(lambda: _run(tmp_path, max_steps=3))
+        training_args.run_cli(lambda: _run(tmp_path, max_steps=3))
     assert exit_info.value.code != 0 and "the disk is full" in str(exit_info.value.code)
     short_write = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
                                "data/0: file write failed")  # what torch.save raises on a full disk
-    assert training._is_disk_full(short_write) and not training._is_disk_full(RuntimeError("shape mismatch"))
+    assert training_args._is_disk_full(short_write) and not training_args._is_disk_full(RuntimeError("shape mismatch"))
 
 
 def test_skipped_step_counters_survive_resume(tmp_path):
@@ -611,20 +624,20 @@ def test_data_checks_cover_every_row(caplog):
     rows = kv_splits(400, 4)
     bad = rows["train"].map(lambda row, i: {"context": row["context"] + ("#" if i == 300 else "")}, with_indices=True)
     with pytest.raises(ValueError, match=r"does not know the characters \['#'\]"):
-        training.check_tokenizer_covers(tok, bad)
+        training_data.check_tokenizer_covers(tok, bad)
     empty = DatasetDict(train=rows["train"].map(lambda row: {"target": ""}), valid=rows["valid"])
     with pytest.raises(ValueError, match="every target of split 'train' is empty"):
-        training.check_targets(empty)
+        training_data.check_targets(empty)
     some = DatasetDict(train=rows["train"].map(lambda row, i: {"target": "" if i < 3 else row["target"]},
                                                with_indices=True))
     with caplog.at_level("WARNING", logger="gradmem"):
-        training.check_targets(some)
+        training_data.check_targets(some)
     assert "3 of 400 rows of split 'train' have an empty target" in caplog.text
     longest = max(len(ids) for ids in tok(list(rows["train"]["context"]))["input_ids"])
-    training.check_memory_inputs_fit(tok, rows, positions=longest + 4, n_prefix=4)
+    training_data.check_memory_inputs_fit(tok, rows, positions=longest + 4, n_prefix=4)
     with pytest.raises(ValueError, match=f"context of up to {longest} tokens .* --max_context_length"):
-        training.check_memory_inputs_fit(tok, rows, positions=longest + 3, n_prefix=4)
-    training.check_memory_inputs_fit(tok, rows, positions=longest + 3, n_prefix=4, max_context_length=8)
+        training_data.check_memory_inputs_fit(tok, rows, positions=longest + 3, n_prefix=4)
+    training_data.check_memory_inputs_fit(tok, rows, positions=longest + 3, n_prefix=4, max_context_length=8)
 
 
 def test_option_values_are_checked(monkeypatch):
@@ -648,17 +661,17 @@ def test_warm_start_must_load_every_trainable_tensor(tmp_path):
     one_layer = {k: v for k, v in weights.items() if ".layers.1." not in k}  # a 1-layer checkpoint
     save_file(one_layer, str(tmp_path / "one_layer.safetensors"))
     with pytest.raises(ValueError, match="leaves 9 of the model's .* trainable tensors unloaded.*--init_checkpoint_partial"):
-        training.load_init_checkpoint(model, str(tmp_path / "one_layer.safetensors"))
-    training.load_init_checkpoint(model, str(tmp_path / "one_layer.safetensors"), partial=True)
+        training_checkpoints.load_init_checkpoint(model, str(tmp_path / "one_layer.safetensors"))
+    training_checkpoints.load_init_checkpoint(model, str(tmp_path / "one_layer.safetensors"), partial=True)
     assert torch.equal(model.lm.model.layers[0].mlp.up_proj.weight, one_layer["lm.model.layers.0.mlp.up_proj.weight"])
     other_family = {"transformer." + k: v for k, v in weights.items()}  # e.g. a GPT-2 run into a Llama model
     save_file(other_family, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="unloaded"):
-        training.load_init_checkpoint(model, str(tmp_path / "other.safetensors"))
+        training_checkpoints.load_init_checkpoint(model, str(tmp_path / "other.safetensors"))
     wider = FakeMemoryModel(FakeMemoryConfig(vocab_size=48, width=64))
     save_file({k: v.contiguous() for k, v in wider.state_dict().items()}, str(tmp_path / "wide.safetensors"))
     with pytest.raises(ValueError, match="another width: --n_embd 64 in the checkpoint, 32 here"):
-        training.load_init_checkpoint(model, str(tmp_path / "wide.safetensors"))
+        training_checkpoints.load_init_checkpoint(model, str(tmp_path / "wide.safetensors"))
 
 
 def test_cli_user_errors_are_one_line_bugs_keep_their_traceback(capsys):
@@ -666,14 +679,14 @@ def test_cli_user_errors_are_one_line_bugs_keep_their_traceback(capsys):
         raise ValueError("--exp_path x is not a run folder")
 
     with pytest.raises(SystemExit) as exit_info:
-        training.run_cli(user_error)
+        training_args.run_cli(user_error)
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: --exp_path x is not a run folder\n"
 
     def bug():
         raise KeyError("oops")
 
     with pytest.raises(KeyError):
-        training.run_cli(bug)
+        training_args.run_cli(bug)
 
 
 def test_metrics_added_by_callbacks_reach_the_loggers(tmp_path):
