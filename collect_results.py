@@ -15,12 +15,13 @@ warning naming it, as if it were missing.
 
 Plots (under --out): learning_curves_<task>.png (eval exact match vs step, one colour per run group, seeds thin,
 mean thick), em_vs_n.png (exact match vs N of the KV tasks, one panel per model family gradmem / rmt2segm /
-llama / mamba / other), ablation_K.png and ablation_grad_mode.png (run names that differ only in _K{k}_ or
-_grad_{mode}).
+llama / mamba / other), ablation_K.png and ablation_grad_mode.png (runs whose saved arguments differ only in K or
+in grad_mode: the run records are read, the names are not parsed).
 """
 import argparse
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -30,14 +31,14 @@ from typing import Optional
 
 import numpy as np
 
+from training_runs import (FAMILIES, LEGACY_RUN_RECORD, RUN_RECORD, is_run_record, model_family, saved_arguments,
+                           setting)
+
 METRICS = ("eval_token_accuracy", "eval_exact_match")
 METRIC_LABELS = {"eval_token_accuracy": "token_acc", "eval_exact_match": "exact_match"}
-RUN_FILES = ("run_config.json", "all_results.json", "trainer_state.json")
-LEGACY_RUN_RECORD = "config.json"  # the run record of runs written by older code; now the model's config
-FAMILIES = ("gradmem", "rmt2segm", "llama", "mamba")
-RUN_DIR_PATTERN = re.compile(r"run_(\d+)")
-K_PATTERN = re.compile(r"(?<!_last)_K(\d+)_")  # gradmem_..._mem8_K2_ilr..; not _last_K1_
-GRAD_MODE_PATTERN = re.compile(r"_grad_(none|first|second)(?=_|$)")
+RUN_FILES = (RUN_RECORD, "all_results.json", "trainer_state.json")
+RUN_DIR_PATTERN = re.compile(r"run_(\d+)")  # the run folder of a seed
+ABLATIONS = ("K", "grad_mode")  # options whose ablation plots are drawn
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Run:
     path: Path
     metrics: dict  # all_results.json, {} when missing
     log_history: list  # trainer_state.json's records logged while training, [] when missing
+    args: dict = field(default_factory=dict)  # the saved arguments (the run record's cli_args), {} without a record
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Group:
     run_name: str
     seeds: list
     values: dict = field(default_factory=dict)  # metric -> per-seed values (nan where missing)
+    args: dict = field(default_factory=dict)  # the saved arguments of its first run with a record
 
     def mean(self, metric: str) -> float:
         v = np.asarray(self.values[metric], dtype=float)
@@ -127,17 +130,10 @@ def training_log(log_history: list) -> list:
     return log_history[:end]
 
 
-def _is_legacy_record(path: Path) -> bool:
-    try:
-        return "cli_args" in json.loads(path.read_text())
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def run_files(run_dir: Path) -> list:
     """The RUN_FILES a run folder holds, with a legacy record config.json (not a model's config.json)."""
     names = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if _is_legacy_record(run_dir / LEGACY_RUN_RECORD):
+    if is_run_record(run_dir / LEGACY_RUN_RECORD):
         names.append(LEGACY_RUN_RECORD)
     return names
 
@@ -158,7 +154,7 @@ def find_runs(runs_root) -> list:
                              "the folder above the task folders")
         runs.append(Run(task=path.parent.parent.name, run_name=path.parent.name, seed=int(m[1]), path=path,
                         metrics=read_results(path / "all_results.json"),
-                        log_history=read_log_history(path / "trainer_state.json")))
+                        log_history=read_log_history(path / "trainer_state.json"), args=saved_arguments(path)))
     if not runs:
         raise FileNotFoundError(f"no run folders <task>/<run_name>/run_<seed>/ with {' / '.join(RUN_FILES)} under "
                                 f"{root}")
@@ -173,7 +169,8 @@ def group_runs(runs: list) -> list:
     groups = []
     for (task, run_name), members in by_key.items():
         values = {m: [float(r.metrics.get(m, math.nan)) for r in members] for m in METRICS}
-        groups.append(Group(task, run_name, [r.seed for r in members], values))
+        args = next((r.args for r in members if r.args), {})
+        groups.append(Group(task, run_name, [r.seed for r in members], values, args))
     return groups
 
 
@@ -220,13 +217,6 @@ def summary_records(groups: list) -> list:
 # Grouping for plots
 # ----------------------------------------------------------------------------------------------------------------
 
-def model_family(run_name: str) -> str:
-    for family in FAMILIES:
-        if run_name.startswith(family + "_"):
-            return family
-    return "other"
-
-
 def kv_task_n(task: str) -> Optional[int]:
     """N (number of key-value pairs) of a KV task folder name, None for other tasks (SQuAD, bAbI, ...)."""
     from kv_dataset_utils import parse_dataset_name
@@ -242,18 +232,31 @@ def task_variant(task: str) -> str:
     return re.sub(r"^N\d+", "N*", task)
 
 
-def ablation_groups(groups: list, pattern: re.Pattern) -> dict:
-    """{(task, run name with the varied part as *): {value: Group}} for run names that differ only in `pattern`'s
-    group (e.g. _K{k}_); keys with a single value are dropped."""
+def ablation_groups(groups: list, option: str) -> dict:
+    """{(task, label): {value: Group}} for groups whose saved arguments differ only in `option` (e.g. K), apart from
+    the seed, name, place and what may change on a resume (training_runs.setting); single values are dropped.
+    The label is the groups' run names with their differing middle as * (e.g. gradmem_..._K*_ilr0.04_...)."""
     found = {}
     for g in groups:
-        m = pattern.search(g.run_name)
-        if m is None:
+        if option not in g.args:
             continue
-        base = g.run_name[:m.start(1)] + "*" + g.run_name[m.end(1):]
-        found.setdefault((g.task, base), {})[m[1]] = g
-    return {key: dict(sorted(vals.items(), key=lambda kv: _natural(kv[0]))) for key, vals in sorted(found.items())
-            if len(vals) > 1}
+        rest = setting(g.args)
+        value = str(rest.pop(option))
+        found.setdefault((g.task, json.dumps(rest, sort_keys=True, default=str)), {})[value] = g
+    ablations = {}
+    for (task, _), vals in found.items():
+        if len(vals) > 1:
+            label = _common_name([g.run_name for g in vals.values()])
+            ablations[(task, label)] = dict(sorted(vals.items(), key=lambda kv: _natural(kv[0])))
+    return dict(sorted(ablations.items()))
+
+
+def _common_name(names: list) -> str:
+    """The names' common start and end around a `*` (the part where they differ)."""
+    start = os.path.commonprefix(names)
+    room = min(len(n) for n in names) - len(start)
+    end = os.path.commonprefix([n[::-1] for n in names])[:room][::-1]
+    return f"{start}*{end}"
 
 
 def _natural(value: str):
@@ -356,9 +359,9 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
     return path
 
 
-def plot_ablation(groups: list, pattern: re.Pattern, name: str, out_dir: Path) -> Optional[Path]:
-    """ablation_<name>.png: exact match against the varied value, one panel per task, one line per base run name."""
-    found = ablation_groups(groups, pattern)
+def plot_ablation(groups: list, option: str, out_dir: Path) -> Optional[Path]:
+    """ablation_<option>.png: exact match against the option's value, one panel per task, one line per setting."""
+    found = ablation_groups(groups, option)
     if not found:
         return None
     plt = _pyplot()
@@ -369,11 +372,11 @@ def plot_ablation(groups: list, pattern: re.Pattern, name: str, out_dir: Path) -
         labels = sorted({v for _, vals in bases for v in vals}, key=_natural)
         for i, (base, vals) in enumerate(bases):
             _points_with_seeds(ax, [labels.index(v) for v in vals], list(vals.values()), f"C{i % 10}", base)
-        ax.set_xticks(range(len(labels)), labels), ax.set_xlabel(name), ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks(range(len(labels)), labels), ax.set_xlabel(option), ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=5, loc="lower left")
     axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
     fig.tight_layout()
-    path = out_dir / f"ablation_{name}.png"
+    path = out_dir / f"ablation_{option}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -396,8 +399,7 @@ def write_summary(runs_root, out_dir) -> dict:
     (out / "summary.md").write_text(header + table)
     (out / "summary.json").write_text(json.dumps(summary_records(groups), indent=2))
     files = [out / "summary.md", out / "summary.json", *plot_learning_curves(runs, out)]
-    for path in (plot_em_vs_n(groups, out), plot_ablation(groups, K_PATTERN, "K", out),
-                 plot_ablation(groups, GRAD_MODE_PATTERN, "grad_mode", out)):
+    for path in (plot_em_vs_n(groups, out), *(plot_ablation(groups, option, out) for option in ABLATIONS)):
         if path is not None:
             files.append(path)
     return {"table": table, "files": files}

@@ -9,6 +9,10 @@ import collect_results as cr
 GRADMEM_K2 = "gradmem_llama_L4H4D128_mem8_K2_ilr0.04_whead_grad_second_bs_64_lr_1e-04"
 GRADMEM_K1 = "gradmem_llama_L4H4D128_mem8_K1_ilr0.04_whead_grad_second_bs_64_lr_1e-04"
 RMT = "rmt2segm_llama_L4H4D128_mem8_bs_64_lr_1e-04"
+# the saved arguments (a part of them) of each run name: collect_results reads these, not the names
+GRADMEM_ARGS = {"n_mem_tokens": 8, "K": 2, "inner_lr": 0.04, "last_K_second_order": None, "grad_mode": "second"}
+ARGS = {GRADMEM_K2: GRADMEM_ARGS, GRADMEM_K1: {**GRADMEM_ARGS, "K": 1},
+        RMT: {"n_mem_tokens": 8, "K": 1, "use_reconstruction_loss": False}}
 
 # (task, run_name, seed) -> (token_accuracy, exact_match); None = no all_results.json (still running / crashed)
 RESULTS = {
@@ -30,7 +34,7 @@ def write_runs(root):
     for (task, name, seed), result in RESULTS.items():
         run = root / task / name / f"run_{seed}"
         run.mkdir(parents=True)
-        record = {"cli_args": {"seed": seed, "run_name": name}}
+        record = {"cli_args": {"seed": seed, "run_name": name, **ARGS[name]}}
         if seed == 1:  # today's layout: run record run_config.json beside the model's config.json
             (run / "run_config.json").write_text(json.dumps(record))
             (run / "config.json").write_text(json.dumps({"model_type": "grad_memgpt"}))
@@ -105,16 +109,18 @@ def test_plot_grouping():
     assert cr.kv_task_n("N16-K2V2-V62_1M") == 16 and cr.kv_task_n("squad_v2") is None
     assert cr.task_variant("N32-K2V2-V62_noise_0.5_1M") == "N*-K2V2-V62_noise_0.5_1M"
 
-    def group(name):
-        return cr.Group("N8-K2V2-V62_1M", name, [1], {m: [0.5] for m in cr.METRICS})
+    def group(name, **changed):
+        args = ARGS.get(name, GRADMEM_ARGS)
+        return cr.Group("N8-K2V2-V62_1M", name, [1], {m: [0.5] for m in cr.METRICS}, {**args, **changed})
 
     last_k1 = "gradmem_llama_L4H4D128_mem8_K2_ilr0.04_last_K1_whead_grad_second_bs_64_lr_1e-04"
-    groups = [group(GRADMEM_K2), group(GRADMEM_K1), group(RMT), group(last_k1),
-              group(GRADMEM_K2.replace("second", "first")), group(GRADMEM_K2.replace("ilr0.04", "ilr0.08"))]
-    found = cr.ablation_groups(groups, cr.K_PATTERN)
+    groups = [group(GRADMEM_K2), group(GRADMEM_K1), group(RMT), group(last_k1, last_K_second_order=1),
+              group(GRADMEM_K2.replace("second", "first"), grad_mode="first"),
+              group(GRADMEM_K2.replace("ilr0.04", "ilr0.08"), inner_lr=0.08)]
+    found = cr.ablation_groups(groups, "K")
     assert list(found) == [("N8-K2V2-V62_1M", GRADMEM_K2.replace("_K2_", "_K*_"))]
     assert list(found[list(found)[0]]) == ["1", "2"]
-    found = cr.ablation_groups(groups, cr.GRAD_MODE_PATTERN)
+    found = cr.ablation_groups(groups, "grad_mode")
     assert list(found) == [("N8-K2V2-V62_1M", GRADMEM_K2.replace("second", "*"))]
     assert list(found[list(found)[0]]) == ["first", "second"]
 

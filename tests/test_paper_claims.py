@@ -16,7 +16,7 @@ from grad_memgpt import GradMemArgs
 from rmt import RMTArgs
 from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
 from training_run_folder import resolve_run_dir
-from training_runs import full_context_run_name, gradmem_run_name, rmt_run_name
+from training_runs import flat_args, full_context_run_name, gradmem_run_name, rmt_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_paper_claims.sh"
@@ -61,11 +61,12 @@ def run_id(row):
 
 
 def run_folder(argv):
-    """The run folder the run script would use for this command (its own naming)."""
+    """The run folder the run script would use for this command (its own naming), its TrainArgs and its saved
+    arguments."""
     model_args, name = NAMING[argv[0]]
     train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_args, DataArgs, args=argv[1:])
     train.run_name = name(train, backbone, model, 1)
-    return resolve_run_dir(train, Path(data.data_path).name), train
+    return resolve_run_dir(train, Path(data.data_path).name), train, flat_args([train, backbone, model, data])
 
 
 # -------------------------------------------------------------------------------------------------------- the plan
@@ -107,7 +108,7 @@ def test_dry_run_commands_recipe_and_run_names():
     folders, groups = {}, []
     for r in rows:
         argv = commands[run_id(r)]
-        folder, train = run_folder(argv)
+        folder, train, saved = run_folder(argv)
         assert (train.learning_rate, train.per_device_batch_size, train.max_grad_norm) == (1e-3, 64, 1.0)
         assert (train.lr_scheduler_type, train.eval_steps, train.max_eval_samples) == ("constant_with_warmup", 200, 500)
         assert (train.early_stopping_patience, train.stop_metric, train.stop_metric_value) == (0, "exact_match", 0.99)
@@ -119,22 +120,22 @@ def test_dry_run_commands_recipe_and_run_names():
         assert folder not in folders, f"{run_id(r)} and {folders.get(folder)} share {folder}"
         folders[folder] = run_id(r)
         if r["seed"] == 1:
-            groups.append(cr.Group(task=folder.parent.parent.name, run_name=folder.parent.name, seeds=[143]))
+            groups.append(cr.Group(task=folder.parent.parent.name, run_name=folder.parent.name, seeds=[143],
+                                   args=saved))
         if r["model"].startswith("gradmem"):
             _, _, g, _ = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=argv[1:])
             k = int(r["model"][len("gradmem_K"):]) if r["model"].startswith("gradmem_K") else 2
             mode = r["model"][len("gradmem_grad_"):] if "grad_" in r["model"] else "second"
             assert (g.n_mem_tokens, g.K, g.grad_mode, g.inner_lr, g.inner_loss_weight) == (8, k, mode, 0.04, 0.5)
             assert g.use_write_head and g.attn_implementation == "auto"
-            assert cr.K_PATTERN.search(folder.parent.name)[1] == str(k)
-            assert cr.GRAD_MODE_PATTERN.search(folder.parent.name)[1] == mode
+            assert f"_K{k}_" in folder.parent.name and f"_grad_{mode}_" in folder.parent.name
         assert cr.model_family(folder.parent.name) == {"rmt": "rmt2segm", "llama": "llama"}.get(r["model"], "gradmem")
 
     # collect_results puts the main K=2 second-order run into both ablations
-    k_ablation = cr.ablation_groups(groups, cr.K_PATTERN)
+    k_ablation = cr.ablation_groups(groups, "K")
     assert sorted((task, sorted(vals)) for (task, _), vals in k_ablation.items()) == [
         ("N16-K2V2-V62_1M", ["1", "2", "5"]), ("N8-K2V2-V62_1M", ["1", "2", "5"])]
-    grad_ablation = cr.ablation_groups(groups, cr.GRAD_MODE_PATTERN)
+    grad_ablation = cr.ablation_groups(groups, "grad_mode")
     assert [(task, list(vals)) for (task, _), vals in grad_ablation.items()] == [
         ("N8-K2V2-V62_1M", ["none", "first", "second"])]
 
