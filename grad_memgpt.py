@@ -781,9 +781,9 @@ class GradMemArgs:
 
     def validate(self) -> None:
         check_finite(self, "inner_lr", "inner_clip_value", "inner_clip_norm", "inner_loss_weight")
-        if self.grad_mode not in ("none", "first", "second"):
+        if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"--grad_mode must be none, first or second, got {self.grad_mode!r}")
-        if self.mem_proj_mode not in ("none", "proj", "per_sample"):
+        if self.mem_proj_mode not in MEM_PROJ_MODES:
             raise ValueError(f"--mem_proj_mode must be none, proj or per_sample, got {self.mem_proj_mode!r}")
         if self.use_mem_proj != (self.mem_proj_mode != "none"):
             raise ValueError("--use_mem_proj must be given exactly when --mem_proj_mode is proj or per_sample")
@@ -791,7 +791,6 @@ class GradMemArgs:
             raise ValueError("--inner_loss_weight is only used with --add_inner_loss_to_outer (drop one of them)")
         if self.add_inner_loss_to_outer and self.inner_loss_weight is None:
             self.inner_loss_weight = 0.5
-
 
 
 def build_grad_memgpt(backbone_args: BackboneArgs, g: GradMemArgs, tokenizer) -> GradMemGPT:

@@ -184,7 +184,6 @@ class BackboneArgs:
             raise ValueError(f"--n_embd {self.n_embd} must be divisible by --n_head {self.n_head}")
 
 
-
 @dataclass
 class DataArgs:
     data_path: str = field(

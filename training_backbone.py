@@ -121,7 +121,6 @@ def build_backbone_config(
     return config
 
 
-
 def backbone_source(backbone_args: BackboneArgs, tokenizer: PreTrainedTokenizerBase) -> dict:
     """The backbone part of a memory-model config: {pretrained_model} or {base_config} (from scratch)."""
     if backbone_args.pretrained_model is not None:

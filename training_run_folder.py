@@ -62,7 +62,6 @@ def is_run_output(path: Path, with_model_config: bool = False) -> bool:
     return any(fnmatch.fnmatch(path.name, p) for p in RUN_OUTPUTS) or (with_model_config and path.name == MODEL_CONFIG)
 
 
-
 def plan_run_folder(run_dir: Path, train_args: TrainArgs, cli_args: dict, num_processes: int) -> RunFolderPlan:
     """Start fresh, start over (--overwrite), resume, or report a finished run; raises on anything unsafe.
 
@@ -107,7 +106,6 @@ def _resume_record(run_dir: Path, foreign: list, train_args: TrainArgs) -> Optio
                              "resume anyway, or --overwrite to start over") from None
         logger.warning("%s: resuming anyway (--resume_without_record), settings not compared", problem)
         return None
-
 
 
 def _finished_reason(run_dir: Path, resume_from: Optional[Path], train_args: TrainArgs) -> Optional[str]:
@@ -173,7 +171,6 @@ def package_versions() -> dict:
     versions["cuda"] = torch.version.cuda
     versions["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     return versions
-
 
 
 def _check_resumable(config_path: Path, cli_args: dict, num_processes: int) -> None:
