@@ -129,6 +129,8 @@ class GradMemGPTConfig(PretrainedConfig):
         attn_implementation: str = "eager",
         add_inner_loss_to_outer: bool = False,
         inner_loss_weight: Optional[float] = None,
+        eval_K: Optional[int] = None,
+        eval_lr: Optional[float] = None,
         **kwargs,
     ):
         self.pretrained_model = pretrained_model
@@ -161,6 +163,8 @@ class GradMemGPTConfig(PretrainedConfig):
         if add_inner_loss_to_outer and inner_loss_weight is None:
             inner_loss_weight = 1.0
         self.inner_loss_weight = inner_loss_weight
+        self.eval_K = eval_K  # WRITE steps / inner lr outside training (evaluation, generation); None: K / lr
+        self.eval_lr = eval_lr
         # architecture of a pretrained backbone, recorded when it is loaded, so that a saved model reloads without it
         self.pretrained_backbone_config = kwargs.pop("pretrained_backbone_config", None)
         super().__init__(**kwargs)
@@ -190,6 +194,10 @@ class GradMemGPTConfig(PretrainedConfig):
             fail(f"n_ctrl_tokens must be an integer >= 0, got {self.n_ctrl_tokens!r}")
         if self.lr < 0:
             fail(f"the inner lr must be >= 0, got {self.lr}")
+        if self.eval_K is not None and (not isinstance(self.eval_K, int) or self.eval_K < 0):
+            fail(f"eval_K (inner steps outside training) must be an integer >= 0 or None, got {self.eval_K!r}")
+        if self.eval_lr is not None and not self.eval_lr >= 0:
+            fail(f"eval_lr (inner lr outside training) must be >= 0 or None, got {self.eval_lr}")
         if self.last_K_second_order is not None:
             if self.grad_mode != "second" and self.last_K_second_order != 0:
                 fail(f"last_K_second_order={self.last_K_second_order} needs grad_mode='second' "
@@ -487,10 +495,18 @@ class GradMemGPT(PreTrainedModel):
             grad = grad * scale.view(-1, *([1] * (grad.dim() - 1)))
         return grad
 
-    def _inner_step(self, fast: list, grads: Sequence[torch.Tensor], adam_state: list, step: int) -> list:
+    def write_steps(self) -> tuple:
+        """(K, inner lr) of a WRITE: the trained ones, or eval_K / eval_lr outside training where they are set
+        (a model trained with few steps may write better with more at test time)."""
+        config = self.config
+        if self.training:
+            return config.K, config.lr
+        return (config.K if config.eval_K is None else config.eval_K,
+                config.lr if config.eval_lr is None else config.eval_lr)
+
+    def _inner_step(self, fast: list, grads: Sequence[torch.Tensor], adam_state: list, step: int, lr: float) -> list:
         """One functional SGD or Adam step on the inner variables. Differentiable: whatever graph `grads` carries
         (second order) flows through the update, Adam moments included; constant grads give first-order steps."""
-        lr = self.config.lr
         grads = [self._clip_inner_grad(g) for g in grads]
         if not self.config.use_adam:
             return [p - lr * g for p, g in zip(fast, grads)]
@@ -522,10 +538,11 @@ class GradMemGPT(PreTrainedModel):
         """write() plus the inner-loss term for the outer loss (mean per-sample loss at memory_{K-1}, with its graph
         when gradients are enabled; None unless add_inner_loss_to_outer)."""
         config = self.config
+        K, lr = self.write_steps()
         B, S = context_input_ids.shape
         build_graph = torch.is_grad_enabled()
         connect = build_graph and config.grad_mode != "none"  # does memory_K depend on the init (and on W, b)?
-        n_second_order = config.n_second_order_steps if build_graph else 0
+        n_second_order = min(config.n_second_order_steps, K) if build_graph else 0
         keep_inner_loss = build_graph and config.add_inner_loss_to_outer
 
         fast = self._initial_fast_weights(B)
@@ -540,26 +557,26 @@ class GradMemGPT(PreTrainedModel):
         written = (n_tokens > 0).float()  # [B]
         n_written = written.sum().clamp_min(1)
         inner_loss_outer = None
-        if config.K > 0 and S > 0:
+        if K > 0 and S > 0:
             context_embeds = self.model.get_input_embeddings()(context_input_ids)  # [B, S, d]
             grad_norms, step_losses, adam_state = [], [], []
             with torch.enable_grad():
-                for k in range(config.K):
-                    second_order = k >= config.K - n_second_order
-                    keep_graph = second_order or (keep_inner_loss and k == config.K - 1)
+                for k in range(K):
+                    second_order = k >= K - n_second_order
+                    keep_graph = second_order or (keep_inner_loss and k == K - 1)
                     if connect:  # differentiate w.r.t. the (graph-connected) current variables
                         fast = [p if p.requires_grad else p.detach().requires_grad_() for p in fast]
                     else:  # a fresh leaf every step: nothing flows back through the WRITE
                         fast = [p.detach().requires_grad_() for p in fast]
                     losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)  # [B]
                     grads = torch.autograd.grad(losses.sum(), fast, create_graph=second_order, retain_graph=keep_graph)
-                    if config.add_inner_loss_to_outer and k == config.K - 1:
+                    if config.add_inner_loss_to_outer and k == K - 1:
                         inner_loss_outer = losses.sum() / n_written  # [], loss at memory_{K-1}
                         if not keep_inner_loss:
                             inner_loss_outer = inner_loss_outer.detach()
                     step_losses.append(losses.detach().sum() / n_written)
                     grad_norms.append(torch.linalg.vector_norm(grads[0].detach().flatten(1), dim=1))  # [B]
-                    fast = self._inner_step(fast, grads, adam_state, k)
+                    fast = self._inner_step(fast, grads, adam_state, k, lr)
             if not connect:
                 fast = [p.detach() for p in fast]
             with torch.no_grad():  # the loss after the final update: one forward, no graph
