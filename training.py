@@ -71,7 +71,7 @@ RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
     "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
-    "resume_without_record", "log_level",
+    "resume_without_record", "log_level", "log_samples",
 }
 
 
@@ -1129,7 +1129,7 @@ MODEL_CONFIG = "config.json"  # the selected model's config at the run root; a r
 RUN_OUTPUTS = (RUN_RECORD, f"{PREFIX_CHECKPOINT_DIR}-*", "*_results.json", "trainer_state.json", CURVE_FILE,
                "events.out.tfevents.*", "runs", "wandb", "*.safetensors", "model.safetensors.index.json",
                "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja",
-               "training_args.bin")
+               "training_args.bin", "samples.jsonl")  # samples.jsonl: evaluation.SAMPLES_FILE
 
 
 @dataclass
