@@ -48,6 +48,10 @@ def model_folder(path: str) -> Path:
 def load_trained_model(path: str, device: Optional[str] = None) -> tuple:
     """(model in eval mode on `device`, right-padding tokenizer) of a run or checkpoint folder."""
     folder = model_folder(path)
+    if not any(folder.glob("tokenizer*")):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (checkpoints of the reference implementation carry none): "
+                                f"python convert_reference_checkpoint.py {folder} <new folder> --tokenizer <the run's "
+                                "tokenizer> writes a folder with one")
     model_type = AutoConfig.from_pretrained(folder).model_type
     model_class = AutoModel if model_type in MEMORY_MODEL_TYPES else AutoModelForCausalLM
     model = model_class.from_pretrained(folder)

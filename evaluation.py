@@ -7,6 +7,8 @@ the `ignore_ids`, e.g. the KV target's structural `!` and `|`) is generated righ
 
 Any model with `write(context_ids) -> (memory, ...)` and `read(memory, ids) -> logits` (logits[:, j] predicts token j)
 works; batches are the memory-model collator's {context_input_ids, query_input_ids (query + answer), labels}.
+AnswerSamplesCallback (--log_samples) logs a few generated answers at every evaluation of a run and keeps them in the
+run folder's samples.jsonl.
 """
 import json
 import logging

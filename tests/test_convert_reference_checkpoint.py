@@ -113,3 +113,14 @@ def test_converter_refuses_other_folders(tmp_path):
         convert_reference_checkpoint.main([str(tmp_path / "lm"), str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="no config.json"):
         convert_reference_checkpoint.main([str(tmp_path / "missing"), str(tmp_path / "out")])
+
+
+def test_evaluate_model_reads_a_converted_reference_checkpoint(tmp_path):
+    import evaluate_model
+
+    write_reference_checkpoint(tiny_model(dtype=torch.float32, n_ctrl_tokens=1), tmp_path / "ref")
+    with pytest.raises(FileNotFoundError, match="no tokenizer .*convert_reference_checkpoint.py"):
+        evaluate_model.load_trained_model(str(tmp_path / "ref"), device="cpu")
+    convert_reference_checkpoint.main([str(tmp_path / "ref"), str(tmp_path / "ours"), "--tokenizer", TOKENIZER])
+    model, tokenizer = evaluate_model.load_trained_model(str(tmp_path / "ours"), device="cpu")
+    assert isinstance(model, GradMemGPT) and tokenizer.padding_side == "right"
