@@ -61,6 +61,8 @@ Dropout of the backbone (e.g. GPT-2's 0.1) is active in WRITE while training; th
 same masks, so the meta-gradient is exact for the sampled masks.
 """
 import contextlib
+import re
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -71,6 +73,7 @@ from transformers import initialization as init
 
 import attn_double_bwd
 from modeling_utils import (
+    LoadsFully,
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
@@ -89,6 +92,12 @@ DEFAULT_WRITE_LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
+
+# Tensor names in checkpoints of the reference implementation -> ours. Its control tokens are `write_st`/`read_st`, and
+# its write LoRA wraps the backbone with peft's get_peft_model, which puts every backbone tensor under
+# `model.base_model.model.` (the adapters themselves are named as here: `<module>.lora_A.default.weight`).
+REFERENCE_NAMES = ((re.compile(r"^write_st$"), "write_start"), (re.compile(r"^read_st$"), "read_start"),
+                   (re.compile(r"^model\.base_model\.model\."), "model."))
 
 # Inner Adam hyper-parameters (fixed, as in the reference; the inner lr is `lr`).
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -245,7 +254,7 @@ def check_right_padding(tokenizer) -> None:
         )
 
 
-class GradMemGPT(PreTrainedModel):
+class GradMemGPT(LoadsFully, PreTrainedModel):
     config_class = GradMemGPTConfig
     base_model_prefix = "grad_memgpt"
     main_input_name = "context_input_ids"
@@ -312,8 +321,10 @@ class GradMemGPT(PreTrainedModel):
     def _build_backbone(config: GradMemGPTConfig, attn_implementation: str) -> PreTrainedModel:
         if config.pretrained_model is not None and torch.empty(0).device.type == "meta":
             # Being loaded by from_pretrained: every weight comes from our checkpoint; build the backbone from the
-            # architecture recorded at construction (checkpoints of older code: re-read from pretrained_model).
-            return build_causal_lm(None, _backbone_config(config), attn_implementation=attn_implementation)
+            # architecture recorded at construction (checkpoints of older code: re-read from pretrained_model, and
+            # recorded now, so that the model saves self-contained).
+            config.pretrained_backbone_config = _backbone_config(config)
+            return build_causal_lm(None, config.pretrained_backbone_config, attn_implementation=attn_implementation)
         model = build_causal_lm(config.pretrained_model, config.base_config, attn_implementation=attn_implementation)
         if config.pretrained_model is not None:
             config.pretrained_backbone_config = model.config.to_dict()  # pretrained_model stays as provenance
@@ -344,6 +355,32 @@ class GradMemGPT(PreTrainedModel):
         for name, module in self.model.named_modules():
             if "lora_" in name:
                 module._is_hf_initialized = True
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # checkpoints of the reference implementation
+
+    @classmethod
+    def checkpoint_state_dict(cls, folder: str) -> Optional[dict]:
+        """from_pretrained's hook: the tensors of a reference checkpoint folder under our names (None for ours)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        weights = Path(folder) / "model.safetensors"
+        if not weights.is_file():
+            return None
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+        if from_reference_names(dict.fromkeys(names)).keys() == set(names):
+            return None
+        return from_reference_names(load_file(str(weights)))
+
+    def adapt_checkpoint(self, state_dict: dict) -> tuple:
+        """--init_checkpoint's hook: (the tensors under our names, '' or a sentence naming the options the checkpoint
+        was written with where they differ from this model's)."""
+        state_dict = from_reference_names(state_dict)
+        theirs, ours = options_implied_by(state_dict), options_implied_by(self.state_dict())
+        differ = [_as_cli_option(name, value) for name, value in theirs.items() if ours.get(name) != value]
+        return state_dict, (f" The checkpoint was written with {' '.join(differ)}." if differ else "")
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -679,6 +716,42 @@ def _backbone_config(config: GradMemGPTConfig) -> dict:
     if config.pretrained_model is None:
         return config.base_config
     return config.pretrained_backbone_config or AutoConfig.from_pretrained(config.pretrained_model).to_dict()
+
+
+def from_reference_names(state_dict: dict) -> dict:
+    """A state dict with the reference implementation's tensor names renamed to ours (others kept as they are)."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        for pattern, ours in REFERENCE_NAMES:
+            name = pattern.sub(ours, name)
+        renamed[name] = tensor
+    return renamed
+
+
+def options_implied_by(state_dict: dict) -> dict:
+    """The model options a GradMem state dict (our names) was written with, as far as its tensors tell."""
+    lora_A = {name: t for name, t in state_dict.items() if ".lora_A." in name}
+    options = {
+        "n_mem_tokens": state_dict["mem"].shape[0] if "mem" in state_dict else None,
+        "n_ctrl_tokens": state_dict["write_start"].shape[0] if "write_start" in state_dict else 0,
+        "use_mem_proj": "mem_proj.weight" in state_dict,
+        "use_write_head": "write_head.weight" in state_dict,
+        "use_write_lora": bool(lora_A),
+    }
+    if lora_A:
+        options["write_lora_r"] = next(iter(lora_A.values())).shape[0]
+        options["write_lora_target_modules"] = sorted({name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name in lora_A})
+    return options
+
+
+def _as_cli_option(name: str, value) -> str:
+    if name == "use_mem_proj":
+        return "--use_mem_proj --mem_proj_mode proj (or per_sample)" if value else "--mem_proj_mode none"
+    if isinstance(value, bool):
+        return f"--{name} {str(value).lower()}"
+    if isinstance(value, list):
+        return f"--{name} {','.join(value)}"
+    return f"--{name} {value}"
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import (
+    LoadsFully,
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
@@ -125,7 +126,7 @@ class RMT2SegmConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class RMT2Segm(PreTrainedModel):
+class RMT2Segm(LoadsFully, PreTrainedModel):
     config_class = RMT2SegmConfig
     base_model_prefix = "rmt"
     main_input_name = "context_input_ids"

@@ -14,14 +14,14 @@ from modeling_utils import max_positions
 from training import (BackboneArgs, DataArgs, GradMemArgs, MemoryModelCollator, TrainArgs, build_grad_memgpt,
                       check_data, check_memory_inputs_fit, gradmem_run_name, launched_world_size, load_splits,
                       load_tokenizer, make_compute_metrics, parse_cli, run_cli, run_experiment, single_token_ids)
-from evaluation import make_generated_answer_metrics
+from evaluation import SampleLogArgs, answer_sample_callbacks, make_generated_answer_metrics
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    train_args, backbone_args, gradmem_args, data_args = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs,
-                                                                   args=args)
+    train_args, backbone_args, gradmem_args, data_args, sample_args = parse_cli(
+        TrainArgs, BackboneArgs, GradMemArgs, DataArgs, SampleLogArgs, args=args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
     check_data(tokenizer, splits)
@@ -33,13 +33,15 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     hint = (f"The inner loop probably diverged: lower --inner_lr (now {gradmem_args.inner_lr:g}) or bound the inner "
             f"step with --inner_clip_norm; a lower --learning_rate (now {train_args.learning_rate:g}) may also help.")
     collator = MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length)
+    ignore_ids = single_token_ids(tokenizer, ("!", "|"))  # the KV target's structural tokens are not scored
     return run_experiment(
         train_args, model, tokenizer, splits,
         collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
-        answer_metrics=make_generated_answer_metrics(collator, single_token_ids(tokenizer, ("!", "|"))),
+        answer_metrics=make_generated_answer_metrics(collator, ignore_ids),
+        extra_callbacks=answer_sample_callbacks(sample_args, collator, tokenizer, ignore_ids),
         data_name=Path(data_args.data_path.rstrip("/")).name,
-        all_args=(backbone_args, gradmem_args, data_args),
+        all_args=(backbone_args, gradmem_args, data_args, sample_args),
         nonfinite_hint=hint,
     )
 

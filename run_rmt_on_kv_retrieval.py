@@ -16,7 +16,7 @@ from rmt import RMT2Segm, RMT2SegmConfig
 from training import (BackboneArgs, DataArgs, MemoryModelCollator, TrainArgs, backbone_source, backbone_tag,
                       check_data, check_vocab_fits, launched_world_size, load_splits, load_tokenizer,
                       make_compute_metrics, parse_cli, run_cli, run_experiment, single_token_ids)
-from evaluation import make_generated_answer_metrics
+from evaluation import SampleLogArgs, answer_sample_callbacks, make_generated_answer_metrics
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
 
@@ -85,7 +85,8 @@ def build_model(backbone_args: BackboneArgs, r: RMTArgs, tokenizer) -> RMT2Segm:
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    train_args, backbone_args, rmt_args, data_args = parse_cli(TrainArgs, BackboneArgs, RMTArgs, DataArgs, args=args)
+    train_args, backbone_args, rmt_args, data_args, sample_args = parse_cli(
+        TrainArgs, BackboneArgs, RMTArgs, DataArgs, SampleLogArgs, args=args)
     check_backbone(backbone_args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path)
@@ -94,13 +95,15 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     if train_args.run_name is None:
         train_args.run_name = default_run_name(train_args, backbone_args, rmt_args, launched_world_size())
     collator = MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length)
+    ignore_ids = single_token_ids(tokenizer, ("!", "|"))  # the KV target's structural tokens are not scored
     return run_experiment(
         train_args, model, tokenizer, splits,
         collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
-        answer_metrics=make_generated_answer_metrics(collator, single_token_ids(tokenizer, ("!", "|"))),
+        answer_metrics=make_generated_answer_metrics(collator, ignore_ids),
+        extra_callbacks=answer_sample_callbacks(sample_args, collator, tokenizer, ignore_ids),
         data_name=Path(data_args.data_path.rstrip("/")).name,
-        all_args=(backbone_args, rmt_args, data_args),
+        all_args=(backbone_args, rmt_args, data_args, sample_args),
         nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",
     )
 

@@ -71,7 +71,7 @@ RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
     "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
-    "resume_without_record", "log_level",
+    "resume_without_record", "log_level", "log_samples",
 }
 
 
@@ -983,13 +983,14 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, partial: bool = Fals
     problem = _safetensors_problem(p)
     if problem:
         raise ValueError(f"--init_checkpoint {p} {problem}")
-    state_dict = load_file(str(p))
+    adapt = getattr(model, "adapt_checkpoint", None)  # the model's hook: other tensor names, the options written with
+    state_dict, hint = adapt(load_file(str(p))) if adapt is not None else (load_file(str(p)), "")
     own = model.state_dict()
     mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
                   if k in own and own[k].shape != v.shape}
     if mismatched and not partial:
         raise ValueError(f"--init_checkpoint {path} does not fit the model ({_mismatch_cause(mismatched)}): "
-                         + "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in mismatched.items()))
+                         + "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in mismatched.items()) + hint)
     fitting = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
     model.load_state_dict(fitting, strict=False)
     loaded_ptrs = {own[k].data_ptr() for k in fitting}
@@ -997,12 +998,12 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, partial: bool = Fals
     unused = [k for k in state_dict if k not in fitting]
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     untrained = [k for k in not_loaded if k in trainable]
-    if untrained and not partial:
+    if (untrained or unused) and not partial:
         raise ValueError(
             f"--init_checkpoint {path} leaves {len(untrained)} of the model's {len(trainable)} trainable tensors "
-            f"unloaded (e.g. {', '.join(untrained[:3])}; {len(unused)} checkpoint tensors unused): it was trained with "
-            "another architecture (--base_model, --n_layer, model options). Pass --init_checkpoint_partial to load "
-            "only the tensors that fit")
+            f"unloaded (e.g. {', '.join(untrained[:3]) or 'none'}) and {len(unused)} checkpoint tensors unused (e.g. "
+            f"{', '.join(unused[:3]) or 'none'}): it was trained with another architecture (--base_model, --n_layer, "
+            f"model options).{hint} Pass --init_checkpoint_partial to load only the tensors that fit")
     logger.warning("init_checkpoint %s: loaded %d tensors; not loaded %s; unused %s", p, len(fitting),
                    not_loaded or "none", unused or "none")
 
@@ -1128,7 +1129,7 @@ MODEL_CONFIG = "config.json"  # the selected model's config at the run root; a r
 RUN_OUTPUTS = (RUN_RECORD, f"{PREFIX_CHECKPOINT_DIR}-*", "*_results.json", "trainer_state.json", CURVE_FILE,
                "events.out.tfevents.*", "runs", "wandb", "*.safetensors", "model.safetensors.index.json",
                "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja",
-               "training_args.bin")
+               "training_args.bin", "samples.jsonl")  # samples.jsonl: evaluation.SAMPLES_FILE
 
 
 @dataclass

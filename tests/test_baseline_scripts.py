@@ -61,6 +61,8 @@ def test_rmt_trains_from_scratch_and_checkpoints_reload(tmp_path, kv_data):
     results, history = check_run_folder(run_dir)
     assert "eval_mem_norm_mean" in results and "eval_target_loss" in results
     assert all("mem_norm_mean" in r for r in history if "loss" in r)  # model stats in the training logs
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples[:6]] == [0, 0, 0, 3, 3, 3] and "answer" in samples[0]  # 3 per evaluation
     config = json.loads((run_dir / "run_config.json").read_text())["cli_args"]
     assert config["mem_proj_mode"] == "proj" and config["K"] == 1
     model = AutoModel.from_pretrained(run_dir / "checkpoint-3")

@@ -6,7 +6,7 @@ import pytest
 
 SCRIPTS = ("run_gradmemgpt_on_kv_retrieval", "run_gradmemgpt_on_babi", "run_gradmemgpt_on_squad",
            "run_gradmemgpt_on_text_compression", "run_rmt_on_kv_retrieval", "run_gpt2_on_kv_retrieval",
-           "run_gradmemgpt_kv_curriculum", "evaluate_model", "predict")
+           "run_gradmemgpt_kv_curriculum", "evaluate_model", "predict", "convert_reference_checkpoint")
 CHOICES = {"--grad_mode": {"none", "first", "second"}, "--mem_proj_mode": {"none", "proj", "per_sample"},
            "--fast_step": {"auto", "off"}, "--base_model": {"llama", "gpt2", "pythia", "mamba"},
            "--log_level": {"debug", "info", "warning", "error"}}
