@@ -78,6 +78,9 @@ class SquadDataArgs:
     def validate(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"unknown --layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if self.squad_json is not None and self.dataset_name != "squad":
+            raise ValueError(f"--squad_json reads SQuAD from the official files; --dataset_name {self.dataset_name} "
+                             "names other data: drop one of them")
         if self.data_path is not None:
             logger.warning("--data_path %s is not read (as in the reference): the data come from --dataset_name %s%s",
                            self.data_path, self.dataset_name,
@@ -85,7 +88,7 @@ class SquadDataArgs:
 
     def is_phonebook(self) -> bool:
         """Which task --dataset_name names: a phonebook hub id, or a local folder whose rows are phonebook rows."""
-        if self.squad_json is not None or self.dataset_name == "squad":
+        if self.dataset_name == "squad":
             return False
         if self.dataset_name in PHONEBOOK_HUB_IDS:
             return True

@@ -72,7 +72,8 @@ def test_squad_scripts_recognise_a_phonebook_dataset_by_its_columns(data_dir, tm
     assert name == "phonebook_N4" and splits["valid"][0]["query"].startswith("\n")
     assert splits["valid"][0]["answers"] == [splits["valid"][0]["target"]]
     assert answer_tasks.SquadDataArgs(dataset_name="booydar/phonebook_N8").is_phonebook()
-    assert not answer_tasks.SquadDataArgs(dataset_name="booydar/phonebook_N8", squad_json="x").is_phonebook()
+    with pytest.raises(ValueError, match="drop one of them"):
+        answer_tasks.SquadDataArgs(dataset_name="booydar/phonebook_N8", squad_json="x").validate()
     with pytest.raises(ValueError, match="--layout applies to SQuAD only"):
         answer_tasks.SquadDataArgs(dataset_name=phonebook, layout="cq_a").load()
     with pytest.raises(ValueError, match="unknown --dataset_name 'trivia'"):
