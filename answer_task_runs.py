@@ -31,8 +31,8 @@ class AnswerGradMemArgs(GradMemArgs):
 @dataclass
 class InitBaseArgs:
     init_base_checkpoint: Optional[str] = field(default=None, metadata={
-        "help": "safetensors file loaded into the backbone LM only (unused tensors are listed; every trainable backbone "
-                "tensor must be in it unless --init_checkpoint_partial); not with --init_checkpoint"})
+        "help": "safetensors file loaded into the backbone LM only (unused tensors are listed; every trainable "
+                "backbone tensor must be in it unless --init_checkpoint_partial); not with --init_checkpoint"})
 
 
 @dataclass

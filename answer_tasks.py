@@ -320,7 +320,8 @@ def full_context_answers(model, tokenizer, contexts: list, queries: list, max_ne
     with eval_mode(model):
         for start in range(0, len(contexts), batch_size):
             stop = min(start + batch_size, len(contexts))
-            prompts = [tokenizer(c + read_prompt(q)).input_ids for c, q in zip(contexts[start:stop], queries[start:stop])]
+            prompts = [tokenizer(context + read_prompt(query)).input_ids
+                       for context, query in zip(contexts[start:stop], queries[start:stop])]
             if max_input_length is not None:
                 prompts = [ids[-max_input_length:] for ids in prompts]
             for rows, prompt_ids in equal_length_groups(prompts):
