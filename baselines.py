@@ -45,7 +45,8 @@ class RMTArgs:
     def validate(self) -> None:
         if self.use_write_head and not self.use_reconstruction_loss:
             logger.warning("--use_write_head without --use_reconstruction_loss: only the reconstruction loss uses a "
-                           "write head, so none is built (the reference's SQuAD and phonebook presets built an unused one)")
+                           "write head, so none is built (the reference's SQuAD and phonebook presets built an unused "
+                           "one)")
             self.use_write_head = False
         RMT2SegmConfig(**self.config_kwargs())  # raises on any inconsistent option, before any work
 
@@ -89,7 +90,7 @@ def build_rmt(backbone_args: BackboneArgs, r: RMTArgs, tokenizer) -> RMT2Segm:
     return model
 
 
-# ------------------------------------------------------------------------------------------------------------ full context
+# ---------------------------------------------------------------------------------------------------- full context
 
 @dataclass
 class FullContextArgs:

@@ -1,7 +1,7 @@
 """Train GradMem on SQuAD v1.1 (three layouts), with generation-based SQuAD EM/F1.
 
     accelerate launch --config_file accelerate.yaml run_gradmemgpt_on_squad.py --pretrained_model gpt2 \\
-        --layout c_q --per_device_batch_size 32 --total_batch_size 64 ...     (preset: scripts/run_gradmemgpt_on_squad.sh)
+        --layout c_q --per_device_batch_size 32 --total_batch_size 64 ...   (preset: scripts/run_gradmemgpt_on_squad.sh)
 
 Data (`--dataset_name`): `squad` (the hub dataset, a local save_to_disk copy of it, or the official JSON files with
 `--squad_json DIR`) laid out by `--layout` (c_q, cq_a, qc_a; see squad_utils.py). A phonebook dataset (a hub id

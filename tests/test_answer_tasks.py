@@ -88,7 +88,8 @@ def test_squad_scripts_recognise_a_phonebook_dataset_by_its_columns(data_dir, tm
 
 def test_full_context_rows_join_context_and_query_with_one_space():
     rows = Dataset.from_dict({"context": ["Paris is in France.", "Mary went home. ", "A: 1\nB: 2"],
-                              "query": ["Where is Paris? ", "Where is Mary? ", "\nB: "], "target": ["France", "home", "2"]})
+                              "query": ["Where is Paris? ", "Where is Mary? ", "\nB: "],
+                              "target": ["France", "home", "2"]})
     joined = answer_tasks.full_context_rows(DatasetDict({"valid": rows}))["valid"]
     assert list(joined["context"]) == ["Paris is in France. ", "Mary went home. ", "A: 1\nB: 2"]
 
@@ -158,7 +159,8 @@ PRESETS = [  # preset, run script, backbone, environment beyond the data and mod
     ("run_rmt_on_babi.sh", "run_rmt_on_babi.py", "gpt2", {"TASKS": "1"}, ["--n_mem_tokens", "8"]),
     ("run_gpt2_on_squad.sh", "run_gpt2_on_squad.py", "gpt2", {}, ["--learning_rate", "1e-4"]),
     ("run_gpt_on_phonebook.sh", "run_gpt2_on_phonebook.py", "gpt2", {"SIZES": "4"}, ["--learning_rate", "3e-4"]),
-    ("run_mamba_on_phonebook.sh", "run_gpt2_on_phonebook.py", "mamba", {"SIZES": "4"}, ["--per_device_batch_size", "128"]),
+    ("run_mamba_on_phonebook.sh", "run_gpt2_on_phonebook.py", "mamba", {"SIZES": "4"},
+     ["--per_device_batch_size", "128"]),  # 512 / N
     ("run_gpt_on_babi.sh", "run_gpt2_on_babi.py", "mamba", {"TASKS": "1"}, ["--learning_rate", "1e-4"]),
     ("run_gradmemgpt_on_phonebook.sh", "run_gradmemgpt_on_phonebook.py", "gpt2", {"N": "4"}, ["--inner_lr", "0.4"]),
 ]
