@@ -62,11 +62,11 @@ def build(kind: str, tokenizer):
         gradmem_args = GradMemArgs()
         gradmem_args.validate()
         return build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
-    from run_rmt_on_kv_retrieval import RMTArgs, build_model
+    from baselines import RMTArgs, build_rmt
 
     rmt_args = RMTArgs(n_mem_tokens=8, K=1, use_mem_proj=True, mem_proj_mode="proj", attn_implementation="sdpa")
     rmt_args.validate()
-    return build_model(backbone_args, rmt_args, tokenizer)
+    return build_rmt(backbone_args, rmt_args, tokenizer)
 
 
 def one_step(kind, tokenizer, batch, accelerator, micro_batches=1):

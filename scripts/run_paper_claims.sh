@@ -251,14 +251,13 @@ RESOLVE_RUN_DIRS='
 import shlex, sys
 from pathlib import Path
 
-import run_gpt2_on_kv_retrieval as lm
-import run_rmt_on_kv_retrieval as rmt
+import baselines
 from training import (BackboneArgs, DataArgs, GradMemArgs, TrainArgs, gradmem_run_name, parse_cli,
                       resolve_run_dir)
 
 NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
-          "run_rmt_on_kv_retrieval.py": (rmt.RMTArgs, rmt.default_run_name),
-          "run_gpt2_on_kv_retrieval.py": (lm.FullContextArgs, lm.default_run_name)}
+          "run_rmt_on_kv_retrieval.py": (baselines.RMTArgs, baselines.rmt_run_name),
+          "run_gpt2_on_kv_retrieval.py": (baselines.FullContextArgs, baselines.full_context_run_name)}
 for line in sys.stdin:
     script, *args = shlex.split(line)
     model_args, run_name = NAMING[script]

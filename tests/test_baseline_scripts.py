@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig
 
+import baselines
 import kv_dataset_utils
 import run_gpt2_on_kv_retrieval
 import run_rmt_on_kv_retrieval
@@ -98,7 +99,6 @@ def test_rmt_accepts_a_pretrained_model(tmp_path, kv_data):
 
 @pytest.mark.parametrize("extra, message", [
     (["--K", "0"], "K=0"),
-    (["--use_write_head"], "use_write_head without use_reconstruction_loss"),
     (["--mem_proj_mode", "proj"], "contradicts"),
     (["--use_mem_residual"], "use_mem_residual needs K >= 2"),
     (["--reconstruction_loss_weight", "0.5"], "no effect"),
@@ -111,12 +111,20 @@ def test_rmt_bad_options_fail_before_any_work(tmp_path, extra, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_rmt_write_head_without_reconstruction_loss_is_not_built(caplog):
+    """The reference's SQuAD/phonebook presets pass --use_write_head alone (a head nothing used): warned, not built."""
+    args = baselines.RMTArgs(use_write_head=True)
+    with caplog.at_level("WARNING", logger="gradmem"):
+        args.validate()
+    assert args.use_write_head is False and "none is built" in caplog.text
+
+
 def test_rmt_run_name():
     from training import TrainArgs
 
-    name = run_rmt_on_kv_retrieval.default_run_name(
+    name = baselines.rmt_run_name(
         TrainArgs(per_device_batch_size=64), BackboneArgs(base_model="llama"),
-        run_rmt_on_kv_retrieval.RMTArgs(use_mem_proj=True, mem_proj_mode="proj"), world_size=1)
+        baselines.RMTArgs(use_mem_proj=True, mem_proj_mode="proj"), world_size=1)
     assert name == "rmt2segm_llama_L4H4D128_mem8_mem_proj_bs_64_lr_1e-04"
 
 
@@ -189,13 +197,13 @@ def test_full_context_sequences_must_fit_the_positions(tmp_path, kv_data):
 def test_full_context_run_name():
     from training import TrainArgs
 
-    name = run_gpt2_on_kv_retrieval.default_run_name(
+    name = baselines.full_context_run_name(
         TrainArgs(per_device_batch_size=64, learning_rate=5e-5, adam_beta2=0.98),
-        BackboneArgs(base_model="llama", max_position_embeddings=1024), run_gpt2_on_kv_retrieval.FullContextArgs(), 1)
+        BackboneArgs(base_model="llama", max_position_embeddings=1024), baselines.FullContextArgs(), 1)
     assert name == "llama_L4H4D128_L1024_bs_64_lr_5e-05_b2_0.98"
-    name = run_gpt2_on_kv_retrieval.default_run_name(
+    name = baselines.full_context_run_name(
         TrainArgs(per_device_batch_size=64, learning_rate=3e-4), BackboneArgs(base_model="mamba"),
-        run_gpt2_on_kv_retrieval.FullContextArgs(), 1)
+        baselines.FullContextArgs(), 1)
     assert name == "mamba_L4D128_bs_64_lr_3e-04"
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 import collect_results as cr
-import run_gpt2_on_kv_retrieval as lm
-import run_rmt_on_kv_retrieval as rmt
+import baselines
 from training import (BackboneArgs, DataArgs, GradMemArgs, TrainArgs, gradmem_run_name, parse_cli,
                       resolve_run_dir)
 
@@ -23,8 +22,8 @@ SCRIPT_SETTINGS = ("GPUS", "SEEDS", "SEEDS_ABLATION", "NS", "ONLY", "BUDGET_N4",
                    "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN")
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(.+)$")
 NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
-          "run_rmt_on_kv_retrieval.py": (rmt.RMTArgs, rmt.default_run_name),
-          "run_gpt2_on_kv_retrieval.py": (lm.FullContextArgs, lm.default_run_name)}
+          "run_rmt_on_kv_retrieval.py": (baselines.RMTArgs, baselines.rmt_run_name),
+          "run_gpt2_on_kv_retrieval.py": (baselines.FullContextArgs, baselines.full_context_run_name)}
 
 
 def run_script(*args, check=True, **env):
