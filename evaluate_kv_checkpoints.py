@@ -9,11 +9,13 @@ seen in training or selection. The number is the exact match of generated answer
 [memory; query] after WRITE; `!` and `|` not scored), with its binomial standard error.
 """
 import argparse
+import itertools
 import json
 import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoTokenizer
@@ -42,8 +44,15 @@ def checkpoint_folders(paths) -> list:
     return sorted(folders, key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else 0)
 
 
-def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int) -> dict:
+def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int, K: Optional[int] = None,
+                    inner_lr: Optional[float] = None) -> dict:
+    """`K` / `inner_lr` replace the checkpoint's WRITE steps / inner lr for this evaluation (test-time WRITE)."""
     model = GradMemGPT.from_pretrained(str(folder)).eval()
+    trained_K, trained_lr = model.config.K, model.config.lr
+    if K is not None:
+        model.config.K = K
+    if inner_lr is not None:
+        model.config.lr = inner_lr
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     n_pairs = int(folder.name[1:])
     spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
@@ -55,7 +64,8 @@ def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int)
     metrics = generated_exact_match(model, batches, single_token_ids(tokenizer, ("!", "|")))
     em = metrics["generated_exact_match"]
     provenance = folder / "provenance.json"
-    return {"N": n_pairs, "K": model.config.K, "inner_lr": model.config.lr, "exact_match": em,
+    return {"N": n_pairs, "K": model.config.K, "inner_lr": model.config.lr, "trained_K": trained_K,
+            "trained_inner_lr": trained_lr, "exact_match": em,
             "stderr": math.sqrt(em * (1 - em) / max(metrics["generated_samples"], 1)),
             "samples": metrics["generated_samples"], "seconds": time.time() - started,
             "provenance": json.loads(provenance.read_text()) if provenance.is_file() else {}}
@@ -68,20 +78,28 @@ def main(argv=None) -> list:
                         help="fresh test samples per checkpoint (300: all shipped checkpoints in ~3 min on 2 CPU cores)")
     parser.add_argument("--data_seed", type=int, default=1, help="generator seed of the fresh samples (training: 0)")
     parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--K", type=int, nargs="+", default=[None],
+                        help="WRITE steps at test time, one evaluation each (default: the checkpoint's own K)")
+    parser.add_argument("--inner_lr", type=float, nargs="+", default=[None],
+                        help="inner lr at test time, one evaluation each (default: the checkpoint's own)")
     args = parser.parse_args(argv)
     if args.samples < 1 or args.data_seed < 1:
         parser.error("need --samples >= 1 and --data_seed >= 1 (seed 0 made the training, valid and test data)")
+    if any(k is not None and k < 1 for k in args.K) or any(lr is not None and lr <= 0 for lr in args.inner_lr):
+        parser.error("--K takes integers >= 1 and --inner_lr numbers > 0")
     torch.manual_seed(0)
     rows = []
-    print("| checkpoint | N | K | generated exact match (fresh test) | samples | at training: valid / test | "
-          "CPU s |\n|---|---|---|---|---|---|---|", flush=True)
+    print("| checkpoint | N | trained K / inner lr | test K / inner lr | generated exact match (fresh test) | samples | "
+          "at training: valid / test | CPU s |\n|---|---|---|---|---|---|---|---|", flush=True)
     for folder in checkpoint_folders(args.paths):
-        row = evaluate_folder(folder, args.samples, args.data_seed, args.batch_size)
-        p = row["provenance"]
-        trained = (f"{p['valid_exact_match']:.4f} / {p['test_generated_exact_match']:.4f}" if p else "-")
-        print(f"| {folder} | {row['N']} | {row['K']} | {row['exact_match']:.4f} ± {row['stderr']:.4f} | "
-              f"{row['samples']} | {trained} | {row['seconds']:.0f} |", flush=True)
-        rows.append(row)
+        for K, inner_lr in itertools.product(args.K, args.inner_lr):
+            row = evaluate_folder(folder, args.samples, args.data_seed, args.batch_size, K, inner_lr)
+            p = row["provenance"]
+            trained = (f"{p['valid_exact_match']:.4f} / {p['test_generated_exact_match']:.4f}" if p else "-")
+            print(f"| {folder} | {row['N']} | {row['trained_K']} / {row['trained_inner_lr']:g} | {row['K']} / "
+                  f"{row['inner_lr']:g} | {row['exact_match']:.4f} ± {row['stderr']:.4f} | {row['samples']} | "
+                  f"{trained} | {row['seconds']:.0f} |", flush=True)
+            rows.append(row)
     return rows
 
 

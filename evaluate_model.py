@@ -22,7 +22,7 @@ from transformers.trainer_callback import PrinterCallback
 
 import grad_memgpt  # noqa: F401  (registers GradMemGPT with AutoModel)
 import rmt  # noqa: F401  (registers RMT2Segm with AutoModel)
-from evaluation import IGNORE_INDEX, generated_exact_match
+from evaluation import generated_exact_match, keep_answer_texts
 from kv_dataset_utils import build_named_dataset
 from training_args import add_log_level_argument, run_cli, setup_logging
 from training_collators import (CausalLMCollator, MemoryModelCollator, make_compute_metrics,
@@ -51,6 +51,10 @@ def model_folder(path: str) -> Path:
 def load_trained_model(path: str, device: Optional[str] = None) -> tuple:
     """(model in eval mode on `device`, right-padding tokenizer) of a run or checkpoint folder."""
     folder = model_folder(path)
+    if not any(folder.glob("tokenizer*")):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (checkpoints of the reference implementation carry none): "
+                                f"python convert_reference_checkpoint.py {folder} <new folder> --tokenizer <the run's "
+                                "tokenizer> writes a folder with one")
     model_type = AutoConfig.from_pretrained(folder).model_type
     model_class = AutoModel if model_type in MEMORY_MODEL_TYPES else AutoModelForCausalLM
     model = model_class.from_pretrained(folder)
@@ -83,14 +87,10 @@ def teacher_forced_metrics(model, tokenizer, split, collator, batch_size: int, p
 def generated_answers(model, tokenizer, split, collator, batch_size: int, prefix: str) -> tuple:
     """({prefix_generated_exact_match, ...}, one answer record per sample): WRITE each context, decode greedily."""
     decoded = []
-
-    def keep_answers(batch, generated, right):
-        for ids, labels, correct in zip(generated.cpu(), batch["labels"].cpu(), right.tolist()):
-            decoded.append((tokenizer.decode(ids[labels != IGNORE_INDEX]), correct))
-
     collated = (collator([split[i] for i in range(start, min(start + batch_size, len(split)))])
                 for start in range(0, len(split), batch_size))
-    metrics = generated_exact_match(model, collated, single_token_ids(tokenizer, KV_IGNORE_TOKENS), keep_answers)
+    metrics = generated_exact_match(model, collated, single_token_ids(tokenizer, KV_IGNORE_TOKENS),
+                                    keep_answer_texts(tokenizer, decoded))
     answers = [{"query": row["query"], "target": row["target"], "answer": answer, "correct": correct}
                for row, (answer, correct) in zip(split, decoded)]
     return {f"{prefix}_{k}": v for k, v in metrics.items()}, answers

@@ -7,12 +7,22 @@ the `ignore_ids`, e.g. the KV target's structural `!` and `|`) is generated righ
 
 Any model with `write(context_ids) -> (memory, ...)` and `read(memory, ids) -> logits` (logits[:, j] predicts token j)
 works; batches are the memory-model collator's {context_input_ids, query_input_ids (query + answer), labels}.
+AnswerSamplesCallback (--log_samples) logs a few generated answers at every evaluation of a run and keeps them in the
+run folder's samples.jsonl.
 """
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from transformers import TrainerCallback
 
 IGNORE_INDEX = -100
+SAMPLES_FILE = "samples.jsonl"  # in the run folder: the answer samples of every evaluation
+
+logger = logging.getLogger("gradmem")
 
 
 @torch.no_grad()
@@ -81,3 +91,57 @@ def make_generated_answer_metrics(collator: Callable, ignore_ids: Sequence[int] 
         return generated_exact_match(model, batches(), ignore_ids)
 
     return metrics
+
+
+def keep_answer_texts(tokenizer, into: list) -> Callable:
+    """An `on_batch` for generated_exact_match that appends (generated answer text, row is right) of each row to
+    `into`."""
+    def keep(batch, generated, right):
+        for ids, labels, correct in zip(generated.cpu(), batch["labels"].cpu(), right.tolist()):
+            into.append((tokenizer.decode(ids[labels != IGNORE_INDEX]), correct))
+
+    return keep
+
+
+@dataclass
+class SampleLogArgs:
+    """Answer samples at each evaluation (memory-model run scripts)."""
+
+    log_samples: int = field(default=3, metadata={
+        "help": f"at each evaluation, log the query, target and generated answer of the first N evaluated samples "
+                f"and append them to {SAMPLES_FILE} in the run folder (0: none)"})
+
+    def validate(self) -> None:
+        if self.log_samples < 0:
+            raise ValueError(f"--log_samples must be >= 0, got {self.log_samples}")
+
+
+class AnswerSamplesCallback(TrainerCallback):
+    """At each evaluation: the first `n_samples` rows of the evaluated split, their answers generated greedily after
+    WRITE, logged and appended to <run folder>/samples.jsonl as {step, split, query, target, answer, correct} (split:
+    the evaluation's metric prefix, e.g. eval, test). The same rows every time, so a run shows them being learnt."""
+
+    def __init__(self, collator: Callable, tokenizer, n_samples: int, ignore_ids: Sequence[int] = ()):
+        self.collator, self.tokenizer, self.n_samples, self.ignore_ids = collator, tokenizer, n_samples, ignore_ids
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        rows = eval_dataloader.dataset
+        rows = [rows[i] for i in range(min(self.n_samples, len(rows)))]
+        split = next((k[: -len("_runtime")] for k in metrics if k.endswith("_runtime")), "eval")
+        answers = []
+        generated_exact_match(getattr(model, "module", model), [self.collator(rows)], self.ignore_ids,
+                              keep_answer_texts(self.tokenizer, answers))
+        records = [{"step": state.global_step, "split": split, "query": row["query"], "target": row["target"],
+                    "answer": answer, "correct": correct} for row, (answer, correct) in zip(rows, answers)]
+        with open(Path(args.output_dir) / SAMPLES_FILE, "a") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        logger.info("step %d %s samples (query | target | generated answer):\n%s", state.global_step, split, "\n".join(
+            f"  {r['query']!r} | {r['target']!r} | {r['answer']!r}{'' if r['correct'] else '  (wrong)'}" for r in records))
+
+
+def answer_sample_callbacks(args: SampleLogArgs, collator: Callable, tokenizer,
+                            ignore_ids: Sequence[int] = ()) -> list:
+    """[AnswerSamplesCallback] for run_experiment's extra_callbacks, or [] with --log_samples 0."""
+    return [AnswerSamplesCallback(collator, tokenizer, args.log_samples, ignore_ids)] if args.log_samples else []

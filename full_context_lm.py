@@ -9,9 +9,11 @@ from typing import Optional
 from transformers import AutoConfig
 
 from attn_double_bwd import head_dim_of, resolve_attn_implementation
-from modeling_utils import base_config_to_dict, build_causal_lm
+from modeling_utils import base_config_to_dict, build_causal_lm, max_positions
 from training_args import BackboneArgs
 from training_backbone import backbone_source, check_vocab_fits
+from training_collators import CausalLMCollator
+from training_data import longest_tokens
 
 
 @dataclass
@@ -30,8 +32,22 @@ class FullContextArgs:
             resolve_attn_implementation(self.attn_implementation, second_order=False)  # unknown names fail here
 
 
+def check_full_context_options(backbone_args: BackboneArgs, args: FullContextArgs) -> None:
+    if backbone_args.base_model == "mamba":
+        if args.attn_implementation is not None:
+            raise ValueError(f"--attn_implementation {args.attn_implementation}: mamba has no attention; drop the flag")
+        try:
+            from transformers import MambaConfig, MambaForCausalLM  # noqa: F401
+        except ImportError as error:
+            import transformers
+
+            raise ValueError(f"--base_model mamba needs transformers' MambaConfig and MambaForCausalLM, which "
+                             f"transformers {transformers.__version__} lacks: upgrade transformers") from error
+
+
 def build_full_context_lm(backbone_args: BackboneArgs, args: FullContextArgs, tokenizer):
     """The causal LM from scratch (--base_model) or pretrained (--pretrained_model), cache off."""
+    check_full_context_options(backbone_args, args)
     source = backbone_source(backbone_args, tokenizer)
     base_config = source.get("base_config")
     config = base_config if base_config is not None else AutoConfig.from_pretrained(source["pretrained_model"])
@@ -46,3 +62,16 @@ def build_full_context_lm(backbone_args: BackboneArgs, args: FullContextArgs, to
     model.config.use_cache = False
     check_vocab_fits(model.get_input_embeddings().weight.shape[0], tokenizer)
     return model
+
+
+def check_full_context_fits(model, collator: CausalLMCollator, splits) -> None:
+    """Every sequence of every split fits the model's positions (else a cryptic index error mid-training)."""
+    positions = max_positions(model.config)
+    if positions is None or (collator.max_input_length is not None and collator.max_input_length <= positions):
+        return  # mamba has no position limit; --max_input_length cuts every sequence
+    for name, split in splits.items():
+        longest = longest_tokens(collator.tokenizer, split, ("context", "query", "target"), positions)
+        if longest > positions:
+            raise ValueError(f"sequences of {longest} tokens (split {name!r}) do not fit the model's {positions} "
+                             f"positions: set --max_input_length {positions} (drops the start of the context) or a "
+                             "larger --max_position_embeddings")

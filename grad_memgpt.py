@@ -62,12 +62,15 @@ same masks, so the meta-gradient is exact for the sampled masks.
 
 Hooks of the shared trainer, which knows no model: `parameters_without_gradient()` (trainable parameters the loss
 cannot reach in this configuration; frozen so that DDP needs no unused-parameter search) and
-`captured_step_problem()` (why fast_step cannot record the training step, or None). The run scripts' options and
+`captured_step_problem()` (why fast_step cannot record the training step, or None); `adapt_checkpoint()` renames a
+reference checkpoint's tensors for --init_checkpoint (training_checkpoints). The run scripts' options and
 builder (GradMemArgs, build_grad_memgpt) are at the end of this file.
 """
 import contextlib
+import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
@@ -78,6 +81,7 @@ from transformers import initialization as init
 
 import attn_double_bwd
 from modeling_utils import (
+    LoadsFully,
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
@@ -98,6 +102,12 @@ DEFAULT_WRITE_LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
+
+# Tensor names in checkpoints of the reference implementation -> ours. Its control tokens are `write_st`/`read_st`, and
+# its write LoRA wraps the backbone with peft's get_peft_model, which puts every backbone tensor under
+# `model.base_model.model.` (the adapters themselves are named as here: `<module>.lora_A.default.weight`).
+REFERENCE_NAMES = ((re.compile(r"^write_st$"), "write_start"), (re.compile(r"^read_st$"), "read_start"),
+                   (re.compile(r"^model\.base_model\.model\."), "model."))
 
 # Inner Adam hyper-parameters (fixed, as in the reference; the inner lr is `lr`).
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -138,6 +148,8 @@ class GradMemGPTConfig(PretrainedConfig):
         attn_implementation: str = "eager",
         add_inner_loss_to_outer: bool = False,
         inner_loss_weight: Optional[float] = None,
+        eval_K: Optional[int] = None,
+        eval_lr: Optional[float] = None,
         **kwargs,
     ):
         self.pretrained_model = pretrained_model
@@ -170,6 +182,8 @@ class GradMemGPTConfig(PretrainedConfig):
         if add_inner_loss_to_outer and inner_loss_weight is None:
             inner_loss_weight = 1.0
         self.inner_loss_weight = inner_loss_weight
+        self.eval_K = eval_K  # WRITE steps / inner lr outside training (evaluation, generation); None: K / lr
+        self.eval_lr = eval_lr
         # architecture of a pretrained backbone, recorded when it is loaded, so that a saved model reloads without it
         self.pretrained_backbone_config = kwargs.pop("pretrained_backbone_config", None)
         super().__init__(**kwargs)
@@ -199,6 +213,10 @@ class GradMemGPTConfig(PretrainedConfig):
             fail(f"n_ctrl_tokens must be an integer >= 0, got {self.n_ctrl_tokens!r}")
         if self.lr < 0:
             fail(f"the inner lr must be >= 0, got {self.lr}")
+        if self.eval_K is not None and (not isinstance(self.eval_K, int) or self.eval_K < 0):
+            fail(f"eval_K (inner steps outside training) must be an integer >= 0 or None, got {self.eval_K!r}")
+        if self.eval_lr is not None and not self.eval_lr >= 0:
+            fail(f"eval_lr (inner lr outside training) must be >= 0 or None, got {self.eval_lr}")
         if self.last_K_second_order is not None:
             if self.grad_mode != "second" and self.last_K_second_order != 0:
                 fail(f"last_K_second_order={self.last_K_second_order} needs grad_mode='second' "
@@ -246,7 +264,7 @@ def check_right_padding(tokenizer) -> None:
         )
 
 
-class GradMemGPT(PreTrainedModel):
+class GradMemGPT(LoadsFully, PreTrainedModel):
     config_class = GradMemGPTConfig
     base_model_prefix = "grad_memgpt"
     main_input_name = "context_input_ids"
@@ -313,8 +331,10 @@ class GradMemGPT(PreTrainedModel):
     def _build_backbone(config: GradMemGPTConfig, attn_implementation: str) -> PreTrainedModel:
         if config.pretrained_model is not None and torch.empty(0).device.type == "meta":
             # Being loaded by from_pretrained: every weight comes from our checkpoint; build the backbone from the
-            # architecture recorded at construction (checkpoints of older code: re-read from pretrained_model).
-            return build_causal_lm(None, _backbone_config(config), attn_implementation=attn_implementation)
+            # architecture recorded at construction (checkpoints of older code: re-read from pretrained_model, and
+            # recorded now, so that the model saves self-contained).
+            config.pretrained_backbone_config = _backbone_config(config)
+            return build_causal_lm(None, config.pretrained_backbone_config, attn_implementation=attn_implementation)
         model = build_causal_lm(config.pretrained_model, config.base_config, attn_implementation=attn_implementation)
         if config.pretrained_model is not None:
             config.pretrained_backbone_config = model.config.to_dict()  # pretrained_model stays as provenance
@@ -345,6 +365,32 @@ class GradMemGPT(PreTrainedModel):
         for name, module in self.model.named_modules():
             if "lora_" in name:
                 module._is_hf_initialized = True
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # checkpoints of the reference implementation
+
+    @classmethod
+    def checkpoint_state_dict(cls, folder: str) -> Optional[dict]:
+        """from_pretrained's hook: the tensors of a reference checkpoint folder under our names (None for ours)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        weights = Path(folder) / "model.safetensors"
+        if not weights.is_file():
+            return None
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+        if from_reference_names(dict.fromkeys(names)).keys() == set(names):
+            return None
+        return from_reference_names(load_file(str(weights)))
+
+    def adapt_checkpoint(self, state_dict: dict) -> tuple:
+        """--init_checkpoint's hook: (the tensors under our names, '' or a sentence naming the options the checkpoint
+        was written with where they differ from this model's)."""
+        state_dict = from_reference_names(state_dict)
+        theirs, ours = options_implied_by(state_dict), options_implied_by(self.state_dict())
+        differ = [_as_cli_option(name, value) for name, value in theirs.items() if ours.get(name) != value]
+        return state_dict, (f" The checkpoint was written with {' '.join(differ)}." if differ else "")
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -536,10 +582,18 @@ class GradMemGPT(PreTrainedModel):
             grad = grad * scale.view(-1, *([1] * (grad.dim() - 1)))
         return grad
 
-    def _inner_step(self, fast: list, grads: Sequence[torch.Tensor], adam_state: list, step: int) -> list:
+    def write_steps(self) -> tuple:
+        """(K, inner lr) of a WRITE: the trained ones, or eval_K / eval_lr outside training where they are set
+        (a model trained with few steps may write better with more at test time)."""
+        config = self.config
+        if self.training:
+            return config.K, config.lr
+        return (config.K if config.eval_K is None else config.eval_K,
+                config.lr if config.eval_lr is None else config.eval_lr)
+
+    def _inner_step(self, fast: list, grads: Sequence[torch.Tensor], adam_state: list, step: int, lr: float) -> list:
         """One functional SGD or Adam step on the inner variables. Differentiable: whatever graph `grads` carries
         (second order) flows through the update, Adam moments included; constant grads give first-order steps."""
-        lr = self.config.lr
         grads = [self._clip_inner_grad(g) for g in grads]
         if not self.config.use_adam:
             return [p - lr * g for p, g in zip(fast, grads)]
@@ -571,10 +625,11 @@ class GradMemGPT(PreTrainedModel):
         """write() plus the inner-loss term for the outer loss (mean per-sample loss at memory_{K-1}, with its graph
         when gradients are enabled; None unless add_inner_loss_to_outer)."""
         config = self.config
+        K, lr = self.write_steps()
         B, S = context_input_ids.shape
         build_graph = torch.is_grad_enabled()
         connect = build_graph and config.grad_mode != "none"  # does memory_K depend on the init (and on W, b)?
-        n_second_order = config.n_second_order_steps if build_graph else 0
+        n_second_order = min(config.n_second_order_steps, K) if build_graph else 0
         keep_inner_loss = build_graph and config.add_inner_loss_to_outer
 
         fast = self._initial_fast_weights(B)
@@ -589,26 +644,26 @@ class GradMemGPT(PreTrainedModel):
         written = (n_tokens > 0).float()  # [B]
         n_written = written.sum().clamp_min(1)
         inner_loss_outer = None
-        if config.K > 0 and S > 0:
+        if K > 0 and S > 0:
             context_embeds = self.model.get_input_embeddings()(context_input_ids)  # [B, S, d]
             grad_norms, step_losses, adam_state = [], [], []
             with torch.enable_grad():
-                for k in range(config.K):
-                    second_order = k >= config.K - n_second_order
-                    keep_graph = second_order or (keep_inner_loss and k == config.K - 1)
+                for k in range(K):
+                    second_order = k >= K - n_second_order
+                    keep_graph = second_order or (keep_inner_loss and k == K - 1)
                     if connect:  # differentiate w.r.t. the (graph-connected) current variables
                         fast = [p if p.requires_grad else p.detach().requires_grad_() for p in fast]
                     else:  # a fresh leaf every step: nothing flows back through the WRITE
                         fast = [p.detach().requires_grad_() for p in fast]
                     losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)  # [B]
                     grads = torch.autograd.grad(losses.sum(), fast, create_graph=second_order, retain_graph=keep_graph)
-                    if config.add_inner_loss_to_outer and k == config.K - 1:
+                    if config.add_inner_loss_to_outer and k == K - 1:
                         inner_loss_outer = losses.sum() / n_written  # [], loss at memory_{K-1}
                         if not keep_inner_loss:
                             inner_loss_outer = inner_loss_outer.detach()
                     step_losses.append(losses.detach().sum() / n_written)
                     grad_norms.append(torch.linalg.vector_norm(grads[0].detach().flatten(1), dim=1))  # [B]
-                    fast = self._inner_step(fast, grads, adam_state, k)
+                    fast = self._inner_step(fast, grads, adam_state, k, lr)
             if not connect:
                 fast = [p.detach() for p in fast]
             with torch.no_grad():  # the loss after the final update: one forward, no graph
@@ -711,6 +766,42 @@ def _backbone_config(config: GradMemGPTConfig) -> dict:
     if config.pretrained_model is None:
         return config.base_config
     return config.pretrained_backbone_config or AutoConfig.from_pretrained(config.pretrained_model).to_dict()
+
+
+def from_reference_names(state_dict: dict) -> dict:
+    """A state dict with the reference implementation's tensor names renamed to ours (others kept as they are)."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        for pattern, ours in REFERENCE_NAMES:
+            name = pattern.sub(ours, name)
+        renamed[name] = tensor
+    return renamed
+
+
+def options_implied_by(state_dict: dict) -> dict:
+    """The model options a GradMem state dict (our names) was written with, as far as its tensors tell."""
+    lora_A = {name: t for name, t in state_dict.items() if ".lora_A." in name}
+    options = {
+        "n_mem_tokens": state_dict["mem"].shape[0] if "mem" in state_dict else None,
+        "n_ctrl_tokens": state_dict["write_start"].shape[0] if "write_start" in state_dict else 0,
+        "use_mem_proj": "mem_proj.weight" in state_dict,
+        "use_write_head": "write_head.weight" in state_dict,
+        "use_write_lora": bool(lora_A),
+    }
+    if lora_A:
+        options["write_lora_r"] = next(iter(lora_A.values())).shape[0]
+        options["write_lora_target_modules"] = sorted({name.split(".lora_A.")[0].rsplit(".", 1)[-1] for name in lora_A})
+    return options
+
+
+def _as_cli_option(name: str, value) -> str:
+    if name == "use_mem_proj":
+        return "--use_mem_proj --mem_proj_mode proj (or per_sample)" if value else "--mem_proj_mode none"
+    if isinstance(value, bool):
+        return f"--{name} {str(value).lower()}"
+    if isinstance(value, list):
+        return f"--{name} {','.join(value)}"
+    return f"--{name} {value}"
 
 
 def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:

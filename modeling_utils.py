@@ -5,7 +5,7 @@ scratch) or from a pretrained name/path, and return a `MemoryModelOutput` whose 
 `j` (labels are aligned with the query ids, not shifted), so one collator and one metrics function serve both.
 """
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -104,3 +104,50 @@ def pad_token_id(config: PretrainedConfig) -> int:
         if value is not None:
             return int(value)
     raise ValueError("the backbone config has neither pad_token_id nor eos_token_id; set pad_token_id")
+
+
+class LoadsFully:
+    """Mixin for a memory model (before PreTrainedModel in the bases): `from_pretrained` refuses a checkpoint that
+    leaves a model tensor unloaded or holds tensors the model lacks (transformers would only log them and leave
+    freshly initialised weights in place).
+
+    `checkpoint_state_dict(folder)` is the hook for checkpoints named differently (e.g. the reference implementation's):
+    it returns the folder's tensors under our names, or None to load the folder as it is.
+    """
+
+    @classmethod
+    def checkpoint_state_dict(cls, folder: str) -> Optional[dict]:
+        return None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        source = pretrained_model_name_or_path
+        state_dict = None
+        if source is not None and kwargs.get("state_dict") is None:
+            state_dict = cls.checkpoint_state_dict(str(source))
+        if state_dict is not None:  # load the converted tensors, with the folder's config
+            config = kwargs.pop("config", None)
+            if not isinstance(config, PretrainedConfig):
+                config = cls.config_class.from_pretrained(config or source)
+            model, info = super().from_pretrained(None, *args, config=config, state_dict=state_dict,
+                                                  output_loading_info=True, **kwargs)
+        else:
+            model, info = super().from_pretrained(source, *args, output_loading_info=True, **kwargs)
+        unused = sorted(info["unexpected_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+        missing = sorted(info["missing_keys"])
+        if unused or missing:
+            raise ValueError(
+                f"{source} does not fit the {type(model).__name__} its config.json describes: checkpoint tensors "
+                f"not used: {listed(unused)}; model tensors not in the checkpoint: {listed(missing)}. The weights were "
+                "written with other model options: set them in config.json (e.g. n_mem_tokens, n_ctrl_tokens, "
+                "mem_proj_mode, use_write_head, use_write_lora, write_lora_r, write_lora_target_modules)")
+        return (model, info) if want_info else model
+
+
+def listed(names: Sequence[str], limit: int = 6) -> str:
+    """'a, b, c and 4 more' (or 'none')."""
+    names = list(names)
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

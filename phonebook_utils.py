@@ -113,12 +113,11 @@ def main():
     parser.add_argument("--n_train", type=int, default=100_000)
     parser.add_argument("--n_valid", type=int, default=1_000)
     parser.add_argument("--seed", type=int, default=142)
-    parser.add_argument("--output_path", required=True, help="e.g. ./data/phonebook_N8 (name must contain "
-                                                             "'phonebook' for run_gradmemgpt_on_squad.py)")
+    parser.add_argument("--output_path", required=True, help="e.g. ./data/phonebook_N8")
     parser.add_argument("--prepared", action="store_true",
-                        help="save the prepared strings (for run scripts that read context/query/target as they are, "
-                             "e.g. the RMT and full-context baselines); preparing is idempotent, so "
-                             "run_gradmemgpt_on_squad.py reads either form")
+                        help="save the prepared strings (for run scripts that read context/query/target as they are: "
+                             "run_{rmt,gpt2}_on_kv_retrieval.py); preparing is idempotent, so the phonebook and SQuAD "
+                             "run scripts read either form")
     args = parser.parse_args()
     if os.path.exists(args.output_path):
         raise FileExistsError(f"{args.output_path} exists; remove it or choose another --output_path")

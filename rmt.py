@@ -33,6 +33,7 @@ Every parameter that is created receives a gradient: options that would create a
 without the reconstruction loss, a residual LayerNorm with K=1) are rejected, so multi-GPU DDP runs never need
 `find_unused_parameters`.
 """
+import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -43,6 +44,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import (
+    LoadsFully,
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
@@ -53,6 +55,7 @@ from modeling_utils import (
 from training_args import BackboneArgs
 from training_backbone import backbone_source, check_vocab_fits
 
+logger = logging.getLogger("gradmem")
 MEM_PROJ_MODES = ("none", "proj", "proj_rw")
 
 
@@ -128,7 +131,7 @@ class RMT2SegmConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class RMT2Segm(PreTrainedModel):
+class RMT2Segm(LoadsFully, PreTrainedModel):
     config_class = RMT2SegmConfig
     base_model_prefix = "rmt"
     main_input_name = "context_input_ids"
@@ -391,7 +394,9 @@ class RMTArgs:
         default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
     use_reconstruction_loss: bool = field(default=False, metadata={"help": "add a loss of reconstructing the context"})
     reconstruction_loss_weight: float = field(default=1.0, metadata={"help": "weight of the reconstruction loss"})
-    use_write_head: bool = field(default=False, metadata={"help": "own head for the reconstruction loss (needs it)"})
+    use_write_head: bool = field(default=False, metadata={
+        "help": "own head for the reconstruction loss; without --use_reconstruction_loss no head is built (a warning "
+                "says so: the reference built one that nothing used)"})
     use_mem_residual: bool = field(default=False, metadata={"help": "memory_k = memory_{k-1} + LayerNorm(write-out), K >= 2"})
     use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations"})
     attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa, flash_attention_2, ... or auto"})
@@ -400,13 +405,18 @@ class RMTArgs:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
     def validate(self) -> None:
+        if self.use_write_head and not self.use_reconstruction_loss:
+            logger.warning("--use_write_head without --use_reconstruction_loss: only the reconstruction loss uses a "
+                           "write head, so none is built (the reference's SQuAD and phonebook presets built an unused "
+                           "one)")
+            self.use_write_head = False
         RMT2SegmConfig(**self.config_kwargs())  # raises on any inconsistent option, before any work
 
 
 def check_backbone(backbone_args: BackboneArgs) -> None:
     if backbone_args.base_model == "mamba":
         raise ValueError("--base_model mamba: RMT needs a transformer backbone (llama, gpt2, pythia); the Mamba "
-                         "baseline is run_gpt2_on_kv_retrieval.py")
+                         "baseline is the full-context LM (run_gpt2_on_*.py)")
 
 
 def build_rmt(backbone_args: BackboneArgs, r: RMTArgs, tokenizer) -> RMT2Segm:

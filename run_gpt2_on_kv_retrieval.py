@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from full_context_lm import FullContextArgs, build_full_context_lm
+from full_context_lm import (FullContextArgs, build_full_context_lm, check_full_context_fits,
+                             check_full_context_options)
 from kv_dataset_utils import build_named_dataset
-from modeling_utils import max_positions
 from training_args import BackboneArgs, DataArgs, TrainArgs, launched_world_size, parse_cli, run_cli
 from training_backbone import load_tokenizer
 from training_checkpoints import checkpoint_problem, load_init_checkpoint, newest_usable_checkpoint
 from training_collators import CausalLMCollator, make_compute_metrics, reduce_logits_to_predictions
-from training_data import check_data, load_splits, longest_tokens
+from training_data import check_data, load_splits
 from training_experiment import evaluate_splits, run_experiment
 from training_run_folder import resolve_run_dir
 from training_runs import full_context_run_name, read_json_file
@@ -61,8 +61,7 @@ def check_options(backbone_args: BackboneArgs, args: FullContextArgs, data_args:
     if data_args.max_context_length is not None:
         raise ValueError("--max_context_length is for the memory models; the full-context baseline truncates the "
                          "whole sequence from the start with --max_input_length")
-    if backbone_args.base_model == "mamba" and args.attn_implementation is not None:
-        raise ValueError(f"--attn_implementation {args.attn_implementation}: mamba has no attention; drop the flag")
+    check_full_context_options(backbone_args, args)
 
 
 def checkpoint_to_evaluate(run_dir: Path, init_checkpoint: Optional[str]) -> Path:
@@ -121,19 +120,6 @@ def evaluate_only(train_args: TrainArgs, model, tokenizer, splits, collator: Cau
     return metrics
 
 
-def check_sequences_fit(model, collator: CausalLMCollator, splits) -> None:
-    """Every sequence of every split fits the model's positions (else a cryptic index error mid-training)."""
-    positions = max_positions(model.config)
-    if positions is None or (collator.max_input_length is not None and collator.max_input_length <= positions):
-        return  # mamba has no position limit; --max_input_length cuts every sequence
-    for name, split in splits.items():
-        longest = longest_tokens(collator.tokenizer, split, ("context", "query", "target"), positions)
-        if longest > positions:
-            raise ValueError(f"sequences of {longest} tokens (split {name!r}) do not fit the model's {positions} "
-                             f"positions: set --max_input_length {positions} (drops the start of the context) or a "
-                             "larger --max_position_embeddings")
-
-
 def main(args: Optional[Sequence[str]] = None) -> dict:
     train_args, backbone_args, lm_args, data_args, folder_args = parse_cli(
         TrainArgs, BackboneArgs, FullContextArgs, DataArgs, RunFolderArgs, args=args)
@@ -143,7 +129,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     check_data(tokenizer, splits)
     model = build_full_context_lm(backbone_args, lm_args, tokenizer)
     collator = CausalLMCollator(tokenizer, max_input_length=lm_args.max_input_length)
-    check_sequences_fit(model, collator, splits)
+    check_full_context_fits(model, collator, splits)
     if train_args.run_name is None:
         train_args.run_name = full_context_run_name(train_args, backbone_args, lm_args, launched_world_size())
     data_name = Path(data_args.data_path.rstrip("/")).name

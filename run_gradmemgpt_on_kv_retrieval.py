@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from evaluation import make_generated_answer_metrics
+from evaluation import SampleLogArgs, answer_sample_callbacks, make_generated_answer_metrics
 from grad_memgpt import GradMemArgs, build_grad_memgpt
 from kv_dataset_utils import build_named_dataset
 from modeling_utils import max_positions
@@ -25,8 +25,8 @@ logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", le
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    train_args, backbone_args, gradmem_args, data_args = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs,
-                                                                   args=args)
+    train_args, backbone_args, gradmem_args, data_args, sample_args = parse_cli(
+        TrainArgs, BackboneArgs, GradMemArgs, DataArgs, SampleLogArgs, args=args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path, build_missing=build_named_dataset)
     check_data(tokenizer, splits)
@@ -38,13 +38,15 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     hint = (f"The inner loop probably diverged: lower --inner_lr (now {gradmem_args.inner_lr:g}) or bound the inner "
             f"step with --inner_clip_norm; a lower --learning_rate (now {train_args.learning_rate:g}) may also help.")
     collator = MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length)
+    ignore_ids = single_token_ids(tokenizer, ("!", "|"))  # the KV target's structural tokens are not scored
     return run_experiment(
         train_args, model, tokenizer, splits,
         collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
-        answer_metrics=make_generated_answer_metrics(collator, single_token_ids(tokenizer, ("!", "|"))),
+        answer_metrics=make_generated_answer_metrics(collator, ignore_ids),
+        extra_callbacks=answer_sample_callbacks(sample_args, collator, tokenizer, ignore_ids),
         data_name=Path(data_args.data_path.rstrip("/")).name,
-        all_args=(backbone_args, gradmem_args, data_args),
+        all_args=(backbone_args, gradmem_args, data_args, sample_args),
         nonfinite_hint=hint,
     )
 

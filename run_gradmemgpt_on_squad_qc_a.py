@@ -4,12 +4,16 @@ The reference implementation's script of this name, kept so that its command lin
 `run_gradmemgpt_on_squad.py --layout qc_a` (same options, see that script; preset:
 LAYOUT=qc_a bash scripts/run_gradmemgpt_on_squad.sh).
 """
-from functools import partial
+from typing import Optional, Sequence
 
-from run_gradmemgpt_on_squad import main_with_layout
+from answer_task_runs import AnswerGradMemArgs, fixed_layout_args, train_gradmem
+from answer_tasks import SquadDataArgs
 from training_args import run_cli
 
-main = partial(main_with_layout, "qc_a")
+
+def main(args: Optional[Sequence[str]] = None) -> dict:
+    return train_gradmem(SquadDataArgs, fixed_layout_args("qc_a", args), model_type=AnswerGradMemArgs)
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
-from evaluation import make_generated_answer_metrics
+from evaluation import SampleLogArgs, answer_sample_callbacks, make_generated_answer_metrics
 from kv_dataset_utils import build_named_dataset
 from rmt import RMTArgs, build_rmt, check_backbone
 from training_args import BackboneArgs, DataArgs, TrainArgs, launched_world_size, parse_cli, run_cli
@@ -25,7 +25,8 @@ logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", le
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    train_args, backbone_args, rmt_args, data_args = parse_cli(TrainArgs, BackboneArgs, RMTArgs, DataArgs, args=args)
+    train_args, backbone_args, rmt_args, data_args, sample_args = parse_cli(
+        TrainArgs, BackboneArgs, RMTArgs, DataArgs, SampleLogArgs, args=args)
     check_backbone(backbone_args)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path, build_missing=build_named_dataset)
@@ -34,13 +35,15 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
     if train_args.run_name is None:
         train_args.run_name = rmt_run_name(train_args, backbone_args, rmt_args, launched_world_size())
     collator = MemoryModelCollator(tokenizer, max_context_length=data_args.max_context_length)
+    ignore_ids = single_token_ids(tokenizer, ("!", "|"))  # the KV target's structural tokens are not scored
     return run_experiment(
         train_args, model, tokenizer, splits,
         collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
-        answer_metrics=make_generated_answer_metrics(collator, single_token_ids(tokenizer, ("!", "|"))),
+        answer_metrics=make_generated_answer_metrics(collator, ignore_ids),
+        extra_callbacks=answer_sample_callbacks(sample_args, collator, tokenizer, ignore_ids),
         data_name=Path(data_args.data_path.rstrip("/")).name,
-        all_args=(backbone_args, rmt_args, data_args),
+        all_args=(backbone_args, rmt_args, data_args, sample_args),
         nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",
     )
 

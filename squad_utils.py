@@ -23,19 +23,12 @@ CLI (the save_to_disk form, for run scripts that read context/query/target as th
 """
 import collections
 import json
-import logging
 import os
 import re
 import string
-from dataclasses import dataclass, field
 from typing import Optional
 
 from datasets import Dataset, DatasetDict, load_from_disk
-from transformers import TrainerCallback
-
-from modeling_utils import max_positions
-
-logger = logging.getLogger("gradmem")
 
 LAYOUTS = ("c_q", "cq_a", "qc_a")
 ANSWER_PROMPT = "Answer: "
@@ -216,192 +209,6 @@ def load_squad(layout: str, squad_json: Optional[str] = None, dataset_name: str 
     return DatasetDict({split: _layout_rows(rows, layout) for split, rows in raw.items()})
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# generation-based evaluation (any memory model with write() and generate(); any task with context/query/answers)
-
-def read_prompt(query: str) -> str:
-    """The READ prompt used for decoding: the query without its trailing whitespace.
-
-    In training the target follows the query directly ('Where is Mary? ' + 'bathroom'); a BPE tokenizer merges the
-    space into the first answer token (' bathroom'), so the token sequence before the first target token is the
-    tokenised query *without* its trailing space. Decoding from that prompt matches what teacher forcing saw.
-    """
-    prompt = query.rstrip()
-    if prompt == "":
-        raise ValueError(f"query {query!r} is empty after removing trailing whitespace; cannot decode from it")
-    return prompt
-
-
-def tokenize_contexts(tokenizer, contexts: list[str], max_context_length=None):
-    """Context ids exactly as the memory-model collator makes them: right padded to a multiple of 8."""
-    truncate = {} if max_context_length is None else {"truncation": True, "max_length": max_context_length}
-    return tokenizer(contexts, padding=True, pad_to_multiple_of=8, return_tensors="pt", **truncate).input_ids
-
-
-def generate_answers(model, tokenizer, contexts: list[str], queries: list[str], max_new_tokens: int,
-                     batch_size: int, max_context_length=None) -> list[str]:
-    """Greedy answers: WRITE each context into memory, then decode from [memory; read prompt] until EOS.
-
-    Prompts of equal token length are decoded together so that no prompt needs padding.
-    """
-    import torch
-
-    if len(contexts) != len(queries):
-        raise ValueError(f"{len(contexts)} contexts for {len(queries)} queries")
-    device = next(model.parameters()).device
-    eos_id = tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    answers = [None] * len(contexts)
-    try:
-        for start in range(0, len(contexts), batch_size):
-            stop = min(start + batch_size, len(contexts))
-            context_ids = tokenize_contexts(tokenizer, contexts[start:stop], max_context_length).to(device)
-            with torch.no_grad():  # WRITE still takes its inner gradient steps, without building a graph
-                memory, _ = model.write(context_ids)  # [b, M, d]
-            prompts = [tokenizer(read_prompt(q)).input_ids for q in queries[start:stop]]
-            by_length = collections.defaultdict(list)
-            for i, prompt in enumerate(prompts):
-                by_length[len(prompt)].append(i)
-            for rows in by_length.values():
-                query_ids = torch.tensor([prompts[i] for i in rows], device=device)  # [g, L]
-                with torch.no_grad():
-                    new_ids = model.generate(memory[rows], query_ids, max_new_tokens=max_new_tokens,
-                                             eos_token_id=eos_id)  # [g, <= max_new_tokens]
-                for i, ids in zip(rows, new_ids.tolist()):
-                    if eos_id is not None and eos_id in ids:
-                        ids = ids[: ids.index(eos_id)]
-                    answers[start + i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
-    return answers
-
-
-def check_sequences_fit(tokenizer, splits: DatasetDict, n_positions: Optional[int], n_prefix: int,
-                        max_context_length: Optional[int] = None, n_generated: int = 0) -> None:
-    """Fail before training when a WRITE or READ sequence would not fit the backbone's positions.
-
-    WRITE = [memory prefix (n_prefix positions); context], READ = [memory prefix; query + target], and decoding
-    appends up to `n_generated` tokens to the read prompt. A context longer than n_positions - n_prefix is an error
-    unless --max_context_length (which keeps the first tokens of every context) is at most that limit.
-    """
-    if n_positions is None:
-        return
-    limit = n_positions - n_prefix
-    if limit < 1:
-        raise ValueError(f"the memory prefix ({n_prefix} positions) leaves no room in the backbone's "
-                         f"{n_positions} positions")
-    if max_context_length is not None and max_context_length > limit:
-        raise ValueError(f"--max_context_length {max_context_length} exceeds the backbone's {n_positions} positions "
-                         f"minus {n_prefix} memory positions = {limit}; pass --max_context_length {limit} or less")
-    for split, rows in splits.items():
-        contexts = sorted(set(list(rows["context"])))
-        context_lengths = [len(ids) for ids in tokenizer(contexts)["input_ids"]]
-        longest = max(context_lengths)
-        if max_context_length is None and longest > limit:
-            n_long = sum(length > limit for length in context_lengths)
-            raise ValueError(
-                f"{n_long} contexts of split {split!r} are longer than the backbone's {n_positions} positions minus "
-                f"{n_prefix} memory positions = {limit} tokens (longest: {longest}); pass --max_context_length "
-                f"{limit} to keep the first {limit} tokens of each context, or use fewer memory tokens")
-        reads = [q + t for q, t in zip(list(rows["query"]), list(rows["target"]))]
-        longest_read = max(len(ids) for ids in tokenizer(reads)["input_ids"]) + n_generated
-        if longest_read > limit:
-            raise ValueError(f"a READ sequence of split {split!r} needs {longest_read} positions (query + target"
-                             f"{' + generated tokens' if n_generated else ''}) but only {limit} are left after the "
-                             f"{n_prefix} memory positions")
-
-
-class GenerationEvalCallback(TrainerCallback):
-    """At every evaluation: decode greedy answers for the evaluated split and add the official SQuAD EM/F1.
-
-    The split must have `context`, `query` and `answers` (all gold answer strings) columns. `max_samples` limits
-    the periodic evaluations during training to the first samples; the evaluations after training use all. Scores are added to the
-    evaluation's metrics as `<prefix>_squad_exact_match` and `<prefix>_squad_f1` (prefix `eval`, or `test` for
-    the final test evaluation), so they can drive `--metric_for_best_model` / `--stop_metric`, and end up in
-    all_results.json and trainer_state.json. The Trainer logs its metrics before calling callbacks, so these two
-    numbers are added to that log record afterwards; GradMemTrainer sends them to tensorboard/wandb (metric_names).
-    """
-
-    metric_names = ("squad_exact_match", "squad_f1")  # what it adds to an evaluation (checked by the trainer)
-
-    def __init__(self, tokenizer, max_new_tokens: int, batch_size: int, max_samples: Optional[int] = None,
-                 max_context_length: Optional[int] = None, n_print: int = 3):
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.max_samples = max_samples
-        self.max_context_length = max_context_length
-        self.n_print = n_print
-        self.training_done = False
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.training_done = True  # the final evaluations (best checkpoint on valid, test) decode every sample
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
-        rows = eval_dataloader.dataset
-        if "answers" not in rows.column_names:
-            raise ValueError(f"generation eval needs an 'answers' column; the evaluated split has {rows.column_names}")
-        if self.max_samples is not None and not self.training_done:
-            rows = rows.select(range(min(self.max_samples, len(rows))))
-        prefix = "test" if any(key.startswith("test_") for key in metrics) else "eval"
-        contexts, queries, golds = list(rows["context"]), list(rows["query"]), list(rows["answers"])
-        predictions = generate_answers(model, self.tokenizer, contexts, queries, self.max_new_tokens,
-                                       self.batch_size, self.max_context_length)
-        scores = {f"{prefix}_{name}": value for name, value in squad_v1_scores(predictions, golds).items()}
-        metrics.update(scores)
-        if state.log_history and any(key.startswith(prefix + "_") for key in state.log_history[-1]):
-            state.log_history[-1].update(scores)
-        if state.is_world_process_zero:
-            lines = [f"  q: {q!r}  p: {p!r}  gold: {a}" for q, p, a in
-                     zip(queries[: self.n_print], predictions[: self.n_print], golds[: self.n_print])]
-            logger.warning("step %d generation %s | %s\n%s", state.global_step, prefix,
-                           ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), "\n".join(lines))
-
-
-@dataclass
-class AnswerGenerationArgs:
-    """Answer targets and generation-based evaluation (question-answering run scripts)."""
-
-    max_context_length: Optional[int] = field(default=None, metadata={
-        "help": "keep the first N context tokens (default: a context that does not fit the backbone is an error)"})
-    eos_after_target: bool = field(default=True, metadata={
-        "help": "append the tokenizer's EOS token to every target, so that decoding knows where answers end"})
-    generation_max_new_tokens: int = field(default=32, metadata={
-        "help": "answer tokens decoded at evaluation (0: no generation-based evaluation)"})
-    generation_eval_samples: Optional[int] = field(default=None, metadata={
-        "help": "during training, decode answers for the first N evaluated samples only (default: all); the "
-                "final evaluations of the best checkpoint always decode every sample"})
-
-    def validate(self) -> None:
-        if self.generation_max_new_tokens < 0:
-            raise ValueError("--generation_max_new_tokens must be >= 0")
-        if self.generation_max_new_tokens > 0 and not self.eos_after_target:
-            raise ValueError("generation-based evaluation needs --eos_after_target (without an EOS after the "
-                             "target the model never learns to stop); or pass --generation_max_new_tokens 0")
-
-
-def prepare_answer_splits(splits: DatasetDict, tokenizer, n_positions: Optional[int], n_prefix: int,
-                          args: AnswerGenerationArgs) -> DatasetDict:
-    """EOS after the targets (`answers`, used for scoring, unchanged) and the length check, before any training."""
-    if args.eos_after_target:
-        if tokenizer.eos_token is None:
-            raise ValueError("--eos_after_target needs a tokenizer with an EOS token")
-        eos = tokenizer.eos_token
-        splits = splits.map(lambda row: {"target": row["target"] + eos}, desc="EOS after target")
-    check_sequences_fit(tokenizer, splits, n_positions, n_prefix, args.max_context_length,
-                        args.generation_max_new_tokens)
-    return splits
-
-
-def generation_callbacks(tokenizer, args: AnswerGenerationArgs, eval_batch_size: int) -> list:
-    if args.generation_max_new_tokens == 0:
-        return []
-    return [GenerationEvalCallback(tokenizer, args.generation_max_new_tokens, eval_batch_size,
-                                   max_samples=args.generation_eval_samples,
-                                   max_context_length=args.max_context_length)]
-
-
 def main():
     import argparse
 
@@ -422,24 +229,3 @@ def main():
 if __name__ == "__main__":
     main()
 
-
-def train_answer_task(train_args, backbone_args, model_args, answer_args: AnswerGenerationArgs, model, tokenizer,
-                      splits, data_name: str, all_args: tuple) -> dict:
-    """The common end of the question-answering GradMem scripts (bAbI, SQuAD, phonebook): answer splits checked
-    against the backbone's positions, the run name, and the shared trainer with generation-based evaluation."""
-    from training_runs import gradmem_text_run_name
-    from training_collators import MemoryModelCollator, make_compute_metrics
-    from training_experiment import run_experiment
-
-    splits = prepare_answer_splits(splits, tokenizer, max_positions(model.model.config), model.mem_offset, answer_args)
-    if train_args.run_name is None and train_args.exp_path is None:
-        train_args.run_name = gradmem_text_run_name(train_args, backbone_args, model_args)
-    return run_experiment(
-        train_args, model, tokenizer, splits,
-        MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),
-        make_compute_metrics(tokenizer, ignore_tokens=()),
-        data_name=data_name, all_args=all_args,
-        nonfinite_hint=f"the inner lr ({model_args.inner_lr}) may be too large",
-        extra_callbacks=generation_callbacks(
-            tokenizer, answer_args, train_args.per_device_eval_batch_size or train_args.per_device_batch_size),
-    )

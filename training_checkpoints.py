@@ -20,6 +20,8 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, partial: bool = Fals
     Every trainable tensor of the model must come from the checkpoint with its shape (the next curriculum stage from
     the previous one: same architecture, other data). Anything else is an error naming the likely cause, unless
     `partial` (--init_checkpoint_partial) asks to load only the tensors that fit; what was not loaded is logged.
+    A model's optional hook `adapt_checkpoint(state_dict) -> (state_dict, hint)` renames the tensors first (e.g. a
+    reference checkpoint's) and adds a hint to the errors (the options the checkpoint was written with).
     """
     from safetensors.torch import load_file
 
@@ -31,13 +33,14 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, partial: bool = Fals
     problem = _safetensors_problem(p)
     if problem:
         raise ValueError(f"--init_checkpoint {p} {problem}")
-    state_dict = load_file(str(p))
+    adapt = getattr(model, "adapt_checkpoint", None)  # the model's hook: other tensor names, the options written with
+    state_dict, hint = adapt(load_file(str(p))) if adapt is not None else (load_file(str(p)), "")
     own = model.state_dict()
     mismatched = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items()
                   if k in own and own[k].shape != v.shape}
     if mismatched and not partial:
         raise ValueError(f"--init_checkpoint {path} does not fit the model ({_mismatch_cause(mismatched)}): "
-                         + "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in mismatched.items()))
+                         + "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in mismatched.items()) + hint)
     fitting = {k: v for k, v in state_dict.items() if k in own and k not in mismatched}
     model.load_state_dict(fitting, strict=False)
     loaded_ptrs = {own[k].data_ptr() for k in fitting}
@@ -45,12 +48,12 @@ def load_init_checkpoint(model: torch.nn.Module, path: str, partial: bool = Fals
     unused = [k for k in state_dict if k not in fitting]
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     untrained = [k for k in not_loaded if k in trainable]
-    if untrained and not partial:
+    if (untrained or unused) and not partial:
         raise ValueError(
             f"--init_checkpoint {path} leaves {len(untrained)} of the model's {len(trainable)} trainable tensors "
-            f"unloaded (e.g. {', '.join(untrained[:3])}; {len(unused)} checkpoint tensors unused): it was trained with "
-            "another architecture (--base_model, --n_layer, model options). Pass --init_checkpoint_partial to load "
-            "only the tensors that fit")
+            f"unloaded (e.g. {', '.join(untrained[:3]) or 'none'}) and {len(unused)} checkpoint tensors unused (e.g. "
+            f"{', '.join(unused[:3]) or 'none'}): it was trained with another architecture (--base_model, --n_layer, "
+            f"model options).{hint} Pass --init_checkpoint_partial to load only the tensors that fit")
     logger.warning("init_checkpoint %s: loaded %d tensors; not loaded %s; unused %s", p, len(fitting),
                    not_loaded or "none", unused or "none")
 

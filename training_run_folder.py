@@ -34,7 +34,7 @@ MODEL_CONFIG = "config.json"  # the selected model's config at the run root; a r
 RUN_OUTPUTS = (RUN_RECORD, f"{PREFIX_CHECKPOINT_DIR}-*", "*_results.json", "trainer_state.json", CURVE_FILE,
                "events.out.tfevents.*", "runs", "wandb", "*.safetensors", "model.safetensors.index.json",
                "generation_config.json", "tokenizer*", "special_tokens_map.json", "chat_template.jinja",
-               "training_args.bin")
+               "training_args.bin", "samples.jsonl")  # samples.jsonl: evaluation.SAMPLES_FILE
 
 
 @dataclass

@@ -21,7 +21,7 @@ RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
     "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
-    "resume_without_record", "log_level",
+    "resume_without_record", "log_level", "log_samples",
 }
 RUN_PLACE_ARGS = {"seed", "run_name", "exp_path", "runs_dir", "init_checkpoint"}  # where a run is and starts from
 FAMILIES = ("gradmem", "rmt2segm", "llama", "mamba")  # the first word of the run names of each model

@@ -6,11 +6,22 @@ Per seed and stage: the steps and the wall time until the stage's valid exact ma
 from the start of the first stage, summed over sittings; datasets are built before the clock starts), the selected
 checkpoint's valid and test exact match (generated answers, test split never used for selection), the final
 checkpoint's where it differs, and the guards' interventions (steps skipped as gradient-norm spikes, rollbacks).
-Unfinished stages are listed as such.
+Unfinished, budget-spent and collapsed stages are listed as such. Continuations of a seed (another recipe started
+from one of its checkpoints) live in seed_<s>_<variant>/ folders and are listed after it.
 """
 import argparse
 import json
 from pathlib import Path
+
+
+def cli_args(stage_dir: Path) -> dict:
+    """A stage's command-line arguments, from its record (run_config.json; older runs: config.json)."""
+    for name in ("run_config.json", "config.json"):
+        path = stage_dir / name
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        if "cli_args" in record:
+            return record["cli_args"]
+    return {}
 
 
 def stage_rows(seed_dir: Path) -> list:
@@ -25,7 +36,10 @@ def stage_rows(seed_dir: Path) -> list:
     for name, entry in seen.items():
         results = json.loads((seed_dir / name / "all_results.json").read_text())
         history = json.loads((seed_dir / name / "trainer_state.json").read_text())["log_history"]
-        rows.append({"stage": name, "N": int(name[1:]), "threshold": entry["threshold"],
+        args = cli_args(seed_dir / name)
+        rows.append({"stage": name, "N": int(name[1:]), "threshold": entry["threshold"], "K": args.get("K"),
+                     "inner_lr": args.get("inner_lr"), "max_steps": args.get("max_steps"),
+                     "max_rollbacks": args.get("max_rollbacks", 3),
                      "steps": results["global_step"], "wall_s": entry["wall_s"],
                      "valid": results["eval_exact_match"], "test": results.get("test_generated_exact_match"),
                      "final_test": results.get("final_test_generated_exact_match"),
@@ -36,17 +50,30 @@ def stage_rows(seed_dir: Path) -> list:
     return rows
 
 
+def run_folders(root: Path) -> list:
+    """seed_<s>/ folders (one curriculum each), each followed by its continuations seed_<s>_<variant>/ in the order
+    they were started."""
+    def started(p: Path) -> str:
+        return json.loads((p / "curriculum.json").read_text())["invocations"][0].get("started", "")
+
+    return sorted((p for p in root.glob("seed_*") if (p / "curriculum.json").is_file()),
+                  key=lambda p: (p.name.split("_")[1], p.name.count("_") > 1, started(p), p.name))
+
+
 def summary(root: Path) -> str:
-    seeds = sorted(p for p in root.glob("seed_*") if (p / "curriculum.json").is_file())
-    lines = ["| seed | stage | reached threshold | steps | wall time from start | valid EM (selected) | "
+    lines = ["| run | stage | K / inner lr | reached threshold | steps | wall time from start | valid EM (selected) | "
              "test EM, generated (selected) | test EM, final checkpoint | spike-skipped steps | rollbacks |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for seed_dir in seeds:
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for seed_dir in run_folders(root):
         for r in stage_rows(seed_dir):
             final = "" if r["final_test"] is None else f"{r['final_test']:.4f}"
-            lines.append(f"| {seed_dir.name[5:]} | N{r['N']} | {'yes' if r['done'] else '**no (unfinished)**'} "
-                         f"({r['threshold']:g}) | {r['steps']} | {r['wall_s']:.0f} s | {r['valid']:.4f} | "
-                         f"{r['test']:.4f} | {final} | {r['spikes']} | {r['rollbacks']} |")
+            outcome = ("yes" if r["done"] else
+                       f"**no: collapsed {r['rollbacks']} times, stopped**" if r["rollbacks"] >= r["max_rollbacks"] else
+                       f"**no: step budget ({r['max_steps']}) spent**" if r["steps"] >= (r["max_steps"] or 1e18) else
+                       "**no (unfinished)**")
+            lines.append(f"| {seed_dir.name} | N{r['N']} | {r['K']} / {r['inner_lr']} | {outcome} ({r['threshold']:g}) | "
+                         f"{r['steps']} | {r['wall_s']:.0f} s | {r['valid']:.4f} | {r['test']:.4f} | {final} | "
+                         f"{r['spikes']} | {r['rollbacks']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -56,15 +83,19 @@ def plot(root: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seeds = sorted(p for p in root.glob("seed_*") if (p / "curriculum.json").is_file())
-    fig, axes = plt.subplots(1, len(seeds), figsize=(4.5 * len(seeds), 3.6), squeeze=False)
-    for ax, seed_dir in zip(axes[0], seeds):
+    seeds = run_folders(root)
+    columns = min(len(seeds), 4)
+    rows = -(-len(seeds) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(seeds):]:
+        ax.axis("off")
+    for ax, seed_dir in zip(axes.flat, seeds):
         offset = 0
         for r in stage_rows(seed_dir):
             steps, values = zip(*r["curve"]) if r["curve"] else ((), ())
             ax.plot([offset + s for s in steps], values, label=f"N{r['N']}")
             offset += r["steps"]
-        ax.set_title(f"seed {seed_dir.name[5:]}", fontsize=9)
+        ax.set_title(seed_dir.name, fontsize=9)
         ax.set_xlabel("total training steps")
         ax.set_ylabel("valid exact match")
         ax.set_ylim(-0.02, 1.02)

@@ -6,8 +6,11 @@
 # Precision: bf16 autocast with fp32 master weights (the reference trained pure bf16).
 # Missing data are downloaded with scripts/download_babi.sh (needs hub access; or see babi_utils.py for the
 # original text files). The best checkpoint is evaluated on valid and test (runs/<data>/<run>/run_<seed>/all_results.json).
+# MODEL: hub id or local folder of the backbone (default gpt2). DATA_DIR: where babilong_qa<T>_0k are (default
+# ./data; missing ./data folders are downloaded).
 #
 # usage: TASKS="1 2 3 4 5" SEEDS="1 2 3" NP=1 bash scripts/run_gradmemgpt_on_babi.sh [extra run-script args]
+#   DRY_RUN=1 bash scripts/run_gradmemgpt_on_babi.sh    prints the commands instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${NP:-1}
@@ -16,12 +19,15 @@ SEEDS=${SEEDS:-1}
 MODEL=${MODEL:-gpt2}
 PER_DEVICE=${PER_DEVICE:-16}
 TBS=${TBS:-64}
+DATA_DIR=${DATA_DIR:-./data}
+DRY_RUN=${DRY_RUN:-}
 source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
+if [ -n "$DRY_RUN" ]; then LAUNCH=(printf '%q ' "${LAUNCH[@]}"); fi
 
 for N in $SEEDS; do
     for T in $TASKS; do
-        DATA=./data/babilong_qa${T}_0k
-        [ -d "$DATA" ] || bash scripts/download_babi.sh "$T"
+        DATA=$DATA_DIR/babilong_qa${T}_0k
+        [ -d "$DATA" ] || [ -n "$DRY_RUN" ] || bash scripts/download_babi.sh "$T"
         "${LAUNCH[@]}" \
             --main_process_port $((29500 + 10 * N + T)) \
             run_gradmemgpt_on_babi.py --pretrained_model "$MODEL" --data_path "$DATA" --bf16 \
@@ -31,5 +37,6 @@ for N in $SEEDS; do
             --n_mem_tokens 8 --K 2 --inner_lr 0.04 --grad_mode second --use_mem_proj --mem_proj_mode proj \
             --use_write_head --no_add_inner_loss_to_outer --attn_implementation auto \
             --generation_max_new_tokens 8 "$@"
+        if [ -n "$DRY_RUN" ]; then echo; fi
     done
 done

@@ -9,8 +9,10 @@
 # Metrics: token accuracy / exact match (teacher forced, as the reference) and the official SQuAD v1.1 EM/F1 of
 # greedily decoded answers (first 1000 dev questions during training, all 10570 for the best checkpoint).
 # Data: the hub dataset `squad`, or SQUAD_JSON=<folder with train-v1.1.json and dev-v1.1.json>.
+# MODEL: hub id or local folder of the backbone (default gpt2).
 #
 # usage: LAYOUT=c_q SEEDS=1 NP=1 bash scripts/run_gradmemgpt_on_squad.sh [extra run-script args]
+#   DRY_RUN=1 bash scripts/run_gradmemgpt_on_squad.sh    prints the commands instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${NP:-1}
@@ -19,7 +21,9 @@ SEEDS=${SEEDS:-1}
 MODEL=${MODEL:-gpt2}
 PER_DEVICE=${PER_DEVICE:-32}
 TBS=${TBS:-64}
+DRY_RUN=${DRY_RUN:-}
 source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
+if [ -n "$DRY_RUN" ]; then LAUNCH=(printf '%q ' "${LAUNCH[@]}"); fi
 case "$LAYOUT" in
     c_q) LAYOUT_ARGS=(--inner_lr 0.25) ;;
     cq_a | qc_a) LAYOUT_ARGS=(--inner_lr 0.03 --last_K_second_order 2) ;;
@@ -37,4 +41,5 @@ for N in $SEEDS; do
         --n_mem_tokens 8 --K 2 "${LAYOUT_ARGS[@]}" --grad_mode second --use_mem_proj --mem_proj_mode proj \
         --use_write_head --add_inner_loss_to_outer false --attn_implementation auto \
         --generation_max_new_tokens 32 --generation_eval_samples 1000 "$@"
+    if [ -n "$DRY_RUN" ]; then echo; fi
 done

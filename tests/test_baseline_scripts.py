@@ -65,6 +65,8 @@ def test_rmt_trains_from_scratch_and_checkpoints_reload(tmp_path, kv_data):
     results, history = check_run_folder(run_dir)
     assert "eval_mem_norm_mean" in results and "eval_target_loss" in results
     assert all("mem_norm_mean" in r for r in history if "loss" in r)  # model stats in the training logs
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples[:6]] == [0, 0, 0, 3, 3, 3] and "answer" in samples[0]  # 3 per evaluation
     config = json.loads((run_dir / "run_config.json").read_text())["cli_args"]
     assert config["mem_proj_mode"] == "proj" and config["K"] == 1
     model = AutoModel.from_pretrained(run_dir / "checkpoint-3")
@@ -100,7 +102,6 @@ def test_rmt_accepts_a_pretrained_model(tmp_path, kv_data):
 
 @pytest.mark.parametrize("extra, message", [
     (["--K", "0"], "K=0"),
-    (["--use_write_head"], "use_write_head without use_reconstruction_loss"),
     (["--mem_proj_mode", "proj"], "contradicts"),
     (["--use_mem_residual"], "use_mem_residual needs K >= 2"),
     (["--reconstruction_loss_weight", "0.5"], "no effect"),
@@ -111,6 +112,14 @@ def test_rmt_bad_options_fail_before_any_work(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         run_rmt_on_kv_retrieval.main(cpu_args(tmp_path / "run", str(tmp_path / "no_such_data"), *extra))
     assert not (tmp_path / "run").exists()
+
+
+def test_rmt_write_head_without_reconstruction_loss_is_not_built(caplog):
+    """The reference's SQuAD/phonebook presets pass --use_write_head alone (a head nothing used): warned, not built."""
+    args = RMTArgs(use_write_head=True)
+    with caplog.at_level("WARNING", logger="gradmem"):
+        args.validate()
+    assert args.use_write_head is False and "none is built" in caplog.text
 
 
 def test_rmt_run_name():

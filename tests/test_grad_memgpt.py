@@ -309,6 +309,23 @@ def test_K0_means_no_write():
     assert model.mem.grad is not None and torch.isfinite(model.mem.grad).all()
 
 
+def test_eval_K_and_eval_lr_apply_outside_training_only():
+    trained = tiny_model(K=2, lr=0.5, eval_K=4, eval_lr=0.2, add_inner_loss_to_outer=True)
+    same_steps = tiny_model(K=4, lr=0.2, add_inner_loss_to_outer=True)  # the same weights (same seed)
+    reference = tiny_model(K=2, lr=0.5, add_inner_loss_to_outer=True)
+    trained.eval(), same_steps.eval()
+    with torch.no_grad():
+        out = trained(**BATCH)
+        torch.testing.assert_close(out.memory, same_steps(**BATCH).memory)
+        torch.testing.assert_close(out.loss, same_steps(**BATCH).loss)
+    assert "inner_loss_step_4" in out.stats
+    trained.train(), reference.train()
+    out = trained(**BATCH)  # training writes with K / lr, and the second-order graph is the usual one
+    torch.testing.assert_close(out.memory, reference(**BATCH).memory)
+    assert "inner_loss_step_4" not in out.stats
+    torch.testing.assert_close(grads_of(trained), grads_of(reference))
+
+
 def test_no_grad_builds_no_second_order_graph(monkeypatch):
     calls = []
     real_grad = torch.autograd.grad
@@ -453,6 +470,9 @@ def test_sdpa_is_refused_for_second_order_at_build_time():
     (dict(inner_clip_norm=0.0), "inner_clip_norm"),
     (dict(inner_loss_weight=0.5), "add_inner_loss_to_outer"),
     (dict(K=0, add_inner_loss_to_outer=True), "K >= 1"),
+    (dict(eval_K=-1), "eval_K"),
+    (dict(eval_K=2.5), "eval_K"),
+    (dict(eval_lr=-0.1), "eval_lr"),
     (dict(write_lora_target_modules="q_proj"), "use_write_lora"),
     (dict(use_write_lora=True, grad_mode="first"), "never receive a gradient"),
     (dict(use_write_lora=True, use_gradient_checkpointing=True), "gradient_checkpointing"),

@@ -5,8 +5,10 @@ import importlib
 import pytest
 
 SCRIPTS = ("run_gradmemgpt_on_kv_retrieval", "run_gradmemgpt_on_babi", "run_gradmemgpt_on_squad",
-           "run_gradmemgpt_on_text_compression", "run_rmt_on_kv_retrieval", "run_gpt2_on_kv_retrieval",
-           "run_gradmemgpt_kv_curriculum", "evaluate_model", "predict")
+           "run_gradmemgpt_on_squad_cq_a", "run_gradmemgpt_on_phonebook", "run_gradmemgpt_on_text_compression",
+           "run_rmt_on_kv_retrieval", "run_rmt_on_squad", "run_rmt_on_phonebook", "run_rmt_on_babi",
+           "run_gpt2_on_kv_retrieval", "run_gpt2_on_squad", "run_gpt2_on_phonebook", "run_gpt2_on_babi",
+           "run_gradmemgpt_kv_curriculum", "evaluate_model", "predict", "convert_reference_checkpoint")
 CHOICES = {"--grad_mode": {"none", "first", "second"}, "--mem_proj_mode": {"none", "proj", "per_sample"},
            "--fast_step": {"auto", "off"}, "--base_model": {"llama", "gpt2", "pythia", "mamba"},
            "--log_level": {"debug", "info", "warning", "error"}}
@@ -37,7 +39,7 @@ def test_every_option_has_help(script, monkeypatch, capsys):
         assert set(CHOICES) <= set(options)
     for name, choices in CHOICES.items():
         if name in options:
-            expected = {"none", "proj", "proj_rw"} if (script, name) == ("run_rmt_on_kv_retrieval", "--mem_proj_mode") \
+            expected = {"none", "proj", "proj_rw"} if script.startswith("run_rmt") and name == "--mem_proj_mode" \
                 else choices
             assert set(options[name].choices) == expected, name
     if "--lr_scheduler_type" in options:

@@ -1,4 +1,5 @@
-"""bench/kv_capacity_report.py: wall time summed over sittings, unfinished stages marked, the guards' counters shown."""
+"""bench/kv_capacity_report.py: wall time summed over sittings; unfinished, budget-spent and collapsed stages marked;
+the guards' counters shown; continuations listed after their seed."""
 import json
 import sys
 from pathlib import Path
@@ -8,8 +9,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import kv_capacity_report  # noqa: E402
 
 
-def stage(folder, exact_match, step, test, **extra):
+def stage(folder, exact_match, step, test, cli_args=None, **extra):
     folder.mkdir(parents=True)
+    (folder / "run_config.json").write_text(json.dumps({"cli_args": {"K": 2, "inner_lr": 0.04, "max_steps": 36000,
+                                                                     **(cli_args or {})}}))
     (folder / "all_results.json").write_text(json.dumps({
         "eval_exact_match": exact_match, "global_step": step, "test_generated_exact_match": test, **extra}))
     history = [{"step": s, "eval_exact_match": exact_match * s / step} for s in range(0, step + 1, 100)]
@@ -26,8 +29,16 @@ def test_summary_sums_sittings_and_marks_unfinished(tmp_path):
     (seed / "curriculum.json").write_text(json.dumps(record))
     rows = kv_capacity_report.stage_rows(seed)
     assert [(r["stage"], r["wall_s"], r["done"]) for r in rows] == [("N8", 70.0, True), ("N16", 700.0, False)]
+    later = tmp_path / "seed_1_k5"  # a continuation of seed 1 with another recipe
+    stage(later / "N16", 0.91, 1100, 0.90, cli_args={"K": 5, "inner_lr": 0.08, "max_rollbacks": 3}, rollbacks=3)
+    stage(later / "N32", 0.50, 36000, 0.49)
+    (later / "curriculum.json").write_text(json.dumps({"invocations": [{"started": "2026-11-30 13:00:00", "stages": [
+        {"stage": "N16", "threshold": 0.95, "end_s": 50.0}, {"stage": "N32", "threshold": 0.95, "end_s": 90.0}]}]}))
     text = kv_capacity_report.summary(tmp_path)
-    assert "| 1 | N8 | yes (0.95) | 700 | 70 s | 0.9600 | 0.9550 |  | 0 | 0 |" in text
-    assert "| 1 | N16 | **no (unfinished)** (0.95) | 3000 | 700 s | 0.9000 | 0.8900 | 0.8800 | 4 | 1 |" in text
+    assert "| seed_1 | N8 | 2 / 0.04 | yes (0.95) | 700 | 70 s | 0.9600 | 0.9550 |  | 0 | 0 |" in text
+    assert "| seed_1 | N16 | 2 / 0.04 | **no (unfinished)** (0.95) | 3000 | 700 s | 0.9000 | 0.8900 | 0.8800 | 4 | 1 |" in text
+    assert "| seed_1_k5 | N16 | 5 / 0.08 | **no: collapsed 3 times, stopped** (0.95) | 1100 | 50 s |" in text
+    assert "| seed_1_k5 | N32 | 2 / 0.04 | **no: step budget (36000) spent** (0.95) | 36000 | 90 s |" in text
+    assert text.index("| seed_1 | N16") < text.index("| seed_1_k5 |")
     kv_capacity_report.main([str(tmp_path)])
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "curves.png").stat().st_size > 0

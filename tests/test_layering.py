@@ -1,5 +1,6 @@
 """The layering of the code: the shared trainer (training*.py) and the captured step (fast_step.py) know no model, no
-task and no run script; tools (bench/, scripts/) never import a run script. Imports are read with ast (the Python
+task and no run script (nor the answer tasks' run wiring, answer_task_runs.py); tools (bench/, scripts/) never import
+a run script; nothing imports the modules that the trainer's split removed. Imports are read with ast (the Python
 embedded in the shell presets with a line scan), so nothing is imported here."""
 import ast
 import re
@@ -10,9 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TRAINER_MODULES = sorted([p.name for p in REPO.glob("training*.py")] + ["fast_step.py"])
 MODEL_FILES = {"grad_memgpt", "rmt", "full_context_lm"}
-TASK_FILES = {"kv_dataset_utils", "squad_utils", "phonebook_utils", "babi_utils", "prepare_pg19_chunks",
+TASK_FILES = {"kv_dataset_utils", "squad_utils", "phonebook_utils", "babi_utils", "answer_tasks", "prepare_pg19_chunks",
               "sentence_split", "curriculum"}
-RUN_SCRIPTS = {p.stem for p in REPO.glob("run_*.py")}
+RUN_SCRIPTS = {p.stem for p in REPO.glob("run_*.py")} | {"answer_task_runs"}  # the run scripts and their wiring
+REMOVED_MODULES = {"training", "baselines"}  # split into training_*.py; baselines' parts live in rmt, full_context_lm
 SHELL_IMPORT = re.compile(r"(?:^|[\s;\"'])(?:from\s+([\w.]+)\s+import\b|import\s+([^\n;\"']+))", re.M)
 
 
@@ -43,6 +45,10 @@ def test_the_lists_name_existing_files():
     for stem in MODEL_FILES | TASK_FILES:
         assert (REPO / f"{stem}.py").is_file(), stem
     assert "run_gradmemgpt_on_kv_retrieval" in RUN_SCRIPTS and "run_rmt_on_kv_retrieval" in RUN_SCRIPTS
+    for stem in RUN_SCRIPTS:
+        assert (REPO / f"{stem}.py").is_file(), stem
+    for stem in REMOVED_MODULES:
+        assert not (REPO / f"{stem}.py").exists(), stem
 
 
 @pytest.mark.parametrize("module", TRAINER_MODULES)
@@ -61,6 +67,15 @@ def test_tools_import_no_run_script():
         source = path.read_text()
         imported = python_imports(source) if path.suffix == ".py" else shell_imports(source)
         assert not imported & RUN_SCRIPTS, f"{path.relative_to(REPO)} imports {sorted(imported & RUN_SCRIPTS)}"
+
+
+def test_nothing_imports_a_removed_module():
+    sources = sorted([*REPO.glob("*.py"), *REPO.glob("bench/**/*.py"), *REPO.glob("scripts/**/*.py"),
+                      *REPO.glob("tests/**/*.py"), *REPO.glob("scripts/**/*.sh"), *REPO.glob("bench/**/*.sh")])
+    for path in sources:
+        source = path.read_text()
+        imported = python_imports(source) if path.suffix == ".py" else shell_imports(source)
+        assert not imported & REMOVED_MODULES, f"{path.relative_to(REPO)} imports {sorted(imported & REMOVED_MODULES)}"
 
 
 def test_the_checks_catch_imports():

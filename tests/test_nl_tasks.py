@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import answer_tasks
 import babi_utils
 import phonebook_utils
 import squad_utils
@@ -105,17 +106,17 @@ def test_generate_answers_is_greedy_decoding_from_memory_and_prompt(pretrained_d
     contexts = ["Mary moved to the bathroom. John went to the hallway. ", "Daniel went to the garden. ",
                 "The orchard grows apples and pears."]
     queries = ["Where is Mary? ", "Where is Daniel? ", "Answer: "]  # prompts of different token lengths
-    answers = squad_utils.generate_answers(model, tokenizer, contexts, queries, max_new_tokens=5, batch_size=2)
+    answers = answer_tasks.memory_model_answers(model, tokenizer, contexts, queries, max_new_tokens=5, batch_size=2)
     for context, query, answer in zip(contexts, queries, answers):
         expected = manual_greedy(model, tokenizer, context, query.rstrip(), 5)
         if tokenizer.eos_token_id in expected:
             expected = expected[: expected.index(tokenizer.eos_token_id)]
         assert answer == tokenizer.decode(expected).strip()
     # batch composition does not change an answer
-    alone = squad_utils.generate_answers(model, tokenizer, contexts[1:2], queries[1:2], max_new_tokens=5, batch_size=1)
+    alone = answer_tasks.memory_model_answers(model, tokenizer, contexts[1:2], queries[1:2], max_new_tokens=5, batch_size=1)
     assert alone == answers[1:2]
     with pytest.raises(ValueError, match="empty"):
-        squad_utils.read_prompt("   ")
+        answer_tasks.read_prompt("   ")
 
 
 def test_context_longer_than_positions_minus_memory(tokenizer):
@@ -126,13 +127,13 @@ def test_context_longer_than_positions_minus_memory(tokenizer):
     splits = DatasetDict({"train": rows})
     n_context = len(tokenizer(rows[0]["context"]).input_ids)
     with pytest.raises(ValueError, match="--max_context_length"):
-        squad_utils.check_sequences_fit(tokenizer, splits, n_positions=n_context + 3, n_prefix=4)
-    squad_utils.check_sequences_fit(tokenizer, splits, n_positions=n_context + 4, n_prefix=4)
-    squad_utils.check_sequences_fit(tokenizer, splits, n_positions=64, n_prefix=4, max_context_length=60)
+        answer_tasks.check_sequences_fit(tokenizer, splits, n_positions=n_context + 3, n_prefix=4)
+    answer_tasks.check_sequences_fit(tokenizer, splits, n_positions=n_context + 4, n_prefix=4)
+    answer_tasks.check_sequences_fit(tokenizer, splits, n_positions=64, n_prefix=4, max_context_length=60)
     with pytest.raises(ValueError, match="exceeds"):
-        squad_utils.check_sequences_fit(tokenizer, splits, n_positions=64, n_prefix=4, max_context_length=61)
+        answer_tasks.check_sequences_fit(tokenizer, splits, n_positions=64, n_prefix=4, max_context_length=61)
     with pytest.raises(ValueError, match="READ sequence"):
-        squad_utils.check_sequences_fit(tokenizer, splits, n_positions=64, n_prefix=4, max_context_length=60,
+        answer_tasks.check_sequences_fit(tokenizer, splits, n_positions=64, n_prefix=4, max_context_length=60,
                                         n_generated=58)
 
 
@@ -201,21 +202,20 @@ def test_babi_end_to_end_reports_test(pretrained_dir, tmp_path):
             "--babi_dir", BABI_DIR, "--babi_task", "qa0"])
 
 
-def test_generation_callback_limits_samples_only_during_training(monkeypatch):
+def test_generation_callback_limits_samples_only_during_training():
     from types import SimpleNamespace
 
     from datasets import Dataset
 
     seen = []
 
-    def fake_generate(model, tokenizer, contexts, queries, *args):
+    def fake_decode(model, contexts, queries):
         seen.append(len(contexts))
         return ["apples" for _ in contexts]
 
-    monkeypatch.setattr(squad_utils, "generate_answers", fake_generate)
     rows = Dataset.from_dict({"context": ["c"] * 5, "query": ["q "] * 5,
                               "answers": [["apples"], ["the apples."], ["pears"], ["apples"], ["x", "apples"]]})
-    callback = squad_utils.GenerationEvalCallback(tokenizer=None, max_new_tokens=4, batch_size=2, max_samples=2)
+    callback = answer_tasks.GenerationEvalCallback(fake_decode, max_samples=2)
     state = SimpleNamespace(log_history=[{"eval_loss": 1.0, "step": 0}], is_world_process_zero=False, global_step=0)
     metrics = {"eval_loss": 1.0}
     callback.on_evaluate(None, state, None, metrics=metrics, model=None, eval_dataloader=SimpleNamespace(dataset=rows))

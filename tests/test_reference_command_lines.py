@@ -18,11 +18,14 @@ from datasets import DatasetDict
 import babi_utils
 import kv_dataset_utils
 import phonebook_utils
+import run_gpt2_on_babi
 import run_gpt2_on_kv_retrieval
+import run_gpt2_on_squad
 import run_gradmemgpt_on_kv_retrieval
 import run_gradmemgpt_on_squad
 import run_gradmemgpt_on_squad_cq_a
 import run_rmt_on_kv_retrieval
+import run_rmt_on_squad
 import squad_utils
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
 from make_local_gpt2 import save_local_gpt2
@@ -99,6 +102,43 @@ REFERENCE_GRADMEM_PHONEBOOK = """
     --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000
     --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed 143
     --n_mem_tokens 32 --n_ctrl_tokens 0 --K 2 --inner_lr 0.4 --use_adam false --grad_mode second --use_write_head
+"""
+REFERENCE_RMT_SQUAD = """
+    --dataset_name squad --pretrained_model gpt2
+    --exp_path ./runs/squad/rmt2segm_gpt2_mem64_mem_proj_whead_bs_64_lr_3e-04/run_1
+    --per_device_batch_size 16 --gradient_accumulation_steps 4 --total_batch_size 64
+    --learning_rate 3e-4 --adam_beta1 0.9 --adam_beta2 0.999 --lr_scheduler_type constant_with_warmup
+    --warmup_steps 10000 --max_steps 75000 --eval_steps 500 --logging_steps 500 --early_stopping_patience 500
+    --seed 143 --n_mem_tokens 64 --n_ctrl_tokens 0 --K 1 --use_mem_proj --mem_proj_mode proj --use_write_head
+    --reconstruction_loss_weight 1.0 --attn_implementation eager
+"""
+REFERENCE_RMT_PHONEBOOK = """
+    --dataset_name booydar/phonebook_N8 --pretrained_model gpt2
+    --exp_path /cluster/home/runs/phonebook_N8/rmt2segm_gpt2_mem32_mem_proj_whead_bs_256_lr_1e-03/run_1
+    --per_device_batch_size 128 --gradient_accumulation_steps 2 --total_batch_size 256
+    --learning_rate 1e-3 --adam_beta1 0.9 --adam_beta2 0.999 --lr_scheduler_type constant_with_warmup
+    --warmup_steps 10000 --max_steps 200000 --eval_steps 500 --logging_steps 500 --early_stopping_patience 500
+    --seed 143 --n_mem_tokens 32 --n_ctrl_tokens 0 --K 1 --use_mem_proj --mem_proj_mode proj --use_write_head
+"""
+REFERENCE_GPT2_SQUAD = """
+    --dataset_name squad --pretrained_model gpt2 --exp_path ./runs/squad/gpt2_bs_64_lr_1e-04/run_1
+    --per_device_batch_size 32 --gradient_accumulation_steps 2 --total_batch_size 64
+    --learning_rate 1e-4 --adam_beta1 0.9 --adam_beta2 0.999 --lr_scheduler_type constant_with_warmup
+    --warmup_steps 10000 --max_steps 200000 --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed 143
+"""
+REFERENCE_GPT_PHONEBOOK = """
+    --dataset_name booydar/phonebook_N8 --pretrained_model gpt2
+    --exp_path /cluster/home/runs/phonebook_N8/gpt2_bs_256_lr_3e-04/run_1
+    --per_device_batch_size 64 --gradient_accumulation_steps 4 --total_batch_size 256
+    --learning_rate 3e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000
+    --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed 143
+"""
+REFERENCE_MAMBA_PHONEBOOK = """
+    --dataset_name booydar/phonebook_N8 --pretrained_model state-spaces/mamba-130m-hf
+    --exp_path /cluster/home/runs/phonebook_N8/mamba-130m-hf_bs_256_lr_3e-04/run_1
+    --per_device_batch_size 64 --gradient_accumulation_steps 4 --total_batch_size 256
+    --learning_rate 3e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000
+    --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed 143
 """
 
 
@@ -243,19 +283,30 @@ def test_gradmem_babi_preset(tmp_path, babi_data, gpt2_dir):
     assert run_record(run_dir)["mem_proj_mode"] == "proj"
 
 
-def test_full_context_babi_preset_with_mamba(tmp_path, babi_data, gpt2_dir):
+@pytest.fixture(scope="module")
+def mamba_dir(tmp_path_factory, gpt2_dir) -> str:
+    """A local stand-in for state-spaces/mamba-130m-hf: a tiny randomly initialised Mamba with the GPT-2 tokenizer."""
     from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
 
-    mamba_dir = tmp_path / "mamba"
+    path = tmp_path_factory.mktemp("mamba")
     tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
     torch.manual_seed(0)
     MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=32, state_size=4, num_hidden_layers=2,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(mamba_dir)
-    tokenizer.save_pretrained(mamba_dir)
+                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("module", [run_gpt2_on_kv_retrieval, run_gpt2_on_babi])
+def test_full_context_babi_preset_with_mamba(tmp_path, babi_data, mamba_dir, module):
+    """The reference ran it through its KV script; run_gpt2_on_babi.py adds the test split and generated answers."""
     run_dir = tmp_path / "run"
-    run_gpt2_on_kv_retrieval.main(reference(REFERENCE_GPT_BABI) + shrink(run_dir) + [
-        "--pretrained_model", str(mamba_dir), "--data_path", babi_data])
+    module.main(reference(REFERENCE_GPT_BABI) + shrink(run_dir) + [
+        "--pretrained_model", mamba_dir, "--data_path", babi_data]
+        + (["--generation_max_new_tokens", "4"] if module is run_gpt2_on_babi else []))
     assert results(run_dir)["global_step"] == 2
+    if module is run_gpt2_on_babi:
+        assert {"test_squad_exact_match", "test_squad_f1"} <= set(results(run_dir))
 
 
 # ------------------------------------------------------------------------------------------------ SQuAD, phonebook
@@ -293,6 +344,43 @@ def test_gradmem_phonebook_preset_with_warm_start(tmp_path, gpt2_dir, phonebook_
         "--pretrained_model", gpt2_dir, "--dataset_name", phonebook_data,
         "--init_checkpoint", str(init / "model.safetensors"), "--generation_max_new_tokens", "4"])
     assert results(run_dir)["global_step"] == 2 and run_record(run_dir)["n_mem_tokens"] == 32
+
+
+def test_rmt_squad_preset(tmp_path, gpt2_dir, caplog):
+    run_dir = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="gradmem"):
+        run_rmt_on_squad.main(reference(REFERENCE_RMT_SQUAD) + shrink(run_dir) + [
+            "--pretrained_model", gpt2_dir, "--squad_json", str(DATA / "squad"), "--n_mem_tokens", "4",
+            "--generation_max_new_tokens", "4"])
+    assert "--use_write_head without --use_reconstruction_loss" in caplog.text
+    assert "eval_squad_f1" in results(run_dir)
+    record = run_record(run_dir)
+    assert (record["learning_rate"], record["mem_proj_mode"], record["use_write_head"]) == (3e-4, "proj", False)
+
+
+@pytest.mark.parametrize("command, module", [(REFERENCE_RMT_PHONEBOOK, run_rmt_on_squad),
+                                             (REFERENCE_GPT_PHONEBOOK, run_gpt2_on_squad),
+                                             (REFERENCE_MAMBA_PHONEBOOK, run_gpt2_on_squad)],
+                         ids=["rmt", "gpt2", "mamba"])
+def test_baseline_phonebook_presets_through_the_squad_scripts(tmp_path, gpt2_dir, mamba_dir, phonebook_data, command,
+                                                              module):
+    """The reference trained phonebook through its SQuAD scripts: the dataset is recognised by its columns."""
+    run_dir = tmp_path / "run"
+    model = mamba_dir if "mamba" in command else gpt2_dir
+    sizes = ["--n_mem_tokens", "4"] if module is run_rmt_on_squad else []
+    module.main(reference(command) + shrink(run_dir) + sizes + [
+        "--pretrained_model", model, "--dataset_name", phonebook_data, "--generation_max_new_tokens", "4"])
+    saved = results(run_dir)
+    assert saved["global_step"] == 2 and "eval_squad_exact_match" in saved
+    assert run_record(run_dir)["dataset_name"] == phonebook_data
+
+
+def test_gpt2_squad_preset(tmp_path, gpt2_dir):
+    run_dir = tmp_path / "run"
+    run_gpt2_on_squad.main(reference(REFERENCE_GPT2_SQUAD) + shrink(run_dir) + [
+        "--pretrained_model", gpt2_dir, "--squad_json", str(DATA / "squad"), "--generation_max_new_tokens", "4"])
+    saved = results(run_dir)
+    assert 0.0 <= saved["eval_squad_f1"] <= 1.0 and run_record(run_dir)["learning_rate"] == 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ --dataset_name

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from datasets import load_from_disk
 from transformers import AutoTokenizer
 
 from grad_memgpt import GradMemArgs, GradMemGPT
@@ -164,3 +165,25 @@ def test_same_seed_same_first_20_losses(tmp_path):
     assert len(first) == 20
     assert losses("b", 7) == first
     assert losses("c", 8) != first
+
+
+def test_answer_samples_at_every_evaluation(tmp_path, caplog):
+    data = tmp_path / "N2-K1V1-V62_32"
+    base = ["--data_path", str(data), "--max_steps", "2", *TINY]  # evaluations at steps 0 and 2, then valid and test
+    with caplog.at_level("INFO", logger="gradmem"):
+        run_kv.main([*base, "--exp_path", str(tmp_path / "on"), "--log_samples", "2"])
+    records = [json.loads(line) for line in (tmp_path / "on" / "samples.jsonl").read_text().splitlines()]
+    assert all(set(r) == {"step", "split", "query", "target", "answer", "correct"} for r in records)
+    evaluations = [(r["step"], r["split"]) for r in records[::2]]
+    assert evaluations == [(0, "eval"), (2, "eval"), (2, "eval"), (2, "test")]
+    assert [(r["step"], r["split"]) for r in records[1::2]] == evaluations  # two samples per evaluation
+    valid = load_from_disk(str(data))["valid"]
+    assert [(r["query"], r["target"]) for r in records[:2]] == [(valid[i]["query"], valid[i]["target"]) for i in (0, 1)]
+    assert all(isinstance(r["answer"], str) and isinstance(r["correct"], bool) for r in records)
+    assert "step 2 eval samples (query | target | generated answer)" in caplog.text
+    assert repr(records[0]["query"]) in caplog.text
+
+    run_kv.main([*base, "--exp_path", str(tmp_path / "off"), "--log_samples", "0"])
+    assert (tmp_path / "off" / "all_results.json").is_file() and not (tmp_path / "off" / "samples.jsonl").exists()
+    with pytest.raises(ValueError, match="--log_samples must be >= 0"):
+        run_kv.main([*base, "--exp_path", str(tmp_path / "bad"), "--log_samples", "-1"])
