@@ -46,13 +46,14 @@ def checkpoint_folders(paths) -> list:
 
 def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int, K: Optional[int] = None,
                     inner_lr: Optional[float] = None) -> dict:
-    """`K` / `inner_lr` replace the checkpoint's WRITE steps / inner lr for this evaluation (test-time WRITE)."""
+    """`K` / `inner_lr` replace the checkpoint's WRITE steps / inner lr at evaluation (its eval_K / eval_lr)."""
     model = GradMemGPT.from_pretrained(str(folder)).eval()
     trained_K, trained_lr = model.config.K, model.config.lr
     if K is not None:
-        model.config.K = K
+        model.config.eval_K = K
     if inner_lr is not None:
-        model.config.lr = inner_lr
+        model.config.eval_lr = inner_lr
+    K, inner_lr = model.write_steps()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     n_pairs = int(folder.name[1:])
     spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
@@ -64,7 +65,7 @@ def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int,
     metrics = generated_exact_match(model, batches, single_token_ids(tokenizer, ("!", "|")))
     em = metrics["generated_exact_match"]
     provenance = folder / "provenance.json"
-    return {"N": n_pairs, "K": model.config.K, "inner_lr": model.config.lr, "trained_K": trained_K,
+    return {"N": n_pairs, "K": K, "inner_lr": inner_lr, "trained_K": trained_K,
             "trained_inner_lr": trained_lr, "exact_match": em,
             "stderr": math.sqrt(em * (1 - em) / max(metrics["generated_samples"], 1)),
             "samples": metrics["generated_samples"], "seconds": time.time() - started,

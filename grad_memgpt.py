@@ -841,6 +841,10 @@ class GradMemArgs:
     K: int = field(default=2, metadata={"help": "inner (WRITE) gradient steps"})
     last_K_second_order: Optional[int] = field(default=None, metadata={"help": "differentiate through the last L steps only"})
     inner_lr: float = field(default=0.04, metadata={"help": "learning rate of the inner (WRITE) steps on the memory"})
+    eval_K: Optional[int] = field(default=None, metadata={
+        "help": "inner steps when evaluating and generating (default: K); training always writes with K"})
+    eval_inner_lr: Optional[float] = field(default=None, metadata={
+        "help": "inner lr when evaluating and generating (default: --inner_lr)"})
     use_adam: bool = field(default=False, metadata={"help": "inner Adam (first order) instead of SGD"})
     grad_mode: typing.Literal["none", "first", "second"] = field(default="second", metadata={
         "help": "outer gradient through the WRITE: none (the written memory is a constant), first (first order), "
@@ -871,7 +875,9 @@ class GradMemArgs:
     )
 
     def validate(self) -> None:
-        check_finite(self, "inner_lr", "inner_clip_value", "inner_clip_norm", "inner_loss_weight")
+        check_finite(self, "inner_lr", "eval_inner_lr", "inner_clip_value", "inner_clip_norm", "inner_loss_weight")
+        if self.eval_K is not None and self.eval_K < 0 or self.eval_inner_lr is not None and self.eval_inner_lr < 0:
+            raise ValueError(f"--eval_K and --eval_inner_lr must be >= 0, got {self.eval_K} and {self.eval_inner_lr}")
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"--grad_mode must be none, first or second, got {self.grad_mode!r}")
         if self.mem_proj_mode not in MEM_PROJ_MODES:
@@ -888,10 +894,11 @@ def build_grad_memgpt(backbone_args: BackboneArgs, g: GradMemArgs, tokenizer) ->
     """GradMemGPT around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
     check_right_padding(tokenizer)
     options = {name: getattr(g, name) for name in (
-        "n_mem_tokens", "K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens", "inner_clip_value",
-        "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora", "write_lora_r",
-        "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
+        "n_mem_tokens", "K", "eval_K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens",
+        "inner_clip_value", "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora",
+        "write_lora_r", "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
         "use_gradient_checkpointing", "attn_implementation", "add_inner_loss_to_outer", "inner_loss_weight")}
-    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), lr=g.inner_lr, **options))
+    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), lr=g.inner_lr,
+                                        eval_lr=g.eval_inner_lr, **options))
     check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
     return model

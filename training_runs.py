@@ -112,6 +112,10 @@ def gradmem_run_name(train_args, backbone_args, g, world_size: int) -> str:
     """The reference's KV run-name scheme, e.g.
     gradmem_llama_L4H4D128_mem8_K2_ilr0.04_whead_grad_second_add_inner_w0.5_bs_64_lr_1e-04"""
     name = f"gradmem_{backbone_tag(backbone_args)}_mem{g.n_mem_tokens}_K{g.K}_ilr{g.inner_lr:g}"
+    if g.eval_K is not None or g.eval_inner_lr is not None:  # selection used other WRITE settings
+        eval_K = g.K if g.eval_K is None else g.eval_K
+        eval_lr = g.inner_lr if g.eval_inner_lr is None else g.eval_inner_lr
+        name += f"_evalK{eval_K}_ilr{eval_lr:g}"
     if g.last_K_second_order is not None and g.last_K_second_order != g.K:
         name += f"_last_K{g.last_K_second_order}"
     if g.n_ctrl_tokens:

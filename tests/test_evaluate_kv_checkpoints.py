@@ -26,7 +26,7 @@ def test_write_settings_are_replaced_per_row(checkpoint, monkeypatch, capsys):
     seen = []
 
     def fake_exact_match(model, batches, stop_ids):
-        seen.append((model.config.K, model.config.lr, sum(len(next(iter(b.values()))) for b in batches)))
+        seen.append((*model.write_steps(), sum(len(next(iter(b.values()))) for b in batches)))
         return {"generated_exact_match": 0.5, "generated_samples": 6}
 
     monkeypatch.setattr(evaluate_kv_checkpoints, "generated_exact_match", fake_exact_match)

@@ -187,3 +187,17 @@ def test_answer_samples_at_every_evaluation(tmp_path, caplog):
     assert (tmp_path / "off" / "all_results.json").is_file() and not (tmp_path / "off" / "samples.jsonl").exists()
     with pytest.raises(ValueError, match="--log_samples must be >= 0"):
         run_kv.main([*base, "--exp_path", str(tmp_path / "bad"), "--log_samples", "-1"])
+
+
+def test_eval_K_writes_more_steps_when_evaluating_only(tmp_path):
+    data = tmp_path / "N2-K1V1-V62_32"
+    metrics = run_kv.main(["--data_path", str(data), "--exp_path", str(tmp_path / "r"), "--max_steps", "2", *TINY,
+                           "--K", "1", "--eval_K", "3", "--eval_inner_lr", "0.02"])
+    assert "eval_inner_loss_step_3" in metrics and "test_inner_loss_step_3" in metrics
+    history = json.loads((tmp_path / "r" / "trainer_state.json").read_text())["log_history"]
+    train_logs = [r for r in history if "loss" in r and "eval_loss" not in r]
+    assert train_logs and all("inner_loss_step_1" in r and "inner_loss_step_2" not in r for r in train_logs)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["K"], config["eval_K"], config["eval_lr"]) == (1, 3, 0.02)
+    with pytest.raises(ValueError, match="--eval_K and --eval_inner_lr must be >= 0"):
+        run_kv.main(["--data_path", str(data), "--exp_path", str(tmp_path / "bad"), *TINY, "--eval_K", "-1"])
