@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from answer_tasks import (AnswerGenerationArgs, add_eos, check_sequences_fit, full_context_rows,
                           generation_callbacks)
+from evaluation import SampleLogArgs
 from full_context_lm import (FullContextArgs, build_full_context_lm, check_full_context_fits,
                              check_full_context_options)
 from grad_memgpt import GradMemArgs, build_grad_memgpt
@@ -72,8 +73,8 @@ def eval_batch_size(train_args: TrainArgs) -> int:
 
 
 def train_gradmem(data_type: type, args: Optional[Sequence[str]] = None, model_type: type = GradMemArgs) -> dict:
-    train_args, backbone_args, model_args, data_args, answer_args, init_args = parse_cli(
-        TrainArgs, BackboneArgs, model_type, data_type, AnswerGenerationArgs, InitBaseArgs, args=args)
+    train_args, backbone_args, model_args, data_args, answer_args, init_args, sample_args = parse_cli(
+        TrainArgs, BackboneArgs, model_type, data_type, AnswerGenerationArgs, InitBaseArgs, SampleLogArgs, args=args)
     check_init_base(init_args, train_args)
     tokenizer = load_tokenizer(backbone_args)
     splits, data_name = data_args.load()
@@ -88,15 +89,16 @@ def train_gradmem(data_type: type, args: Optional[Sequence[str]] = None, model_t
         train_args, model, tokenizer, splits,
         MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),
         make_compute_metrics(tokenizer, ignore_tokens=()),
-        data_name=data_name, all_args=(backbone_args, model_args, data_args, answer_args, init_args),
+        data_name=data_name, all_args=(backbone_args, model_args, data_args, answer_args, init_args, sample_args),
         nonfinite_hint=f"the inner lr ({model_args.inner_lr}) may be too large",
-        extra_callbacks=generation_callbacks(answer_args, tokenizer, eval_batch_size(train_args)),
+        extra_callbacks=generation_callbacks(answer_args, tokenizer, eval_batch_size(train_args),
+                                             log_samples=sample_args.log_samples),
     )
 
 
 def train_rmt(data_type: type, args: Optional[Sequence[str]] = None) -> dict:
-    train_args, backbone_args, rmt_args, data_args, answer_args, task_args = parse_cli(
-        TrainArgs, BackboneArgs, RMTArgs, data_type, AnswerGenerationArgs, RMTTaskArgs, args=args)
+    train_args, backbone_args, rmt_args, data_args, answer_args, task_args, sample_args = parse_cli(
+        TrainArgs, BackboneArgs, RMTArgs, data_type, AnswerGenerationArgs, RMTTaskArgs, SampleLogArgs, args=args)
     check_backbone(backbone_args)
     check_init_base(task_args, train_args)
     tokenizer_source = backbone_args if task_args.tokenizer is None else \
@@ -116,15 +118,16 @@ def train_rmt(data_type: type, args: Optional[Sequence[str]] = None) -> dict:
         train_args, model, tokenizer, splits,
         MemoryModelCollator(tokenizer, max_context_length=answer_args.max_context_length),
         make_compute_metrics(tokenizer, ignore_tokens=()),
-        data_name=data_name, all_args=(backbone_args, rmt_args, data_args, answer_args, task_args),
+        data_name=data_name, all_args=(backbone_args, rmt_args, data_args, answer_args, task_args, sample_args),
         nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",
-        extra_callbacks=generation_callbacks(answer_args, tokenizer, eval_batch_size(train_args)),
+        extra_callbacks=generation_callbacks(answer_args, tokenizer, eval_batch_size(train_args),
+                                             log_samples=sample_args.log_samples),
     )
 
 
 def train_full_context(data_type: type, args: Optional[Sequence[str]] = None) -> dict:
-    train_args, backbone_args, lm_args, data_args, answer_args = parse_cli(
-        TrainArgs, BackboneArgs, FullContextArgs, data_type, AnswerGenerationArgs, args=args)
+    train_args, backbone_args, lm_args, data_args, answer_args, sample_args = parse_cli(
+        TrainArgs, BackboneArgs, FullContextArgs, data_type, AnswerGenerationArgs, SampleLogArgs, args=args)
     check_full_context_options(backbone_args, lm_args)
     if answer_args.max_context_length is not None:
         raise ValueError("--max_context_length is for the memory models; the full-context LM truncates the whole "
@@ -140,9 +143,10 @@ def train_full_context(data_type: type, args: Optional[Sequence[str]] = None) ->
     return run_experiment(
         train_args, model, tokenizer, splits, collator,
         make_compute_metrics(tokenizer, ignore_tokens=()),
-        data_name=data_name, all_args=(backbone_args, lm_args, data_args, answer_args),
+        data_name=data_name, all_args=(backbone_args, lm_args, data_args, answer_args, sample_args),
         next_token_logits=True,
         nonfinite_hint=f"Lower --learning_rate (now {train_args.learning_rate:g}).",
         extra_callbacks=generation_callbacks(answer_args, tokenizer, eval_batch_size(train_args), full_context=True,
-                                             max_input_length=lm_args.max_input_length),
+                                             max_input_length=lm_args.max_input_length,
+                                             log_samples=sample_args.log_samples),
     )

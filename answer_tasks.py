@@ -12,6 +12,7 @@ this module
 """
 import collections
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from transformers import TrainerCallback
 from babi_utils import load_babi_from_disk, load_babi_text
 from modeling_utils import max_positions
 from phonebook_utils import load_phonebook
-from squad_utils import LAYOUTS, load_squad, squad_v1_scores
+from evaluation import SAMPLES_FILE
+from squad_utils import LAYOUTS, exact_match_score, load_squad, squad_v1_scores
 
 logger = logging.getLogger("gradmem")
 
@@ -355,10 +357,10 @@ class GenerationEvalCallback(TrainerCallback):
 
     metric_names = ("squad_exact_match", "squad_f1")  # what it adds to an evaluation (checked by the trainer)
 
-    def __init__(self, decode: Callable, max_samples: Optional[int] = None, n_print: int = 3):
+    def __init__(self, decode: Callable, max_samples: Optional[int] = None, n_samples: int = 3):
         self.decode = decode
         self.max_samples = max_samples
-        self.n_print = n_print
+        self.n_samples = n_samples  # --log_samples: logged and appended to samples.jsonl at every evaluation
         self.training_done = False
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -378,15 +380,21 @@ class GenerationEvalCallback(TrainerCallback):
         if state.log_history and any(key.startswith(prefix + "_") for key in state.log_history[-1]):
             state.log_history[-1].update(scores)
         if state.is_world_process_zero:
-            lines = [f"  q: {q!r}  p: {p!r}  gold: {a}" for q, p, a in
-                     zip(queries[: self.n_print], predictions[: self.n_print], golds[: self.n_print])]
+            records = [{"step": state.global_step, "split": prefix, "query": q, "target": list(a), "answer": p,
+                        "correct": bool(max(exact_match_score(p, gold) for gold in a))}
+                       for q, p, a in zip(queries[: self.n_samples], predictions[: self.n_samples], golds)]
+            if records:
+                with open(os.path.join(args.output_dir, SAMPLES_FILE), "a") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            lines = [f"  q: {r['query']!r}  p: {r['answer']!r}  gold: {r['target']}" for r in records]
             logger.warning("step %d generation %s | %s\n%s", state.global_step, prefix,
                            ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), "\n".join(lines))
 
 
 def generation_callbacks(args: AnswerGenerationArgs, tokenizer, batch_size: int, full_context: bool = False,
-                         max_input_length: Optional[int] = None) -> list:
-    """The generation-based evaluation of a memory model, or of a full-context LM (`full_context`)."""
+                         max_input_length: Optional[int] = None, log_samples: int = 3) -> list:
+    """The generation-based evaluation of a memory model, or of a full-context LM (`full_context`); the first
+    `log_samples` answers of every evaluation are logged and appended to samples.jsonl in the run folder."""
     if args.generation_max_new_tokens == 0:
         return []
     n_new = args.generation_max_new_tokens
@@ -397,4 +405,4 @@ def generation_callbacks(args: AnswerGenerationArgs, tokenizer, batch_size: int,
         def decode(model, contexts, queries):
             return memory_model_answers(model, tokenizer, contexts, queries, n_new, batch_size,
                                         args.max_context_length)
-    return [GenerationEvalCallback(decode, max_samples=args.generation_eval_samples)]
+    return [GenerationEvalCallback(decode, max_samples=args.generation_eval_samples, n_samples=log_samples)]

@@ -202,3 +202,12 @@ def test_preset_trains_and_scores_generated_answers(preset, script, backbone, en
         assert 0.0 <= results[key] <= 1.0, key
     if "babi" in preset:
         assert "test_squad_f1" in results
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert records and all(set(r) == {"step", "split", "query", "target", "answer", "correct"} for r in records)
+    assert {r["step"] for r in records} == {0, 2} and all(isinstance(r["target"], list) for r in records)
+    assert 1 <= len([r for r in records if r["step"] == 0]) <= 3  # at most --log_samples (default 3) each time
+    if preset == "run_gradmemgpt_on_phonebook.sh":
+        quiet = tmp_path / "quiet"
+        shrink[shrink.index("--exp_path") + 1] = str(quiet)
+        importlib.import_module(script.removesuffix(".py")).main(args + shrink + ["--log_samples", "0"])
+        assert (quiet / "all_results.json").is_file() and not (quiet / "samples.jsonl").exists()
