@@ -69,7 +69,7 @@ builder (GradMemArgs, build_grad_memgpt) are at the end of this file.
 import contextlib
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -890,15 +890,19 @@ class GradMemArgs:
             self.inner_loss_weight = 0.5
 
 
+# Command-line names that differ from GradMemGPTConfig's (which keeps the reference's config names, e.g. `lr`).
+CLI_TO_CONFIG = {"inner_lr": "lr", "eval_inner_lr": "eval_lr"}
+
+
+def config_options(g: GradMemArgs) -> dict:
+    """Every GradMemArgs option under its GradMemGPTConfig name: an option is a field here and an argument there,
+    nothing in between (tests/test_grad_memgpt.py checks that the two lists match)."""
+    return {CLI_TO_CONFIG.get(f.name, f.name): getattr(g, f.name) for f in fields(g)}
+
+
 def build_grad_memgpt(backbone_args: BackboneArgs, g: GradMemArgs, tokenizer) -> GradMemGPT:
     """GradMemGPT around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
     check_right_padding(tokenizer)
-    options = {name: getattr(g, name) for name in (
-        "n_mem_tokens", "K", "eval_K", "last_K_second_order", "use_adam", "grad_mode", "n_ctrl_tokens",
-        "inner_clip_value", "inner_clip_norm", "use_mem_proj", "mem_proj_mode", "use_write_head", "use_write_lora",
-        "write_lora_r", "write_lora_alpha", "write_lora_dropout", "write_lora_target_modules", "freeze_backbone",
-        "use_gradient_checkpointing", "attn_implementation", "add_inner_loss_to_outer", "inner_loss_weight")}
-    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), lr=g.inner_lr,
-                                        eval_lr=g.eval_inner_lr, **options))
+    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), **config_options(g)))
     check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
     return model

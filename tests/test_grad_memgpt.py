@@ -483,6 +483,19 @@ def test_invalid_options_fail_loudly(options, message):
         GradMemGPTConfig(**options)
 
 
+def test_every_command_line_option_is_a_config_argument_and_back():
+    import dataclasses
+    import inspect
+
+    from grad_memgpt import CLI_TO_CONFIG, GradMemArgs, config_options
+
+    cli = set(config_options(GradMemArgs()))
+    config = set(inspect.signature(GradMemGPTConfig.__init__).parameters) - {"self", "kwargs"}
+    backbone = {"pretrained_model", "base_config"}  # from BackboneArgs
+    assert cli == config - backbone, (cli ^ (config - backbone))
+    assert set(CLI_TO_CONFIG) <= {f.name for f in dataclasses.fields(GradMemArgs)}
+
+
 def test_model_needs_a_backbone_and_known_lora_targets():
     with pytest.raises(ValueError, match="exactly one"):
         GradMemGPT(GradMemGPTConfig())
