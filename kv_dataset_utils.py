@@ -584,8 +584,8 @@ def build_named_dataset(path: Path) -> bool:
 
     Train size from the name's suffix (`_1M`, `_20K`, none = 1M), 5000 valid and 2000 test samples (fewer for a
     smaller train size: as many as train), seed 0 (as `python kv_dataset_utils.py --name NAME --out PATH --n_test ...`
-    would build it). Under several processes the main one builds it while the others wait. The KV run scripts pass
-    this to the trainer's load_splits.
+    would build it). Under several processes the main one builds it while the others wait; a run that finds another
+    one's copy finished first keeps that one. The KV run scripts pass this to the trainer's load_splits.
     """
     path = Path(path)
     try:
@@ -604,7 +604,10 @@ def build_named_dataset(path: Path) -> bool:
                 spec.task_name, n_train, n_valid, n_test, seed)
             splits = build_kv_dataset_dict(spec, n_train=n_train, n_valid=n_valid, seed=seed, n_test=n_test)
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_kv_dataset(splits, path, spec, seed)
+            try:
+                save_kv_dataset(splits, path, spec, seed)
+            except FileExistsError:  # another run built the same dataset (same name and seed) meanwhile
+                pass
     return True
 
 

@@ -88,18 +88,7 @@ def prepare_data(args, stage: curriculum.Stage) -> float:
     """Build the stage's dataset unless it exists; returns the seconds it took (data is an input, not training
     time: the caller keeps them off the curriculum's clock)."""
     start = time.monotonic()
-    path = Path(args.data_dir) / dataset_name(stage, args.data_size)
-    if not path.exists():
-        spec = kv_dataset_utils.parse_dataset_name(path.name)
-        n_train = kv_dataset_utils.dataset_size(path.name) or 1_000_000
-        print(f"building {path}", flush=True)
-        splits = kv_dataset_utils.build_kv_dataset_dict(spec, n_train=n_train, n_valid=5_000, seed=0,
-                                                        n_test=kv_dataset_utils.DEFAULT_N_TEST)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            kv_dataset_utils.save_kv_dataset(splits, path, spec, seed=0)
-        except FileExistsError:  # another run built the same dataset (same name and seed) meanwhile
-            pass
+    kv_dataset_utils.build_named_dataset(Path(args.data_dir) / dataset_name(stage, args.data_size))
     return time.monotonic() - start
 
 
