@@ -1,5 +1,7 @@
 """evaluate_kv_checkpoints.py: a saved KV checkpoint re-evaluated on fresh samples, with its own or other WRITE
 settings (--K / --inner_lr), one row per combination."""
+import json
+
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig
@@ -46,3 +48,31 @@ def test_bad_write_settings_are_refused(checkpoint):
     for bad in (["--K", "0"], ["--inner_lr", "-1"]):
         with pytest.raises(SystemExit):
             evaluate_kv_checkpoints.main([str(checkpoint), *bad])
+
+
+def test_evaluation_attention_gives_the_trained_attention_s_answers(checkpoint):
+    """The evaluation loads sdpa attention; its WRITE and READ give the logits of the checkpoint's own attention."""
+    own = GradMemGPT.from_pretrained(str(checkpoint)).eval()
+    fast = evaluate_kv_checkpoints.load_for_evaluation(checkpoint)
+    assert fast.model.config._attn_implementation == "sdpa" != own.model.config._attn_implementation
+    generator = torch.Generator().manual_seed(0)
+    batch = {"context_input_ids": torch.randint(3, 60, (3, 12), generator=generator),
+             "query_input_ids": torch.randint(3, 60, (3, 6), generator=generator)}
+    batch["labels"] = batch["query_input_ids"].clone()
+    with torch.no_grad():
+        expected, got = own(**batch), fast(**batch)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_shipped_checkpoints_load_alone_and_fit_the_size_limit():
+    """Every shipped results/kv_checkpoints/N<n> loads from its own folder (config, weights, tokenizer) and says where it
+    came from; all of them together stay within 25 MB."""
+    folders = evaluate_kv_checkpoints.checkpoint_folders([evaluate_kv_checkpoints.DEFAULT_ROOT])
+    assert [f.name for f in folders] == ["N8", "N16", "N32", "N64", "N96"]
+    assert sum(p.stat().st_size for f in folders for p in f.iterdir()) <= 25 * 10**6
+    for folder in folders:
+        model = GradMemGPT.from_pretrained(str(folder))
+        assert model.n_mem_tokens == 8 and len(AutoTokenizer.from_pretrained(str(folder))) == model.get_input_embeddings().num_embeddings
+        provenance = json.loads((folder / "provenance.json").read_text())
+        assert provenance["stage"] == folder.name and provenance["test_samples"] >= 2000
