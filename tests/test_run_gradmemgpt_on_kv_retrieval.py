@@ -1,5 +1,9 @@
 """End-to-end tests of run_gradmemgpt_on_kv_retrieval.py with a tiny GradMem on CPU (data generated on the spot)."""
 import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
@@ -10,6 +14,7 @@ import run_gradmemgpt_on_kv_retrieval as run_kv
 from training_args import BackboneArgs, TrainArgs, parse_cli
 from training_runs import gradmem_run_name
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size", "4",
         "--warmup_steps", "0", "--learning_rate", "1e-3", "--eval_steps", "2", "--logging_steps", "1",
         "--max_eval_samples", "8", "--dataloader_num_workers", "0", "--report_to", "none", "--use_cpu"]
@@ -148,6 +153,45 @@ def test_preset_dry_run_prints_and_runs_nothing(tmp_path):
     assert not (tmp_path / "called.txt").exists()
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) == 2 and all(line.startswith("accelerate launch") and "--seed 14" in line for line in lines)
+
+
+def dry_run(preset: str, **env) -> list:
+    """The run-script argument lists that `DRY_RUN=1 bash scripts/<preset>` prints, each with the launch's
+    --mixed_precision (None without one). The curriculum's list is what it passes to every stage."""
+    done = subprocess.run(["bash", str(REPO / "scripts" / preset)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "DRY_RUN": "1", **env})
+    commands = []
+    for line in done.stdout.splitlines():
+        words = shlex.split(line.split(": ", 1)[-1]) if ".py" in line else []
+        scripts = [i for i, word in enumerate(words) if word.startswith("run_") and word.endswith(".py")]
+        if scripts:
+            launch, args = words[: scripts[0]], words[scripts[0] + 1:]
+            args = args[args.index("--") + 1:] if "--" in args else args
+            commands.append((launch[launch.index("--mixed_precision") + 1] if "--mixed_precision" in launch else None,
+                             args))
+    return commands
+
+
+@pytest.mark.parametrize("preset, env", [
+    ("run_gradmemgpt_on_kv_retrieval.sh", {"SEEDS": "1"}),
+    ("run_gpt_on_kv_retrieval.sh", {"SEEDS": "1"}),
+    ("run_kv_capacity.sh", {}),
+    ("run_paper_claims.sh", {"ONLY": "gradmem", "NS": "4", "SEEDS": "1", "GPUS": "0"}),
+])
+def test_precision_takes_the_same_values_with_the_same_meaning_in_every_preset(preset, env, monkeypatch):
+    """PRECISION=fp32 | tf32 | bf16 in every preset that has it: strict fp32, fp32 with TF32 matmuls, bf16 autocast
+    (as the run scripts' TrainArgs see it, whether it comes through accelerate launch or their own flags)."""
+    from transformers import HfArgumentParser
+
+    for precision, meaning in (("fp32", ("no", False)), ("tf32", ("no", True)), ("bf16", ("bf16", False))):
+        for launch_precision, args in dry_run(preset, PRECISION=precision, **env):
+            train_args, _ = HfArgumentParser(TrainArgs).parse_args_into_dataclasses(args=args,
+                                                                                    return_remaining_strings=True)
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launch_precision or "no")
+            assert (train_args.mixed_precision(), train_args.tf32) == meaning, (precision, args)
+    refused = subprocess.run(["bash", str(REPO / "scripts" / preset)], capture_output=True, text=True,
+                             env={**os.environ, "DRY_RUN": "1", "PRECISION": "no", **env})
+    assert refused.returncode == 2 and "PRECISION must be fp32, tf32 or bf16, got no" in refused.stderr
 
 
 def test_same_seed_same_first_20_losses(tmp_path):
