@@ -17,7 +17,7 @@ from answer_tasks import (AnswerGenerationArgs, add_eos, check_sequences_fit, fu
 from evaluation import SampleLogArgs
 from full_context_lm import (FullContextArgs, build_full_context_lm, check_full_context_fits,
                              check_full_context_options)
-from grad_memgpt import GradMemArgs, build_grad_memgpt
+from grad_memgpt import PRESETS, GradMemArgs, build_grad_memgpt
 from modeling_utils import max_positions
 from rmt import RMTArgs, build_rmt, check_backbone
 from training_args import BackboneArgs, TrainArgs, launched_world_size, parse_cli
@@ -26,12 +26,6 @@ from training_checkpoints import load_init_checkpoint
 from training_collators import CausalLMCollator, MemoryModelCollator, make_compute_metrics
 from training_experiment import run_experiment
 from training_runs import full_context_run_name, gradmem_text_run_name, rmt_run_name
-
-
-@dataclass
-class AnswerGradMemArgs(GradMemArgs):
-    add_inner_loss_to_outer: bool = field(default=False, metadata={
-        "help": "add the inner loss to the outer loss (off: the reference's SQuAD script had no such option)"})
 
 
 @dataclass
@@ -72,9 +66,10 @@ def eval_batch_size(train_args: TrainArgs) -> int:
     return train_args.per_device_eval_batch_size or train_args.per_device_batch_size
 
 
-def train_gradmem(data_type: type, args: Optional[Sequence[str]] = None, model_type: type = GradMemArgs) -> dict:
+def train_gradmem(data_type: type, args: Optional[Sequence[str]] = None) -> dict:
     train_args, backbone_args, model_args, data_args, answer_args, init_args, sample_args = parse_cli(
-        TrainArgs, BackboneArgs, model_type, data_type, AnswerGenerationArgs, InitBaseArgs, SampleLogArgs, args=args)
+        TrainArgs, BackboneArgs, GradMemArgs, data_type, AnswerGenerationArgs, InitBaseArgs, SampleLogArgs, args=args,
+        presets=PRESETS)
     check_init_base(init_args, train_args)
     tokenizer = load_tokenizer(backbone_args)
     splits, data_name = data_args.load()

@@ -63,15 +63,21 @@ same masks, so the meta-gradient is exact for the sampled masks.
 Hooks of the shared trainer, which knows no model: `parameters_without_gradient()` (trainable parameters the loss
 cannot reach in this configuration; frozen so that DDP needs no unused-parameter search) and
 `captured_step_problem()` (why fast_step cannot record the training step, or None); `adapt_checkpoint()` renames a
-reference checkpoint's tensors for --init_checkpoint (training_checkpoints). The run scripts' options and
-builder (GradMemArgs, build_grad_memgpt) are at the end of this file.
+reference checkpoint's tensors for --init_checkpoint (training_checkpoints).
+
+Options: each is declared once, as a field of GradMemOptions (name, type, default, help), before the config that
+holds them. The run scripts' command line (GradMemArgs, derived from those fields), the named presets of
+`--preset` (PRESETS, e.g. paper_kv: the paper's KV model) and the builder (build_grad_memgpt) are at the end of
+this file.
 """
 import contextlib
+import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +96,7 @@ from modeling_utils import (
     pad_token_id,
     unwrap_peft,
 )
-from training_args import BackboneArgs, check_finite
+from training_args import BackboneArgs
 from training_backbone import backbone_source, check_vocab_fits
 
 GRAD_MODES = ("none", "first", "second")
@@ -113,11 +119,136 @@ REFERENCE_NAMES = ((re.compile(r"^write_st$"), "write_start"), (re.compile(r"^re
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 
-class GradMemGPTConfig(PretrainedConfig):
-    """Configuration of a GradMem model (see the module docstring for the algorithm).
+def option(default, help: str, cli: Optional[str] = None):
+    """A field of GradMemOptions: its default, its help text and, where it differs from the config's name, its
+    command-line name."""
+    return field(default=default, metadata={"help": help} if cli is None else {"help": help, "cli": cli})
 
-    Backbone: exactly one of `pretrained_model` (hub id or local folder) and `base_config` (a transformers config
-    or its dict; stored as a plain dict so that save/load round-trips). The model checks that one is given.
+
+@dataclass
+class GradMemOptions:
+    """Every GradMem option, declared once: its name (the config's, as in the reference), type, default (the
+    reference config's) and help. GradMemGPTConfig takes them as keywords with these defaults and keeps them as
+    attributes; the run scripts' command line (GradMemArgs, at the end of this file) is derived from these fields,
+    under the `cli` name where one is given (--inner_lr for lr). validate() checks them for both."""
+
+    n_mem_tokens: int = option(8, "M memory vectors")
+    K: int = option(2, "inner (WRITE) gradient steps")
+    lr: float = option(0.01, "learning rate of the inner (WRITE) steps on the memory", cli="inner_lr")
+    use_adam: bool = option(False, "inner Adam instead of SGD")
+    grad_mode: typing.Literal[GRAD_MODES] = option(
+        "second", "outer gradient through the WRITE: none (the written memory is a constant), first (first order), "
+                  "second (exact, through the inner gradients)")
+    last_K_second_order: Optional[int] = option(None, "differentiate through the last L inner steps only "
+                                                      "(default: all K)")
+    n_ctrl_tokens: int = option(0, "learned start/end marker vectors around the memory")
+    inner_clip_value: Optional[float] = option(None, "clip inner gradients elementwise")
+    inner_clip_norm: Optional[float] = option(None, "clip each sample's inner gradient norm")
+    use_mem_proj: bool = option(False, "must be set exactly when mem_proj_mode is not none")
+    mem_proj_mode: typing.Literal[MEM_PROJ_MODES] = option(
+        "none", "linear projection of the memory before READ: none, proj (shared) or per_sample")
+    use_write_head: bool = option(False, "own output head for the inner (WRITE) loss")
+    use_write_lora: bool = option(False, "LoRA adapters active during WRITE only")
+    write_lora_r: int = option(8, "write LoRA rank")
+    write_lora_alpha: int = option(16, "write LoRA alpha")
+    write_lora_dropout: float = option(0.0, "write LoRA dropout")
+    write_lora_target_modules: Optional[str] = option(
+        None, "comma list of module names for the write LoRA (the config also takes a list, and keeps one); "
+              "default: the backbone's attention and MLP projections")
+    freeze_backbone: bool = option(False, "train only the memory parameters (and adapters)")
+    use_gradient_checkpointing: bool = option(False, "recompute backbone activations")
+    attn_implementation: str = option(
+        "auto", "auto: the fused Triton double backward on CUDA (exact_eager on the CPU) for second-order training, "
+                "sdpa otherwise; or any name attn_double_bwd.resolve_attn_implementation knows")
+    add_inner_loss_to_outer: bool = option(False, "add the inner loss to the training loss")
+    inner_loss_weight: Optional[float] = option(None, "weight of the added inner loss (default: 1.0 when it is added)")
+    eval_K: Optional[int] = option(None, "inner steps when evaluating and generating (default: K); training always "
+                                         "writes with K")
+    eval_lr: Optional[float] = option(None, "inner lr when evaluating and generating (default: the inner lr)",
+                                      cli="eval_inner_lr")
+
+    def validate(self, flag: Optional[Callable[[str], str]] = None) -> None:
+        """Raise a ValueError for every invalid value or incompatible pair, naming each option by `flag(name)` (the
+        config names it by its name, the command line by its --flag); then complete inner_loss_weight (None: 1.0
+        when the inner loss is added)."""
+        flag = flag or (lambda name: name)
+
+        def fail(message):
+            raise ValueError(message)
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in (float, Optional[float]) and value is not None and not math.isfinite(value):
+                fail(f"{flag(f.name)} must be a finite number, got {value}")
+        if self.grad_mode not in GRAD_MODES:
+            fail(f"unknown {flag('grad_mode')} {self.grad_mode!r}; choose one of {GRAD_MODES}")
+        if not isinstance(self.K, int) or self.K < 0:
+            fail(f"{flag('K')} (number of inner steps) must be an integer >= 0, got {self.K!r}")
+        if not isinstance(self.n_mem_tokens, int) or self.n_mem_tokens < 1:
+            fail(f"{flag('n_mem_tokens')} must be an integer >= 1, got {self.n_mem_tokens!r}")
+        if not isinstance(self.n_ctrl_tokens, int) or self.n_ctrl_tokens < 0:
+            fail(f"{flag('n_ctrl_tokens')} must be an integer >= 0, got {self.n_ctrl_tokens!r}")
+        if self.lr < 0:
+            fail(f"{flag('lr')} (the inner lr) must be >= 0, got {self.lr}")
+        if self.eval_K is not None and (not isinstance(self.eval_K, int) or self.eval_K < 0):
+            fail(f"{flag('eval_K')} (inner steps outside training) must be an integer >= 0 or None, got "
+                 f"{self.eval_K!r}")
+        if self.eval_lr is not None and self.eval_lr < 0:
+            fail(f"{flag('eval_lr')} (inner lr outside training) must be >= 0 or None, got {self.eval_lr}")
+        if self.last_K_second_order is not None:
+            if self.grad_mode != "second" and self.last_K_second_order != 0:
+                fail(f"{flag('last_K_second_order')} {self.last_K_second_order} needs {flag('grad_mode')} second "
+                     f"(got {self.grad_mode!r}); leave it unset")
+            if not isinstance(self.last_K_second_order, int) or not 0 <= self.last_K_second_order <= self.K:
+                fail(f"{flag('last_K_second_order')} must be an integer in [0, K={self.K}], got "
+                     f"{self.last_K_second_order!r}")
+        for name in ("inner_clip_value", "inner_clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                fail(f"{flag(name)} must be > 0 or None, got {value}")
+        if self.mem_proj_mode not in MEM_PROJ_MODES:
+            fail(f"unknown {flag('mem_proj_mode')} {self.mem_proj_mode!r}; choose one of {MEM_PROJ_MODES}")
+        if self.use_mem_proj != (self.mem_proj_mode != "none"):
+            fail(f"{flag('use_mem_proj')} {self.use_mem_proj} contradicts {flag('mem_proj_mode')} "
+                 f"{self.mem_proj_mode!r}: {flag('use_mem_proj')} must be set exactly when {flag('mem_proj_mode')} "
+                 "is proj or per_sample")
+        if self.use_write_lora:
+            if self.write_lora_r < 1:
+                fail(f"{flag('write_lora_r')} must be >= 1, got {self.write_lora_r}")
+            if not 0.0 <= self.write_lora_dropout < 1.0:
+                fail(f"{flag('write_lora_dropout')} must be in [0, 1), got {self.write_lora_dropout}")
+            if self.grad_mode != "second" and not self.add_inner_loss_to_outer:
+                fail(f"{flag('use_write_lora')} with {flag('grad_mode')} {self.grad_mode} and without "
+                     f"{flag('add_inner_loss_to_outer')}: the write adapters would never receive a gradient; use "
+                     "grad_mode second or add the inner loss")
+            if self.use_gradient_checkpointing:
+                fail(f"{flag('use_write_lora')} cannot be combined with {flag('use_gradient_checkpointing')}: "
+                     "recomputation in the backward would run with the adapters in the wrong (READ/WRITE) state")
+        elif self.write_lora_target_modules not in (None, "auto"):
+            fail(f"{flag('write_lora_target_modules')} is set but {flag('use_write_lora')} is not")
+        if self.add_inner_loss_to_outer:
+            if self.K < 1:
+                fail(f"{flag('add_inner_loss_to_outer')} needs K >= 1 (there is no inner loss without inner steps)")
+            if self.inner_loss_weight is None:
+                self.inner_loss_weight = 1.0
+            if not self.inner_loss_weight > 0:
+                fail(f"{flag('inner_loss_weight')} must be > 0, got {self.inner_loss_weight}")
+        elif self.inner_loss_weight is not None:
+            fail(f"{flag('inner_loss_weight')} {self.inner_loss_weight} is only used with "
+                 f"{flag('add_inner_loss_to_outer')} (set that too, or set {flag('inner_loss_weight')} to None)")
+
+
+OPTION_NAMES = tuple(f.name for f in fields(GradMemOptions))
+
+
+class GradMemGPTConfig(PretrainedConfig):
+    """Configuration of a GradMem model: its backbone and its GradMemOptions (see the module docstring for the
+    algorithm).
+
+    GradMemGPTConfig(pretrained_model=..., base_config=..., **options): the options are GradMemOptions' fields, as
+    keywords with its defaults, and become attributes (config.K, config.lr, ...). Backbone: exactly one of
+    `pretrained_model` (hub id or local folder) and `base_config` (a transformers config or its dict; stored as a
+    plain dict so that save/load round-trips). The model checks that one is given.
     """
 
     model_type = "grad_memgpt"
@@ -126,68 +257,37 @@ class GradMemGPTConfig(PretrainedConfig):
         self,
         pretrained_model: Optional[str] = None,
         base_config: Union[None, dict, PretrainedConfig] = None,
-        n_mem_tokens: int = 8,
-        K: int = 2,
-        lr: float = 0.01,
-        use_adam: bool = False,
-        grad_mode: str = "second",
-        last_K_second_order: Optional[int] = None,
-        n_ctrl_tokens: int = 0,
-        inner_clip_value: Optional[float] = None,
-        inner_clip_norm: Optional[float] = None,
-        use_mem_proj: bool = False,
-        mem_proj_mode: str = "none",
-        use_write_head: bool = False,
-        use_write_lora: bool = False,
-        write_lora_r: int = 8,
-        write_lora_alpha: int = 16,
-        write_lora_dropout: float = 0.0,
-        write_lora_target_modules: Union[None, str, Sequence[str]] = None,
-        freeze_backbone: bool = False,
-        use_gradient_checkpointing: bool = False,
-        attn_implementation: str = "eager",
-        add_inner_loss_to_outer: bool = False,
-        inner_loss_weight: Optional[float] = None,
-        eval_K: Optional[int] = None,
-        eval_lr: Optional[float] = None,
         **kwargs,
     ):
         self.pretrained_model = pretrained_model
         self.base_config = base_config_to_dict(base_config)
-        self.n_mem_tokens = n_mem_tokens
-        self.K = K
-        self.lr = lr
-        self.use_adam = use_adam
-        self.grad_mode = grad_mode
-        self.last_K_second_order = last_K_second_order
-        self.n_ctrl_tokens = n_ctrl_tokens
-        self.inner_clip_value = inner_clip_value
-        self.inner_clip_norm = inner_clip_norm
-        self.use_mem_proj = use_mem_proj
-        self.mem_proj_mode = mem_proj_mode
-        self.use_write_head = use_write_head
-        self.use_write_lora = use_write_lora
-        self.write_lora_r = write_lora_r
-        self.write_lora_alpha = write_lora_alpha
-        self.write_lora_dropout = write_lora_dropout
-        if isinstance(write_lora_target_modules, str) and write_lora_target_modules != "auto":
-            write_lora_target_modules = [name.strip() for name in write_lora_target_modules.split(",") if name.strip()]
-        elif write_lora_target_modules == "auto":
-            write_lora_target_modules = None
-        self.write_lora_target_modules = None if write_lora_target_modules is None else list(write_lora_target_modules)
-        self.freeze_backbone = freeze_backbone
-        self.use_gradient_checkpointing = use_gradient_checkpointing
-        self.attn_implementation = attn_implementation
-        self.add_inner_loss_to_outer = add_inner_loss_to_outer
-        if add_inner_loss_to_outer and inner_loss_weight is None:
-            inner_loss_weight = 1.0
-        self.inner_loss_weight = inner_loss_weight
-        self.eval_K = eval_K  # WRITE steps / inner lr outside training (evaluation, generation); None: K / lr
-        self.eval_lr = eval_lr
+        options = GradMemOptions(**{name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs})
+        for name, value in vars(options).items():
+            setattr(self, name, value)
+        targets = self.write_lora_target_modules  # a comma list or a list -> a list; "auto" -> None (the defaults)
+        if isinstance(targets, str):
+            targets = None if targets == "auto" else [name.strip() for name in targets.split(",") if name.strip()]
+        self.write_lora_target_modules = None if targets is None else list(targets)
         # architecture of a pretrained backbone, recorded when it is loaded, so that a saved model reloads without it
         self.pretrained_backbone_config = kwargs.pop("pretrained_backbone_config", None)
         super().__init__(**kwargs)
         self.validate_options()
+
+    def options(self) -> GradMemOptions:
+        """This config's GradMem options (a copy)."""
+        return GradMemOptions(**{name: getattr(self, name) for name in OPTION_NAMES})
+
+    def validate_options(self):
+        """Raise a ValueError naming the option (and the fix) for every invalid or incompatible setting
+        (GradMemOptions.validate, which also completes inner_loss_weight), or for two backbones."""
+        if self.pretrained_model is not None and self.base_config is not None:
+            raise ValueError("GradMemGPTConfig: give either pretrained_model or base_config, not both")
+        options = self.options()
+        try:
+            options.validate()
+        except ValueError as error:
+            raise ValueError(f"GradMemGPTConfig: {error}") from None
+        self.inner_loss_weight = options.inner_loss_weight
 
     @property
     def n_second_order_steps(self) -> int:
@@ -195,63 +295,6 @@ class GradMemGPTConfig(PretrainedConfig):
         if self.grad_mode != "second":
             return 0
         return self.K if self.last_K_second_order is None else self.last_K_second_order
-
-    def validate_options(self):
-        """Raise a ValueError naming the option (and the fix) for every invalid or incompatible setting."""
-        def fail(message):
-            raise ValueError(f"GradMemGPTConfig: {message}")
-
-        if self.pretrained_model is not None and self.base_config is not None:
-            fail("give either pretrained_model or base_config, not both")
-        if self.grad_mode not in GRAD_MODES:
-            fail(f"unknown grad_mode {self.grad_mode!r}; choose one of {GRAD_MODES}")
-        if not isinstance(self.K, int) or self.K < 0:
-            fail(f"K (number of inner steps) must be an integer >= 0, got {self.K!r}")
-        if not isinstance(self.n_mem_tokens, int) or self.n_mem_tokens < 1:
-            fail(f"n_mem_tokens must be an integer >= 1, got {self.n_mem_tokens!r}")
-        if not isinstance(self.n_ctrl_tokens, int) or self.n_ctrl_tokens < 0:
-            fail(f"n_ctrl_tokens must be an integer >= 0, got {self.n_ctrl_tokens!r}")
-        if self.lr < 0:
-            fail(f"the inner lr must be >= 0, got {self.lr}")
-        if self.eval_K is not None and (not isinstance(self.eval_K, int) or self.eval_K < 0):
-            fail(f"eval_K (inner steps outside training) must be an integer >= 0 or None, got {self.eval_K!r}")
-        if self.eval_lr is not None and not self.eval_lr >= 0:
-            fail(f"eval_lr (inner lr outside training) must be >= 0 or None, got {self.eval_lr}")
-        if self.last_K_second_order is not None:
-            if self.grad_mode != "second" and self.last_K_second_order != 0:
-                fail(f"last_K_second_order={self.last_K_second_order} needs grad_mode='second' "
-                     f"(got {self.grad_mode!r}); leave it unset")
-            if not isinstance(self.last_K_second_order, int) or not 0 <= self.last_K_second_order <= self.K:
-                fail(f"last_K_second_order must be an integer in [0, K={self.K}], got {self.last_K_second_order!r}")
-        for name in ("inner_clip_value", "inner_clip_norm"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                fail(f"{name} must be > 0 or None, got {value}")
-        if self.mem_proj_mode not in MEM_PROJ_MODES:
-            fail(f"unknown mem_proj_mode {self.mem_proj_mode!r}; choose one of {MEM_PROJ_MODES}")
-        if self.use_mem_proj != (self.mem_proj_mode != "none"):
-            fail(f"use_mem_proj={self.use_mem_proj} contradicts mem_proj_mode={self.mem_proj_mode!r}: "
-                 "use_mem_proj must be True exactly when mem_proj_mode is 'proj' or 'per_sample'")
-        if self.use_write_lora:
-            if self.write_lora_r < 1:
-                fail(f"write_lora_r must be >= 1, got {self.write_lora_r}")
-            if not 0.0 <= self.write_lora_dropout < 1.0:
-                fail(f"write_lora_dropout must be in [0, 1), got {self.write_lora_dropout}")
-            if self.grad_mode != "second" and not self.add_inner_loss_to_outer:
-                fail(f"use_write_lora with grad_mode={self.grad_mode!r} and add_inner_loss_to_outer=False: the "
-                     "write adapters would never receive a gradient; use grad_mode='second' or add the inner loss")
-            if self.use_gradient_checkpointing:
-                fail("use_write_lora cannot be combined with use_gradient_checkpointing: recomputation in the "
-                     "backward would run with the adapters in the wrong (READ/WRITE) state")
-        elif self.write_lora_target_modules is not None:
-            fail("write_lora_target_modules is set but use_write_lora is False")
-        if self.add_inner_loss_to_outer:
-            if self.K < 1:
-                fail("add_inner_loss_to_outer needs K >= 1 (there is no inner loss without inner steps)")
-            if not self.inner_loss_weight > 0:
-                fail(f"inner_loss_weight must be > 0, got {self.inner_loss_weight}")
-        elif self.inner_loss_weight is not None:
-            fail(f"inner_loss_weight={self.inner_loss_weight} is set but add_inner_loss_to_outer is False")
 
 
 def check_right_padding(tokenizer) -> None:
@@ -830,79 +873,57 @@ AutoModel.register(GradMemGPTConfig, GradMemGPT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command-line options and the builder of the run scripts
+# Command-line options, presets and the builder of the run scripts
 # ----------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class GradMemArgs:
-    """GradMem model options (reference names; defaults = the paper's KV preset)."""
-
-    n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
-    K: int = field(default=2, metadata={"help": "inner (WRITE) gradient steps"})
-    last_K_second_order: Optional[int] = field(default=None, metadata={"help": "differentiate through the last L steps only"})
-    inner_lr: float = field(default=0.04, metadata={"help": "learning rate of the inner (WRITE) steps on the memory"})
-    eval_K: Optional[int] = field(default=None, metadata={
-        "help": "inner steps when evaluating and generating (default: K); training always writes with K"})
-    eval_inner_lr: Optional[float] = field(default=None, metadata={
-        "help": "inner lr when evaluating and generating (default: --inner_lr)"})
-    use_adam: bool = field(default=False, metadata={"help": "inner Adam (first order) instead of SGD"})
-    grad_mode: typing.Literal["none", "first", "second"] = field(default="second", metadata={
-        "help": "outer gradient through the WRITE: none (the written memory is a constant), first (first order), "
-                "second (exact, through the inner gradients)"})
-    n_ctrl_tokens: int = field(default=0, metadata={"help": "learned start/end marker vectors around the memory"})
-    inner_clip_value: Optional[float] = field(default=None, metadata={"help": "clip inner gradients elementwise"})
-    inner_clip_norm: Optional[float] = field(default=None, metadata={"help": "clip each sample's inner gradient norm"})
-    use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
-    mem_proj_mode: typing.Literal["none", "proj", "per_sample"] = field(default="none", metadata={
-        "help": "linear projection of the memory before READ: none, proj (shared) or per_sample"})
-    use_write_head: bool = field(default=True, metadata={"help": "own output head for the inner (WRITE) loss"})
-    use_write_lora: bool = field(default=False, metadata={"help": "LoRA adapters active during WRITE only"})
-    write_lora_r: int = field(default=8, metadata={"help": "write LoRA rank"})
-    write_lora_alpha: int = field(default=16, metadata={"help": "write LoRA alpha"})
-    write_lora_dropout: float = field(default=0.0, metadata={"help": "write LoRA dropout"})
-    write_lora_target_modules: Optional[str] = field(default=None, metadata={
-        "help": "comma list of module names for the write LoRA; default: the backbone's attention and MLP projections"})
-    freeze_backbone: bool = field(default=False, metadata={"help": "train only the memory parameters (and adapters)"})
-    use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations"})
-    attn_implementation: str = field(
-        default="auto",
-        metadata={"help": "auto: the fused Triton double backward on CUDA (exact_eager on the CPU) for second-order "
-                          "training, sdpa otherwise; or any name attn_double_bwd.resolve_attn_implementation knows"},
-    )
-    add_inner_loss_to_outer: bool = field(default=True, metadata={"help": "add the inner loss to the training loss"})
-    inner_loss_weight: Optional[float] = field(
-        default=None, metadata={"help": "weight of the added inner loss; None -> 0.5 (paper preset) when it is added"}
-    )
-
-    def validate(self) -> None:
-        check_finite(self, "inner_lr", "eval_inner_lr", "inner_clip_value", "inner_clip_norm", "inner_loss_weight")
-        if self.eval_K is not None and self.eval_K < 0 or self.eval_inner_lr is not None and self.eval_inner_lr < 0:
-            raise ValueError(f"--eval_K and --eval_inner_lr must be >= 0, got {self.eval_K} and {self.eval_inner_lr}")
-        if self.grad_mode not in GRAD_MODES:
-            raise ValueError(f"--grad_mode must be none, first or second, got {self.grad_mode!r}")
-        if self.mem_proj_mode not in MEM_PROJ_MODES:
-            raise ValueError(f"--mem_proj_mode must be none, proj or per_sample, got {self.mem_proj_mode!r}")
-        if self.use_mem_proj != (self.mem_proj_mode != "none"):
-            raise ValueError("--use_mem_proj must be given exactly when --mem_proj_mode is proj or per_sample")
-        if self.inner_loss_weight is not None and not self.add_inner_loss_to_outer:
-            raise ValueError("--inner_loss_weight is only used with --add_inner_loss_to_outer (drop one of them)")
-        if self.add_inner_loss_to_outer and self.inner_loss_weight is None:
-            self.inner_loss_weight = 0.5
+# Command-line names that differ from the config's (which keeps the reference's config names): config name -> flag.
+CLI_NAMES = {f.name: f.metadata["cli"] for f in fields(GradMemOptions) if "cli" in f.metadata}
 
 
-# Command-line names that differ from GradMemGPTConfig's (which keeps the reference's config names, e.g. `lr`).
-CLI_TO_CONFIG = {"inner_lr": "lr", "eval_inner_lr": "eval_lr"}
+def _flag(name: str) -> str:
+    return "--" + CLI_NAMES.get(name, name)
 
 
-def config_options(g: GradMemArgs) -> dict:
-    """Every GradMemArgs option under its GradMemGPTConfig name: an option is a field here and an argument there,
-    nothing in between (tests/test_grad_memgpt.py checks that the two lists match)."""
-    return {CLI_TO_CONFIG.get(f.name, f.name): getattr(g, f.name) for f in fields(g)}
+def _options_of_args(args) -> GradMemOptions:
+    """GradMemArgs.options(): the parsed values as GradMemOptions (config names)."""
+    return GradMemOptions(**{name: getattr(args, CLI_NAMES.get(name, name)) for name in OPTION_NAMES})
+
+
+def _validate_args(args) -> None:
+    """GradMemArgs.validate(): GradMemOptions.validate on the parsed values, naming their flags; keeps the completed
+    values (the run record holds what the model is built with)."""
+    options = args.options()
+    options.validate(flag=_flag)
+    for name, value in vars(options).items():
+        setattr(args, CLI_NAMES.get(name, name), value)
+
+
+# The GradMem options of the run scripts' command line, derived from GradMemOptions: the same fields (type, default,
+# help) under their command-line names. A new option is a new field of GradMemOptions, nothing else.
+GradMemArgs = dataclasses.make_dataclass(
+    "GradMemArgs",
+    [(CLI_NAMES.get(f.name, f.name), f.type, field(default=f.default, metadata={"help": f.metadata["help"]}))
+     for f in fields(GradMemOptions)],
+    namespace={"__doc__": "GradMem model options on the command line (GradMemOptions under their flag names).",
+               "__module__": __name__, "options": _options_of_args, "validate": _validate_args},
+)
+
+# Named sets of option values for `--preset NAME` of the GradMem run scripts (training_args.parse_cli): command-line
+# names of any of the script's options; the values replace the defaults, and options given on the command line win.
+PRESETS = {
+    # the paper's KV model: Llama L4 H4 D128 from scratch, 8 memory vectors, K=2 second-order inner SGD steps at inner
+    # lr 0.04, write head, inner loss added to the training loss with weight 0.5
+    "paper_kv": {
+        "n_layer": 4, "n_head": 4, "n_embd": 128,
+        "n_mem_tokens": 8, "K": 2, "inner_lr": 0.04, "grad_mode": "second", "use_write_head": True,
+        "add_inner_loss_to_outer": True, "inner_loss_weight": 0.5,
+    },
+}
 
 
 def build_grad_memgpt(backbone_args: BackboneArgs, g: GradMemArgs, tokenizer) -> GradMemGPT:
     """GradMemGPT around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
     check_right_padding(tokenizer)
-    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), **config_options(g)))
+    model = GradMemGPT(GradMemGPTConfig(**backbone_source(backbone_args, tokenizer), **vars(g.options())))
     check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
     return model

@@ -1,17 +1,19 @@
 """Train GradMem on a saved {context, query, target} dataset (KV retrieval; also bAbI with a pretrained GPT-2).
 
-    python run_gradmemgpt_on_kv_retrieval.py --data_path ./data/N8-K2V2-V62_1M --per_device_batch_size 64
+    python run_gradmemgpt_on_kv_retrieval.py --preset paper_kv --data_path ./data/N8-K2V2-V62_1M
     accelerate launch --config_file accelerate.yaml run_gradmemgpt_on_kv_retrieval.py ...   (see scripts/*.sh)
 
-Defaults are the paper's KV preset (see training_args.py). A missing --data_path whose folder name is a KV dataset name
-(e.g. N8-K2V2-V62_1M) is generated on the spot. `python run_gradmemgpt_on_kv_retrieval.py --help` lists every option.
+GradMem options default to the reference config's (grad_memgpt.GradMemOptions); `--preset paper_kv` selects the
+paper's KV model (grad_memgpt.PRESETS; flags given as well win). A missing --data_path whose folder name is a KV dataset
+name (e.g. N8-K2V2-V62_1M) is generated on the spot. `python run_gradmemgpt_on_kv_retrieval.py --help` lists every
+option.
 """
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
 from evaluation import SampleLogArgs, answer_sample_callbacks, make_generated_answer_metrics
-from grad_memgpt import GradMemArgs, build_grad_memgpt
+from grad_memgpt import PRESETS, GradMemArgs, build_grad_memgpt
 from kv_dataset_utils import build_named_dataset
 from modeling_utils import max_positions
 from training_args import BackboneArgs, DataArgs, TrainArgs, launched_world_size, parse_cli, run_cli
@@ -26,7 +28,7 @@ logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", le
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
     train_args, backbone_args, gradmem_args, data_args, sample_args = parse_cli(
-        TrainArgs, BackboneArgs, GradMemArgs, DataArgs, SampleLogArgs, args=args)
+        TrainArgs, BackboneArgs, GradMemArgs, DataArgs, SampleLogArgs, args=args, presets=PRESETS)
     tokenizer = load_tokenizer(backbone_args)
     splits = load_splits(data_args.data_path, build_missing=build_named_dataset)
     check_data(tokenizer, splits)

@@ -10,13 +10,13 @@ teacher-forced token accuracy / exact match, and `squad_exact_match` / `squad_f1
 """
 from typing import Optional, Sequence
 
-from answer_task_runs import AnswerGradMemArgs, train_gradmem
+from answer_task_runs import train_gradmem
 from answer_tasks import PhonebookDataArgs
 from training_args import run_cli
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    return train_gradmem(PhonebookDataArgs, args, model_type=AnswerGradMemArgs)
+    return train_gradmem(PhonebookDataArgs, args)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ lines do through this script; run_gradmemgpt_on_phonebook.py is its own entry. H
 `--data_path` is accepted because the reference's presets pass it; the reference never read it, and neither does
 this script (it logs so).
 
-Defaults are those of GradMemArgs (the paper's KV preset) except `--add_inner_loss_to_outer`, off here: the
-reference's SQuAD script had no such option, so none of its SQuAD or phonebook runs added the inner loss.
+GradMem options default to the reference config's (grad_memgpt.GradMemOptions), so the inner loss is not added, as in
+the reference's SQuAD script, which had no such option. The presets (scripts/run_gradmemgpt_on_squad.sh, ..._phonebook.sh)
+give the model options explicitly.
 
 Metrics at every evaluation: teacher-forced token accuracy / exact match of the target tokens (as the reference),
 plus `squad_exact_match` / `squad_f1`: answers decoded greedily from [memory; read prompt] and scored with the
@@ -21,13 +22,13 @@ target is followed by the tokenizer's EOS token, so the model learns where an an
 """
 from typing import Optional, Sequence
 
-from answer_task_runs import AnswerGradMemArgs, train_gradmem
+from answer_task_runs import train_gradmem
 from answer_tasks import SquadDataArgs
 from training_args import run_cli
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    return train_gradmem(SquadDataArgs, args, model_type=AnswerGradMemArgs)
+    return train_gradmem(SquadDataArgs, args)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ LAYOUT=qc_a bash scripts/run_gradmemgpt_on_squad.sh).
 """
 from typing import Optional, Sequence
 
-from answer_task_runs import AnswerGradMemArgs, fixed_layout_args, train_gradmem
+from answer_task_runs import fixed_layout_args, train_gradmem
 from answer_tasks import SquadDataArgs
 from training_args import run_cli
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    return train_gradmem(SquadDataArgs, fixed_layout_args("qc_a", args), model_type=AnswerGradMemArgs)
+    return train_gradmem(SquadDataArgs, fixed_layout_args("qc_a", args))
 
 
 if __name__ == "__main__":

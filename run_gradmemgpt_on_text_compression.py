@@ -37,7 +37,7 @@ import datasets
 import numpy as np
 import torch
 
-from grad_memgpt import GradMemArgs, GradMemGPT, build_grad_memgpt
+from grad_memgpt import PRESETS, GradMemArgs, GradMemGPT, build_grad_memgpt
 from modeling_utils import max_positions
 from training_args import BackboneArgs, TrainArgs, parse_cli, run_cli
 from training_backbone import load_tokenizer
@@ -87,7 +87,7 @@ def _other_default(name: str, default):
 
 @dataclass
 class TextCompressionModelArgs(GradMemArgs):
-    """GradMem options with the reference text-compression defaults."""
+    """GradMem options with the reference text-compression script's defaults where they differ from the model's."""
 
     inner_lr: float = _other_default("inner_lr", 0.08)
     use_mem_proj: bool = _other_default("use_mem_proj", True)
@@ -96,7 +96,6 @@ class TextCompressionModelArgs(GradMemArgs):
     use_write_lora: bool = _other_default("use_write_lora", True)
     freeze_backbone: bool = field(default=True, metadata={
         "help": "train only the memory init, memory projection, write head and write LoRA"})
-    add_inner_loss_to_outer: bool = _other_default("add_inner_loss_to_outer", False)
 
 
 @dataclass
@@ -243,7 +242,7 @@ def build_model(backbone_args, model_args, tokenizer, max_context_length: int) -
 def main(args=None) -> dict:
     train_args, backbone_args, model_args, data_args = parse_cli(
         TextCompressionTrainArgs, TextCompressionBackboneArgs, TextCompressionModelArgs, TextCompressionDataArgs,
-        args=args)
+        args=args, presets=PRESETS)
     splits = load_chunk_splits(data_args)
     tokenizer = load_tokenizer(backbone_args)
     model = build_model(backbone_args, model_args, tokenizer, data_args.max_context_length)

@@ -1,12 +1,15 @@
 """The shared trainer's command line: TrainArgs, BackboneArgs, DataArgs, parse_cli and run_cli.
 
 Every run script parses its options into these dataclasses (plus its model's own, e.g. grad_memgpt.GradMemArgs),
-each validated before any work; run_cli turns user errors into one line and exit status 2.
+each validated before any work; run_cli turns user errors into one line and exit status 2. A run script may offer
+named presets (`--preset NAME`, e.g. grad_memgpt.PRESETS): sets of option values that replace the defaults, while
+options given on the command line still win.
 
-Defaults are the paper's KV preset (reference `scripts/run_gradmemgpt_on_kv_retrieval.sh`), not the reference
-script's defaults: the reference script defaulted to `grad_mode=none`, Adam inner optimiser and K=3, which no preset
-and no reported result used, so running it without the preset's flags silently trained a different model.
+The trainer's defaults here are the paper's KV recipe (reference `scripts/run_gradmemgpt_on_kv_retrieval.sh`: lr 1e-4,
+10k warmup steps, batch 64, ...), not the reference script's own. A model's options keep their model's defaults
+(GradMem: the reference config's); the paper's KV model is `--preset paper_kv`.
 """
+import argparse
 import dataclasses
 import errno
 import logging
@@ -224,6 +227,28 @@ def _take_none_values(types: Sequence, args: list) -> tuple:
     return kept, none_names
 
 
+def _apply_preset(parser: HfArgumentParser, presets: dict, args: list) -> list:
+    """Offer --preset on `parser` (for --help) and take it out of `args`; the named preset's values become the
+    parser's defaults. Returns the other arguments. An unknown name, or a preset that sets an option the parser does
+    not have, is a ValueError naming what is known."""
+    names = ", ".join(presets)
+    parser.add_argument("--preset", choices=list(presets), default=argparse.SUPPRESS, help=(
+        f"named set of option values ({names}): they replace the defaults; options given here win"))
+    choose = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    choose.add_argument("--preset")
+    chosen, args = choose.parse_known_args(args)
+    if chosen.preset is None:
+        return args
+    if chosen.preset not in presets:
+        raise ValueError(f"unknown --preset {chosen.preset!r}; known presets: {names}")
+    values = presets[chosen.preset]
+    unknown = sorted(set(values) - {action.dest for action in parser._actions})
+    if unknown:
+        raise ValueError(f"--preset {chosen.preset} sets {', '.join(unknown)}, which this script does not take")
+    parser.set_defaults(**values)
+    return args
+
+
 def add_log_level_argument(parser) -> None:
     """--log_level of the entry points that are not run scripts (evaluate_model.py, predict.py)."""
     parser.add_argument("--log_level", default="info", choices=LOG_LEVELS, help="logging level (default: info)")
@@ -241,12 +266,19 @@ def setup_logging(level: str) -> None:
         datasets.disable_progress_bars()
 
 
-def parse_cli(*types, args: Optional[Sequence[str]] = None) -> tuple:
+def parse_cli(*types, args: Optional[Sequence[str]] = None, presets: Optional[dict] = None) -> tuple:
     """Parse the command line into the given dataclasses and validate each (errors before any work), then seed
     python, numpy and torch with the run's --seed, so that the model built next starts from the same weights.
-    Optional number options accept `None` (e.g. --stop_metric_value None: never stop on a metric value)."""
+    Optional number options accept `None` (e.g. --stop_metric_value None: never stop on a metric value).
+
+    presets: {name: {option: value}} offered as `--preset NAME`: the preset's values replace the defaults of those
+    options, options given on the command line win, and the dataclasses hold the resolved values (so a run record
+    holds them, not the preset's name)."""
     args, none_names = _take_none_values(types, list(sys.argv[1:] if args is None else args))
-    parsed = HfArgumentParser(types).parse_args_into_dataclasses(args=args)
+    parser = HfArgumentParser(types)
+    if presets:
+        args = _apply_preset(parser, presets, args)
+    parsed = parser.parse_args_into_dataclasses(args=args)
     for item in parsed:
         for name in none_names & {f.name for f in dataclasses.fields(item)}:
             setattr(item, name, None)

@@ -188,7 +188,7 @@ def main(argv=None):
     tokenizer = kv_dataset_utils.load_kv_tokenizer(62)
     ignore_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("!", "|")], device="cuda")
     model = paper_kv_model(args.attn_implementation, seed=args.seed, n_mem_tokens=args.n_mem_tokens, K=args.K,
-                           lr=args.inner_lr)
+                           inner_lr=args.inner_lr)
     params = [p for p in model.parameters() if p.requires_grad]
     log, reached = [], {}
     total_steps = 0

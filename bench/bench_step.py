@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fast_step import CapturedTrainStep, autocast_for, precision_flags  # noqa: E402
-from grad_memgpt import GradMemGPT, GradMemGPTConfig  # noqa: E402
+from grad_memgpt import PRESETS, GradMemArgs, GradMemGPT, build_grad_memgpt  # noqa: E402
 
 QUERY_LEN, LABELS = 16, 4
 MODES = ("plain", "ckpt", "sync-free", "graph")
@@ -55,17 +55,18 @@ LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_dou
 
 
 def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
-    """The paper's KV GradMem model (see the module docstring), freshly initialised with `seed`."""
-    import kv_dataset_utils
-    from training_backbone import build_backbone_config
+    """The paper's KV GradMem model as `--preset paper_kv` builds it (grad_memgpt.PRESETS; see the module docstring)
+    with attention `attn`, freshly initialised with `seed`; `overrides` are other options by their command-line names
+    (e.g. inner_lr=0.08, use_gradient_checkpointing=True)."""
+    from training_args import BackboneArgs, parse_cli
+    from training_backbone import load_tokenizer
 
-    tokenizer = kv_dataset_utils.load_kv_tokenizer(62)
-    base = build_backbone_config("llama", 4, 4, 128, tokenizer)
-    options = dict(n_mem_tokens=8, K=2, lr=0.04, grad_mode="second", use_write_head=True,
-                   add_inner_loss_to_outer=True, inner_loss_weight=0.5, attn_implementation=attn)
-    options.update(overrides)
+    options = {"attn_implementation": attn, **overrides}
+    args = ["--preset", "paper_kv"] + [word for name, value in options.items() for word in (f"--{name}", str(value))]
+    backbone_args, gradmem_args = parse_cli(BackboneArgs, GradMemArgs, args=args, presets=PRESETS)
+    tokenizer = load_tokenizer(backbone_args)
     torch.manual_seed(seed)
-    return GradMemGPT(GradMemGPTConfig(base_config=base, **options)).to(device).train()
+    return build_grad_memgpt(backbone_args, gradmem_args, tokenizer).to(device).train()
 
 
 def random_batch(B: int, C: int, vocab: int = 70, seed: int = 0, device="cuda") -> dict:

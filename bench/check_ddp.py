@@ -53,16 +53,17 @@ TRAINER_STEPS = 3
 # worker: runs under accelerate launch, one copy per GPU
 
 def build(kind: str, tokenizer):
-    """The preset model, built by the models' builders (defaults = the paper's KV preset)."""
-    from grad_memgpt import GradMemArgs, build_grad_memgpt
-    from training_args import BackboneArgs
+    """The preset model, built by the models' builders (GradMem: `--preset paper_kv`, the paper's KV model)."""
+    from training_args import BackboneArgs, parse_cli
 
+    if kind == "gradmem":
+        from grad_memgpt import PRESETS, GradMemArgs, build_grad_memgpt
+
+        backbone_args, gradmem_args = parse_cli(BackboneArgs, GradMemArgs, args=["--preset", "paper_kv"],
+                                                presets=PRESETS)
+        return build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
     backbone_args = BackboneArgs()
     backbone_args.validate()
-    if kind == "gradmem":
-        gradmem_args = GradMemArgs()
-        gradmem_args.validate()
-        return build_grad_memgpt(backbone_args, gradmem_args, tokenizer)
     from rmt import RMTArgs, build_rmt
 
     rmt_args = RMTArgs(n_mem_tokens=8, K=1, use_mem_proj=True, mem_proj_mode="proj", attn_implementation="sdpa")

@@ -35,7 +35,7 @@ for N in $SEEDS; do
             --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps 200000 \
             --eval_steps 500 --logging_steps 500 --early_stopping_patience 500 --seed $((142 + N)) \
             --n_mem_tokens 8 --K 2 --inner_lr 0.04 --grad_mode second --use_mem_proj --mem_proj_mode proj \
-            --use_write_head --no_add_inner_loss_to_outer --attn_implementation auto \
+            --use_write_head --add_inner_loss_to_outer false --attn_implementation auto \
             --generation_max_new_tokens 8 "$@"
         if [ -n "$DRY_RUN" ]; then echo; fi
     done

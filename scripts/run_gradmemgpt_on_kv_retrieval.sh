@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Paper preset: GradMem on KV retrieval, 3 seeds, through `accelerate launch` with NP processes (one per GPU).
-# Model: Llama L4 H4 D128 from scratch (kv_alphabet_62 tokenizer), 8 memory vectors, K=2 inner SGD steps at inner lr
-# 0.04, second order through both steps, write head, inner loss added to the outer loss with weight 0.5;
-# AdamW lr 1e-4, constant with 10k warmup steps, total batch 64, fp32; eval/checkpoint every 500 steps, early
-# stopping after 500 evaluations without improvement, stop at exact match 1.0. Seeds 142+N for N in SEEDS.
+# Model: `--preset paper_kv` (grad_memgpt.PRESETS: Llama L4 H4 D128 from scratch, 8 memory vectors, K=2 inner SGD
+# steps at inner lr 0.04, second order through both steps, write head, inner loss added to the outer loss with
+# weight 0.5) with the kv_alphabet_62 tokenizer; AdamW lr 1e-4, constant with 10k warmup steps, total batch 64, fp32;
+# eval/checkpoint every 500 steps, early stopping after 500 evaluations without improvement, stop at exact match 1.0.
+# Seeds 142+N for N in SEEDS. PRECISION: fp32 (strict, TF32 off; default), tf32 (TF32 matmuls) or bf16 (autocast,
+# fp32 master weights).
 #
 #   bash scripts/run_gradmemgpt_on_kv_retrieval.sh                      # 3 seeds, one after the other, 1 process
 #   NP=2 bash scripts/run_gradmemgpt_on_kv_retrieval.sh                 # 2 GPUs per run (gradient accumulation adapts)
@@ -21,12 +23,20 @@ DATA_NAME=${DATA_NAME:-N8-K2V2-V62_1M}
 TBS=${TBS:-64}
 PER_DEVICE=${PER_DEVICE:-64}  # the largest micro-batch of one GPU (see scripts/_launch.sh)
 MAX_STEPS=${MAX_STEPS:-1000000}
-PRECISION=${PRECISION:-no}  # no (fp32) or bf16 (autocast, fp32 master weights)
+PRECISION=${PRECISION:-fp32}  # fp32 (strict), tf32 or bf16
 PORT=${PORT:-$((29500 + RANDOM % 1000))}
 DRY_RUN=${DRY_RUN:-}
 
+# fp32 and bf16 go to accelerate launch's --mixed_precision (no / bf16), as this preset always passed them, so that
+# its run records stay the same (and resume); tf32 adds the run script's --tf32
+case "$PRECISION" in
+    fp32) MIXED_PRECISION=no; PRECISION_ARGS=() ;;
+    tf32) MIXED_PRECISION=no; PRECISION_ARGS=(--tf32) ;;
+    bf16) MIXED_PRECISION=bf16; PRECISION_ARGS=() ;;
+    *) echo "PRECISION must be fp32, tf32 or bf16, got $PRECISION" >&2; exit 2 ;;
+esac
 source scripts/_launch.sh && launch_setup  # PER_DEVICE_BATCH, GRAD_ACC and LAUNCH from NP, TBS, PER_DEVICE
-LAUNCH+=(--main_process_port "$PORT" --mixed_precision "$PRECISION")
+LAUNCH+=(--main_process_port "$PORT" --mixed_precision "$MIXED_PRECISION")
 if [ -n "$DRY_RUN" ]; then LAUNCH=(printf '%q ' "${LAUNCH[@]}"); fi
 INIT=()
 if [ -n "${INIT_CHECKPOINT:-}" ]; then INIT=(--init_checkpoint "$INIT_CHECKPOINT"); fi
@@ -34,10 +44,8 @@ if [ -n "${INIT_CHECKPOINT:-}" ]; then INIT=(--init_checkpoint "$INIT_CHECKPOINT
 for N in $SEEDS; do
     "${LAUNCH[@]}" run_gradmemgpt_on_kv_retrieval.py \
         --data_path "./data/$DATA_NAME" \
-        --base_model llama --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/ \
-        --n_mem_tokens 8 --K 2 --last_K_second_order 2 --inner_lr 0.04 --use_adam false --grad_mode second \
-        --n_ctrl_tokens 0 --use_write_head --add_inner_loss_to_outer --inner_loss_weight 0.5 \
-        --attn_implementation auto \
+        --preset paper_kv --base_model llama --tokenizer_path ./tokenizers/kv_alphabet_62/ \
+        --last_K_second_order 2 --use_adam false --n_ctrl_tokens 0 --attn_implementation auto "${PRECISION_ARGS[@]}" \
         --per_device_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC" --total_batch_size "$TBS" \
         --learning_rate 1e-4 --lr_scheduler_type constant_with_warmup --warmup_steps 10000 --max_steps "$MAX_STEPS" \
         --weight_decay 0.0 --max_grad_norm 1.0 \

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # KV capacity preset: how many key-value pairs 8 memory vectors hold, by a curriculum N2 -> N4 -> ... -> N96.
-# The paper's KV model (Llama L4 H4 D128, 8 memory vectors, write head, inner loss added with weight 0.5, second
-# order, K=2 at inner lr 0.04 unless a stage says otherwise) trained by run_gradmemgpt_kv_curriculum.py in one
-# process: each stage until its valid exact match reaches the threshold, then the next stage warm-starts from the best
-# checkpoint. First stage: AdamW lr 1e-3, constant after 300 warmup steps; later stages: lr 5e-4, 100 warmup steps,
-# linear decay to 10% at 36000 steps; AdamW betas (0.9, 0.95), clip 1.0, batch 64; eval every 100 steps on 1000 valid
-# samples (selection: exact match); the spike guard and the collapse rollback are on (TrainArgs defaults).
+# The paper's KV model (`--preset paper_kv`: Llama L4 H4 D128, 8 memory vectors, write head, inner loss added with
+# weight 0.5, second order, K=2 at inner lr 0.04 unless a stage says otherwise) trained by
+# run_gradmemgpt_kv_curriculum.py in one process: each stage until its valid exact match reaches the threshold, then
+# the next stage warm-starts from the best checkpoint. First stage: AdamW lr 1e-3, constant after 300 warmup steps;
+# later stages: lr 5e-4, 100 warmup steps, linear decay to 10% at 36000 steps; AdamW betas (0.9, 0.95), clip 1.0,
+# batch 64; eval every 100 steps on 1000 valid samples (selection: exact match); the spike guard and the collapse
+# rollback are on (TrainArgs defaults). PRECISION: fp32 (strict, TF32 off), tf32 (TF32 matmuls; default) or bf16
+# (autocast, fp32 master weights).
 #
 #   bash scripts/run_kv_capacity.sh                              # seed 1, N2 -> N96, TF32
 #   SEED=2 STAGES="2:0.95 4:0.95 8:0.95" bash scripts/run_kv_capacity.sh
@@ -37,9 +39,8 @@ if [ -n "${BUDGET_MINUTES:-}" ]; then BUDGET=(--time_budget_minutes "$BUDGET_MIN
 
 # shellcheck disable=SC2086  # STAGES is a list of words
 CMD=("$PYTHON" run_gradmemgpt_kv_curriculum.py --stages $STAGES --out_dir "$OUT_DIR" --seed "$SEED" "${BUDGET[@]}"
-     -- --base_model llama --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/
-     --n_mem_tokens 8 --K 2 --inner_lr 0.04 --grad_mode second --use_write_head --add_inner_loss_to_outer
-     --inner_loss_weight 0.5 --attn_implementation auto --per_device_batch_size 64 --adam_beta2 0.95
+     -- --preset paper_kv --base_model llama --tokenizer_path ./tokenizers/kv_alphabet_62/
+     --attn_implementation auto --per_device_batch_size 64 --adam_beta2 0.95
      --max_grad_norm 1.0 --eval_steps 100 --logging_steps 100 --max_eval_samples 1000 --early_stopping_patience 0
      --metric_for_best_model exact_match --report_to none "${PRECISION_ARGS[@]}" "$@")
 if [ -n "${DRY_RUN:-}" ]; then

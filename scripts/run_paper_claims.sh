@@ -166,8 +166,7 @@ done
 
 data_path() { echo "$DATA_DIR/N$1-K2V2-V62_$DATA_SIZE"; }
 
-GRADMEM_ARGS=(--n_mem_tokens 8 --inner_lr 0.04 --use_write_head --add_inner_loss_to_outer --inner_loss_weight 0.5
-              --attn_implementation auto)
+GRADMEM_ARGS=(--preset paper_kv --attn_implementation auto)  # the paper's KV model (grad_memgpt.PRESETS)
 
 run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
     local i=$1 init=$2 model=${R_MODEL[$1]} warmup=$WARMUP
@@ -252,19 +251,19 @@ import shlex, sys
 from pathlib import Path
 
 from full_context_lm import FullContextArgs
-from grad_memgpt import GradMemArgs
+from grad_memgpt import PRESETS, GradMemArgs
 from rmt import RMTArgs
 from training_runs import full_context_run_name, gradmem_run_name, rmt_run_name
 from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
 from training_run_folder import resolve_run_dir
 
-NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
-          "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name),
-          "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name)}
+NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, PRESETS),
+          "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name, None),
+          "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
 for line in sys.stdin:
     script, *args = shlex.split(line)
-    model_args, run_name = NAMING[script]
-    train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_args, DataArgs, args=args)
+    model_args, run_name, presets = NAMING[script]
+    train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_args, DataArgs, args=args, presets=presets)
     if train.run_name is None:
         train.run_name = run_name(train, backbone, model, 1)
     print(resolve_run_dir(train, Path(data.data_path.rstrip("/")).name))

@@ -1,5 +1,7 @@
 """GradMem model tests: gradient identities in float64 on tiny llama / gpt2 backbones, plus the model contracts."""
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +62,7 @@ def tiny_backbone(arch: str, **overrides):
 def tiny_model(arch="llama", seed=0, dtype=torch.float64, backbone_overrides=None, **options):
     torch.manual_seed(seed)
     options.setdefault("n_mem_tokens", 3)
+    options.setdefault("attn_implementation", "eager")  # the float64 patches above are transformers' eager attention
     if options.get("mem_proj_mode", "none") != "none":
         options["use_mem_proj"] = True
     config = GradMemGPTConfig(base_config=tiny_backbone(arch, **(backbone_overrides or {})), **options)
@@ -483,17 +486,89 @@ def test_invalid_options_fail_loudly(options, message):
         GradMemGPTConfig(**options)
 
 
-def test_every_command_line_option_is_a_config_argument_and_back():
+def test_every_option_is_declared_once_and_the_config_and_the_command_line_agree():
+    """GradMemOptions is the one declaration: the config takes each option as a keyword with its default, the command
+    line (GradMemArgs) is derived from it: same order, types, defaults and help, renamed only where CLI_NAMES says."""
     import dataclasses
     import inspect
 
-    from grad_memgpt import CLI_TO_CONFIG, GradMemArgs, config_options
+    from grad_memgpt import CLI_NAMES, OPTION_NAMES, GradMemArgs, GradMemOptions
+    from training_args import parse_cli
 
-    cli = set(config_options(GradMemArgs()))
-    config = set(inspect.signature(GradMemGPTConfig.__init__).parameters) - {"self", "kwargs"}
-    backbone = {"pretrained_model", "base_config"}  # from BackboneArgs
-    assert cli == config - backbone, (cli ^ (config - backbone))
-    assert set(CLI_TO_CONFIG) <= {f.name for f in dataclasses.fields(GradMemArgs)}
+    declared = dataclasses.fields(GradMemOptions)
+    command_line = {f.name: f for f in dataclasses.fields(GradMemArgs)}
+    assert list(command_line) == [CLI_NAMES.get(f.name, f.name) for f in declared]
+    assert CLI_NAMES == {"lr": "inner_lr", "eval_lr": "eval_inner_lr"}  # the reference's config and flag names
+    for f in declared:  # (annotations: HfArgumentParser rewrites a parsed dataclass's field.type in place)
+        name = CLI_NAMES.get(f.name, f.name)
+        derived = command_line[name]
+        assert (GradMemArgs.__annotations__[name], derived.default, dict(derived.metadata)) == (
+            GradMemOptions.__annotations__[f.name], f.default, {"help": f.metadata["help"]})
+    config = GradMemGPTConfig()
+    (parsed,) = parse_cli(GradMemArgs, args=[])
+    for f in declared:
+        assert getattr(config, f.name) == f.default == getattr(parsed, CLI_NAMES.get(f.name, f.name)), f.name
+    assert set(OPTION_NAMES) <= set(config.to_dict())  # saved with every config
+    assert set(inspect.signature(GradMemGPTConfig.__init__).parameters) == {"self", "pretrained_model", "base_config",
+                                                                            "kwargs"}  # nothing restated
+    # the reference config's defaults; attention "auto" (the model resolves it for its device and gradient mode)
+    assert (config.n_mem_tokens, config.K, config.lr, config.use_adam, config.grad_mode, config.use_write_head,
+            config.add_inner_loss_to_outer, config.inner_loss_weight, config.attn_implementation) == (
+        8, 2, 0.01, False, "second", False, False, None, "auto")
+
+
+def test_one_validation_names_config_options_and_command_line_flags():
+    from grad_memgpt import GradMemArgs
+    from training_args import parse_cli
+
+    cases = [  # (config keywords, its message, command line, its message): one check, named either way
+        (dict(lr=float("nan")), "lr must be a finite number", ["--inner_lr", "nan"], "--inner_lr must be a finite number"),
+        (dict(eval_lr=-0.1), "eval_lr (inner lr outside training) must be >= 0",
+         ["--eval_inner_lr", "-0.1"], "--eval_inner_lr (inner lr outside training) must be >= 0"),
+        (dict(inner_loss_weight=0.5), "inner_loss_weight 0.5 is only used with add_inner_loss_to_outer",
+         ["--inner_loss_weight", "0.5"], "--inner_loss_weight 0.5 is only used with --add_inner_loss_to_outer"),
+        (dict(K=0, add_inner_loss_to_outer=True), "add_inner_loss_to_outer needs K >= 1",
+         ["--K", "0", "--add_inner_loss_to_outer"], "--add_inner_loss_to_outer needs K >= 1"),
+    ]
+    for options, config_message, flags, cli_message in cases:
+        with pytest.raises(ValueError, match="^GradMemGPTConfig: " + re.escape(config_message)):
+            GradMemGPTConfig(**options)
+        with pytest.raises(ValueError, match="^" + re.escape(cli_message)):
+            parse_cli(GradMemArgs, args=flags)
+    # the same completion: the added inner loss weighs 1.0 unless a weight is given
+    (parsed,) = parse_cli(GradMemArgs, args=["--add_inner_loss_to_outer"])
+    assert parsed.inner_loss_weight == GradMemGPTConfig(add_inner_loss_to_outer=True).inner_loss_weight == 1.0
+
+
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "results" / "kv_checkpoints").glob("N*"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_checkpoint_configs_load_with_their_own_options(name):
+    """config.json files saved before the options had one home load with the values they hold (the shipped KV
+    checkpoints: inner lr 0.04 / 0.08, write head, inner loss weight 0.5, attention auto); those written before eval_K /
+    eval_lr existed lack them and take their defaults (None: as in training)."""
+    from grad_memgpt import OPTION_NAMES
+
+    folder = Path(__file__).resolve().parents[1] / "results" / "kv_checkpoints" / name
+    saved = json.loads((folder / "config.json").read_text())
+    config = GradMemGPTConfig.from_pretrained(folder)
+    assert set(OPTION_NAMES) - set(saved) <= {"eval_K", "eval_lr"}
+    for option in OPTION_NAMES:
+        assert getattr(config, option) == saved.get(option), option
+    assert config.use_write_head and config.add_inner_loss_to_outer and config.inner_loss_weight == 0.5
+
+
+def test_a_saved_eager_model_loads_as_eager(tmp_path):
+    model = tiny_model(dtype=torch.float32, attn_implementation="eager")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["attn_implementation"] == "eager"
+    del saved["eval_K"], saved["eval_lr"]  # as older code wrote it
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = GradMemGPT.from_pretrained(tmp_path)
+    assert loaded.config.attn_implementation == "eager" and loaded.model.config._attn_implementation == "eager"
+    assert (loaded.config.eval_K, loaded.config.eval_lr) == (None, None)
 
 
 def test_model_needs_a_backbone_and_known_lora_targets():

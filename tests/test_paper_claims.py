@@ -12,7 +12,7 @@ import pytest
 
 import collect_results as cr
 from full_context_lm import FullContextArgs
-from grad_memgpt import GradMemArgs
+from grad_memgpt import PRESETS, GradMemArgs
 from rmt import RMTArgs
 from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
 from training_run_folder import resolve_run_dir
@@ -24,9 +24,9 @@ SCRIPT_SETTINGS = ("GPUS", "SEEDS", "SEEDS_ABLATION", "NS", "ONLY", "BUDGET_N4",
                    "EVAL_STEPS", "MAX_EVAL_SAMPLES", "MAX_STEPS", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST",
                    "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN")
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(.+)$")
-NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name),
-          "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name),
-          "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name)}
+NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, PRESETS),
+          "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name, None),
+          "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
 
 
 def run_script(*args, check=True, **env):
@@ -63,8 +63,9 @@ def run_id(row):
 def run_folder(argv):
     """The run folder the run script would use for this command (its own naming), its TrainArgs and its saved
     arguments."""
-    model_args, name = NAMING[argv[0]]
-    train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_args, DataArgs, args=argv[1:])
+    model_args, name, presets = NAMING[argv[0]]
+    train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_args, DataArgs, args=argv[1:],
+                                             presets=presets)
     train.run_name = name(train, backbone, model, 1)
     return resolve_run_dir(train, Path(data.data_path).name), train, flat_args([train, backbone, model, data])
 
@@ -123,7 +124,7 @@ def test_dry_run_commands_recipe_and_run_names():
             groups.append(cr.Group(task=folder.parent.parent.name, run_name=folder.parent.name, seeds=[143],
                                    args=saved))
         if r["model"].startswith("gradmem"):
-            _, _, g, _ = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=argv[1:])
+            _, _, g, _ = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=argv[1:], presets=PRESETS)
             k = int(r["model"][len("gradmem_K"):]) if r["model"].startswith("gradmem_K") else 2
             mode = r["model"][len("gradmem_grad_"):] if "grad_" in r["model"] else "second"
             assert (g.n_mem_tokens, g.K, g.grad_mode, g.inner_lr, g.inner_loss_weight) == (8, k, mode, 0.04, 0.5)

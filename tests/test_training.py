@@ -170,25 +170,26 @@ def test_logits_reduced_to_aligned_predictions():
 
 # ---------------------------------------------------------------- CLI
 
-def test_cli_preset_defaults_bools_and_errors(monkeypatch, capsys):
+def test_cli_defaults_bools_and_errors(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     t, b, g, d = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=[])
-    assert (g.grad_mode, g.K, g.inner_lr, g.use_adam, g.use_write_head) == ("second", 2, 0.04, False, True)
-    assert (g.add_inner_loss_to_outer, g.inner_loss_weight) == (True, 0.5)
+    # GradMem: the reference config's defaults (the model's own, see GradMemOptions)
+    assert (g.grad_mode, g.K, g.inner_lr, g.use_adam, g.use_write_head) == ("second", 2, 0.01, False, False)
+    assert (g.add_inner_loss_to_outer, g.inner_loss_weight, g.attn_implementation) == (False, None, "auto")
     assert (t.learning_rate, t.warmup_steps, t.max_grad_norm, t.report_to) == (1e-4, 10_000, 1.0, "tensorboard")
     assert b.base_model == "llama" and t.mixed_precision() == "no"
-    preset = ["--per_device_batch_size", "64", "--total_batch_size", "64", "--gradient_accumulation_steps", "1",
-              "--n_mem_tokens", "8", "--K", "2", "--inner_lr", "0.04", "--grad_mode", "second", "--use_write_head",
-              "--add_inner_loss_to_outer", "--inner_loss_weight", "0.5", "--use_adam", "false", "--seed", "143",
-              "--data_path", "./data/N8-K2V2-V62_1M", "--bf16", "--last_K_second_order", "2"]
-    t, b, g, d = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=preset)
+    explicit = ["--per_device_batch_size", "64", "--total_batch_size", "64", "--gradient_accumulation_steps", "1",
+                "--n_mem_tokens", "8", "--K", "2", "--inner_lr", "0.04", "--grad_mode", "second", "--use_write_head",
+                "--add_inner_loss_to_outer", "--inner_loss_weight", "0.5", "--use_adam", "false", "--seed", "143",
+                "--data_path", "./data/N8-K2V2-V62_1M", "--bf16", "--last_K_second_order", "2"]
+    t, b, g, d = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=explicit)
     assert t.bf16 and t.mixed_precision() == "bf16" and g.last_K_second_order == 2 and t.seed == 143
-    (g,) = parse_cli(GradMemArgs, args=["--no_use_write_head", "--use_adam", "true", "--add_inner_loss_to_outer", "false"])
-    assert (g.use_write_head, g.use_adam, g.inner_loss_weight) == (False, True, None)
+    (g,) = parse_cli(GradMemArgs, args=["--use_write_head", "--use_adam", "true", "--add_inner_loss_to_outer"])
+    assert (g.use_write_head, g.use_adam, g.inner_loss_weight) == (True, True, 1.0)  # the reference's weight
     bad = [(["--base_model", "gpt2", "--pretrained_model", "gpt2"], "mutually exclusive"),
            (["--total_batch_size", "64", "--per_device_batch_size", "16"], "gradient_accumulation_steps 4"),
            (["--bf16", "--fp32"], "mutually exclusive"),
-           (["--no_add_inner_loss_to_outer", "--inner_loss_weight", "0.3"], "only used with")]
+           (["--add_inner_loss_to_outer", "false", "--inner_loss_weight", "0.3"], "only used with")]
     for args, message in bad:
         with pytest.raises(ValueError, match=message):
             parse_cli(TrainArgs, BackboneArgs, GradMemArgs, args=args)
@@ -201,6 +202,31 @@ def test_cli_preset_defaults_bools_and_errors(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     (t,) = parse_cli(TrainArgs, args=["--total_batch_size", "64", "--per_device_batch_size", "16",
                                       "--gradient_accumulation_steps", "2"])
+
+
+def test_preset_sets_defaults_that_flags_override(monkeypatch, capsys):
+    """--preset NAME: the preset's values replace the defaults; flags given as well win (wherever they stand); the
+    dataclasses hold the resolved values. An unknown name, or a preset naming an option the script lacks, is refused."""
+    from grad_memgpt import PRESETS
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    b, g = parse_cli(BackboneArgs, GradMemArgs, args=["--preset", "paper_kv"], presets=PRESETS)
+    assert (b.base_model, b.n_layer, b.n_head, b.n_embd) == ("llama", 4, 4, 128)
+    assert (g.n_mem_tokens, g.K, g.inner_lr, g.grad_mode, g.use_write_head, g.add_inner_loss_to_outer,
+            g.inner_loss_weight) == (8, 2, 0.04, "second", True, True, 0.5)
+    b, g = parse_cli(BackboneArgs, GradMemArgs, presets=PRESETS, args=[
+        "--inner_lr", "0.08", "--preset=paper_kv", "--use_write_head", "false", "--n_layer", "2"])
+    assert (g.inner_lr, g.use_write_head, g.K, b.n_layer, b.n_embd) == (0.08, False, 2, 2, 128)
+    (g,) = parse_cli(GradMemArgs, args=["--inner_lr", "0.08"], presets={"other": {"K": 3}})  # no --preset: defaults
+    assert (g.inner_lr, g.K) == (0.08, 2)
+    with pytest.raises(ValueError, match="unknown --preset 'paper'; known presets: paper_kv"):
+        parse_cli(BackboneArgs, GradMemArgs, args=["--preset", "paper"], presets=PRESETS)
+    with pytest.raises(ValueError, match="--preset paper_kv sets n_embd, n_head, n_layer, which this script does not take"):
+        parse_cli(GradMemArgs, args=["--preset", "paper_kv"], presets=PRESETS)
+    with pytest.raises(ValueError, match="not used"):  # a script without presets has no --preset
+        parse_cli(GradMemArgs, args=["--preset", "paper_kv"])
+    with pytest.raises(ValueError, match="--inner_lr must be a finite number"):  # preset values are validated too
+        parse_cli(GradMemArgs, args=["--preset", "bad"], presets={"bad": {"inner_lr": float("nan")}})
 
 
 # ---------------------------------------------------------------- backbone configs
