@@ -24,7 +24,8 @@ projection), a plain [B, M, d] tensor: it can be saved with torch.save and read 
 
 Stats (dict of detached 0-d float32 tensors, computed without host synchronisation):
     inner_loss                      mean per-sample inner loss after the final update (at memory_K), written rows;
-                                    measured with one extra forward without graph (no backward)
+                                    measured with one extra forward without graph (no backward); in training only
+                                    with train_final_inner_loss (the default)
     inner_loss_step_{k}, k=0..K     mean per-sample inner loss at memory_k (k=K is inner_loss), written rows
     inner_grad_norm_mean/max/min    per-sample L2 norm of the raw (unclipped) inner gradient w.r.t. the memory
                                     (the un-projected memory variable), over written rows and the K steps
@@ -166,6 +167,8 @@ class GradMemOptions:
                                          "writes with K")
     eval_lr: Optional[float] = option(None, "inner lr when evaluating and generating (default: the inner lr)",
                                       cli="eval_inner_lr")
+    train_final_inner_loss: bool = option(True, "while training, also measure the inner loss after the last WRITE "
+                                                "step (a statistic: one more forward per step); evaluation always does")
 
     def validate(self, flag: Optional[Callable[[str], str]] = None) -> None:
         """Raise a ValueError for every invalid value or incompatible pair, naming each option by `flag(name)` (the
@@ -709,12 +712,13 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
                     fast = self._inner_step(fast, grads, adam_state, k, lr)
             if not connect:
                 fast = [p.detach() for p in fast]
-            with torch.no_grad():  # the loss after the final update: one forward, no graph
-                final_losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)
-            step_losses.append(final_losses.sum() / n_written)
+            if config.train_final_inner_loss or not self.training:
+                with torch.no_grad():  # the loss after the final update: one forward, no graph
+                    final_losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)
+                step_losses.append(final_losses.sum() / n_written)
+                stats["inner_loss"] = step_losses[-1]
             for k, loss in enumerate(step_losses):
                 stats[f"inner_loss_step_{k}"] = loss
-            stats["inner_loss"] = step_losses[-1]
             grad_norms = torch.stack(grad_norms)  # [K, B]
             stats.update(_masked_summary("inner_grad_norm", grad_norms, written.expand_as(grad_norms)))
 

@@ -213,6 +213,32 @@ def test_last_K_second_order_differentiates_exactly_the_last_steps(K, last):
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_training_without_the_final_inner_loss_saves_one_forward_and_changes_no_gradient():
+    """train_final_inner_loss=False drops the statistic's forward in training only: the same loss and gradients
+    (float64), one backbone forward fewer per step, no inner_loss / inner_loss_step_K stats; evaluation keeps them."""
+    measured, lean = (tiny_model(K=2, lr=0.5, use_write_head=True, add_inner_loss_to_outer=True,
+                                 train_final_inner_loss=flag) for flag in (True, False))
+    calls = {}
+    for name, model in (("measured", measured), ("lean", lean)):
+        calls[name] = 0
+        get_backbone(model.model).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    out_measured, out_lean = measured(**BATCH), lean(**BATCH)
+    assert calls == {"measured": 4, "lean": 3}  # K=2 inner forwards (+ 1 measuring) + READ
+    assert "inner_loss" not in out_lean.stats and "inner_loss_step_2" not in out_lean.stats
+    assert {"inner_loss", "inner_loss_step_2"} <= set(out_measured.stats)
+    torch.testing.assert_close(out_lean.loss, out_measured.loss, rtol=0, atol=0)
+    grads = {}
+    for name, model, out in (("measured", measured, out_measured), ("lean", lean, out_lean)):
+        out.loss.backward()
+        grads[name] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["lean"].keys() == grads["measured"].keys()
+    for n in grads["lean"]:
+        torch.testing.assert_close(grads["lean"][n], grads["measured"][n], rtol=1e-12, atol=0, msg=n)
+    lean.eval()
+    with torch.no_grad():
+        assert "inner_loss_step_2" in lean(**BATCH).stats
+
+
 def test_write_matches_naive_per_sample_reference_and_reports_the_final_inner_loss():
     model = tiny_model(lr=3.0, K=2, use_write_head=True, n_ctrl_tokens=1)
     with torch.no_grad():
@@ -548,14 +574,15 @@ def test_shipped_checkpoint_configs_load_with_their_own_options(name):
     """config.json files saved before the options had one home load with the values they hold (the shipped KV
     checkpoints: inner lr 0.04 / 0.08, write head, inner loss weight 0.5, attention auto); those written before eval_K /
     eval_lr existed lack them and take their defaults (None: as in training)."""
-    from grad_memgpt import OPTION_NAMES
+    from grad_memgpt import OPTION_NAMES, GradMemOptions
 
     folder = Path(__file__).resolve().parents[1] / "results" / "kv_checkpoints" / name
     saved = json.loads((folder / "config.json").read_text())
     config = GradMemGPTConfig.from_pretrained(folder)
-    assert set(OPTION_NAMES) - set(saved) <= {"eval_K", "eval_lr"}
+    defaults = GradMemOptions()
+    assert set(OPTION_NAMES) - set(saved) <= {"eval_K", "eval_lr", "train_final_inner_loss"}  # options added later
     for option in OPTION_NAMES:
-        assert getattr(config, option) == saved.get(option), option
+        assert getattr(config, option) == saved.get(option, getattr(defaults, option)), option
     assert config.use_write_head and config.add_inner_loss_to_outer and config.inner_loss_weight == 0.5
 
 
