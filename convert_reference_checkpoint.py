@@ -3,7 +3,8 @@
     python convert_reference_checkpoint.py runs/N32-K2V2-V62_1M/<run_name>/run_1/checkpoint-95500 converted/N32 \
         --tokenizer ./tokenizers/kv_alphabet_62
 
-IN is a reference checkpoint folder (its config.json and model.safetensors) or that model.safetensors. The reference
+IN is a reference checkpoint folder (its config.json and model.safetensors, or the shards of a large one) or that
+model.safetensors. The reference
 names GradMem's control tokens `write_st`/`read_st` and keeps the backbone of a write-LoRA model under
 `model.base_model.model.` (peft's wrapper); they are renamed to ours, and the LoRA adapters stay adapters, active in
 WRITE only, as the reference computes them. The model options come from the reference's config.json (same names as
@@ -22,7 +23,7 @@ from typing import Optional, Sequence
 
 from transformers import AutoModel, AutoTokenizer
 
-import grad_memgpt  # noqa: F401  (registers GradMemGPT with AutoModel)
+import grad_memgpt  # registers GradMemGPT with AutoModel
 import rmt  # noqa: F401  (registers RMT2Segm with AutoModel)
 from training_args import add_log_level_argument, run_cli, setup_logging
 
@@ -31,14 +32,15 @@ MODEL_TYPES = ("grad_memgpt", "rmt_2segm")
 
 
 def reference_folder(path: str) -> Path:
-    """The checkpoint folder: `path`, or the folder of a model.safetensors; it must hold both files."""
+    """The checkpoint folder: `path`, or the folder of a model.safetensors; it must hold config.json and the weights
+    (model.safetensors, or the shards of model.safetensors.index.json)."""
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
-    for name in ("config.json", "model.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} has no {name}: give a reference checkpoint folder (config.json and "
-                                    "model.safetensors, e.g. runs/<data>/<run_name>/run_1/checkpoint-<step>)")
+    if not (folder / "config.json").is_file() or not grad_memgpt.safetensors_files(folder):
+        raise FileNotFoundError(f"{folder} lacks config.json or its weights: give a reference checkpoint folder "
+                                "(config.json and model.safetensors or its shards, e.g. "
+                                "runs/<data>/<run_name>/run_1/checkpoint-<step>)")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{folder}/config.json is a {model_type!r} model; this converts {' and '.join(MODEL_TYPES)} "

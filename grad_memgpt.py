@@ -73,6 +73,7 @@ this file.
 """
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import typing
@@ -170,10 +171,11 @@ class GradMemOptions:
     train_final_inner_loss: bool = option(True, "while training, also measure the inner loss after the last WRITE "
                                                 "step (a statistic: one more forward per step); evaluation always does")
 
-    def validate(self, flag: Optional[Callable[[str], str]] = None) -> None:
+    def validate(self, flag: Optional[Callable[[str], str]] = None, training: bool = False) -> None:
         """Raise a ValueError for every invalid value or incompatible pair, naming each option by `flag(name)` (the
         config names it by its name, the command line by its --flag); then complete inner_loss_weight (None: 1.0
-        when the inner loss is added)."""
+        when the inner loss is added). `training` (the run scripts) also refuses settings that would train nothing;
+        a model with them still loads and evaluates (checkpoints of the reference have such configs)."""
         flag = flag or (lambda name: name)
 
         def fail(message):
@@ -220,7 +222,7 @@ class GradMemOptions:
                 fail(f"{flag('write_lora_r')} must be >= 1, got {self.write_lora_r}")
             if not 0.0 <= self.write_lora_dropout < 1.0:
                 fail(f"{flag('write_lora_dropout')} must be in [0, 1), got {self.write_lora_dropout}")
-            if self.grad_mode != "second" and not self.add_inner_loss_to_outer:
+            if training and self.grad_mode != "second" and not self.add_inner_loss_to_outer:
                 fail(f"{flag('use_write_lora')} with {flag('grad_mode')} {self.grad_mode} and without "
                      f"{flag('add_inner_loss_to_outer')}: the write adapters would never receive a gradient; use "
                      "grad_mode second or add the inner loss")
@@ -421,14 +423,16 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        weights = Path(folder) / "model.safetensors"
-        if not weights.is_file():
+        files = safetensors_files(Path(folder))
+        if not files:
             return None
-        with safe_open(str(weights), framework="pt") as f:
-            names = list(f.keys())
+        names = []
+        for weights in files:
+            with safe_open(str(weights), framework="pt") as f:
+                names += list(f.keys())
         if from_reference_names(dict.fromkeys(names)).keys() == set(names):
             return None
-        return from_reference_names(load_file(str(weights)))
+        return from_reference_names({k: v for weights in files for k, v in load_file(str(weights)).items()})
 
     def adapt_checkpoint(self, state_dict: dict) -> tuple:
         """--init_checkpoint's hook: (the tensors under our names, '' or a sentence naming the options the checkpoint
@@ -815,6 +819,21 @@ def _backbone_config(config: GradMemGPTConfig) -> dict:
     return config.pretrained_backbone_config or AutoConfig.from_pretrained(config.pretrained_model).to_dict()
 
 
+def safetensors_files(folder: Path) -> list:
+    """The weight files of a checkpoint folder: model.safetensors, or the shards its model.safetensors.index.json
+    names (transformers shards large checkpoints); [] when it has neither."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
+    return [folder / name for name in shards]
+
+
 def from_reference_names(state_dict: dict) -> dict:
     """A state dict with the reference implementation's tensor names renamed to ours (others kept as they are)."""
     renamed = {}
@@ -897,7 +916,7 @@ def _validate_args(args) -> None:
     """GradMemArgs.validate(): GradMemOptions.validate on the parsed values, naming their flags; keeps the completed
     values (the run record holds what the model is built with)."""
     options = args.options()
-    options.validate(flag=_flag)
+    options.validate(flag=_flag, training=True)
     for name, value in vars(options).items():
         setattr(args, CLI_NAMES.get(name, name), value)
 

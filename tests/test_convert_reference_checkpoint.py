@@ -106,12 +106,37 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path):
         AutoModel.from_pretrained(tmp_path / "ours")
 
 
+def shard(folder, parts: int = 3) -> None:
+    """Split the folder's model.safetensors into `parts` shards with an index, as transformers saves large models."""
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names, weight_map = sorted(tensors), {}
+    for i in range(parts):
+        file = f"model-{i + 1:05d}-of-{parts:05d}.safetensors"
+        part = {n: tensors[n] for n in names[i::parts]}
+        save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_a_sharded_reference_checkpoint_loads_and_converts_fully(tmp_path):
+    model = tiny_model(dtype=torch.float32, **OPTIONS)
+    write_reference_checkpoint(model, tmp_path / "ref")
+    shard(tmp_path / "ref")
+    assert torch.equal(logits(AutoModel.from_pretrained(tmp_path / "ref")), logits(model))
+    out = convert_reference_checkpoint.main([str(tmp_path / "ref"), str(tmp_path / "ours")])
+    assert torch.equal(logits(GradMemGPT.from_pretrained(out)), logits(model))
+    (tmp_path / "ref" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00003.safetensors"):
+        AutoModel.from_pretrained(tmp_path / "ref")
+
+
 def test_converter_refuses_other_folders(tmp_path):
     lm = AutoModelForCausalLM.from_config(tiny_backbone("llama"))
     lm.save_pretrained(tmp_path / "lm")
     with pytest.raises(ValueError, match="'llama' model"):
         convert_reference_checkpoint.main([str(tmp_path / "lm"), str(tmp_path / "out")])
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="lacks config.json or its weights"):
         convert_reference_checkpoint.main([str(tmp_path / "missing"), str(tmp_path / "out")])
 
 

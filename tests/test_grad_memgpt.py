@@ -503,13 +503,25 @@ def test_sdpa_is_refused_for_second_order_at_build_time():
     (dict(eval_K=2.5), "eval_K"),
     (dict(eval_lr=-0.1), "eval_lr"),
     (dict(write_lora_target_modules="q_proj"), "use_write_lora"),
-    (dict(use_write_lora=True, grad_mode="first"), "never receive a gradient"),
     (dict(use_write_lora=True, use_gradient_checkpointing=True), "gradient_checkpointing"),
     (dict(pretrained_model="gpt2", base_config={"model_type": "gpt2"}), "not both"),
 ])
 def test_invalid_options_fail_loudly(options, message):
     with pytest.raises(ValueError, match=message):
         GradMemGPTConfig(**options)
+
+
+def test_a_write_lora_that_would_train_nothing_loads_but_is_refused_for_training():
+    """The reference's scripts default to grad_mode none, so some of its write-LoRA checkpoints have configs whose
+    adapters training cannot reach: such a model builds (to load and evaluate); the run scripts refuse to train it."""
+    from grad_memgpt import GradMemArgs
+
+    for grad_mode in ("none", "first"):
+        model = tiny_model(dtype=torch.float32, use_write_lora=True, grad_mode=grad_mode)
+        assert any("lora_" in name for name, _ in model.named_parameters())
+        with pytest.raises(ValueError, match="never receive a gradient"):
+            GradMemArgs(use_write_lora=True, grad_mode=grad_mode).validate()
+    GradMemArgs(use_write_lora=True, grad_mode="first", add_inner_loss_to_outer=True).validate()
 
 
 def test_every_option_is_declared_once_and_the_config_and_the_command_line_agree():
