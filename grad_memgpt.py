@@ -72,12 +72,11 @@ holds them. The run scripts' command line (GradMemArgs, derived from those field
 this file.
 """
 import contextlib
-import dataclasses
 import json
 import math
 import re
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -93,8 +92,11 @@ from modeling_utils import (
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
+    cli_names,
+    command_line_args,
     get_backbone,
     hidden_size,
+    option,
     pad_token_id,
     unwrap_peft,
 )
@@ -119,12 +121,6 @@ REFERENCE_NAMES = ((re.compile(r"^write_st$"), "write_start"), (re.compile(r"^re
 
 # Inner Adam hyper-parameters (fixed, as in the reference; the inner lr is `lr`).
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
-
-
-def option(default, help: str, cli: Optional[str] = None):
-    """A field of GradMemOptions: its default, its help text and, where it differs from the config's name, its
-    command-line name."""
-    return field(default=default, metadata={"help": help} if cli is None else {"help": help, "cli": cli})
 
 
 @dataclass
@@ -900,36 +896,14 @@ AutoModel.register(GradMemGPTConfig, GradMemGPT)
 # ----------------------------------------------------------------------------------------------------------------
 
 # Command-line names that differ from the config's (which keeps the reference's config names): config name -> flag.
-CLI_NAMES = {f.name: f.metadata["cli"] for f in fields(GradMemOptions) if "cli" in f.metadata}
-
-
-def _flag(name: str) -> str:
-    return "--" + CLI_NAMES.get(name, name)
-
-
-def _options_of_args(args) -> GradMemOptions:
-    """GradMemArgs.options(): the parsed values as GradMemOptions (config names)."""
-    return GradMemOptions(**{name: getattr(args, CLI_NAMES.get(name, name)) for name in OPTION_NAMES})
-
-
-def _validate_args(args) -> None:
-    """GradMemArgs.validate(): GradMemOptions.validate on the parsed values, naming their flags; keeps the completed
-    values (the run record holds what the model is built with)."""
-    options = args.options()
-    options.validate(flag=_flag, training=True)
-    for name, value in vars(options).items():
-        setattr(args, CLI_NAMES.get(name, name), value)
-
+CLI_NAMES = cli_names(GradMemOptions)
 
 # The GradMem options of the run scripts' command line, derived from GradMemOptions: the same fields (type, default,
-# help) under their command-line names. A new option is a new field of GradMemOptions, nothing else.
-GradMemArgs = dataclasses.make_dataclass(
-    "GradMemArgs",
-    [(CLI_NAMES.get(f.name, f.name), f.type, field(default=f.default, metadata={"help": f.metadata["help"]}))
-     for f in fields(GradMemOptions)],
-    namespace={"__doc__": "GradMem model options on the command line (GradMemOptions under their flag names).",
-               "__module__": __name__, "options": _options_of_args, "validate": _validate_args},
-)
+# help) under their command-line names; GradMemArgs.options() gives them back as GradMemOptions, and its validate() is
+# GradMemOptions.validate naming the flags (training=True). A new option is a new field of GradMemOptions, nothing else.
+GradMemArgs = command_line_args(
+    GradMemOptions, "GradMemArgs",
+    "GradMem model options on the command line (GradMemOptions under their flag names).", __name__)
 
 # Named sets of option values for `--preset NAME` of the GradMem run scripts (training_args.parse_cli): command-line
 # names of any of the script's options; the values replace the defaults, and options given on the command line win.

@@ -1,10 +1,17 @@
-"""Pieces shared by the memory models (GradMem, RMT): the output contract and backbone loading.
+"""Pieces shared by the memory models (GradMem, RMT): the output contract, backbone loading and the declaration of
+their options.
 
 Both memory models wrap any Hugging Face causal LM (the "backbone"), built either from a config (trained from
 scratch) or from a pretrained name/path, and return a `MemoryModelOutput` whose `logits[:, j]` predicts query token
 `j` (labels are aligned with the query ids, not shifted), so one collator and one metrics function serve both.
+
+Options: a model declares each of its options once, as a field of its options dataclass (made with `option`: name,
+type, default, help and, where it differs, the command-line name), with a `validate(flag=None, training=False)`
+method. Its config takes the fields as keywords with those defaults; `command_line_args` derives the run scripts'
+command-line dataclass from the same fields.
 """
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -27,6 +34,45 @@ class MemoryModelOutput(ModelOutput):
     logits: Optional[torch.Tensor] = None
     memory: Optional[torch.Tensor] = None
     stats: Optional[dict] = None
+
+
+def option(default, help: str, cli: Optional[str] = None):
+    """A field of a model's options dataclass: its default, its help text and, where it differs from the config's
+    name, its command-line name."""
+    return field(default=default, metadata={"help": help} if cli is None else {"help": help, "cli": cli})
+
+
+def cli_names(options_type: type) -> dict:
+    """Command-line names that differ from the config's: config name -> flag name (without the dashes)."""
+    return {f.name: f.metadata["cli"] for f in fields(options_type) if "cli" in f.metadata}
+
+
+def command_line_args(options_type: type, name: str, doc: str, module: str) -> type:
+    """The command-line dataclass of a model's options: the same fields in the same order, with their types,
+    defaults and help, under their command-line names. An `Optional[bool]` option (None: the model derives it) is a
+    `bool` there with the default None, so that a bare `--flag` means true (HfArgumentParser gives an Optional[bool]
+    no bare form).
+
+    Its `options()` returns the parsed values as `options_type` (config names); its `validate()` (called by
+    training_args.parse_cli) runs `options_type.validate` with the flags' names and training=True and keeps the
+    completed values, so that the run record holds what the model is built with."""
+    names = cli_names(options_type)
+
+    def options(self):
+        return options_type(**{f.name: getattr(self, names.get(f.name, f.name)) for f in fields(options_type)})
+
+    def validate(self) -> None:
+        values = self.options()
+        values.validate(flag=lambda option_name: "--" + names.get(option_name, option_name), training=True)
+        for option_name, value in vars(values).items():
+            setattr(self, names.get(option_name, option_name), value)
+
+    return dataclasses.make_dataclass(
+        name,
+        [(names.get(f.name, f.name), bool if f.type == Optional[bool] else f.type,
+          field(default=f.default, metadata={"help": f.metadata["help"]})) for f in fields(options_type)],
+        namespace={"__doc__": doc, "__module__": module, "options": options, "validate": validate},
+    )
 
 
 def base_config_to_dict(base_config: Union[None, dict, PretrainedConfig]) -> Optional[dict]:

@@ -32,10 +32,14 @@ Options (all from the reference implementation):
 Every parameter that is created receives a gradient: options that would create a dead parameter (a write head
 without the reconstruction loss, a residual LayerNorm with K=1) are rejected, so multi-GPU DDP runs never need
 `find_unused_parameters`.
+
+Options: each is declared once, as a field of RMTOptions (name, type, default, help), with one validation
+(RMTOptions.validate); RMT2SegmConfig takes them as keywords with those defaults, and the run scripts' command line
+(RMTArgs, at the end of this file) is derived from the same fields.
 """
 import logging
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from dataclasses import dataclass, fields
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +52,10 @@ from modeling_utils import (
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
+    command_line_args,
     get_backbone,
     hidden_size,
+    option,
     pad_token_id,
 )
 from training_args import BackboneArgs
@@ -59,76 +65,103 @@ logger = logging.getLogger("gradmem")
 MEM_PROJ_MODES = ("none", "proj", "proj_rw")
 
 
+@dataclass
+class RMTOptions:
+    """Every RMT2Segm option, declared once: its name, type, default (the reference's) and help. RMT2SegmConfig takes
+    them as keywords with these defaults and keeps them as attributes; the run scripts' command line (RMTArgs, at the
+    end of this file) is derived from these fields. validate() checks them for both."""
+
+    n_mem_tokens: int = option(8, "M memory vectors")
+    K: int = option(1, "forward writes of the context (>= 1)")
+    n_ctrl_tokens: int = option(0, "learned start/end marker vectors around the memory")
+    use_mem_proj: Optional[bool] = option(
+        None, "project the memory: follows from mem_proj_mode when not given, must agree with it when given")
+    mem_proj_mode: Literal[MEM_PROJ_MODES] = option("none", "none / proj (write side) / proj_rw (write and read)")
+    use_reconstruction_loss: bool = option(False, "add a loss of reconstructing the context")
+    reconstruction_loss_weight: float = option(1.0, "weight of the reconstruction loss")
+    use_write_head: bool = option(
+        False, "own head for the reconstruction loss; without --use_reconstruction_loss the run scripts build no head "
+               "(a warning says so: the reference built one that nothing used) and the config refuses it")
+    use_mem_residual: bool = option(False, "memory_k = memory_{k-1} + LayerNorm(write-out), K >= 2")
+    use_gradient_checkpointing: bool = option(False, "recompute backbone activations")
+    attn_implementation: str = option("eager", "eager, sdpa, flash_attention_2, ... or auto")
+
+    def validate(self, flag: Optional[Callable[[str], str]] = None, training: bool = False) -> None:
+        """Raise a ValueError for every invalid value or incompatible pair, naming each option by `flag(name)` (the
+        config names it by its name, the command line by its --flag); complete use_mem_proj (None: whether
+        mem_proj_mode projects). A write head without the reconstruction loss would be a parameter without gradient:
+        the config refuses it; `training` (the run scripts) drops it with a warning instead, as the reference's SQuAD
+        and phonebook presets pass --use_write_head alone."""
+        flag = flag or (lambda name: name)
+
+        def fail(message):
+            raise ValueError(message)
+
+        if self.n_mem_tokens < 1:
+            fail(f"{flag('n_mem_tokens')} must be >= 1, got {self.n_mem_tokens}")
+        if self.n_ctrl_tokens < 0:
+            fail(f"{flag('n_ctrl_tokens')} must be >= 0, got {self.n_ctrl_tokens}")
+        if self.K < 1:
+            fail(f"{flag('K')}={self.K}: RMT needs at least one forward write of the context (use K >= 1)")
+        if self.mem_proj_mode not in MEM_PROJ_MODES:
+            fail(f"{flag('mem_proj_mode')} must be one of {MEM_PROJ_MODES}, got {self.mem_proj_mode!r}")
+        if self.use_mem_proj is None:
+            self.use_mem_proj = self.mem_proj_mode != "none"
+        if self.use_mem_proj != (self.mem_proj_mode != "none"):
+            fail(f"{flag('use_mem_proj')}={self.use_mem_proj} contradicts {flag('mem_proj_mode')}="
+                 f"{self.mem_proj_mode!r}: pass {flag('mem_proj_mode')} proj|proj_rw to project the memory "
+                 f"({flag('use_mem_proj')} follows from it)")
+        if self.use_write_head and not self.use_reconstruction_loss:
+            if not training:
+                fail(f"{flag('use_write_head')} without {flag('use_reconstruction_loss')}: the write head is only used "
+                     "by the reconstruction loss and would be a parameter without gradient; add "
+                     f"{flag('use_reconstruction_loss')} or drop {flag('use_write_head')}")
+            logger.warning("%s without %s: only the reconstruction loss uses a write head, so none is built (the "
+                           "reference's SQuAD and phonebook presets built an unused one)",
+                           flag("use_write_head"), flag("use_reconstruction_loss"))
+            self.use_write_head = False
+        if not self.use_reconstruction_loss and self.reconstruction_loss_weight != 1.0:
+            fail(f"{flag('reconstruction_loss_weight')}={self.reconstruction_loss_weight} has no effect without "
+                 f"{flag('use_reconstruction_loss')}")
+        if self.use_reconstruction_loss and not self.reconstruction_loss_weight > 0:
+            fail(f"{flag('reconstruction_loss_weight')} must be > 0, got {self.reconstruction_loss_weight}")
+        if self.use_mem_residual and self.K < 2:
+            fail(f"{flag('use_mem_residual')} needs K >= 2: the residual applies from the second write on, so with "
+                 f"K={self.K} its LayerNorm would be a parameter without gradient")
+
+
+OPTION_NAMES = tuple(f.name for f in fields(RMTOptions))
+
+
 class RMT2SegmConfig(PretrainedConfig):
+    """Configuration of an RMT2Segm: its backbone and its RMTOptions.
+
+    RMT2SegmConfig(pretrained_model=..., base_config=..., **options): the options are RMTOptions' fields, as keywords
+    with its defaults, validated by RMTOptions.validate, and become attributes (config.K, config.mem_proj_mode, ...).
+    Backbone: exactly one of `pretrained_model` (hub id or local folder) and `base_config` (a transformers config or
+    its dict; stored as a plain dict); the model checks that one is given.
+    """
+
     model_type = "rmt_2segm"
 
-    def __init__(
-        self,
-        pretrained_model: Optional[str] = None,
-        base_config: Optional[dict] = None,
-        n_mem_tokens: int = 8,
-        n_ctrl_tokens: int = 0,
-        K: int = 1,
-        use_mem_proj: Optional[bool] = None,
-        mem_proj_mode: str = "none",
-        use_reconstruction_loss: bool = False,
-        reconstruction_loss_weight: float = 1.0,
-        use_write_head: bool = False,
-        use_mem_residual: bool = False,
-        use_gradient_checkpointing: bool = False,
-        attn_implementation: Optional[str] = "eager",
-        **kwargs,
-    ):
-        if n_mem_tokens < 1:
-            raise ValueError(f"n_mem_tokens must be >= 1, got {n_mem_tokens}")
-        if n_ctrl_tokens < 0:
-            raise ValueError(f"n_ctrl_tokens must be >= 0, got {n_ctrl_tokens}")
-        if K < 1:
-            raise ValueError(f"K={K}: RMT needs at least one forward write of the context (use K >= 1)")
-        if mem_proj_mode not in MEM_PROJ_MODES:
-            raise ValueError(f"mem_proj_mode must be one of {MEM_PROJ_MODES}, got {mem_proj_mode!r}")
-        if use_mem_proj is None:
-            use_mem_proj = mem_proj_mode != "none"
-        if use_mem_proj != (mem_proj_mode != "none"):
-            raise ValueError(
-                f"use_mem_proj={use_mem_proj} contradicts mem_proj_mode={mem_proj_mode!r}: "
-                "pass --mem_proj_mode proj|proj_rw to project the memory (use_mem_proj follows from it)"
-            )
-        if use_write_head and not use_reconstruction_loss:
-            raise ValueError(
-                "use_write_head without use_reconstruction_loss: the write head is only used by the "
-                "reconstruction loss and would be a parameter without gradient; add --use_reconstruction_loss "
-                "or drop --use_write_head"
-            )
-        if not use_reconstruction_loss and reconstruction_loss_weight != 1.0:
-            raise ValueError(
-                f"reconstruction_loss_weight={reconstruction_loss_weight} has no effect without "
-                "--use_reconstruction_loss"
-            )
-        if use_reconstruction_loss and not reconstruction_loss_weight > 0:
-            raise ValueError(f"reconstruction_loss_weight must be > 0, got {reconstruction_loss_weight}")
-        if use_mem_residual and K < 2:
-            raise ValueError(
-                "use_mem_residual needs K >= 2: the residual applies from the second write on, so with "
-                f"K={K} its LayerNorm would be a parameter without gradient"
-            )
+    def __init__(self, pretrained_model: Optional[str] = None, base_config: Optional[dict] = None, **kwargs):
+        options = RMTOptions(**{name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs})
+        try:
+            options.validate()
+        except ValueError as error:
+            raise ValueError(f"RMT2SegmConfig: {error}") from None
         self.pretrained_model = pretrained_model
         self.base_config = base_config_to_dict(base_config)
-        self.n_mem_tokens = n_mem_tokens
-        self.n_ctrl_tokens = n_ctrl_tokens
-        self.K = K
-        self.use_mem_proj = use_mem_proj
-        self.mem_proj_mode = mem_proj_mode
-        self.use_reconstruction_loss = use_reconstruction_loss
-        self.reconstruction_loss_weight = reconstruction_loss_weight
-        self.use_write_head = use_write_head
-        self.use_mem_residual = use_mem_residual
-        self.use_gradient_checkpointing = use_gradient_checkpointing
-        self.attn_implementation = attn_implementation
+        for name, value in vars(options).items():
+            setattr(self, name, value)
         # architecture of a pretrained backbone, recorded when it is loaded, so that a saved RMT2Segm reloads
         # without the original weights
         self.pretrained_backbone_config = kwargs.pop("pretrained_backbone_config", None)
         super().__init__(**kwargs)
+
+    def options(self) -> RMTOptions:
+        """This config's RMT options (a copy)."""
+        return RMTOptions(**{name: getattr(self, name) for name in OPTION_NAMES})
 
 
 class RMT2Segm(LoadsFully, PreTrainedModel):
@@ -382,35 +415,10 @@ AutoModel.register(RMT2SegmConfig, RMT2Segm)
 # Command-line options and the builder of the run script
 # ----------------------------------------------------------------------------------------------------------------
 
-@dataclass
-class RMTArgs:
-    """RMT2Segm options (reference names and defaults)."""
-
-    n_mem_tokens: int = field(default=8, metadata={"help": "M memory vectors"})
-    K: int = field(default=1, metadata={"help": "forward writes of the context (>= 1)"})
-    n_ctrl_tokens: int = field(default=0, metadata={"help": "learned start/end marker vectors around the memory"})
-    use_mem_proj: bool = field(default=False, metadata={"help": "must be given exactly when --mem_proj_mode is not none"})
-    mem_proj_mode: Literal["none", "proj", "proj_rw"] = field(
-        default="none", metadata={"help": "none / proj (write side) / proj_rw (write and read)"})
-    use_reconstruction_loss: bool = field(default=False, metadata={"help": "add a loss of reconstructing the context"})
-    reconstruction_loss_weight: float = field(default=1.0, metadata={"help": "weight of the reconstruction loss"})
-    use_write_head: bool = field(default=False, metadata={
-        "help": "own head for the reconstruction loss; without --use_reconstruction_loss no head is built (a warning "
-                "says so: the reference built one that nothing used)"})
-    use_mem_residual: bool = field(default=False, metadata={"help": "memory_k = memory_{k-1} + LayerNorm(write-out), K >= 2"})
-    use_gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations"})
-    attn_implementation: str = field(default="eager", metadata={"help": "eager, sdpa, flash_attention_2, ... or auto"})
-
-    def config_kwargs(self) -> dict:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
-
-    def validate(self) -> None:
-        if self.use_write_head and not self.use_reconstruction_loss:
-            logger.warning("--use_write_head without --use_reconstruction_loss: only the reconstruction loss uses a "
-                           "write head, so none is built (the reference's SQuAD and phonebook presets built an unused "
-                           "one)")
-            self.use_write_head = False
-        RMT2SegmConfig(**self.config_kwargs())  # raises on any inconsistent option, before any work
+# The RMT options of the run scripts' command line, derived from RMTOptions: the same fields (type, default, help)
+# under the same names; RMTArgs.options() gives them back as RMTOptions, and its validate() is RMTOptions.validate
+# naming the flags (training=True: a write head without the reconstruction loss is dropped with a warning).
+RMTArgs = command_line_args(RMTOptions, "RMTArgs", "RMT2Segm options on the command line (RMTOptions).", __name__)
 
 
 def check_backbone(backbone_args: BackboneArgs) -> None:
@@ -422,7 +430,7 @@ def check_backbone(backbone_args: BackboneArgs) -> None:
 def build_rmt(backbone_args: BackboneArgs, r: RMTArgs, tokenizer) -> RMT2Segm:
     """RMT2Segm around a pretrained LM (--pretrained_model) or a from-scratch backbone (--base_model)."""
     check_backbone(backbone_args)
-    model = RMT2Segm(RMT2SegmConfig(**backbone_source(backbone_args, tokenizer), **r.config_kwargs()))
+    model = RMT2Segm(RMT2SegmConfig(**backbone_source(backbone_args, tokenizer), **vars(r.options())))
     check_vocab_fits(model.model.get_input_embeddings().weight.shape[0], tokenizer)
     if model.pad_token_id != tokenizer.pad_token_id:
         raise ValueError(f"the backbone's pad id {model.pad_token_id} differs from the tokenizer's "

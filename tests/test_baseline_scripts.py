@@ -102,7 +102,7 @@ def test_rmt_accepts_a_pretrained_model(tmp_path, kv_data):
 
 @pytest.mark.parametrize("extra, message", [
     (["--K", "0"], "K=0"),
-    (["--mem_proj_mode", "proj"], "contradicts"),
+    (["--mem_proj_mode", "proj", "--use_mem_proj", "false"], "contradicts"),
     (["--use_mem_residual"], "use_mem_residual needs K >= 2"),
     (["--reconstruction_loss_weight", "0.5"], "no effect"),
     (["--base_model", "mamba"], "transformer backbone"),

@@ -1,4 +1,6 @@
 """RMT2Segm: layout, alignment, gradients through every write, reconstruction loss, options, save/load."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,6 +321,87 @@ def test_bad_options_fail_loudly():
         RMT2Segm(RMT2SegmConfig())
     with pytest.raises(ValueError, match="unknown attn_implementation"):
         make_model(attn_implementation="flash_attn_typo")
+
+
+def test_every_option_is_declared_once_and_the_config_and_the_command_line_agree():
+    """RMTOptions is the one declaration: the config takes each option as a keyword with its default, the command line
+    (RMTArgs) is derived from it: same names, order, defaults and help; the same types, except that use_mem_proj
+    (Optional[bool]: None follows mem_proj_mode) is a bool flag there, so that a bare --use_mem_proj means true."""
+    import dataclasses
+    import inspect
+    from typing import Optional
+
+    from rmt import OPTION_NAMES, RMTArgs, RMTOptions
+    from training_args import parse_cli
+
+    declared = dataclasses.fields(RMTOptions)
+    command_line = {f.name: f for f in dataclasses.fields(RMTArgs)}
+    assert list(command_line) == [f.name for f in declared] == list(OPTION_NAMES)
+    for f in declared:  # (annotations: HfArgumentParser rewrites a parsed dataclass's field.type in place)
+        cli_type = bool if RMTOptions.__annotations__[f.name] == Optional[bool] else RMTOptions.__annotations__[f.name]
+        derived = command_line[f.name]
+        assert (RMTArgs.__annotations__[f.name], derived.default, dict(derived.metadata)) == (
+            cli_type, f.default, {"help": f.metadata["help"]}), f.name
+    config = RMT2SegmConfig()
+    (parsed,) = parse_cli(RMTArgs, args=[])
+    completed = RMTOptions()
+    completed.validate()
+    for f in declared:  # the same values once validated (use_mem_proj: None -> False, as mem_proj_mode is none)
+        assert getattr(config, f.name) == getattr(completed, f.name) == getattr(parsed, f.name), f.name
+    assert set(OPTION_NAMES) <= set(config.to_dict())  # saved with every config
+    assert set(inspect.signature(RMT2SegmConfig.__init__).parameters) == {"self", "pretrained_model", "base_config",
+                                                                          "kwargs"}  # nothing restated
+    # the reference's defaults
+    assert (config.n_mem_tokens, config.K, config.n_ctrl_tokens, config.use_mem_proj, config.mem_proj_mode,
+            config.reconstruction_loss_weight, config.attn_implementation) == (8, 1, 0, False, "none", 1.0, "eager")
+    assert vars(config.options()) == vars(completed)
+
+
+def test_one_validation_names_config_options_and_command_line_flags(caplog):
+    from rmt import RMTArgs
+    from training_args import parse_cli
+
+    cases = [  # (config keywords, its message, command line, its message): one check, named either way
+        (dict(K=0), "K=0: RMT needs at least one forward write", ["--K", "0"], "--K=0: RMT needs"),
+        (dict(use_mem_residual=True), "use_mem_residual needs K >= 2", ["--use_mem_residual"],
+         "--use_mem_residual needs K >= 2"),
+        (dict(reconstruction_loss_weight=0.5), "reconstruction_loss_weight=0.5 has no effect without "
+         "use_reconstruction_loss", ["--reconstruction_loss_weight", "0.5"],
+         "--reconstruction_loss_weight=0.5 has no effect without --use_reconstruction_loss"),
+        (dict(use_mem_proj=False, mem_proj_mode="proj"), "use_mem_proj=False contradicts mem_proj_mode='proj'",
+         ["--use_mem_proj", "false", "--mem_proj_mode", "proj"], "--use_mem_proj=False contradicts --mem_proj_mode"),
+    ]
+    for options, config_message, flags, cli_message in cases:
+        with pytest.raises(ValueError, match="^RMT2SegmConfig: " + re.escape(config_message)):
+            RMT2SegmConfig(**options)
+        with pytest.raises(ValueError, match="^" + re.escape(cli_message)):
+            parse_cli(RMTArgs, args=flags)
+    # the same completion: use_mem_proj follows mem_proj_mode unless given; a bare --use_mem_proj is true
+    for flags in (["--mem_proj_mode", "proj"], ["--use_mem_proj", "--mem_proj_mode", "proj"]):
+        (parsed,) = parse_cli(RMTArgs, args=flags)
+        assert parsed.use_mem_proj is RMT2SegmConfig(mem_proj_mode="proj").use_mem_proj is True
+    # a write head without the reconstruction loss: the config refuses it, the run scripts drop it with a warning
+    with pytest.raises(ValueError, match="^RMT2SegmConfig: use_write_head without use_reconstruction_loss"):
+        RMT2SegmConfig(use_write_head=True)
+    with caplog.at_level("WARNING", logger="gradmem"):
+        (parsed,) = parse_cli(RMTArgs, args=["--use_write_head"])
+    assert parsed.use_write_head is False and "--use_write_head without --use_reconstruction_loss" in caplog.text
+
+
+def test_saved_configs_load_with_their_own_options(tmp_path):
+    """config.json files written before the options had one home (every option saved, use_mem_proj as a bool) load
+    with the values they hold."""
+    import json
+
+    model = make_model(dtype=torch.float32, K=2, mem_proj_mode="proj_rw", use_mem_residual=True)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["use_mem_proj"] is True and saved["K"] == 2 and saved["attn_implementation"] == "sdpa"
+    loaded = RMT2SegmConfig.from_pretrained(tmp_path)
+    for name in ("n_mem_tokens", "K", "n_ctrl_tokens", "use_mem_proj", "mem_proj_mode", "use_reconstruction_loss",
+                 "reconstruction_loss_weight", "use_write_head", "use_mem_residual", "use_gradient_checkpointing",
+                 "attn_implementation"):
+        assert getattr(loaded, name) == saved[name], name
 
 
 def test_gradient_checkpointing_is_applied():
