@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 
 from transformers import AutoModel, AutoTokenizer
 
-import grad_memgpt  # registers GradMemGPT with AutoModel
+import grad_memgpt  # noqa: F401  (registers GradMemGPT with AutoModel)
 import rmt  # noqa: F401  (registers RMT2Segm with AutoModel)
+from modeling_utils import safetensors_files
 from training_args import add_log_level_argument, run_cli, setup_logging
 
 logger = logging.getLogger("gradmem")
@@ -37,7 +38,7 @@ def reference_folder(path: str) -> Path:
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
-    if not (folder / "config.json").is_file() or not grad_memgpt.safetensors_files(folder):
+    if not (folder / "config.json").is_file() or not safetensors_files(folder):
         raise FileNotFoundError(f"{folder} lacks config.json or its weights: give a reference checkpoint folder "
                                 "(config.json and model.safetensors or its shards, e.g. "
                                 "runs/<data>/<run_name>/run_1/checkpoint-<step>)")

@@ -72,7 +72,6 @@ holds them. The run scripts' command line (GradMemArgs, derived from those field
 this file.
 """
 import contextlib
-import json
 import math
 import re
 import typing
@@ -98,6 +97,7 @@ from modeling_utils import (
     hidden_size,
     option,
     pad_token_id,
+    safetensors_files,
     unwrap_peft,
 )
 from training_args import BackboneArgs
@@ -813,21 +813,6 @@ def _backbone_config(config: GradMemGPTConfig) -> dict:
     if config.pretrained_model is None:
         return config.base_config
     return config.pretrained_backbone_config or AutoConfig.from_pretrained(config.pretrained_model).to_dict()
-
-
-def safetensors_files(folder: Path) -> list:
-    """The weight files of a checkpoint folder: model.safetensors, or the shards its model.safetensors.index.json
-    names (transformers shards large checkpoints); [] when it has neither."""
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return []
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    missing = [name for name in shards if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
-    return [folder / name for name in shards]
 
 
 def from_reference_names(state_dict: dict) -> dict:

@@ -11,7 +11,9 @@ method. Its config takes the fields as keywords with those defaults; `command_li
 command-line dataclass from the same fields.
 """
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -150,6 +152,21 @@ def pad_token_id(config: PretrainedConfig) -> int:
         if value is not None:
             return int(value)
     raise ValueError("the backbone config has neither pad_token_id nor eos_token_id; set pad_token_id")
+
+
+def safetensors_files(folder: Path) -> list:
+    """The weight files of a checkpoint folder: model.safetensors, or the shards its model.safetensors.index.json
+    names (transformers shards large checkpoints); [] when it has neither."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
+    return [folder / name for name in shards]
 
 
 class LoadsFully:
