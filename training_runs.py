@@ -22,6 +22,7 @@ RESUMABLE_ARG_CHANGES = {
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
     "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
     "resume_without_record", "log_level", "log_samples",
+    "train_final_inner_loss",  # a logged statistic only: training computes the same updates either way
 }
 RUN_PLACE_ARGS = {"seed", "run_name", "exp_path", "runs_dir", "init_checkpoint"}  # where a run is and starts from
 FAMILIES = ("gradmem", "rmt2segm", "llama", "mamba")  # the first word of the run names of each model

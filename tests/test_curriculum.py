@@ -101,7 +101,7 @@ def test_capacity_preset_dry_run():
                          check=True).stdout
     for part in ("run_gradmemgpt_kv_curriculum.py --stages 2:0.9 8:0.95:K=3", "--out_dir runs/kv_capacity/seed_4",
                  "--seed 4", "--time_budget_minutes 5", "-- --preset paper_kv", "--fp32 --tf32",
-                 "--eval_steps 50"):
+                 "--per_device_eval_batch_size 500", "--train_final_inner_loss false", "--eval_steps 50"):
         assert part in out, part
     bad = subprocess.run(["bash", str(script)], env={**env, "PRECISION": "fp16"}, capture_output=True, text=True)
     assert bad.returncode == 2 and "PRECISION" in bad.stderr

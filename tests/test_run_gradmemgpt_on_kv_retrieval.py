@@ -213,8 +213,7 @@ def test_runs_of_the_explicit_paper_flags_resume_under_the_preset(tmp_path, monk
     [(launch_precision, args)] = dry_run("run_gradmemgpt_on_kv_retrieval.sh", SEEDS="1", PRECISION="fp32")
     assert launch_precision == "no" and "--preset" in args and "--inner_lr" not in args
     train_args, cli_args = kv_cli_args(args)
-    added_since = {"train_final_inner_loss"}  # options added after the record (absent there: not compared)
-    assert {k: v for k, v in setting(cli_args).items() if k not in added_since} == setting(record["cli_args"])
+    assert setting(cli_args) == setting(record["cli_args"])
     assert plan_run_folder(run_dir, train_args, cli_args, 1).finished is None  # compared, resumable
     train_args, changed = kv_cli_args(args + ["--inner_lr", "0.05"])
     with pytest.raises(ValueError, match="other arguments .inner_lr: 0.04 -> 0.05"):
@@ -223,6 +222,9 @@ def test_runs_of_the_explicit_paper_flags_resume_under_the_preset(tmp_path, monk
     assert setting(kv_cli_args(shlex.split(EXPLICIT_PAPER_KV))[1]) == setting(kv_cli_args(shlex.split(PRESET_PAPER_KV))[1])
     [(_, stage_args)] = dry_run("run_kv_capacity.sh")
     assert " ".join(stage_args).startswith(PRESET_PAPER_KV)
+    # a run started without --train_final_inner_loss false (a statistic only) resumes with it, and the other way round
+    preset = shlex.split(PRESET_PAPER_KV)
+    assert setting(kv_cli_args(preset + ["--train_final_inner_loss", "false"])[1]) == setting(kv_cli_args(preset)[1])
 
 
 @pytest.mark.parametrize("preset, env", [
