@@ -1,65 +1,88 @@
 #!/usr/bin/env bash
-# One sitting of the KV capacity runs on a GPU machine: scripts/run_kv_capacity.sh for each seed, one seed per GPU,
-# stopped after MINUTES of training (re-running the same sitting resumes every seed where it stopped), then the
-# metrics of every stage packed into $OUT.
-#   SEEDS="1 2" STAGES="2:0.95 4:0.95 8:0.95 16:0.95 32:0.95" MINUTES=8 bash bench/capacity_sitting.sh
-#   PREPARE="64 96"   build the N64/N96 datasets in the background while the seeds train
-#   SHIP="1:N8,N16"   copy those stages' selected checkpoints (weights + config) of seed 1 into $OUT
-#   STATE="1:N32"     copy the latest checkpoint of seed 1's N32 (to resume it on another machine) into $OUT
+# One sitting of KV capacity runs on a GPU machine: the jobs of a jobs file, each a scripts/run_kv_capacity.sh call,
+# queued per GPU (a GPU's jobs run one after the other, the GPUs side by side), then the metrics packed into $OUT.
+#
+#   JOBS=sitting.jobs OUT=$OUT bash bench/capacity_sitting.sh
+#
+# A jobs file has one job per line: GPU MINUTES then the preset's environment, then optionally -- and extra
+# arguments for every stage ('#' starts a comment line):
+#   0 8   SEED=1 OUT_DIR=runs/kv_capacity/seed_1_n96 STAGES="96:0.90:K=5,inner_lr=0.12,init_checkpoint=results/kv_checkpoints/N64"
+#   1 2.5 SEED=1 OUT_DIR=runs/kv_capacity/fast/seed_1 STAGES="2:0.95 4:0.95 8:0.95 16:0.95"
+#   1 2.5 SEED=2 OUT_DIR=runs/kv_capacity/fast/seed_2 STAGES="2:0.95 4:0.95 8:0.95 16:0.95" -- --warmup_steps 100
+# MINUTES is the job's training budget (BUDGET_MINUTES); re-running the same jobs resumes every run where it stopped.
+# Environment:
+#   OUT [runs/sitting]  where the packed files go: metrics.tgz (json, png and logs of every OUT_DIR, no checkpoints)
+#   COPY ["src:dst ..."] folders copied once into place before the jobs (e.g. committed resume state into runs/)
+#   PREPARE ["64 96"]    KV datasets data/N<n>-K2V2-V62_1M built before the jobs start
+#   STATE ["OUT_DIR/N96 ..."] stage folders whose latest checkpoint (full state, to resume elsewhere) and selected
+#                        checkpoint (weights and config) are packed as state_<k>.tar / best_<k>.tar
 # Wheels the machine lacks (datasets, dill, multiprocess) are installed from .whl/ when it exists.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SEEDS=${SEEDS:-"1 2"}
-MINUTES=${MINUTES:-8}
+JOBS=${JOBS:?JOBS=<jobs file> is required (one job per line: GPU MINUTES VAR=value ... [-- args])}
 OUT=${OUT:-runs/sitting}
+PYTHON=${PYTHON:-python3}
+[ -f "$JOBS" ] || { echo "JOBS=$JOBS: no such file; write one job per line: GPU MINUTES VAR=value ... [-- args]" >&2; exit 2; }
+
+# read and check every job before anything runs: GPU_OF, LINE_OF (the rest of the line), OUT_DIRS
+GPU_OF=(); LINE_OF=(); OUT_DIRS=()
+while IFS= read -r line || [ -n "$line" ]; do
+    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+    read -r gpu minutes rest <<<"$line"
+    [[ "$gpu" =~ ^[0-9]+$ ]] || { echo "$JOBS: '$line': the first field must be a GPU index" >&2; exit 2; }
+    [[ "$minutes" =~ ^[0-9]*\.?[0-9]+$ ]] || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }
+    dir=$(unset OUT_DIR; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${OUT_DIR:-}")
+    [ -n "$dir" ] || { echo "$JOBS: '$line': set OUT_DIR=runs/... (where the job's run folders go)" >&2; exit 2; }
+    GPU_OF+=("$gpu"); LINE_OF+=("BUDGET_MINUTES=$minutes $rest"); OUT_DIRS+=("$dir")
+done <"$JOBS"
+(( ${#GPU_OF[@]} > 0 )) || { echo "$JOBS holds no job" >&2; exit 2; }
+
 mkdir -p "$OUT" data
 export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if [ -d .whl ] && ! "$PYTHON" -c "import datasets" 2>/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -c "import torch, transformers, datasets; print('torch', torch.__version__, 'transformers', \
-transformers.__version__, 'datasets', datasets.__version__, [torch.cuda.get_device_name(i) for i in \
-range(torch.cuda.device_count())])"
-NGPU=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")
-
-build() {  # build ./data/N<n>-K2V2-V62_1M with a test split unless it exists
-    [ -d "data/N$1-K2V2-V62_1M" ] || python3 kv_dataset_utils.py --name "N$1-K2V2-V62_1M" --out "data/N$1-K2V2-V62_1M" \
-        >/dev/null
-}
-for n in ${PREPARE:-}; do build "$n" & done  # beside the training below (a stage builds its own data if missing)
-
-i=0
-for seed in $SEEDS; do
-    CUDA_VISIBLE_DEVICES=$((i % NGPU)) SEED=$seed BUDGET_MINUTES=$MINUTES bash scripts/run_kv_capacity.sh \
-        >>"$OUT/seed_$seed.log" 2>&1 &
-    i=$((i + 1))
+for pair in ${COPY:-}; do
+    src=${pair%%:*}; dst=${pair#*:}
+    [ -e "$dst/.copied" ] && continue
+    mkdir -p "$dst" && cp -r "$src/." "$dst/" && touch "$dst/.copied"
+done
+for n in ${PREPARE:-}; do
+    [ -d "data/N$n-K2V2-V62_1M" ] || "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_1M" --out "data/N$n-K2V2-V62_1M" \
+        >/dev/null &
 done
 wait
 
-for seed in $SEEDS; do
-    dir=runs/kv_capacity/seed_$seed
-    cat "$OUT/seed_$seed.log" >>"$dir/sittings.log"
-    tar czf "$OUT/metrics_seed_$seed.tgz" --exclude='checkpoint-*' "$dir"
-    tail -n 5 "$OUT/seed_$seed.log"
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); [print(sys.argv[1], s) for i in r['invocations'] \
-for s in i['stages']]" "$dir/curriculum.json" 2>/dev/null
+run_job() {  # job index: the preset with the job's environment, extra arguments after --
+    local line=${LINE_OF[$1]} assignments args=""
+    assignments=${line%% -- *}
+    [[ "$line" == *" -- "* ]] && args=${line#* -- }
+    mkdir -p "${OUT_DIRS[$1]}"
+    eval "CUDA_VISIBLE_DEVICES=${GPU_OF[$1]} PYTHON=$PYTHON $assignments bash scripts/run_kv_capacity.sh $args" \
+        >>"${OUT_DIRS[$1]}/sittings.log" 2>&1
+    echo "job $1 (GPU ${GPU_OF[$1]}, ${OUT_DIRS[$1]}) exit $?"
+}
+for gpu in $(printf '%s\n' "${GPU_OF[@]}" | sort -un); do
+    (for i in "${!GPU_OF[@]}"; do [ "${GPU_OF[$i]}" = "$gpu" ] && run_job "$i"; done) &
 done
-for item in ${SHIP:-}; do
-    seed=${item%%:*}
-    stages=${item#*:}
-    files=()
-    for st in ${stages//,/ }; do
-        best=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['best_model_checkpoint'])" \
-            "runs/kv_capacity/seed_$seed/$st/all_results.json" 2>/dev/null) || continue
-        files+=("$best/model.safetensors" "$best/config.json")
-    done
-    [ ${#files[@]} -gt 0 ] && tar cf "$OUT/ship_seed_$seed.tar" "${files[@]}"
+wait
+
+for dir in $(printf '%s\n' "${OUT_DIRS[@]}" | sort -u); do
+    "$PYTHON" -c "import json,sys; r=json.load(open(sys.argv[1])); [print(sys.argv[1], {k: s[k] for k in \
+('stage', 'global_step', 'end_s', 'eval_exact_match', 'test_generated_exact_match') if k in s}) for i in \
+r['invocations'] for s in i['stages']]" "$dir/curriculum.json" 2>/dev/null
 done
-for item in ${STATE:-}; do
-    seed=${item%%:*}; st=${item#*:}
-    last=$(ls -d "runs/kv_capacity/seed_$seed/$st"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
-    [ -n "$last" ] && tar cf "$OUT/state_seed_${seed}_$st.tar" "$last" "runs/kv_capacity/seed_$seed/$st/run_config.json"
+find $(printf '%s\n' "${OUT_DIRS[@]}" | sort -u) -path '*/checkpoint-*' -prune -o \
+    \( -name '*.json' -o -name '*.png' -o -name '*.log' \) -size -3M -print | tar czf "$OUT/metrics.tgz" -T -
+k=0
+for stage_dir in ${STATE:-}; do
+    k=$((k + 1))
+    last=$(ls -d "$stage_dir"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
+    [ -n "$last" ] && tar cf "$OUT/state_$k.tar" "$last" "$stage_dir/run_config.json"
+    best=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1]))['best_model_checkpoint'])" \
+        "$stage_dir/all_results.json" 2>/dev/null)
+    [ -n "$best" ] && [ -d "$best" ] && tar cf "$OUT/best_$k.tar" "$best/model.safetensors" "$best/config.json"
+    echo "state_$k: $stage_dir (latest $last, selected ${best:-none})"
 done
-rm -f "$OUT"/seed_*.log
 ls -la "$OUT"
