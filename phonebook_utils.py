@@ -5,14 +5,16 @@ target). Raw rows have `context`, `query`, `target`; the reference implementatio
     context = context.strip()                 (its preprocessing appends ' ', its run script strips it again)
     query   = '\\n' + query.strip() + ' '
     target  = target.strip()
-Splits: `train` and `valid` (the hub datasets name their evaluation split `test`; it becomes `valid`).
+Splits: `train` and `valid` (the hub datasets name their evaluation split `test`; it becomes `valid`), and `test` as
+well where the data have both a `valid` and a `test` split (the local generator with `--n_test`): valid then selects
+the checkpoint and test is only reported.
 
 The local generator writes raw rows of this shape so the task runs without the hub:
     context  "Alice Moreno: 415-202-7731\\nBen Okafor: 303-958-1204\\n..."   (N distinct names, N numbers)
     query    "Ben Okafor:"
     target   "303-958-1204"
     python phonebook_utils.py --n_entries 8 --n_train 100000 --n_valid 1000 --seed 142 \\
-        --output_path ./data/phonebook_N8
+        --output_path ./data/phonebook_N8                                   (add --n_test 1000 for a test split)
 (`--prepared` saves the prepared strings instead; preparing is idempotent, so either form can be read.)
 """
 import argparse
@@ -41,11 +43,14 @@ def preprocess_example(context: str, query: str, target: str) -> dict:
 
 
 def preprocess_dataset(raw: DatasetDict, name: str = "phonebook") -> DatasetDict:
-    """Raw DatasetDict (train + valid or test) -> DatasetDict(train, valid) of prepared rows."""
-    eval_splits = [split for split in ("valid", "test") if split in raw]
-    if "train" not in raw or len(eval_splits) != 1:
-        raise ValueError(f"{name}: expected a train split and exactly one of valid/test, found {list(raw)}")
-    splits = {"train": raw["train"], "valid": raw[eval_splits[0]]}
+    """Raw DatasetDict -> DatasetDict of prepared rows: (train, valid) from train + valid or train + test (the hub's
+    evaluation split), (train, valid, test) from train + valid + test."""
+    if "train" not in raw or not {"valid", "test"} & set(raw):
+        raise ValueError(f"{name}: expected a train split and a valid and/or test split, found {list(raw)}")
+    if "valid" in raw and "test" in raw:
+        splits = {"train": raw["train"], "valid": raw["valid"], "test": raw["test"]}
+    else:
+        splits = {"train": raw["train"], "valid": raw["valid" if "valid" in raw else "test"]}
     prepared = {}
     for split, rows in splits.items():
         missing = {"context", "query", "target"} - set(rows.column_names)
@@ -95,12 +100,15 @@ def generate_phonebook(n_entries: int, rng: random.Random) -> dict:
     }
 
 
-def build_phonebook_dataset(n_entries: int, n_train: int, n_valid: int, seed: int) -> DatasetDict:
-    """Raw DatasetDict(train, valid), deterministic from the seed (each split has its own random stream)."""
-    if n_train < 1 or n_valid < 1:
-        raise ValueError(f"n_train and n_valid must be >= 1, got {n_train} and {n_valid}")
+def build_phonebook_dataset(n_entries: int, n_train: int, n_valid: int, seed: int, n_test: int = 0) -> DatasetDict:
+    """Raw DatasetDict(train, valid[, test when n_test > 0]), deterministic from the seed (each split has its own
+    random stream, so adding a test split leaves train and valid as they were)."""
+    if n_train < 1 or n_valid < 1 or n_test < 0:
+        raise ValueError(f"n_train and n_valid must be >= 1 and n_test >= 0, got {n_train}, {n_valid} and {n_test}")
     splits = {}
-    for split, n in (("train", n_train), ("valid", n_valid)):
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        if n == 0:
+            continue
         rng = random.Random(f"phonebook-{seed}-{split}")
         splits[split] = Dataset.from_list([generate_phonebook(n_entries, rng) for _ in range(n)])
     return DatasetDict(splits)
@@ -112,6 +120,8 @@ def main():
     parser.add_argument("--n_entries", type=int, required=True, help="phone book entries per context (N)")
     parser.add_argument("--n_train", type=int, default=100_000)
     parser.add_argument("--n_valid", type=int, default=1_000)
+    parser.add_argument("--n_test", type=int, default=0,
+                        help="samples of a test split (default 0: none; valid selects, test is only reported)")
     parser.add_argument("--seed", type=int, default=142)
     parser.add_argument("--output_path", required=True, help="e.g. ./data/phonebook_N8")
     parser.add_argument("--prepared", action="store_true",
@@ -121,12 +131,12 @@ def main():
     args = parser.parse_args()
     if os.path.exists(args.output_path):
         raise FileExistsError(f"{args.output_path} exists; remove it or choose another --output_path")
-    data = build_phonebook_dataset(args.n_entries, args.n_train, args.n_valid, args.seed)
+    data = build_phonebook_dataset(args.n_entries, args.n_train, args.n_valid, args.seed, n_test=args.n_test)
     if args.prepared:
         data = preprocess_dataset(data)
     data.save_to_disk(args.output_path)
-    print(f"saved {args.output_path}: train {len(data['train'])}, valid {len(data['valid'])}; example:\n"
-          f"{data['valid'][0]}")
+    sizes = ", ".join(f"{split} {len(rows)}" for split, rows in data.items())
+    print(f"saved {args.output_path}: {sizes}; example:\n{data['valid'][0]}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TRAINER_MODULES = sorted([p.name for p in REPO.glob("training*.py")] + ["fast_step.py"])
 MODEL_FILES = {"grad_memgpt", "rmt", "full_context_lm"}
-TASK_FILES = {"kv_dataset_utils", "squad_utils", "phonebook_utils", "babi_utils", "answer_tasks", "prepare_pg19_chunks",
-              "sentence_split", "curriculum"}
+TASK_FILES = {"kv_dataset_utils", "squad_utils", "phonebook_utils", "babi_utils", "babi_generator", "answer_tasks",
+              "prepare_pg19_chunks", "sentence_split", "curriculum"}
 RUN_SCRIPTS = {p.stem for p in REPO.glob("run_*.py")} | {"answer_task_runs"}  # the run scripts and their wiring
 REMOVED_MODULES = {"training", "baselines"}  # split into training_*.py; baselines' parts live in rmt, full_context_lm
 SHELL_IMPORT = re.compile(r"(?:^|[\s;\"'])(?:from\s+([\w.]+)\s+import\b|import\s+([^\n;\"']+))", re.M)

@@ -28,3 +28,29 @@ def test_refuses_bad_input(tmp_path):
     (tmp_path / "books" / "a.txt").write_text("Some text here.")
     with pytest.raises(SystemExit):
         make_local_gpt2.main(["--texts", str(tmp_path / "books"), "--out", str(tmp_path / "out")])
+
+
+def test_tokenizer_only_with_pad_and_split_digits_serves_a_from_scratch_backbone(tmp_path):
+    from phonebook_utils import preprocess_dataset
+    from training_args import BackboneArgs
+    from training_backbone import load_tokenizer
+    from training_collators import IGNORE_INDEX, MemoryModelCollator
+
+    data = tmp_path / "pb"
+    build_phonebook_dataset(4, 50, 4, seed=0).save_to_disk(str(data))
+    out = str(tmp_path / "tok")
+    make_local_gpt2.main(["--texts", str(data), "--out", out, "--tokenizer_only", "--pad_token", "--split_digits",
+                          "--vocab_size", "600"])
+    assert not list((tmp_path / "tok").glob("*.safetensors")) and not (tmp_path / "tok" / "config.json").exists()
+    tokenizer = load_tokenizer(BackboneArgs(base_model="llama", tokenizer_path=out))
+    assert tokenizer.pad_token == make_local_gpt2.PAD and tokenizer.pad_token_id != tokenizer.eos_token_id
+    text = "Alice Moreno: 415-202-7731"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)
+    assert tokens[-12:] == ["Ġ4", "1", "5", "-", "2", "0", "2", "-", "7", "7", "3", "1"]  # a digit a token
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+    # the space between the query's ':' and the number is part of the first answer token, so it is labelled and
+    # decoding from the query without its trailing space (answer_tasks.read_prompt) starts where training did
+    row = preprocess_dataset(build_phonebook_dataset(4, 1, 1, seed=3))["train"][0]
+    batch = MemoryModelCollator(tokenizer)([{**row, "target": row["target"] + tokenizer.eos_token}])
+    labels = batch["labels"][0]
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == " " + row["target"] + tokenizer.eos_token

@@ -39,7 +39,7 @@ def test_load_local_and_test_split_becomes_valid(tmp_path):
 
     rows = Dataset.from_dict({"context": ["A: 1"], "query": ["A:"], "target": ["1"]})
     assert list(preprocess_dataset(DatasetDict({"train": rows, "test": rows}))) == ["train", "valid"]
-    with pytest.raises(ValueError, match="exactly one of valid/test"):
+    with pytest.raises(ValueError, match="a valid and/or test split"):
         preprocess_dataset(DatasetDict({"train": rows}))
     with pytest.raises(ValueError, match="missing columns"):
         preprocess_dataset(DatasetDict({"train": rows.remove_columns("query"), "valid": rows}))
@@ -49,3 +49,17 @@ def test_preparing_is_idempotent():
     raw = build_phonebook_dataset(n_entries=3, n_train=4, n_valid=2, seed=5)
     once = preprocess_dataset(raw)
     assert preprocess_dataset(once)["train"].to_list() == once["train"].to_list()
+
+
+def test_a_test_split_is_kept_beside_valid(tmp_path):
+    with_test = build_phonebook_dataset(n_entries=4, n_train=6, n_valid=2, seed=0, n_test=3)
+    without = build_phonebook_dataset(n_entries=4, n_train=6, n_valid=2, seed=0)
+    assert {split: len(rows) for split, rows in with_test.items()} == {"train": 6, "valid": 2, "test": 3}
+    assert with_test["train"].to_list() == without["train"].to_list()  # its own stream: train, valid unchanged
+    assert with_test["valid"].to_list() == without["valid"].to_list()
+    assert with_test["test"].to_list() != with_test["valid"].to_list()[:3]
+    path = str(tmp_path / "phonebook_N4")
+    with_test.save_to_disk(path)
+    data = load_phonebook(path)
+    assert list(data) == ["train", "valid", "test"] and len(data["test"]) == 3
+    assert data["test"][0]["query"].startswith("\n")

@@ -1,0 +1,181 @@
+"""Table and curves of the language-task sitting (bench/language_tasks_sitting.sh) from its run folders.
+
+    python bench/lang_sitting_report.py --runs runs/lang --out runs/lang_sitting   # report.md, report.json, curves.png
+
+Run folders are `<runs>/<task>/<family>/run_<seed>/` (task: phonebook_N<n> or babi_qa1; family: gradmem, lm, rmt).
+Per task, family and seed: the exact match of the answers the selected checkpoint (best valid exact match of generated
+answers) decodes greedily on the test split (`test_squad_exact_match`: SQuAD v1.1 normalisation, so the phone number
+'415-202-7731' must come out digit for digit), the same on valid, the teacher-forced token accuracy on test, the
+chance level, the steps trained against the run's cap (fewer: the wall-clock guard stopped it, or valid exact match
+reached 1.0) and the minutes of training (of the last launch, where a run was resumed); then mean (std over seeds)
+per task and family. A run without all_results.json (still training, or crashed) shows `-`.
+
+Chance level: answering with one of the candidates uniformly at random: 1/N for phonebook N (a number of the book),
+1/6 for bAbI task 1 (the six rooms). curves.png: valid exact match of generated answers against the step, one panel
+per task, one colour per family (seeds thin, their mean thick), chance dashed.
+"""
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from babi_generator import ROOMS  # noqa: E402
+
+FAMILY_ORDER = ("gradmem", "rmt", "lm")
+FAMILY_LABELS = {"gradmem": "GradMem", "rmt": "RMT", "lm": "full-context LM"}
+CURVE_KEY = "eval_squad_exact_match"  # valid, generated answers (on --generation_eval_samples during training)
+
+
+def chance_level(task: str) -> float:
+    """Exact match of a uniformly random candidate answer: 1/N for phonebook_N<n>, 1/6 for bAbI task 1."""
+    match = re.fullmatch(r"phonebook_N(\d+)", task)
+    if match:
+        return 1.0 / int(match[1])
+    if task.startswith("babi_qa1"):
+        return 1.0 / len(ROOMS)
+    return math.nan
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_run(run_dir: Path) -> dict:
+    """One row: the run's final metrics (None where missing) and its valid curve [(step, exact match)]."""
+    results = _read(run_dir / "all_results.json") or {}
+    state = _read(run_dir / "trainer_state.json") or {}
+    history = state.get("log_history", []) if isinstance(state, dict) else []
+    end = next((i for i, r in enumerate(history) if "train_runtime" in r), len(history))
+    curve = sorted({r["step"]: r[CURVE_KEY] for r in history[:end] if CURVE_KEY in r and "step" in r}.items())
+    runtimes = [r["train_runtime"] for r in history if "train_runtime" in r]
+    record = _read(run_dir / "run_config.json") or {}
+    cap = record.get("cli_args", {}).get("max_steps") if isinstance(record, dict) else None
+    return {"test_em": results.get("test_squad_exact_match"), "valid_em": results.get("eval_squad_exact_match"),
+            "test_token_accuracy": results.get("test_token_accuracy"), "steps": results.get("global_step"),
+            "max_steps": cap, "train_minutes": runtimes[-1] / 60 if runtimes else None, "curve": curve}
+
+
+def find_rows(runs: Path) -> list:
+    rows = []
+    for run_dir in sorted(runs.glob("*/*/run_*")):
+        seed = re.fullmatch(r"run_(\d+)", run_dir.name)
+        if not run_dir.is_dir() or seed is None:
+            continue
+        task, family = run_dir.parent.parent.name, run_dir.parent.name
+        rows.append({"task": task, "family": family, "seed": int(seed[1]), "chance": chance_level(task),
+                     **read_run(run_dir)})
+    order = {f: i for i, f in enumerate(FAMILY_ORDER)}
+    return sorted(rows, key=lambda r: (r["task"], order.get(r["family"], len(order)), r["family"], r["seed"]))
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _mean_std(values: list, digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return f"{statistics.mean(values):.{digits}f} ({_fmt(std, digits)})"
+
+
+def summaries(rows: list) -> list:
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["family"]), []).append(r)
+    return [{"task": task, "family": family, "seeds": [r["seed"] for r in members],
+             "test_em": _mean_std([r["test_em"] for r in members]),
+             "valid_em": _mean_std([r["valid_em"] for r in members]), "chance": members[0]["chance"],
+             "steps": _mean_std([r["steps"] for r in members], digits=0)}
+            for (task, family), members in groups.items()]
+
+
+def markdown(rows: list) -> str:
+    lines = ["| task | family | seed | test EM (generated) | valid EM | test token acc | chance | steps / cap | "
+             "train min |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['family']} | {r['seed']} | {_fmt(r['test_em'])} | {_fmt(r['valid_em'])} | "
+                     f"{_fmt(r['test_token_accuracy'])} | {_fmt(r['chance'])} | {_fmt(r['steps'])} / "
+                     f"{_fmt(r['max_steps'])} | {_fmt(r['train_minutes'], 1)} |")
+    lines += ["", "Mean (std over seeds):", "",
+              "| task | family | seeds | test EM | valid EM | chance | steps |", "|---|---|---|---|---|---|---|"]
+    for s in summaries(rows):
+        lines.append(f"| {s['task']} | {s['family']} | {', '.join(map(str, s['seeds']))} | {s['test_em']} | "
+                     f"{s['valid_em']} | {_fmt(s['chance'])} | {s['steps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(rows: list, path: Path) -> bool:
+    """curves.png; False when no run has an evaluation yet."""
+    tasks = sorted({r["task"] for r in rows if r["curve"]})
+    if not tasks:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        families = sorted({r["family"] for r in rows if r["task"] == task},
+                          key=lambda f: (FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER), f))
+        for i, family in enumerate(families):
+            color, per_step = f"C{i}", {}
+            for r in rows:
+                if r["task"] == task and r["family"] == family and r["curve"]:
+                    steps, values = zip(*r["curve"])
+                    ax.plot(steps, values, color=color, linewidth=0.7, alpha=0.5)
+                    for s, v in r["curve"]:
+                        per_step.setdefault(s, []).append(v)
+            if per_step:
+                steps = sorted(per_step)
+                ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], color=color, linewidth=2,
+                        label=FAMILY_LABELS.get(family, family))
+        chance = chance_level(task)
+        if not math.isnan(chance):
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+        ax.set_title(task), ax.set_xlabel("step"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("valid exact match, generated answers")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(runs, out) -> str:
+    runs, out = Path(runs), Path(out)
+    rows = find_rows(runs)
+    if not rows:
+        raise FileNotFoundError(f"no run folders <task>/<family>/run_<seed> under {runs}")
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows)
+    (out / "report.md").write_text(
+        f"# Language-task sitting: {runs}\n\nTest EM: exact match of greedily generated answers on the test split, "
+        "for the checkpoint selected on valid (valid EM, generated answers).\n\n" + text)
+    (out / "report.json").write_text(json.dumps({"runs": rows, "summary": summaries(rows)}, indent=1))
+    plot_curves(rows, out / "curves.png")
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs/lang", help="folder holding <task>/<family>/run_<seed>/")
+    parser.add_argument("--out", default="runs/lang_sitting", help="where report.md, report.json, curves.png go")
+    args = parser.parse_args(argv)
+    print(write_report(args.runs, args.out))
+
+
+if __name__ == "__main__":
+    main()

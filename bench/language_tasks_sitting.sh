@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# One sitting (about 8 minutes on 2 GPUs) that shows whether GradMem and a baseline learn phonebook and bAbI task 1
+# from scratch, with nothing from a hub:
+#   1. data, generated locally: phonebook_N$PB_N (phonebook_utils.py, train/valid/test) and bAbI task 1 stories in the
+#      original text format (babi_generator.py -> $DATA/babi_qa1/qa1_single-supporting-fact_{train,valid,test}.txt);
+#   2. one tokenizer per task, trained on its text (make_local_gpt2.py --tokenizer_only: byte-level BPE, a digit per
+#      token, a <pad> token); the backbone is built from scratch by every run: Llama L$N_LAYER H$N_HEAD D$N_EMBD;
+#   3. for every family in FAMILIES, task in TASKS and seed in SEEDS one run, at most $STEPS steps (and a wall-clock
+#      guard): gradmem = run_gradmemgpt_on_<task>.py (--preset paper_kv: 8 memory vectors, K=2 second-order inner
+#      SGD at inner lr 0.04, write head, inner loss x0.5), lm = run_gpt2_on_<task>.py (full-context Llama),
+#      rmt = run_rmt_on_<task>.py (8 memory vectors, one forward write, memory projection); all at batch $BATCH,
+#      AdamW lr $LR (beta2 0.95) after $WARMUP warmup steps; checkpoint selected on valid by the exact match of
+#      generated answers; the selected checkpoint's test exact match (generated answers) is the result;
+#   4. bench/lang_sitting_report.py: report.md / report.json (test EM, valid EM, chance, steps per task, family and
+#      seed), curves.png; then metrics.tgz (json, png, samples, logs of every run; no checkpoints or weights) in $OUT.
+# Jobs run one per GPU at a time (JOBS_PER_GPU: more), spread round-robin over the GPUs (NGPU: how many, default all
+# that torch sees), so each GPU gets as many runs of every family; every run aims at the same training time, so the
+# lanes end together. Without CUDA everything runs on the CPU (tests: tiny sizes, STEPS=2).
+#
+#   bash bench/language_tasks_sitting.sh                                   # the sitting; OUT=runs/lang_sitting
+#   TASKS=babi FAMILIES=gradmem SEEDS=2 bash bench/language_tasks_sitting.sh   # one cell (resumes, or reports it)
+#   DRY_RUN=1 bash bench/language_tasks_sitting.sh   # build data and tokenizers, print every run's command, train nothing
+#
+# Re-launching the same command resumes every unfinished run from its last checkpoint (the trainer's resume: same
+# arguments; --max_steps and --max_train_minutes may differ) and reports finished ones without training; delete
+# $RUNS/<task>/<family>/run_<seed> to start a cell over, $DATA to regenerate the data.
+#
+# Step caps. Per run the sitting has SITTING_MINUTES x lanes / runs of wall clock, less OVERHEAD_S for start-up, data
+# loading, graph recording and the final valid and test evaluations. The steps that fit are estimated from step
+# times at batch 64 for Llama L4 D128 on one H100/H200 (bench/results: the captured GradMem step at C=128 is 21 ms in
+# TF32, 40 ms per step through the trainer in fp32; the full-context and RMT presets ran 22.6 and 20.8 steps/s with
+# evaluations): MS_GRADMEM=25, MS_LM=35, MS_RMT=45 ms per step (contexts here are 64-72 tokens), scaled by
+# N_LAYER/4 and by JOBS_PER_GPU. The defaults (2 GPUs, 12 runs, 6 per GPU) give 80 s per run, 50 s of training:
+# about 2000 GradMem steps and 1400 full-context steps. These are estimates, not measurements: read the steps/s in
+# the logs of a first sitting and set STEPS (all families) or STEPS_GRADMEM / STEPS_LM / STEPS_RMT. Each run also
+# stops at its first evaluation after 1.25 x its share of training time (--max_train_minutes), so the sitting ends on
+# time, give or take the start-up estimate, whatever the step times are.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-runs/lang_sitting}
+RUNS=${RUNS:-runs/lang}
+DATA=${DATA:-data/lang}
+TASKS=${TASKS:-"phonebook babi"}
+FAMILIES=${FAMILIES:-"gradmem lm"}
+SEEDS=${SEEDS:-"1 2 3"}
+PB_N=${PB_N:-4}
+N_TRAIN=${N_TRAIN:-50000}
+N_VALID=${N_VALID:-500}
+N_TEST=${N_TEST:-1000}
+VOCAB=${VOCAB:-1000}
+N_LAYER=${N_LAYER:-4}
+N_HEAD=${N_HEAD:-4}
+N_EMBD=${N_EMBD:-128}
+BATCH=${BATCH:-64}
+LR=${LR:-1e-3}
+WARMUP=${WARMUP:-100}
+PRECISION=${PRECISION:-tf32}  # fp32 (strict), tf32 or bf16 (autocast, fp32 master weights)
+SITTING_MINUTES=${SITTING_MINUTES:-8}
+JOBS_PER_GPU=${JOBS_PER_GPU:-1}
+OVERHEAD_S=${OVERHEAD_S:-30}
+MS_GRADMEM=${MS_GRADMEM:-25}
+MS_LM=${MS_LM:-35}
+MS_RMT=${MS_RMT:-45}
+EVALS=${EVALS:-8}                # evaluations per run (eval_steps = steps / EVALS)
+GEN_EVAL=${GEN_EVAL:-200}        # valid samples whose answers are decoded at each evaluation (all at the end)
+WORKERS=${WORKERS:-2}
+DRY_RUN=${DRY_RUN:-}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+
+if [ -d .whl ] && [ -z "$DRY_RUN" ]; then  # wheels a bare GPU machine lacks (datasets, ...), as in capacity_sitting.sh
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+for task in $TASKS; do
+    case $task in phonebook|babi) ;; *) echo "TASKS: unknown task $task (phonebook, babi)" >&2; exit 2 ;; esac
+done
+for family in $FAMILIES; do
+    case $family in gradmem|lm|rmt) ;; *) echo "FAMILIES: unknown family $family (gradmem, lm, rmt)" >&2; exit 2 ;; esac
+done
+case "$PRECISION" in
+    fp32) PRECISION_ARGS=(--fp32) ;;
+    tf32) PRECISION_ARGS=(--fp32 --tf32) ;;
+    bf16) PRECISION_ARGS=(--bf16) ;;
+    *) echo "PRECISION must be fp32, tf32 or bf16, got $PRECISION" >&2; exit 2 ;;
+esac
+NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")} || exit 1  # GPUs 0 .. NGPU-1
+DEVICE_ARGS=()
+if (( NGPU == 0 )); then DEVICE_ARGS=(--use_cpu); fi
+VISIBLE=${CUDA_VISIBLE_DEVICES:-}
+GPU_IDS=(${VISIBLE//,/ })  # lanes take their GPUs from those already visible, if a list is set
+if (( ${#GPU_IDS[@]} < NGPU )); then GPU_IDS=($(seq 0 $(( NGPU - 1 )))); fi
+LANES=$(( (NGPU > 0 ? NGPU : 1) * JOBS_PER_GPU ))
+
+# ------------------------------------------------------------------------------------------------ data, tokenizers
+mkdir -p "$DATA" "$RUNS/logs" "$OUT"
+PHONEBOOK=$DATA/phonebook_N$PB_N
+BABI=$DATA/babi_qa1
+prepare() {
+    if [ ! -d "$PHONEBOOK" ]; then
+        "$PY" phonebook_utils.py --n_entries "$PB_N" --n_train "$N_TRAIN" --n_valid "$N_VALID" --n_test "$N_TEST" \
+            --seed 142 --output_path "$PHONEBOOK" >/dev/null || return 1
+    fi
+    if [ ! -f "$BABI/qa1_single-supporting-fact_test.txt" ]; then
+        "$PY" babi_generator.py --out "$BABI" --n_train "$N_TRAIN" --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 \
+            --overwrite || return 1
+    fi
+    if [ ! -d "${BABI}_prepared" ]; then  # the strings the runs read, for the tokenizer's training text
+        "$PY" babi_utils.py --babi_dir "$BABI" --task qa1 --output_path "${BABI}_prepared" >/dev/null || return 1
+    fi
+    for texts in "$PHONEBOOK" "${BABI}_prepared"; do
+        tok=$DATA/tok_$(basename "${texts%_prepared}")
+        [ -f "$tok/tokenizer.json" ] || "$PY" make_local_gpt2.py --texts "$texts" --out "$tok" --tokenizer_only \
+            --pad_token --split_digits --vocab_size "$VOCAB" --overwrite || return 1
+    done
+}
+prepare || { echo "data preparation failed" >&2; exit 1; }
+
+# ------------------------------------------------------------------------------------------------ runs
+JOBS=()
+for family in $FAMILIES; do for task in $TASKS; do for seed in $SEEDS; do JOBS+=("$family $task $seed"); done; done; done
+PER_LANE=$(( (${#JOBS[@]} + LANES - 1) / LANES ))
+TRAIN_S=$(awk -v m="$SITTING_MINUTES" -v p="$PER_LANE" -v o="$OVERHEAD_S" 'BEGIN { t = m * 60 / p - o; print (t < 10 ? 10 : t) }')
+MINUTES=$(awk -v t="$TRAIN_S" 'BEGIN { printf "%.2f", 1.25 * t / 60 }')
+
+steps_for() {  # steps_for FAMILY -> the step cap: STEPS, STEPS_<FAMILY>, or what fits TRAIN_S at the estimated step time
+    local family=$1 upper ms
+    upper=$(echo "$family" | tr a-z A-Z)
+    local explicit="STEPS_$upper"
+    if [ -n "${!explicit:-}" ]; then echo "${!explicit}"; return; fi
+    if [ -n "${STEPS:-}" ]; then echo "$STEPS"; return; fi
+    ms="MS_$upper"
+    awk -v t="$TRAIN_S" -v ms="${!ms}" -v l="$N_LAYER" -v j="$JOBS_PER_GPU" \
+        'BEGIN { s = int(t * 1000 / (ms * l / 4 * j) / 50) * 50; print (s < 50 ? 50 : s) }'
+}
+
+command_for() {  # command_for FAMILY TASK SEED -> the run's command line in CMD
+    local family=$1 task=$2 seed=$3 name data tok gen steps script model
+    if [ "$task" = phonebook ]; then
+        name=phonebook_N$PB_N; data=(--dataset_name "$PHONEBOOK"); tok=$DATA/tok_phonebook_N$PB_N; gen=16
+    else
+        name=babi_qa1; data=(--babi_dir "$BABI" --babi_task qa1); tok=$DATA/tok_babi_qa1; gen=4
+    fi
+    case $family in
+        gradmem) script=run_gradmemgpt_on_$task.py
+                 model=(--preset paper_kv --attn_implementation exact_eager) ;;
+        lm)      script=run_gpt2_on_$task.py; model=() ;;
+        rmt)     script=run_rmt_on_$task.py
+                 model=(--n_mem_tokens 8 --K 1 --mem_proj_mode proj --attn_implementation sdpa) ;;
+    esac
+    steps=$(steps_for "$family")
+    CMD=("$PY" "$script" "${data[@]}" --base_model llama --n_layer "$N_LAYER" --n_head "$N_HEAD" --n_embd "$N_EMBD"
+         --tokenizer_path "$tok" "${model[@]}" --exp_path "$RUNS/$name/$family/run_$seed" --seed $((142 + seed))
+         --per_device_batch_size "$BATCH" --per_device_eval_batch_size 256 --learning_rate "$LR"
+         --lr_scheduler_type constant_with_warmup --warmup_steps "$WARMUP" --adam_beta2 0.95 --max_grad_norm 1.0
+         --max_steps "$steps" --eval_steps $(( steps / EVALS > 0 ? steps / EVALS : 1 ))
+         --logging_steps $(( steps / EVALS > 0 ? steps / EVALS : 1 )) --max_train_minutes "$MINUTES"
+         --early_stopping_patience 0 --metric_for_best_model squad_exact_match --generation_max_new_tokens "$gen"
+         --generation_eval_samples "$GEN_EVAL" --report_to none --dataloader_num_workers "$WORKERS"
+         "${PRECISION_ARGS[@]}" "${DEVICE_ARGS[@]}")
+}
+
+echo "sitting: ${#JOBS[@]} runs on $LANES lane(s) ($NGPU GPU(s) x $JOBS_PER_GPU), $PER_LANE per lane, ~${TRAIN_S} s" \
+     "of training per run (guard: $MINUTES min); steps: $(for f in $FAMILIES; do printf '%s %s ' "$f" "$(steps_for "$f")"; done)"
+lane() {  # lane L: jobs L, L + LANES, ... one after the other on GPU L % NGPU (none without GPUs)
+    local l=$1 i family task seed log gpu="" start rc
+    if (( NGPU > 0 )); then gpu=${GPU_IDS[$(( l % NGPU ))]}; fi
+    for (( i = l; i < ${#JOBS[@]}; i += LANES )); do
+        read -r family task seed <<<"${JOBS[$i]}"
+        command_for "$family" "$task" "$seed"
+        if [ -n "$DRY_RUN" ]; then
+            printf 'CUDA_VISIBLE_DEVICES=%s ' "$gpu"; printf '%q ' "${CMD[@]}"; echo
+            continue
+        fi
+        log=$RUNS/logs/${task}_${family}_$seed.log
+        echo "=== $(date -u '+%F %T') lane $l, CUDA_VISIBLE_DEVICES=$gpu: ${CMD[*]}" >>"$log"
+        start=$SECONDS
+        CUDA_VISIBLE_DEVICES=$gpu "${CMD[@]}" >>"$log" 2>&1
+        rc=$?
+        echo "$task $family seed $seed: rc=$rc wall_s=$(( SECONDS - start ))"
+    done
+}
+for (( l = 0; l < LANES; l++ )); do
+    if [ -n "$DRY_RUN" ]; then lane "$l"; else lane "$l" & fi
+done
+wait
+[ -n "$DRY_RUN" ] && exit 0
+
+# ------------------------------------------------------------------------------------------------ report, pack
+"$PY" bench/lang_sitting_report.py --runs "$RUNS" --out "$OUT"
+tar czf "$OUT/metrics.tgz" --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
+    --exclude='tokenizer*' --exclude='special_tokens_map.json' -C "$(dirname "$RUNS")" "$(basename "$RUNS")"
+ls -la "$OUT"

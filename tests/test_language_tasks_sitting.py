@@ -1,0 +1,130 @@
+"""bench/language_tasks_sitting.sh on the CPU with tiny sizes: the data and tokenizers it builds, the run command of
+every family and task (each trains 2 steps here and reports the test exact match of generated answers), the report
+(bench/lang_sitting_report.py), the packed metrics and a re-launch that resumes (here: reports the finished run)."""
+import importlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SITTING = REPO / "bench" / "language_tasks_sitting.sh"
+sys.path.insert(0, str(REPO / "bench"))
+
+import lang_sitting_report  # noqa: E402
+
+TINY = {"SEEDS": "1", "FAMILIES": "gradmem lm rmt", "N_TRAIN": "40", "N_VALID": "4", "N_TEST": "4", "STEPS": "2",
+        "N_LAYER": "1", "N_HEAD": "2", "N_EMBD": "16", "BATCH": "4", "WORKERS": "0", "PRECISION": "fp32",
+        "WARMUP": "0", "GEN_EVAL": "4", "NGPU": "0"}
+SCRIPTS = {("gradmem", "phonebook"): "run_gradmemgpt_on_phonebook.py", ("gradmem", "babi"): "run_gradmemgpt_on_babi.py",
+           ("lm", "phonebook"): "run_gpt2_on_phonebook.py", ("lm", "babi"): "run_gpt2_on_babi.py",
+           ("rmt", "phonebook"): "run_rmt_on_phonebook.py", ("rmt", "babi"): "run_rmt_on_babi.py"}
+
+
+@pytest.fixture(autouse=True)
+def restore_precision_env(monkeypatch):
+    """run_experiment writes ACCELERATE_MIXED_PRECISION into os.environ; undo it after each test."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+
+
+def sitting(tmp: Path, data: Path, **env) -> subprocess.CompletedProcess:
+    places = {"DATA": str(data), "RUNS": str(tmp / "runs"), "OUT": str(tmp / "out")}
+    return subprocess.run(["bash", str(SITTING)], env={**os.environ, **TINY, **places, **env}, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """DRY_RUN=1: the data and tokenizers are built, every run's command printed."""
+    tmp = tmp_path_factory.mktemp("sitting")
+    done = sitting(tmp, tmp / "data", DRY_RUN="1")
+    assert done.returncode == 0, done.stderr
+    commands = [shlex.split(line) for line in done.stdout.splitlines() if line.startswith("CUDA_VISIBLE_DEVICES=")]
+    return tmp, commands
+
+
+def test_data_and_tokenizers_are_built_locally(dry_run):
+    tmp, _ = dry_run
+    data = tmp / "data"
+    assert sorted(p.name for p in (data / "babi_qa1").iterdir()) == [
+        f"qa1_single-supporting-fact_{split}.txt" for split in ("test", "train", "valid")]
+    from datasets import load_from_disk
+
+    phonebook = load_from_disk(str(data / "phonebook_N4"))
+    assert {split: len(rows) for split, rows in phonebook.items()} == {"train": 40, "valid": 4, "test": 4}
+    for name in ("tok_phonebook_N4", "tok_babi_qa1"):
+        config = json.loads((data / name / "tokenizer_config.json").read_text())
+        assert config["pad_token"] == "<pad>", name
+
+
+def test_every_run_command_trains_and_reports_test_exact_match(dry_run):
+    tmp, commands = dry_run
+    assert len(commands) == 6
+    runs = tmp / "runs"
+    for command in commands:
+        assert command[0] == "CUDA_VISIBLE_DEVICES=" and command[1] == "python3"  # no GPU: none visible
+        script, args = command[2], command[3:]
+        value = {flag: args[i + 1] for i, flag in enumerate(args) if flag.startswith("--") and i + 1 < len(args)}
+        family, task = Path(value["--exp_path"]).parent.name, Path(value["--exp_path"]).parent.parent.name
+        assert script == SCRIPTS[(family, task.split("_")[0])]
+        assert value["--base_model"] == "llama" and value["--max_steps"] == "2" and "--use_cpu" in args
+        assert Path(value["--tokenizer_path"]).parent == tmp / "data"
+        assert value["--exp_path"] == str(runs / task / family / "run_1")
+        assert value["--metric_for_best_model"] == "squad_exact_match"
+        importlib.import_module(script.removesuffix(".py")).main(args)
+        results = json.loads((Path(value["--exp_path"]) / "all_results.json").read_text())
+        assert results["global_step"] == 2 and 0.0 <= results["test_squad_exact_match"] <= 1.0
+    text = lang_sitting_report.write_report(runs, tmp / "report")
+    rows = [line for line in text.splitlines() if line.startswith(("| babi_qa1 |", "| phonebook_N4 |"))]
+    assert len(rows) == 12  # 6 runs, then 6 means over seeds
+    assert "| phonebook_N4 | gradmem | 1 |" in text and "| 0.250 | 2 / 2 |" in text and "| 0.167 | 2 / 2 |" in text
+    report = json.loads((tmp / "report" / "report.json").read_text())
+    assert {(r["task"], r["family"]) for r in report["runs"]} == {
+        (t, f) for t in ("phonebook_N4", "babi_qa1") for f in ("gradmem", "lm", "rmt")}
+    assert all(r["curve"] and r["steps"] == 2 for r in report["runs"])
+    assert (tmp / "report" / "curves.png").stat().st_size > 0
+
+
+def test_jobs_are_balanced_over_the_gpus(dry_run):
+    tmp, _ = dry_run
+    for visible, gpus in ((None, ("0", "1")), ("4,6", ("4", "6"))):  # GPUs already made visible are the ones used
+        env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+        done = sitting(tmp, tmp / "data", DRY_RUN="1", NGPU="2", SEEDS="1 2 3", FAMILIES="gradmem lm", **env)
+        assert done.returncode == 0, done.stderr
+        per_gpu = {}
+        for line in done.stdout.splitlines():
+            if line.startswith("CUDA_VISIBLE_DEVICES="):
+                gpu, family = line.split()[0].split("=")[1], Path(line.split("--exp_path ")[1].split()[0]).parent.name
+                per_gpu.setdefault(gpu, []).append(family)
+        assert {gpu: sorted(families) for gpu, families in per_gpu.items()} == {
+            gpus[0]: ["gradmem"] * 3 + ["lm"] * 3, gpus[1]: ["gradmem"] * 3 + ["lm"] * 3}
+        assert "12 runs on 2 lane(s)" in done.stdout
+    done = sitting(tmp, tmp / "data", DRY_RUN="1", FAMILIES="mamba")
+    assert done.returncode == 2 and "unknown family mamba" in done.stderr
+
+
+def test_one_cell_end_to_end_then_relaunched(dry_run):
+    """TASKS/FAMILIES/SEEDS select one cell; the metrics come back packed without checkpoints; a re-launch of the same
+    command finds the run finished and trains nothing."""
+    data = dry_run[0] / "data"  # built already: the sitting reuses it
+    tmp = data.parent / "one_cell"
+    cell = {"TASKS": "babi", "FAMILIES": "lm", "SEEDS": "1"}
+    done = sitting(tmp, data, **cell)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "babi lm seed 1: rc=0" in done.stdout and "| babi_qa1 | lm | 1 |" in done.stdout
+    out = tmp / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "metrics.tgz", "report.json", "report.md"]
+    with tarfile.open(out / "metrics.tgz") as packed:
+        names = packed.getnames()
+    assert "runs/babi_qa1/lm/run_1/all_results.json" in names and "runs/logs/babi_lm_1.log" in names
+    assert not [n for n in names if "checkpoint-" in n or n.endswith((".safetensors", ".bin", ".pt"))]
+    state = (tmp / "runs" / "babi_qa1" / "lm" / "run_1" / "trainer_state.json").read_text()
+    done = sitting(tmp, data, **cell)
+    assert done.returncode == 0 and "babi lm seed 1: rc=0" in done.stdout
+    assert "nothing to train" in (tmp / "runs" / "logs" / "babi_lm_1.log").read_text()
+    assert (tmp / "runs" / "babi_qa1" / "lm" / "run_1" / "trainer_state.json").read_text() == state
