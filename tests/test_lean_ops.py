@@ -150,11 +150,12 @@ SECOND_ORDER_OPTIONS = [
     dict(use_write_head=True, add_inner_loss_to_outer=True, use_write_lora=True, write_lora_r=2,
          write_lora_target_modules="gate_proj,down_proj"),  # a LoRA-wrapped down projection is not fused
     dict(attn_implementation="exact_eager", use_write_head=True),
+    dict(use_write_head=True, add_inner_loss_to_outer=True, use_gradient_checkpointing=True),
 ]
 
 
-@pytest.mark.parametrize("options", SECOND_ORDER_OPTIONS,
-                         ids=["write_head", "adam_per_sample", "mlp_bias_last2", "write_lora", "exact_eager"])
+@pytest.mark.parametrize("options", SECOND_ORDER_OPTIONS, ids=["write_head", "adam_per_sample", "mlp_bias_last2",
+                                                               "write_lora", "exact_eager", "checkpointing"])
 def test_lean_ops_give_the_same_loss_and_second_order_gradients(options):
     eager, lean = tiny_gradmem(False, **options), tiny_gradmem(True, **options)
     loss, grads = loss_and_grads(eager)
