@@ -86,6 +86,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers import initialization as init
 
 import attn_double_bwd
+import lean_ops
 from modeling_utils import (
     LoadsFully,
     MemoryModelOutput,
@@ -158,6 +159,10 @@ class GradMemOptions:
     attn_implementation: str = option(
         "auto", "auto: the fused Triton double backward on CUDA (exact_eager on the CPU) for second-order training, "
                 "sdpa otherwise; or any name attn_double_bwd.resolve_attn_implementation knows")
+    lean_ops: bool = option(
+        False, "SwiGLU (fused with the down projection) and RMSNorm with closed-form first and second derivatives "
+               "that save only their inputs for the backward (lean_ops.py): same function and gradients, much less "
+               "activation memory in second-order training; llama-family backbones")
     add_inner_loss_to_outer: bool = option(False, "add the inner loss to the training loss")
     inner_loss_weight: Optional[float] = option(None, "weight of the added inner loss (default: 1.0 when it is added)")
     eval_K: Optional[int] = option(None, "inner steps when evaluating and generating (default: K); training always "
@@ -362,6 +367,11 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
 
         if config.use_write_lora:
             self._add_write_lora(config)
+        if config.lean_ops:
+            problem = lean_ops.lean_ops_problem(self.model)
+            if problem is not None:
+                raise ValueError(f"lean_ops: {problem}; build the model without lean_ops")
+            lean_ops.use_lean_ops(self.model)
         for name, param in self.model.named_parameters():
             param.requires_grad_(not config.freeze_backbone or "lora_" in name)
         self.post_init()

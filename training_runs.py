@@ -23,6 +23,7 @@ RESUMABLE_ARG_CHANGES = {
     "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
     "resume_without_record", "log_level", "log_samples",
     "train_final_inner_loss",  # a logged statistic only: training computes the same updates either way
+    "lean_ops",  # the same functions and gradients with less memory saved for backward
 }
 RUN_PLACE_ARGS = {"seed", "run_name", "exp_path", "runs_dir", "init_checkpoint"}  # where a run is and starts from
 FAMILIES = ("gradmem", "rmt2segm", "llama", "mamba")  # the first word of the run names of each model

@@ -13,14 +13,18 @@ Rows (each optimisation alone, then together), for every context length C and ba
     sync-free  CapturedTrainStep(use_cuda_graph=False): static causal mask, capturable AdamW, in-graph skipping
     graph      CapturedTrainStep: the whole step recorded in a CUDA graph and replayed
     precision  fp32 (strict: TF32 off), tf32, bf16 (autocast, fp32 master weights)
+    lean       optional fourth field: the model's lean_ops option on (lean_ops.py: SwiGLU fused with the down
+               projection and RMSNorm that save only their inputs at both backward levels); shown as "<mode> lean"
 Time: median of CUDA-event times of `--steps` steps after `--warmup` steps (the first step of a graph row includes
 recording it; it is not timed). Peak: the allocator's peak during the row (model, optimiser, graph pool included).
 Agreement: the first step of every row starts from the same weights and batch; "loss err" and "grad err" are the
 relative errors of the loss and of the clipped gradient vector (all parameters) against the plain eager-attention fp32
-row ("vs eager fp32") and against the plain fp32 row of the same attention ("vs same attn"; graph/sync-free rows).
+row ("vs eager fp32") and against the plain fp32 row of the same attention ("vs same attn"; graph/sync-free rows);
+both references run without lean ops.
 
     python bench/bench_step.py --out bench/results/step_h100.md
     python bench/bench_step.py --contexts 128 --batches 64 --rows plain:eager:fp32 graph:fused_double_bwd:fp32
+    python bench/bench_step.py --contexts 2048 --batches 64 --rows graph:fused_double_bwd:bf16 graph:fused_double_bwd:bf16:lean
     python bench/bench_step.py --profile      # kernel counts / host syncs / GPU-busy time of one step, C=128 B=64
 """
 import argparse
@@ -48,10 +52,12 @@ DEFAULT_ROWS = [
     "plain:eager:fp32", "plain:exact_eager:fp32", "plain:fused_double_bwd:fp32", "plain:eager:tf32",
     "plain:eager:bf16", "sync-free:eager:fp32", "graph:eager:fp32", "graph:exact_eager:fp32",
     "graph:fused_double_bwd:fp32", "graph:fused_double_bwd:tf32", "graph:eager:tf32", "graph:eager:bf16",
+    "graph:fused_double_bwd:fp32:lean", "graph:fused_double_bwd:tf32:lean", "graph:fused_double_bwd:bf16:lean",
 ]
 LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_double_bwd:fp32",
              "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16", "ckpt:fused_double_bwd:tf32",
-             "ckpt:fused_double_bwd:bf16"]
+             "ckpt:fused_double_bwd:bf16", "graph:fused_double_bwd:fp32:lean", "graph:fused_double_bwd:tf32:lean",
+             "graph:fused_double_bwd:bf16:lean"]
 
 
 def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
@@ -90,9 +96,20 @@ def plain_step(model, optimizer, batch, precision, max_grad_norm=1.0):
     return loss.detach(), norm
 
 
+def parse_row(row: str) -> tuple:
+    """'mode:attention:precision[:lean]' -> (mode, attention, precision, lean ops); SystemExit for a bad row."""
+    parts = row.split(":")
+    mode, attn, precision = (parts + ["", "", ""])[:3]
+    if (len(parts) not in (3, 4) or mode not in MODES or precision not in ("fp32", "tf32", "bf16") or not attn
+            or (len(parts) == 4 and parts[3] != "lean")):
+        raise SystemExit(f"bad row {row!r}: use mode:attention:precision[:lean], mode in {'/'.join(MODES)}, "
+                         "precision in fp32/tf32/bf16, lean: the lean_ops option on")
+    return mode, attn, precision, len(parts) == 4
+
+
 def run_row(row: str, base_state: dict, batch: dict, steps: int, warmup: int) -> dict:
-    mode, attn, precision = row.split(":")
-    model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt")
+    mode, attn, precision, lean = parse_row(row)
+    model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt", lean_ops=lean)
     model.load_state_dict(base_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -235,10 +252,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_step.py needs a CUDA device")
     for row in args.rows:
-        mode, attn, precision = (row.split(":") + ["", "", ""])[:3]
-        if mode not in MODES or precision not in ("fp32", "tf32", "bf16") or not attn:
-            raise SystemExit(f"bad row {row!r}: use mode:attention:precision, mode in {'/'.join(MODES)}, "
-                             "precision in fp32/tf32/bf16")
+        parse_row(row)
     started = time.time()
     out = [header(args)]
 
@@ -259,28 +273,29 @@ def main(argv=None):
         batch = random_batch(B, C)
         reference = {}  # attention -> plain fp32 result
         for row in rows:
-            mode, attn, precision = row.split(":")
+            mode, attn, precision, lean = parse_row(row)
+            shown = f"{mode} lean" if lean else mode
             if args.time_budget is not None and time.time() - started > args.time_budget:
-                emit(f"| {C} | {B} | {mode} | {attn} | {precision} | not run (time budget) | | | | | |")
+                emit(f"| {C} | {B} | {shown} | {attn} | {precision} | not run (time budget) | | | | | |")
                 continue
             try:
                 r = run_row(row, base_state, batch, args.steps, args.warmup)
             except torch.cuda.OutOfMemoryError:
-                emit(f"| {C} | {B} | {mode} | {attn} | {precision} | out of memory | | | | | |")
+                emit(f"| {C} | {B} | {shown} | {attn} | {precision} | out of memory | | | | | |")
                 torch.cuda.empty_cache()
                 continue
             except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
                 msg = f"{type(e).__name__}: {e}".replace("|", "/").replace("\n", " ")[:160]
-                emit(f"| {C} | {B} | {mode} | {attn} | {precision} | failed: {msg} | | | | | |")
+                emit(f"| {C} | {B} | {shown} | {attn} | {precision} | failed: {msg} | | | | | |")
                 torch.cuda.empty_cache()
                 continue
-            if mode == "plain" and precision == "fp32":
+            if mode == "plain" and precision == "fp32" and not lean:
                 reference[attn] = r
             ref = reference.get("eager")
             same = reference.get(attn) if mode != "plain" else None
             errs = [f"{rel(r['loss'], ref['loss']):.1e}" if ref else "", f"{rel(r['grads'], ref['grads']):.1e}" if ref else "",
                     f"{rel(r['grads'], same['grads']):.1e}" if same else ""]
-            emit(f"| {C} | {B} | {mode} | {attn} | {precision} | {r['ms']:.1f} | {1000 / r['ms']:.1f} | "
+            emit(f"| {C} | {B} | {shown} | {attn} | {precision} | {r['ms']:.1f} | {1000 / r['ms']:.1f} | "
                  f"{r['peak_gib']:.2f} | " + " | ".join(errs) + " |")
             torch.cuda.empty_cache()
     if args.profile:

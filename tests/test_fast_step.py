@@ -99,6 +99,19 @@ def test_eager_sync_free_step_equals_the_plain_step():
         assert torch.allclose(state_fast[k]["exp_avg_sq"], state_ref[k]["exp_avg_sq"], rtol=1e-10, atol=1e-30)
 
 
+def test_sync_free_step_with_lean_ops_equals_the_plain_step():
+    """(lean against eager ops in float64: tests/test_lean_ops.py; transformers runs float64 RMSNorm in float32)"""
+    reference, fast = tiny_model(lean_ops=True), tiny_model(lean_ops=True)
+    opt_ref, opt_fast = adamw(reference), adamw(fast)
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, use_cuda_graph=False)
+    for i in range(2):
+        data = batch(seed=i)
+        loss_ref, _ = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
+        out = step(data)
+        assert torch.allclose(out.loss, loss_ref.to(out.loss.dtype), rtol=1e-12, atol=0)
+        assert rel_err(params_of(fast), params_of(reference)) < 1e-12
+
+
 def test_non_finite_step_is_skipped_without_a_trace():
     model = tiny_model()
     opt = adamw(model)
@@ -162,18 +175,22 @@ def test_fallback_reasons_and_errors():
 # GPU: the recorded graph replays the eager step
 
 
-def _cuda_pair(attn, precision="fp32", seed=0):
-    models = [tiny_model(attn, dtype=torch.float32, seed=seed, width=64).cuda() for _ in range(2)]
+def _cuda_pair(attn, precision="fp32", seed=0, lean_ops=False):
+    """(eager reference, model for the captured step: with lean_ops if asked), equal weights."""
+    models = [tiny_model(attn, dtype=torch.float32, seed=seed, width=64, lean_ops=lean).cuda()
+              for lean in (False, lean_ops)]
     return models, [adamw(m, weight_decay=0.01) for m in models]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attn", ["eager", "exact_eager", "fused_double_bwd"])
-def test_captured_step_equals_eager_step(attn):
+@pytest.mark.parametrize("attn,lean_ops", [("eager", False), ("exact_eager", False), ("fused_double_bwd", False),
+                                           ("fused_double_bwd", True)])
+def test_captured_step_equals_eager_step(attn, lean_ops):
     """First step from equal weights: loss, gradient norm and clipped gradients within 1e-5 (strict fp32). Later
     steps (learning rate changed between them, as a scheduler does): parameters still agree to 1e-4; AdamW and the
-    meta-gradient amplify fp32 rounding from step to step, so later steps are not held to 1e-5."""
-    (reference, fast), (opt_ref, opt_fast) = _cuda_pair(attn)
+    meta-gradient amplify fp32 rounding from step to step, so later steps are not held to 1e-5. With lean_ops the
+    captured step runs the lean SwiGLU and RMSNorm and the eager reference does not."""
+    (reference, fast), (opt_ref, opt_fast) = _cuda_pair(attn, lean_ops=lean_ops)
     step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, precision="fp32")
     with fast_step.precision_flags("fp32"):
         for i, lr in enumerate([1e-3, 3e-4, 1e-4]):
@@ -214,8 +231,9 @@ def test_captured_step_skips_non_finite_steps_and_handles_new_shapes(caplog):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_captured_lower_precision_modes_run(precision):
-    model = tiny_model("eager", dtype=torch.float32).cuda()
+@pytest.mark.parametrize("lean_ops", [False, True])
+def test_captured_lower_precision_modes_run(precision, lean_ops):
+    model = tiny_model("eager", dtype=torch.float32, lean_ops=lean_ops).cuda()
     step = CapturedTrainStep(model, adamw(model), precision=precision)
     losses = [step(batch(seed=0, device="cuda")).loss.item() for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
