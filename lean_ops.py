@@ -40,12 +40,38 @@ back. No op synchronises with the host or branches on data, so the ops can be re
 `use_lean_ops(model)` swaps them into the SwiGLU MLPs and RMSNorms of a transformers model of the llama family
 (instances only; transformers' classes are left alone); `lean_ops_problem(model)` says why it cannot.
 """
+import importlib.util
+import os
 import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+
+# Use lean_ops_triton's kernels where they run (False: always the torch formulas; tests compare the two).
+use_triton = True
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _kernels(*tensors: Optional[torch.Tensor], fits: bool = True):
+    """lean_ops_triton if its kernels take these tensors (None entries ignored), else None (the torch formulas).
+    The one place that chooses: `fits` (the op's shapes are the kernel's), all tensors non-empty, of a float dtype
+    and on one CUDA device (or on the CPU under TRITON_INTERPRET=1, for tests), and triton installed."""
+    tensors = [t for t in tensors if t is not None]
+    if not (use_triton and fits and all(t.numel() > 0 and t.dtype in TRITON_DTYPES for t in tensors)):
+        return None
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return None
+    if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return None
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import lean_ops_triton
+
+    return lean_ops_triton
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,7 +101,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
-        return F.silu(g) * u
+        kernels = _kernels(g, u, fits=g.shape == u.shape)
+        return kernels.swiglu_forward(g, u) if kernels else F.silu(g) * u
 
     @staticmethod
     def backward(ctx, dh):
@@ -90,6 +117,9 @@ class _SwiGLUBackward(torch.autograd.Function):
     def forward(ctx, dh, g, u):
         ctx.save_for_backward(dh, g, u)
         ctx.set_materialize_grads(False)
+        kernels = _kernels(dh, g, u, fits=dh.shape == g.shape == u.shape)
+        if kernels:
+            return kernels.swiglu_backward(dh, g, u)[:2]
         cdt = _compute_dtype(torch.promote_types(g.dtype, u.dtype))
         dh_, g_, u_ = dh.to(cdt), g.to(cdt), u.to(cdt)
         silu, dsilu = _silu_derivatives(g_)
@@ -99,6 +129,11 @@ class _SwiGLUBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, ddg, ddu):
         dh, g, u = ctx.saved_tensors
+        if ddg is None and ddu is None:
+            return None, None, None
+        kernels = _kernels(dh, g, u, ddg, ddu, fits=all(t is None or t.shape == g.shape for t in (dh, u, ddg, ddu)))
+        if kernels:
+            return kernels.swiglu_double_backward(dh, g, u, ddg, ddu, d_dh_dtype=dh.dtype, store_du=ddg is not None)[:3]
         cdt = _compute_dtype(torch.promote_types(g.dtype, u.dtype))
         dh_, g_, u_ = dh.to(cdt), g.to(cdt), u.to(cdt)
         s = torch.sigmoid(g_)
@@ -130,7 +165,8 @@ class _SwiGLULinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight):
         ctx.save_for_backward(g, u, weight)
-        return F.linear(F.silu(g) * u, weight)
+        kernels = _kernels(g, u, fits=g.shape == u.shape)
+        return F.linear(kernels.swiglu_forward(g, u) if kernels else F.silu(g) * u, weight)
 
     @staticmethod
     def backward(ctx, dout):
@@ -146,9 +182,15 @@ class _SwiGLULinearBackward(torch.autograd.Function):
         ctx.save_for_backward(dout, g, u, weight)
         ctx.set_materialize_grads(False)
         cdt = _compute_dtype(g.dtype)
-        dout_, g_, u_, w_ = dout.to(cdt), g.to(cdt), u.to(cdt), weight.to(cdt)
-        silu, dsilu = _silu_derivatives(g_)
+        dout_, w_ = dout.to(cdt), weight.to(cdt)
         dh = dout_ @ w_
+        kernels = _kernels(dh, g, u, fits=g.shape == u.shape == dh.shape)
+        if kernels:
+            dg, du, h = kernels.swiglu_backward(dh, g, u, store_h=ctx.needs_input_grad[3])
+            dweight = (dout_.flatten(0, -2).T @ h.flatten(0, -2)) if ctx.needs_input_grad[3] else None
+            return dg, du, None if dweight is None else dweight.to(weight.dtype)
+        g_, u_ = g.to(cdt), u.to(cdt)
+        silu, dsilu = _silu_derivatives(g_)
         dweight = (dout_.flatten(0, -2).T @ (silu * u_).flatten(0, -2)) if ctx.needs_input_grad[3] else None
         return ((dh * u_ * dsilu).to(g.dtype), (dh * silu).to(u.dtype),
                 None if dweight is None else dweight.to(weight.dtype))
@@ -158,10 +200,21 @@ class _SwiGLULinearBackward(torch.autograd.Function):
     def backward(ctx, ddg, ddu, ddw):
         dout, g, u, weight = ctx.saved_tensors
         cdt = _compute_dtype(g.dtype)
-        dout_, g_, u_, w_ = dout.to(cdt), g.to(cdt), u.to(cdt), weight.to(cdt)
+        dout_, w_ = dout.to(cdt), weight.to(cdt)
+        dh = dout_ @ w_
+        kernels = _kernels(dh, g, u, ddg, ddu, fits=all(t is None or t.shape == g.shape for t in (dh, u, ddg, ddu)))
+        if kernels:
+            h_bar = None if ddw is None else dout_ @ ddw.to(cdt)  # cotangent of h from dweight = dout^T h
+            d_dh, d_g, d_u, h = kernels.swiglu_double_backward(dh, g, u, ddg, ddu, h_bar, d_dh_dtype=cdt,
+                                                               store_du=True, store_h=ddw is not None)
+            d_dout = d_dh @ w_.T
+            if ddw is not None:
+                d_dout = d_dout + h @ ddw.to(cdt).T
+            d_w = dout_.flatten(0, -2).T @ d_dh.flatten(0, -2)
+            return d_dout.to(dout.dtype), d_g, d_u, d_w.to(weight.dtype)
+        g_, u_ = g.to(cdt), u.to(cdt)
         s = torch.sigmoid(g_)
         silu, dsilu = g_ * s, s * (1 + g_ * (1 - s))
-        dh = dout_ @ w_
         zero = torch.zeros_like(g_)
         ddg = zero if ddg is None else ddg.to(cdt)
         ddu = zero if ddu is None else ddu.to(cdt)
@@ -196,14 +249,24 @@ def _normalise(x: torch.Tensor, eps: float):
     return r, x_ * r
 
 
+def _rows_fit(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The RMSNorm kernels' shapes: x and dy [..., D] alike, weight [D]."""
+    return dy.shape == x.shape and weight.dim() == 1 and x.dim() >= 1 and weight.shape[0] == x.shape[-1]
+
+
 class _RMSNorm(torch.autograd.Function):
     """y = weight * (x r).to(x.dtype), r = rsqrt(mean(x^2) + eps). Saves x, weight and r."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        r, n = _normalise(x, eps)
+        kernels = _kernels(x, weight, fits=_rows_fit(x, x, weight))
+        if kernels:
+            y, r = kernels.rms_norm_forward(x, weight, eps)
+        else:
+            r, n = _normalise(x, eps)
+            y = weight * n.to(x.dtype)
         ctx.save_for_backward(x, weight, r)
-        return weight * n.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -220,6 +283,9 @@ class _RMSNormBackward(torch.autograd.Function):
     def forward(ctx, dy, x, weight, r):
         ctx.save_for_backward(dy, x, weight, r)
         ctx.set_materialize_grads(False)
+        kernels = _kernels(dy, x, weight, r, fits=_rows_fit(dy, x, weight))
+        if kernels:
+            return kernels.rms_norm_backward(dy, x, weight, r)
         cdt = r.dtype
         n = x.to(cdt) * r
         dy_ = dy.to(cdt)
@@ -231,6 +297,12 @@ class _RMSNormBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, p, q):
         dy, x, weight, r = ctx.saved_tensors
+        if p is None and q is None:
+            return None, None, None, None
+        kernels = _kernels(dy, x, weight, r, p, q, fits=_rows_fit(dy, x, weight) and (p is None or p.shape == x.shape)
+                           and (q is None or q.shape == weight.shape))
+        if kernels:
+            return (*kernels.rms_norm_double_backward(dy, x, weight, r, p, q), None)
         cdt = r.dtype
         n = x.to(cdt) * r
         dy_, w_ = dy.to(cdt), weight.to(cdt)
