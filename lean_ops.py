@@ -37,6 +37,14 @@ dtype and then multiplied by the weight; float64 stays float64 (transformers com
 SwiGLU's forward runs in the input dtype, as eager does; both backward levels compute in at least float32 and cast
 back. No op synchronises with the host or branches on data, so the ops can be recorded in CUDA graphs.
 
+Kernels: on CUDA (and on the CPU under TRITON_INTERPRET=1, for tests) the elementwise and row-wise parts of each
+level run as one Triton kernel (lean_ops_triton.py; the down projection's matmuls stay in torch) instead of a dozen
+torch kernels. `_kernels` is the one place that chooses: the kernels take SwiGLU operands of one shape (no
+broadcasting) and RMSNorm rows [..., D] with a weight [D], in float16/bfloat16/float32/float64; other shapes, other
+devices and `use_triton = False` run the torch formulas below. Both compute the same formulas in the same dtypes;
+float32 results agree to rounding (row sums in another order; SwiGLU's half forward is rounded once, not twice). A
+CUDA graph needs one warm-up step first, which compiles the kernels.
+
 `use_lean_ops(model)` swaps them into the SwiGLU MLPs and RMSNorms of a transformers model of the llama family
 (instances only; transformers' classes are left alone); `lean_ops_problem(model)` says why it cannot.
 """

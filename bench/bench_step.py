@@ -14,7 +14,8 @@ Rows (each optimisation alone, then together), for every context length C and ba
     graph      CapturedTrainStep: the whole step recorded in a CUDA graph and replayed
     precision  fp32 (strict: TF32 off), tf32, bf16 (autocast, fp32 master weights)
     lean       optional fourth field: the model's lean_ops option on (lean_ops.py: SwiGLU fused with the down
-               projection and RMSNorm that save only their inputs at both backward levels); shown as "<mode> lean"
+               projection and RMSNorm that save only their inputs at both backward levels; on CUDA lean_ops runs
+               them through lean_ops_triton's kernels, one per level and op); shown as "<mode> lean"
 Time: median of CUDA-event times of `--steps` steps after `--warmup` steps (the first step of a graph row includes
 recording it; it is not timed). Peak: the allocator's peak during the row (model, optimiser, graph pool included).
 Agreement: the first step of every row starts from the same weights and batch; "loss err" and "grad err" are the
