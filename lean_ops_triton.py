@@ -184,7 +184,11 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, r_ptr, n_rows, D, EPS: tl.constexp
                          Y_CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, cols, row_ok, col_ok, offs, mask = _row_block(n_rows, D, ROWS, BLOCK_D)
     x = tl.load(x_ptr + offs, mask=mask, other=0).to(CDT)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + EPS)
+    mean_square = tl.sum(x * x, axis=1) / D + EPS
+    if CDT == tl.float32:
+        r = 1.0 / tl.sqrt_rn(mean_square)  # the IEEE square root (tl.sqrt's float32 one is approximate on the GPU)
+    else:
+        r = 1.0 / tl.sqrt(mean_square)
     n = x * r[:, None]
     w = tl.load(w_ptr + cols, mask=col_ok, other=0).to(Y_CDT)
     y = w[None, :] * n.to(x_ptr.dtype.element_ty).to(Y_CDT)
