@@ -68,7 +68,8 @@ def write_run(root, task, family, K, lr, seed, result, name=None, **changed):
                "global_step": 200, "rollbacks": result.get("rollbacks", 0), "spike_skipped_steps": 2,
                "skipped_steps": result.get("skipped_steps", 0)}
     if "final_valid" in result:
-        metrics.update(final_eval_exact_match=result["final_valid"], final_test_generated_exact_match=result["final_test"])
+        metrics.update(final_eval_exact_match=result["final_valid"],
+                       final_test_generated_exact_match=result["final_test"])
     (run / "all_results.json").write_text(json.dumps(metrics))
     return run
 
@@ -190,8 +191,8 @@ def test_write_summary_writes_the_matrix(runs_root, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000
     text = (out / "matrix.md").read_text()
     best_table = text.split("## Best lr")[1].split("## Every cell")[0]
-    assert "| 8 | gradmem | 2 | inner 0.04 **best** | 143, 144 (2) | 0.9000 [0.9200, 0.8800] | 0.5100 [0.5000, 0.5200] " \
-           "| 0.8900 [0.9200, 0.8600] | 0.4900 [0.5000, 0.4800] | 200 | - |" in best_table
+    assert ("| 8 | gradmem | 2 | inner 0.04 **best** | 143, 144 (2) | 0.9000 [0.9200, 0.8800] | 0.5100 [0.5000, "
+            "0.5200] | 0.8900 [0.9200, 0.8600] | 0.4900 [0.5000, 0.4800] | 200 | - |") in best_table
     assert "inner 0.08" not in best_table
     sweep = text.split("## Every cell")[1].split("## Diverged")[0]
     assert "| 8 | gradmem | 2 | inner 0.08 | 143, 144 (2) | 0.8000 [0.8000, 0.8000] | 0.9600 [0.9500, 0.9700]" in sweep
