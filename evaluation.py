@@ -1,12 +1,15 @@
-"""Exact match of generated answers for memory models (GradMem, RMT): WRITE the context, then decode greedily.
+"""Exact match of generated answers: memory models (GradMem, RMT) WRITE the context, then decode greedily from
+`[memory; query]`; a plain causal LM (the full-context baseline) decodes greedily after `context + query`.
 
 The trainer's exact match is teacher-forced (each answer token is predicted from the true earlier ones). The numbers a
 paper reports are the answers the model generates: here each answer token is predicted from the model's own earlier
-tokens, from `[memory; query]` alone. A sample counts as correct when every answer token (labels != -100, except
-the `ignore_ids`, e.g. the KV target's structural `!` and `|`) is generated right.
+tokens. A sample counts as correct when every answer token (labels != -100, except the `ignore_ids`, e.g. the KV
+target's structural `!` and `|`) is generated right.
 
-Any model with `write(context_ids) -> (memory, ...)` and `read(memory, ids) -> logits` (logits[:, j] predicts token j)
-works; batches are the memory-model collator's {context_input_ids, query_input_ids (query + answer), labels}.
+Memory models: any model with `write(context_ids) -> (memory, ...)` and `read(memory, ids) -> logits` (logits[:, j]
+predicts token j), batches of the memory-model collator {context_input_ids, query_input_ids (query + answer), labels}.
+Plain causal LMs: `model(input_ids=ids).logits` (logits[:, t] predicts token t + 1), batches of the causal-LM collator
+{input_ids (context + query + answer), attention_mask, labels}. The batch's keys say which.
 AnswerSamplesCallback (--log_samples) logs a few generated answers at every evaluation of a run and keeps them in the
 run folder's samples.jsonl.
 """
@@ -30,21 +33,53 @@ def generate_answer_tokens(model, memory: torch.Tensor, query_input_ids: torch.T
                            labels: torch.Tensor) -> torch.Tensor:
     """Greedy decoding of the labelled span of each row: [B, Q] ids where every labelled position holds the token
     generated there (fed back for the next position) and every other position holds the input id."""
-    ids = query_input_ids.clone()
+    def predict(ids, position):  # READ's logits[:, j] predict token j
+        logits = model.read(memory, ids[:, : int(position.max()) + 1])
+        return logits[torch.arange(ids.shape[0], device=ids.device), position]
+
+    return _greedy_fill(predict, query_input_ids, labels)
+
+
+@torch.no_grad()
+def generate_answer_tokens_causal(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same for a plain causal LM reading `context + query + answer` ([B, T], right padded; labels aligned with
+    the ids): each answer token is predicted from the sequence before it, generated answer tokens included. Right
+    padding needs no attention mask: under causal attention (or a recurrence) no real token sees a pad."""
+    if bool(((labels != IGNORE_INDEX)[:, 0]).any()):
+        raise ValueError("a causal LM cannot generate an answer token at position 0 (nothing comes before it)")
+
+    def predict(ids, position):  # logits[:, t] predict token t + 1
+        logits = model(input_ids=ids[:, : int(position.max())]).logits
+        return logits[torch.arange(ids.shape[0], device=ids.device), (position - 1).clamp_min(0)]
+
+    return _greedy_fill(predict, input_ids, labels)
+
+
+def _greedy_fill(predict: Callable, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """input_ids with each row's labelled positions filled greedily, left to right; `predict(ids, position)` gives the
+    [B, V] logits of the token at `position` [B] of each row."""
+    ids = input_ids.clone()
     labelled = labels != IGNORE_INDEX  # [B, Q]
     if not labelled.any():
         return ids
     first = labelled.float().argmax(dim=1)  # [B] first answer position (rows without one: 0, never written)
     n_answer = labelled.sum(dim=1)  # [B]
-    B = ids.shape[0]
-    rows = torch.arange(B, device=ids.device)
+    rows = torch.arange(ids.shape[0], device=ids.device)
     for t in range(int(n_answer.max())):
         position = (first + t).clamp_max(ids.shape[1] - 1)  # [B]
-        logits = model.read(memory, ids[:, : int(position.max()) + 1])  # [B, L, V]
-        token = logits[rows, position].argmax(dim=-1)  # [B]
+        token = predict(ids, position).argmax(dim=-1)  # [B]
         write = (t < n_answer) & labelled[rows, position]
         ids[rows, position] = torch.where(write, token, ids[rows, position])
     return ids
+
+
+def generated_answer_ids(model, batch: dict) -> torch.Tensor:
+    """The batch's ids with the answers generated greedily: a memory model's batch (context_input_ids) is written,
+    then read; a causal LM's batch (input_ids) is read as one sequence."""
+    if "context_input_ids" in batch:
+        memory = model.write(batch["context_input_ids"])[0]
+        return generate_answer_tokens(model, memory, batch["query_input_ids"], batch["labels"])
+    return generate_answer_tokens_causal(model, batch["input_ids"], batch["labels"])
 
 
 @torch.no_grad()
@@ -61,8 +96,7 @@ def generated_exact_match(model, batches: Iterable[dict], ignore_ids: Sequence[i
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            memory = model.write(batch["context_input_ids"])[0]
-            generated = generate_answer_tokens(model, memory, batch["query_input_ids"], batch["labels"])
+            generated = generated_answer_ids(model, batch)
             labels = batch["labels"]
             scored = (labels != IGNORE_INDEX) & ~torch.isin(labels, ignore)
             right = (generated == labels) | ~scored

@@ -4,6 +4,9 @@
     accelerate launch --config_file accelerate.yaml run_gpt2_on_kv_retrieval.py ...   (see scripts/run_gpt_on_kv_retrieval.sh)
 
 No memory: the model attends to the whole context (the "upper bound" with Llama; Mamba is the recurrent baseline).
+After training, the selected (and the final) checkpoint is evaluated on valid and test as the memory models are: the
+teacher-forced metrics and the exact match of answers generated greedily after `context + query`
+(`test_generated_exact_match`, evaluation.py).
 Backbones from scratch (`--base_model llama|gpt2|pythia|mamba`, local configs, see
 training_backbone.build_backbone_config) or pretrained (`--pretrained_model NAME`). `--max_input_length N` keeps the LAST N tokens of each sequence, i.e. drops
 the START of the context (query and target are never cut), as the reference did. `--init_checkpoint` warm-starts
@@ -20,13 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from evaluation import make_generated_answer_metrics
 from full_context_lm import (FullContextArgs, build_full_context_lm, check_full_context_fits,
                              check_full_context_options)
 from kv_dataset_utils import build_named_dataset
 from training_args import BackboneArgs, DataArgs, TrainArgs, launched_world_size, parse_cli, run_cli
 from training_backbone import load_tokenizer
 from training_checkpoints import checkpoint_problem, load_init_checkpoint, newest_usable_checkpoint
-from training_collators import CausalLMCollator, make_compute_metrics, reduce_logits_to_predictions
+from training_collators import (CausalLMCollator, make_compute_metrics, reduce_logits_to_predictions,
+                                single_token_ids)
 from training_data import check_data, load_splits
 from training_experiment import evaluate_splits, run_experiment
 from training_run_folder import resolve_run_dir
@@ -90,6 +95,11 @@ def checkpoint_to_evaluate(run_dir: Path, init_checkpoint: Optional[str]) -> Pat
     return best
 
 
+def generated_answer_metrics(tokenizer, collator: CausalLMCollator):
+    """(model, split) -> exact match of greedily generated answers; the KV target's `!` and `|` are not scored."""
+    return make_generated_answer_metrics(collator, single_token_ids(tokenizer, ("!", "|")))
+
+
 def evaluate_only(train_args: TrainArgs, model, tokenizer, splits, collator: CausalLMCollator, data_name: str) -> dict:
     """--do_eval_only: load the weights (see checkpoint_to_evaluate), evaluate on valid (and test), write
     <run folder>/eval_only_results.json. Nothing is trained and no other file is touched."""
@@ -111,7 +121,8 @@ def evaluate_only(train_args: TrainArgs, model, tokenizer, splits, collator: Cau
                       preprocess_logits_for_metrics=lambda logits, labels: reduce_logits_to_predictions(
                           logits, labels, next_token_logits=True))
     test_split = splits["test"] if "test" in splits and len(splits["test"]) > 0 else None
-    metrics = {**evaluate_splits(trainer, eval_split, test_split), "evaluated_checkpoint": str(checkpoint)}
+    metrics = {**evaluate_splits(trainer, eval_split, test_split, generated_answer_metrics(tokenizer, collator)),
+               "evaluated_checkpoint": str(checkpoint)}
     if trainer.is_world_process_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / EVAL_ONLY_RESULTS).write_text(json.dumps(metrics, indent=2))
@@ -139,6 +150,7 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
         train_args, model, tokenizer, splits,
         collator=collator,
         compute_metrics=make_compute_metrics(tokenizer),
+        answer_metrics=generated_answer_metrics(tokenizer, collator),
         data_name=data_name,
         all_args=(backbone_args, lm_args, data_args),
         next_token_logits=True,

@@ -76,6 +76,19 @@ def setting(cli_args: dict) -> dict:
     return {k: v for k, v in cli_args.items() if k not in RESUMABLE_ARG_CHANGES | RUN_PLACE_ARGS}
 
 
+def family_of_arguments(cli_args: dict) -> Optional[str]:
+    """The model family a run trained, from its saved arguments (no name is parsed): gradmem (GradMem's options),
+    rmt (RMT's), or the full-context LM's backbone (llama, mamba, gpt2, pythia; `pretrained` for a pretrained one);
+    None when the arguments are none of these (or empty)."""
+    if "inner_lr" in cli_args and "grad_mode" in cli_args:
+        return "gradmem"
+    if "use_reconstruction_loss" in cli_args:
+        return "rmt"
+    if "max_input_length" in cli_args:
+        return cli_args.get("base_model") or "pretrained"
+    return None
+
+
 def flat_args(all_args: Sequence) -> dict:
     """The cli_args of a run record: every option of the run's dataclasses (or dicts) in one dict."""
     flat = {}

@@ -1,74 +1,148 @@
 #!/usr/bin/env bash
-# The paper's central claims on KV retrieval, each run limited by a wall-clock budget:
-#   - main comparison, seeds SEEDS: GradMem (8 memory vectors, K=2 second order) vs RMT (8 memory vectors, one
-#     forward write) vs the full-context Llama, on N4, N8 and N16;
-#   - K ablation: GradMem K=1 and K=5 at N8 and N16, seeds SEEDS_ABLATION (K=2 is the main run);
-#   - grad_mode ablation: GradMem grad_mode none and first at N8, seeds SEEDS_ABLATION (second is the main run).
-# All on Llama L4 H4 D128 from scratch with the first-stage recipe of run_kv_capacity.sh: batch 64, AdamW lr 1e-3,
-# constant after a linear warmup of 300 steps (100 when warm-started), clip 1.0, eval every EVAL_STEPS steps on
-# MAX_EVAL_SAMPLES held-out samples, no early stopping, stop at eval exact match 0.99, else at the first evaluation
-# after BUDGET_N<n> minutes of training (--max_train_minutes). Runs at N16 (and N32) warm-start (--init_checkpoint)
-# from the best checkpoint of the same model and seed at N8 (N16), as the authors reached larger N; N4 and N8 start
-# from scratch. The numbers reported are all_results.json's: the best checkpoint's eval metrics.
+# The paper's central claims on KV retrieval as a fair comparison matrix: every family gets the same number of
+# optimizer steps at each N, its own learning-rate sweep, the same seeds, the same warm-start rules, the same
+# selection (valid exact match) and the same final test (answers generated greedily on the separate test split).
 #
-#   bash scripts/run_paper_claims.sh                       # everything on GPU 0, one run after the other
-#   GPUS="0 1 2 3" bash scripts/run_paper_claims.sh        # one process per GPU, budgets balanced over the GPUs
-#   DRY_RUN=1 GPUS="1 2 3" bash scripts/run_paper_claims.sh   # print the plan and the commands, run nothing
-#   ONLY="gradmem rmt" NS="8 16" SEEDS=1 RUNS_DIR=runs/paper_claims_smoke RESULTS_DIR=/tmp/smoke \
-#       bash scripts/run_paper_claims.sh --max_steps 20   # a smoke test (its own folders: done runs are skipped)
+# Families, all on Llama L4 H4 D128 from scratch (Mamba: 4 layers, width 128) and K2V2-V62 data at N4, N8, N16, N32:
+#   gradmem  GradMem, `--preset paper_kv` (8 memory vectors, second order, write head, inner loss x0.5, outer AdamW lr
+#            GRADMEM_LR): K inner SGD steps of WRITE; the sweep is the inner lr (GRADMEM_ILRS_K<k> for each K).
+#   rmt      RMT (run_rmt_on_kv_retrieval.py), 8 memory vectors, write-side memory projection (mem_proj_mode proj), the
+#            reconstruction loss (weight RMT_REC_WEIGHT) with its own write head, sdpa attention. K is rmt.py's: K
+#            forward writes of the context, write k > 1 starting from the memory written by write k - 1 (the context is
+#            read K times; the reconstruction loss is averaged over the K writes). Sweep: the outer lr, RMT_LRS, with
+#            warmup RMT_WARMUP (the original RMT recipe: lr 1e-4, warmup 2000).
+#   llama    the full-context Llama (run_gpt2_on_kv_retrieval.py), 1024 positions, plain RoPE: reads the whole context
+#            (no memory, no K). Lr LLAMA_LRS, AdamW beta2 LLAMA_BETA2 (the full-context reference recipe's 5e-5, 0.98).
+#   mamba    the full-context Mamba (run_gpt2_on_kv_retrieval.py --base_model mamba; training_backbone's local
+#            config, no K). Lr MAMBA_LRS (3e-4, what scripts/run_gpt_on_kv_retrieval.sh gives for Mamba).
+# A cell is (family, K, swept lr, N); each cell runs once per seed in SEEDS.
 #
-# Environment (defaults in brackets):
-#   GPUS ["0"]  SEEDS ["1 2"]  SEEDS_ABLATION ["1"]  NS ["4 8 16"] (any of 4 8 16 32; 16 needs 8, 32 needs 16)
-#   ONLY ["gradmem rmt llama k_ablation grad_mode"]   BUDGET_N4 [1] BUDGET_N8 [2] BUDGET_N16 [3] BUDGET_N32 [4]
-#   EVAL_STEPS [200]  MAX_EVAL_SAMPLES [500]  MAX_STEPS [1000000]  PRECISION [fp32] (fp32 | tf32 | bf16)
-#   DATA_DIR [./data]  DATA_SIZE [1M]  N_VALID [5000]  N_TEST [2000]  RUNS_DIR [runs/paper_claims]  RESULTS_DIR [results/paper_claims]
-#   PYTHON [python3]  DRY_RUN [empty]
-# Seed s uses --seed 142+s, so run folders are RUNS_DIR/<data>/<run_name>/run_<142+s> (the run scripts' names).
-# Extra arguments go to every run (they override the preset's). Logs: RUNS_DIR/logs/<run id>.log. Missing datasets
-# DATA_DIR/N<n>-K2V2-V62_<DATA_SIZE> are built first (kv_dataset_utils.py). A run whose folder holds
-# all_results.json is skipped; an unfinished one resumes (its budget counts again from the restart). A failed run
-# is reported and its warm-started dependants are skipped; the others go on, and the script exits 1 at the end.
-# Finally: collect_results.py --runs RUNS_DIR --out RESULTS_DIR --copy_metrics RESULTS_DIR/runs.
+# Every run: batch 64, clip 1.0, AdamW, lr constant after its family's warmup (INIT_WARMUP steps when warm-started,
+# for every family), exactly STEPS_N<n> optimizer steps (no wall-clock budget, no early stopping, no stop at a metric
+# value), evaluation every EVAL_STEPS steps on MAX_EVAL_SAMPLES valid samples with the best checkpoint selected on
+# valid exact match, the trainer's guards as they default (spike skipping, collapse rollback). After training every
+# run evaluates the selected checkpoint and, where it differs, the final one on valid and on the TEST split (N_TEST
+# samples of their own random stream), teacher-forced and with generated answers: all_results.json holds
+# test_generated_exact_match and final_test_generated_exact_match for every family. Runs at N16 (N32) warm-start
+# (--init_checkpoint) from the selected checkpoint of the same cell and seed at N8 (N16); N4 and N8 start from scratch.
+#
+#   DRY_RUN=1 GPUS="0 1 2 3" bash scripts/run_paper_claims.sh   # the plan and every command; runs nothing
+#   GPUS="0 1 2 3" PRECISION=tf32 bash scripts/run_paper_claims.sh              # the whole matrix
+#   ONLY=rmt K=2 LRS=3e-4 NS="8" SEEDS=1 bash scripts/run_paper_claims.sh       # one cell, one seed
+#   ONLY="llama mamba" NS="8 16" bash scripts/run_paper_claims.sh               # some families, N8 -> N16
+#   ONLY=gradmem K=5 RUNS_DIR=/tmp/smoke RESULTS_DIR=/tmp/smoke_results bash scripts/run_paper_claims.sh --max_steps 20
+#
+# Selection (which cells run):
+#   ONLY ["gradmem rmt llama mamba"]   families
+#   K ["1 2 5"]       WRITE steps (gradmem) / forward writes (rmt); llama and mamba have none
+#   LRS [unset]       replaces the swept lrs of every selected family (gradmem: inner lr; the others: outer lr)
+#   NS ["4 8 16 32"]  16 needs 8, 32 needs 16 (warm starts)     SEEDS ["1 2 3"]: seed s runs with --seed 142+s
+# Budgets, the same for every family:
+#   STEPS_N4 [5000]  STEPS_N8 [10000]  STEPS_N16 [20000]  STEPS_N32 [40000]   optimizer steps of each run at that N
+#   INIT_WARMUP [100]  warmup steps of every warm-started run
+# Each family's recipe:
+#   GRADMEM_LR [1e-3]  GRADMEM_WARMUP [300]  GRADMEM_BETA2 [0.999]
+#   GRADMEM_ILRS_K1 ["0.04 0.08 0.16"]  GRADMEM_ILRS_K2 ["0.02 0.04 0.08"]  GRADMEM_ILRS_K5 ["0.02 0.04 0.08"]
+#       (another K needs its GRADMEM_ILRS_K<k>)
+#   RMT_LRS ["1e-4 3e-4 1e-3"]  RMT_WARMUP [2000]  RMT_BETA2 [0.999]  RMT_REC_WEIGHT [0.5] (GradMem's inner-loss weight)
+#   LLAMA_LRS ["5e-5"]  LLAMA_WARMUP [2000]  LLAMA_BETA2 [0.98]
+#   MAMBA_LRS ["3e-4"]  MAMBA_WARMUP [2000]  MAMBA_BETA2 [0.999]
+# The rest:
+#   GPUS ["0"] (one worker per GPU, warm-start chains stay on one GPU, jobs balanced by estimated cost)
+#   EVAL_STEPS [500]  MAX_EVAL_SAMPLES [1000]  PRECISION [fp32] (fp32 | tf32 | bf16)
+#   DATA_DIR [./data]  DATA_SIZE [1M]  N_VALID [5000]  N_TEST [2000]
+#   RUNS_DIR [runs/kv_matrix]  RESULTS_DIR [results/kv_matrix]  PYTHON [python3]  DRY_RUN [unset]
+#
+# Run folders are the run scripts' own: RUNS_DIR/<data>/<run_name>/run_<142+s>; the saved arguments (run_config.json)
+# say which cell a run belongs to (collect_results.py reads them). Extra arguments go to every run and win over the
+# preset's. Logs: RUNS_DIR/logs/<run id>.log. Missing datasets DATA_DIR/N<n>-K2V2-V62_<DATA_SIZE> are built first. A
+# run whose all_results.json exists and whose record asks for the planned --max_steps is skipped; any other run is
+# started with its command, which resumes an unfinished run folder (or continues a finished one to a larger
+# --max_steps). A failed run is reported and its warm-started dependants are skipped; the others go on and the script
+# exits 1 at the end. Finally: collect_results.py --runs RUNS_DIR --out RESULTS_DIR --copy_metrics RESULTS_DIR/runs.
+# Balancing cost of a run (an estimate, for the GPU assignment only): steps x (2K+1) for gradmem, x (K+1) for rmt, x 1
+# for llama and mamba.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-GPUS=${GPUS:-0}
-SEEDS=${SEEDS:-"1 2"}
-SEEDS_ABLATION=${SEEDS_ABLATION:-1}
-NS=${NS:-"4 8 16"}
-ONLY=${ONLY:-"gradmem rmt llama k_ablation grad_mode"}
-BUDGET_N4=${BUDGET_N4:-1}
-BUDGET_N8=${BUDGET_N8:-2}
-BUDGET_N16=${BUDGET_N16:-3}
-BUDGET_N32=${BUDGET_N32:-4}
-EVAL_STEPS=${EVAL_STEPS:-200}
-MAX_EVAL_SAMPLES=${MAX_EVAL_SAMPLES:-500}
-MAX_STEPS=${MAX_STEPS:-1000000}
-PRECISION=${PRECISION:-fp32}
-DATA_DIR=${DATA_DIR:-./data}
-DATA_SIZE=${DATA_SIZE:-1M}
-N_TEST=${N_TEST:-2000}
-N_VALID=${N_VALID:-5000}
-RUNS_DIR=${RUNS_DIR:-runs/paper_claims}
-RESULTS_DIR=${RESULTS_DIR:-results/paper_claims}
-PYTHON=${PYTHON:-python3}
-DRY_RUN=${DRY_RUN:-}
-LR=1e-3
-WARMUP=300       # from scratch
-INIT_WARMUP=100  # warm-started
-STOP_EM=0.99
 
 fail() {
     echo "run_paper_claims: $*" >&2
     exit 2
 }
 
+# Settings of the earlier wall-clock preset: refused, so that an old command line does not silently run the new matrix
+for name in BUDGET_N4 BUDGET_N8 BUDGET_N16 BUDGET_N32 SEEDS_ABLATION MAX_STEPS; do
+    if [ -n "${!name+set}" ]; then
+        case "$name" in
+            BUDGET_*) fail "$name is no longer read: every run has a step budget, the same for every family; set" \
+                           "STEPS_${name#BUDGET_} (optimizer steps) and unset $name" ;;
+            SEEDS_ABLATION) fail "SEEDS_ABLATION is no longer read: every cell (K=1, 2, 5 included) runs the seeds of" \
+                                 "SEEDS; unset SEEDS_ABLATION" ;;
+            MAX_STEPS) fail "MAX_STEPS is no longer read: set STEPS_N4 ... STEPS_N32 (or pass --max_steps as an extra" \
+                            "argument for a smoke test); unset MAX_STEPS" ;;
+        esac
+    fi
+done
+
+GPUS=${GPUS:-0}
+ONLY=${ONLY:-"gradmem rmt llama mamba"}
+K=${K:-"1 2 5"}
+LRS=${LRS:-}
+NS=${NS:-"4 8 16 32"}
+SEEDS=${SEEDS:-"1 2 3"}
+STEPS_N4=${STEPS_N4:-5000}
+STEPS_N8=${STEPS_N8:-10000}
+STEPS_N16=${STEPS_N16:-20000}
+STEPS_N32=${STEPS_N32:-40000}
+INIT_WARMUP=${INIT_WARMUP:-100}
+GRADMEM_LR=${GRADMEM_LR:-1e-3}
+GRADMEM_WARMUP=${GRADMEM_WARMUP:-300}
+GRADMEM_BETA2=${GRADMEM_BETA2:-0.999}
+GRADMEM_ILRS_K1=${GRADMEM_ILRS_K1:-"0.04 0.08 0.16"}
+GRADMEM_ILRS_K2=${GRADMEM_ILRS_K2:-"0.02 0.04 0.08"}
+GRADMEM_ILRS_K5=${GRADMEM_ILRS_K5:-"0.02 0.04 0.08"}
+RMT_LRS=${RMT_LRS:-"1e-4 3e-4 1e-3"}
+RMT_WARMUP=${RMT_WARMUP:-2000}
+RMT_BETA2=${RMT_BETA2:-0.999}
+RMT_REC_WEIGHT=${RMT_REC_WEIGHT:-0.5}
+LLAMA_LRS=${LLAMA_LRS:-5e-5}
+LLAMA_WARMUP=${LLAMA_WARMUP:-2000}
+LLAMA_BETA2=${LLAMA_BETA2:-0.98}
+MAMBA_LRS=${MAMBA_LRS:-3e-4}
+MAMBA_WARMUP=${MAMBA_WARMUP:-2000}
+MAMBA_BETA2=${MAMBA_BETA2:-0.999}
+EVAL_STEPS=${EVAL_STEPS:-500}
+MAX_EVAL_SAMPLES=${MAX_EVAL_SAMPLES:-1000}
+PRECISION=${PRECISION:-fp32}
+DATA_DIR=${DATA_DIR:-./data}
+DATA_SIZE=${DATA_SIZE:-1M}
+N_VALID=${N_VALID:-5000}
+N_TEST=${N_TEST:-2000}
+RUNS_DIR=${RUNS_DIR:-runs/kv_matrix}
+RESULTS_DIR=${RESULTS_DIR:-results/kv_matrix}
+PYTHON=${PYTHON:-python3}
+DRY_RUN=${DRY_RUN:-}
+
 # ---------------------------------------------------------------------------------------------------------------
 # Check the settings before any work
 # ---------------------------------------------------------------------------------------------------------------
 
-is_positive_number() { [[ "$1" =~ ^[0-9]*\.?[0-9]+$ ]] && awk -v x="$1" 'BEGIN { exit !(x > 0) }'; }
+is_number() { [[ "$1" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]]; }
+is_positive_number() { is_number "$1" && awk -v x="$1" 'BEGIN { exit !(x > 0) }'; }
 has_word() { [[ " $1 " == *" $2 "* ]]; }
+no_repeats() {  # variable name: fail if its list names a value twice
+    local repeated
+    repeated=$(tr ' ' '\n' <<< "${!1}" | grep . | sort | uniq -d | head -n 1)
+    [ -z "$repeated" ] || fail "$1=\"${!1}\" names $repeated twice; list each value once"
+}
+check_lr_list() {  # variable name, what: a non-empty list of positive numbers
+    local lr
+    [ -n "${!1// /}" ] || fail "$1 is empty; list the $2 to sweep, e.g. $1=\"1e-4 3e-4\""
+    for lr in ${!1}; do
+        is_positive_number "$lr" || fail "$1=\"${!1}\": '$lr' is not a positive number ($2)"
+    done
+    no_repeats "$1"
+}
 
 read -r -a GPU_LIST <<< "$GPUS"
 (( ${#GPU_LIST[@]} > 0 )) || fail "GPUS is empty; list GPU indices separated by spaces, e.g. GPUS=\"0 1 2\""
@@ -76,23 +150,58 @@ for gpu in "${GPU_LIST[@]}"; do
     [[ "$gpu" =~ ^[A-Za-z0-9:-]+$ ]] || fail "GPUS=\"$GPUS\": '$gpu' is not a GPU index (separate GPUs by spaces)"
 done
 [ "$(printf '%s\n' "${GPU_LIST[@]}" | sort | uniq -d)" = "" ] || fail "GPUS=\"$GPUS\" names a GPU twice"
-for seed in $SEEDS $SEEDS_ABLATION; do
-    [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS=\"$SEEDS\" / SEEDS_ABLATION=\"$SEEDS_ABLATION\": '$seed' is not a number"
+[ -n "${ONLY// /}" ] || fail "ONLY is empty; name the families to run, e.g. ONLY=\"gradmem rmt\""
+for family in $ONLY; do
+    case "$family" in gradmem|rmt|llama|mamba) ;;
+        *) fail "ONLY=\"$ONLY\": '$family' is not one of gradmem rmt llama mamba" ;; esac
 done
+no_repeats ONLY
+[ -n "${SEEDS// /}" ] || fail "SEEDS is empty; list the seeds, e.g. SEEDS=\"1 2 3\""
+for seed in $SEEDS; do
+    [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS=\"$SEEDS\": '$seed' is not a number (seed s runs with --seed 142+s)"
+done
+no_repeats SEEDS
+[ -n "${NS// /}" ] || fail "NS is empty; list the N to run, e.g. NS=\"4 8 16 32\""
 for n in $NS; do
     case "$n" in 4|8|16|32) ;; *) fail "NS=\"$NS\": N=$n is not one of 4 8 16 32" ;; esac
 done
-has_word "$NS" 16 && ! has_word "$NS" 8 && fail "NS=\"$NS\": N16 runs warm-start from the N8 runs; add 8"
-has_word "$NS" 32 && ! has_word "$NS" 16 && fail "NS=\"$NS\": N32 runs warm-start from the N16 runs; add 16"
-for part in $ONLY; do
-    case "$part" in gradmem|rmt|llama|k_ablation|grad_mode) ;;
-        *) fail "ONLY=\"$ONLY\": '$part' is not one of gradmem rmt llama k_ablation grad_mode" ;; esac
+no_repeats NS
+has_word "$NS" 16 && ! has_word "$NS" 8 && fail "NS=\"$NS\": N16 runs warm-start from the N8 runs of their cell; add 8"
+has_word "$NS" 32 && ! has_word "$NS" 16 && fail "NS=\"$NS\": N32 runs warm-start from the N16 runs of their cell;" \
+    "add 16"
+if has_word "$ONLY" gradmem || has_word "$ONLY" rmt; then
+    [ -n "${K// /}" ] || fail "K is empty; list the WRITE steps to run, e.g. K=\"1 2 5\""
+    for k in $K; do
+        [[ "$k" =~ ^[1-9][0-9]*$ ]] || fail "K=\"$K\": '$k' is not a positive integer (WRITE steps)"
+    done
+    no_repeats K
+fi
+if [ -n "$LRS" ]; then
+    check_lr_list LRS "learning rates (gradmem: inner lr; rmt, llama, mamba: outer lr)"
+elif has_word "$ONLY" gradmem; then
+    for k in $K; do
+        name="GRADMEM_ILRS_K$k"
+        [ -n "${!name:-}" ] || fail "$name is not set: GradMem K=$k needs its inner-lr sweep, e.g." \
+                                    "$name=\"0.02 0.04 0.08\" (or LRS=\"0.04\" for every selected family)"
+        check_lr_list "$name" "inner learning rates of GradMem K=$k"
+    done
+fi
+for name in RMT_LRS LLAMA_LRS MAMBA_LRS; do
+    family=${name%_LRS}; family=${family,,}
+    if [ -z "$LRS" ] && has_word "$ONLY" "$family"; then check_lr_list "$name" "learning rates of $family"; fi
 done
-for name in BUDGET_N4 BUDGET_N8 BUDGET_N16 BUDGET_N32; do
-    is_positive_number "${!name}" || fail "$name=${!name} must be a positive number of minutes"
-done
-for name in EVAL_STEPS MAX_EVAL_SAMPLES MAX_STEPS N_VALID N_TEST; do
+for name in STEPS_N4 STEPS_N8 STEPS_N16 STEPS_N32 EVAL_STEPS MAX_EVAL_SAMPLES N_VALID N_TEST; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || fail "$name=${!name} must be a positive integer"
+done
+for name in INIT_WARMUP GRADMEM_WARMUP RMT_WARMUP LLAMA_WARMUP MAMBA_WARMUP; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || fail "$name=${!name} must be a number of steps (an integer >= 0)"
+done
+for name in GRADMEM_LR RMT_REC_WEIGHT; do
+    is_positive_number "${!name}" || fail "$name=${!name} must be a positive number"
+done
+for name in GRADMEM_BETA2 RMT_BETA2 LLAMA_BETA2 MAMBA_BETA2; do
+    is_number "${!name}" && awk -v x="${!name}" 'BEGIN { exit !(x >= 0 && x < 1) }' \
+        || fail "$name=${!name} must be an AdamW beta2 in [0, 1), e.g. 0.999"
 done
 [[ "$DATA_SIZE" =~ ^[1-9][0-9]*[KM]?$ ]] || fail "DATA_SIZE=$DATA_SIZE must look like 1M, 100K or 5000"
 case "$PRECISION" in
@@ -104,54 +213,66 @@ esac
 EXTRA_ARGS=("$@")
 
 # ---------------------------------------------------------------------------------------------------------------
-# The runs: R_* arrays indexed by run number; a job is one run or a warm-start chain (N8 -> N16 -> N32)
+# The cells and runs: R_* arrays indexed by run number; a job is one run or a warm-start chain (N8 -> N16 -> N32)
 # ---------------------------------------------------------------------------------------------------------------
 
-R_ID=(); R_N=(); R_MODEL=(); R_SEED=(); R_BUDGET=(); R_PARENT=()
-J_RUNS=(); J_COST=()  # run numbers of the job (in order); summed budget in thousandths of a minute
+C_NAME=(); C_FAMILY=(); C_K=(); C_LR=()  # cells without N: family, K ("" = none), the swept lr
+add_cell() {  # family K lr
+    local name=$1
+    if [ -n "$2" ]; then name+="_K$2"; fi
+    if [ "$1" = gradmem ]; then name+="_ilr$3"; else name+="_lr$3"; fi
+    C_NAME+=("$name"); C_FAMILY+=("$1"); C_K+=("$2"); C_LR+=("$3")
+}
+for family in gradmem rmt llama mamba; do  # a fixed order, whatever the order of ONLY
+    has_word "$ONLY" "$family" || continue
+    case "$family" in
+        gradmem) for k in $K; do
+                     name="GRADMEM_ILRS_K$k"
+                     for lr in ${LRS:-${!name}}; do add_cell gradmem "$k" "$lr"; done
+                 done ;;
+        rmt) for k in $K; do for lr in ${LRS:-$RMT_LRS}; do add_cell rmt "$k" "$lr"; done; done ;;
+        llama) for lr in ${LRS:-$LLAMA_LRS}; do add_cell llama "" "$lr"; done ;;
+        mamba) for lr in ${LRS:-$MAMBA_LRS}; do add_cell mamba "" "$lr"; done ;;
+    esac
+done
 
-budget_of() { local name="BUDGET_N$1"; echo "${!name}"; }
-milli() { awk -v x="$1" 'BEGIN { printf "%d", x * 1000 + 0.5 }'; }
-minutes() { awk -v x="$1" 'BEGIN { printf "%g", x / 1000 }'; }
+R_ID=(); R_CELL=(); R_N=(); R_SEED=(); R_PARENT=()
+J_RUNS=(); J_COST=()  # run numbers of the job (in order); estimated cost (steps x cost factor of the family)
 
-add_run() {  # model n seed parent -> appends a run, its number in LAST_RUN
+steps_of() { local name="STEPS_N$1"; echo "${!name}"; }
+cost_factor() {  # cell number -> relative cost of one step (balancing only)
+    case "${C_FAMILY[$1]}" in
+        gradmem) echo $(( 2 * C_K[$1] + 1 )) ;;
+        rmt) echo $(( C_K[$1] + 1 )) ;;
+        *) echo 1 ;;
+    esac
+}
+
+add_run() {  # cell n seed parent -> appends a run, its number in LAST_RUN
     LAST_RUN=${#R_ID[@]}
-    R_ID+=("N$2_$1_s$3"); R_N+=("$2"); R_MODEL+=("$1"); R_SEED+=("$3"); R_BUDGET+=("$(budget_of "$2")")
-    R_PARENT+=("$4")
+    R_ID+=("N$2_${C_NAME[$1]}_s$3"); R_CELL+=("$1"); R_N+=("$2"); R_SEED+=("$3"); R_PARENT+=("$4")
 }
 
 add_job() {  # run numbers of one job
     local cost=0 i
-    for i in "$@"; do cost=$(( cost + $(milli "${R_BUDGET[$i]}") )); done
+    for i in "$@"; do cost=$(( cost + $(steps_of "${R_N[$i]}") * $(cost_factor "${R_CELL[$i]}") )); done
     J_RUNS+=("$*"); J_COST+=("$cost")
 }
 
-add_family() {  # model, seeds, the N it runs at: N4 alone, N8 -> N16 -> N32 as one chain per seed
-    local model=$1 seeds=$2 ns=$3 seed n parent chain
-    for seed in $seeds; do
-        if has_word "$ns" 4; then add_run "$model" 4 "$seed" -1; add_job "$LAST_RUN"; fi
+for c in "${!C_NAME[@]}"; do  # N4 alone; N8 -> N16 -> N32 as one chain per cell and seed
+    for seed in $SEEDS; do
+        if has_word "$NS" 4; then add_run "$c" 4 "$seed" -1; add_job "$LAST_RUN"; fi
         parent=-1; chain=()
         for n in 8 16 32; do
-            has_word "$ns" "$n" || continue
-            add_run "$model" "$n" "$seed" "$parent"
+            has_word "$NS" "$n" || continue
+            add_run "$c" "$n" "$seed" "$parent"
             parent=$LAST_RUN; chain+=("$LAST_RUN")
         done
         if (( ${#chain[@]} > 0 )); then add_job "${chain[@]}"; fi
     done
-}
-
-ns_among() { local n out=""; for n in $NS; do has_word "$*" "$n" && out+="$n "; done; echo "$out"; }
-
-for part in $ONLY; do
-    case "$part" in
-        gradmem|rmt|llama) add_family "$part" "$SEEDS" "$NS" ;;
-        k_ablation) for K in 1 5; do add_family "gradmem_K$K" "$SEEDS_ABLATION" "$(ns_among 8 16)"; done ;;
-        grad_mode) for mode in none first; do add_family "gradmem_grad_$mode" "$SEEDS_ABLATION" "$(ns_among 8)"; done ;;
-    esac
 done
-(( ${#R_ID[@]} > 0 )) || fail "ONLY=\"$ONLY\" with NS=\"$NS\" leaves no run (the ablations run at N8/N16 only)"
 
-# ---- longest job first onto the GPU with the least summed budget so far (the first such GPU on ties) ----
+# ---- the costliest job first onto the GPU with the least summed cost so far (the first such GPU on ties) ----
 G_JOBS=(); G_LOAD=()
 for g in "${!GPU_LIST[@]}"; do G_JOBS+=(""); G_LOAD+=(0); done
 for j in $(for j in "${!J_COST[@]}"; do echo "${J_COST[$j]} $j"; done | sort -s -k1,1nr | cut -d' ' -f2); do
@@ -166,27 +287,32 @@ done
 
 data_path() { echo "$DATA_DIR/N$1-K2V2-V62_$DATA_SIZE"; }
 
-GRADMEM_ARGS=(--preset paper_kv --attn_implementation auto)  # the paper's KV model (grad_memgpt.PRESETS)
-
 run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
-    local i=$1 init=$2 model=${R_MODEL[$1]} warmup=$WARMUP
-    case "$model" in
-        gradmem) CMD=(run_gradmemgpt_on_kv_retrieval.py "${GRADMEM_ARGS[@]}" --K 2 --grad_mode second) ;;
-        gradmem_K*) CMD=(run_gradmemgpt_on_kv_retrieval.py "${GRADMEM_ARGS[@]}" --K "${model#gradmem_K}" --grad_mode second) ;;
-        gradmem_grad_*) CMD=(run_gradmemgpt_on_kv_retrieval.py "${GRADMEM_ARGS[@]}" --K 2 --grad_mode "${model#gradmem_grad_}") ;;
-        rmt) CMD=(run_rmt_on_kv_retrieval.py --n_mem_tokens 8 --K 1 --n_ctrl_tokens 0 --use_mem_proj --mem_proj_mode proj
-                  --attn_implementation sdpa) ;;
-        llama) CMD=(run_gpt2_on_kv_retrieval.py --max_position_embeddings 1024) ;;
-        *) fail "internal: unknown model $model" ;;
+    local i=$1 init=$2 c=${R_CELL[$1]} warmup beta2 lr
+    local k=${C_K[$c]}
+    case "${C_FAMILY[$c]}" in
+        gradmem) CMD=(run_gradmemgpt_on_kv_retrieval.py --preset paper_kv --attn_implementation auto --K "$k"
+                      --inner_lr "${C_LR[$c]}")
+                 lr=$GRADMEM_LR; warmup=$GRADMEM_WARMUP; beta2=$GRADMEM_BETA2 ;;
+        rmt) CMD=(run_rmt_on_kv_retrieval.py --n_mem_tokens 8 --K "$k" --n_ctrl_tokens 0 --mem_proj_mode proj
+                  --use_reconstruction_loss --reconstruction_loss_weight "$RMT_REC_WEIGHT" --use_write_head
+                  --attn_implementation sdpa)
+             lr=${C_LR[$c]}; warmup=$RMT_WARMUP; beta2=$RMT_BETA2 ;;
+        llama) CMD=(run_gpt2_on_kv_retrieval.py --base_model llama --max_position_embeddings 1024)
+               lr=${C_LR[$c]}; warmup=$LLAMA_WARMUP; beta2=$LLAMA_BETA2 ;;
+        mamba) CMD=(run_gpt2_on_kv_retrieval.py --base_model mamba)
+               lr=${C_LR[$c]}; warmup=$MAMBA_WARMUP; beta2=$MAMBA_BETA2 ;;
+        *) fail "internal: unknown family ${C_FAMILY[$c]}" ;;
     esac
+    if [ "${C_FAMILY[$c]}" = gradmem ] || [ "${C_FAMILY[$c]}" = rmt ]; then CMD+=(--base_model llama); fi
     if (( R_PARENT[i] >= 0 )); then warmup=$INIT_WARMUP; fi
     CMD+=(--data_path "$(data_path "${R_N[$i]}")" --runs_dir "$RUNS_DIR"
-          --base_model llama --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/
-          --per_device_batch_size 64 --learning_rate "$LR" --lr_scheduler_type constant_with_warmup
-          --warmup_steps "$warmup" --max_steps "$MAX_STEPS" --max_grad_norm 1.0
-          --eval_steps "$EVAL_STEPS" --logging_steps "$EVAL_STEPS" --max_eval_samples "$MAX_EVAL_SAMPLES"
-          --early_stopping_patience 0 --stop_metric exact_match --stop_metric_value "$STOP_EM"
-          --max_train_minutes "${R_BUDGET[$i]}" --seed $(( 142 + R_SEED[i] )) "${PRECISION_ARGS[@]}")
+          --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/
+          --per_device_batch_size 64 --learning_rate "$lr" --adam_beta2 "$beta2"
+          --lr_scheduler_type constant_with_warmup --warmup_steps "$warmup" --max_steps "$(steps_of "${R_N[$i]}")"
+          --max_grad_norm 1.0 --eval_steps "$EVAL_STEPS" --logging_steps "$EVAL_STEPS"
+          --max_eval_samples "$MAX_EVAL_SAMPLES" --metric_for_best_model exact_match --early_stopping_patience 0
+          --stop_metric_value None --seed $(( 142 + R_SEED[i] )) "${PRECISION_ARGS[@]}")
     if [ -n "$init" ]; then CMD+=(--init_checkpoint "$init"); fi
     CMD+=("${EXTRA_ARGS[@]}")
 }
@@ -196,10 +322,11 @@ run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
 # ---------------------------------------------------------------------------------------------------------------
 
 print_plan() {
-    local g j i order total=0
-    echo "plan: ${#R_ID[@]} runs in ${#J_RUNS[@]} jobs on ${#GPU_LIST[@]} GPU(s); budgets (minutes of training):" \
-         "N4 $BUDGET_N4, N8 $BUDGET_N8, N16 $BUDGET_N16, N32 $BUDGET_N32; precision $PRECISION"
-    printf '%-5s %-5s %-4s %-20s %-5s %-7s %s\n' gpu order N model seed budget "init from"
+    local g j i order total=0 init
+    echo "plan: ${#R_ID[@]} runs (${#C_NAME[@]} cells x N in {$NS} x seeds {$SEEDS}) in ${#J_RUNS[@]} jobs on" \
+         "${#GPU_LIST[@]} GPU(s); optimizer steps per run, every family: N4 $STEPS_N4, N8 $STEPS_N8, N16 $STEPS_N16," \
+         "N32 $STEPS_N32; precision $PRECISION"
+    printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' gpu order N cell seed steps "init from"
     for g in "${!GPU_LIST[@]}"; do
         order=0
         for j in ${G_JOBS[g]}; do
@@ -207,16 +334,16 @@ print_plan() {
                 order=$(( order + 1 ))
                 init=-
                 if (( R_PARENT[i] >= 0 )); then init="best checkpoint of ${R_ID[${R_PARENT[$i]}]}"; fi
-                printf '%-5s %-5s %-4s %-20s %-5s %-7s %s\n' "${GPU_LIST[g]}" "$order" "${R_N[$i]}" "${R_MODEL[$i]}" \
-                    "${R_SEED[$i]}" "${R_BUDGET[$i]}" "$init"
+                printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' "${GPU_LIST[g]}" "$order" "${R_N[$i]}" \
+                    "${C_NAME[${R_CELL[$i]}]}" "${R_SEED[$i]}" "$(steps_of "${R_N[$i]}")" "$init"
             done
         done
     done
     for g in "${!GPU_LIST[@]}"; do
-        echo "gpu ${GPU_LIST[g]}: $(minutes "${G_LOAD[g]}") min of training budget"
+        echo "gpu ${GPU_LIST[g]}: cost ${G_LOAD[g]} (steps x family cost factor)"
         total=$(( total + G_LOAD[g] ))
     done
-    echo "total: $(minutes "$total") min of training budget (startup, evaluations and the final evaluation come on top)"
+    echo "total cost: $total (gradmem: steps x (2K+1), rmt: steps x (K+1), llama, mamba: steps; for balancing only)"
 }
 
 print_plan
@@ -238,14 +365,13 @@ fi
 # Data, run folders, then one worker per GPU
 # ---------------------------------------------------------------------------------------------------------------
 
-USED_NS=$(printf '%s\n' "${R_N[@]}" | sort -n -u)
-for n in $USED_NS; do
+for n in $NS; do
     if [ ! -d "$(data_path "$n")" ]; then
         "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_$DATA_SIZE" --out "$(data_path "$n")" --n_valid "$N_VALID" --n_test "$N_TEST"
     fi
 done
 
-# The run folder of every run, named as the run scripts name it (checks every command's options, too).
+# The run folder of every run, named as the run scripts name it, and its --max_steps (checks every command's options).
 RESOLVE_RUN_DIRS='
 import shlex, sys
 from pathlib import Path
@@ -266,20 +392,22 @@ for line in sys.stdin:
     train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_args, DataArgs, args=args, presets=presets)
     if train.run_name is None:
         train.run_name = run_name(train, backbone, model, 1)
-    print(resolve_run_dir(train, Path(data.data_path.rstrip("/")).name))
+    run_dir = resolve_run_dir(train, Path(data.data_path.rstrip("/")).name)
+    print(train.max_steps, run_dir)
 '
 mkdir -p "$RUNS_DIR/logs"
-mapfile -t R_DIR < <(for i in "${!R_ID[@]}"; do
+mapfile -t RESOLVED < <(for i in "${!R_ID[@]}"; do
     run_command "$i" "$( (( R_PARENT[i] >= 0 )) && echo placeholder-init || true)"
     printf '%q ' "${CMD[@]}"; echo
 done | "$PYTHON" -c "$RESOLVE_RUN_DIRS")
-(( ${#R_DIR[@]} == ${#R_ID[@]} )) || fail "could not name the run folders (see the error above)"
+(( ${#RESOLVED[@]} == ${#R_ID[@]} )) || fail "could not name the run folders (see the error above)"
+R_DIR=(); R_MAX_STEPS=()
+for line in "${RESOLVED[@]}"; do R_MAX_STEPS+=("${line%% *}"); R_DIR+=("${line#* }"); done
 duplicates=$(printf '%s\n' "${R_DIR[@]}" | sort | uniq -d)
-[ -z "$duplicates" ] || fail "two runs of the plan would share a run folder: $duplicates"
+[ -z "$duplicates" ] || fail "two runs of the plan would share a run folder (the same lr written twice?): $duplicates"
 
-best_checkpoint() {  # run folder -> best_model_checkpoint of its all_results.json ("" if none)
-    "$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1])).get('best_model_checkpoint') or '')" \
-        "$1/all_results.json"
+json_field() {  # file, python expression on the parsed json `d` -> printed value ("" if the file is unreadable)
+    "$PYTHON" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1" 2> /dev/null || true
 }
 
 run_job_list() {  # GPU position: run its jobs one after the other; status 1 if a run failed or was skipped
@@ -289,7 +417,8 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
     for j in ${G_JOBS[g]}; do
         for i in ${J_RUNS[j]}; do
             log="$RUNS_DIR/logs/${R_ID[$i]}.log"
-            if [ -f "${R_DIR[$i]}/all_results.json" ]; then
+            if [ -f "${R_DIR[$i]}/all_results.json" ] && [ "$(json_field "${R_DIR[$i]}/run_config.json" \
+                    "d['cli_args']['max_steps']")" = "${R_MAX_STEPS[$i]}" ]; then
                 echo "[gpu $gpu] ${R_ID[$i]}: done before (${R_DIR[$i]}/all_results.json), skipped"
                 continue
             fi
@@ -299,14 +428,14 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
                     echo "[gpu $gpu] ${R_ID[$i]}: SKIPPED, its warm start ${R_ID[${R_PARENT[$i]}]} failed"
                     FAILED[$i]=1; bad=$(( bad + 1 )); continue
                 fi
-                init=$(best_checkpoint "${R_DIR[${R_PARENT[$i]}]}") || init=""
+                init=$(json_field "${R_DIR[${R_PARENT[$i]}]}/all_results.json" "d.get('best_model_checkpoint') or ''")
                 if [ -z "$init" ]; then
                     echo "[gpu $gpu] ${R_ID[$i]}: SKIPPED, ${R_DIR[${R_PARENT[$i]}]} has no best checkpoint to start from"
                     FAILED[$i]=1; bad=$(( bad + 1 )); continue
                 fi
             fi
             run_command "$i" "$init"
-            echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: start (${R_BUDGET[$i]} min) -> ${R_DIR[$i]}, log $log"
+            echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: start (${R_MAX_STEPS[$i]} steps) -> ${R_DIR[$i]}, log $log"
             echo "$(date '+%F %T') CUDA_VISIBLE_DEVICES=$gpu $PYTHON $(printf '%q ' "${CMD[@]}")" >> "$log"
             status=0
             "$PYTHON" "${CMD[@]}" >> "$log" 2>&1 || status=$?
@@ -314,9 +443,9 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
                 echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: FAILED (exit $status), see $log"
                 FAILED[$i]=1; bad=$(( bad + 1 ))
             else
-                echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: finished, eval exact match" \
-                     "$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['eval_exact_match'])" \
-                        "${R_DIR[$i]}/all_results.json")"
+                echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: finished, valid exact match" \
+                     "$(json_field "${R_DIR[$i]}/all_results.json" "d['eval_exact_match']"), test generated exact" \
+                     "match $(json_field "${R_DIR[$i]}/all_results.json" "d.get('test_generated_exact_match')")"
             fi
         done
     done
@@ -342,4 +471,4 @@ if (( N_BAD > 0 )); then
     echo "run_paper_claims: some runs failed or were skipped (see the FAILED / SKIPPED lines above)" >&2
     exit 1
 fi
-echo "run_paper_claims: all ${#R_ID[@]} runs done; results in $RESULTS_DIR"
+echo "run_paper_claims: all ${#R_ID[@]} runs done; results in $RESULTS_DIR (matrix.md: the comparison)"

@@ -138,6 +138,7 @@ def test_full_context_llama_trains_resumes_and_warm_starts(tmp_path, kv_data):
     args = cpu_args(run_dir, kv_data, *TINY, "--base_model", "llama", "--max_position_embeddings", "64")
     run_gpt2_on_kv_retrieval.main(args)
     results, _ = check_run_folder(run_dir)
+    assert 0 <= results["eval_generated_exact_match"] <= 1 and results["eval_generated_samples"] == 16  # as RMT's
     assert AutoModelForCausalLM.from_pretrained(run_dir).config.model_type == "llama"  # the selected model at the root
     # re-running with a larger budget resumes from checkpoint-3
     run_gpt2_on_kv_retrieval.main(args[:args.index("--max_steps")] + ["--max_steps", "4"]
@@ -161,7 +162,8 @@ def test_full_context_other_backbones_train(tmp_path, kv_data, base_model):
     run_dir = tmp_path / base_model
     run_gpt2_on_kv_retrieval.main(cpu_args(run_dir, kv_data, *TINY, "--base_model", base_model,
                                            "--max_input_length", "16", "--max_steps", "2", "--eval_steps", "2"))
-    check_run_folder(run_dir, steps=2)
+    results, _ = check_run_folder(run_dir, steps=2)
+    assert 0 <= results["eval_generated_exact_match"] <= 1  # generated answers for every backbone, mamba too
 
 
 def test_max_input_length_drops_the_start_of_the_context(kv_data):

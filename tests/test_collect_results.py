@@ -129,8 +129,10 @@ def test_write_summary_writes_table_json_and_pngs(runs_root, tmp_path):
     out = tmp_path / "summary"
     cr.main(["--runs", str(runs_root), "--out", str(out)])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["ablation_K.png", "em_vs_n.png", "learning_curves_N16-K2V2-V62_1M.png",
-                     "learning_curves_N8-K2V2-V62_1M.png", "summary.json", "summary.md"]
+    matrix = ["k_scaling.png", "matrix.json", "matrix.md", "matrix_curves_N16-K2V2-V62_1M.png",
+              "matrix_curves_N8-K2V2-V62_1M.png"]  # the GradMem runs' saved arguments name a family and an lr
+    assert names == sorted(["ablation_K.png", "em_vs_n.png", "learning_curves_N16-K2V2-V62_1M.png",
+                            "learning_curves_N8-K2V2-V62_1M.png", "summary.json", "summary.md", *matrix])
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     records = json.loads((out / "summary.json").read_text())

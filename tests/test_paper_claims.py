@@ -1,6 +1,8 @@
-"""scripts/run_paper_claims.sh: the DRY_RUN plan (every run, chains on one GPU in order, budgets balanced over the
-GPUs, N16 warm-started from N8), run names that collect_results groups into the K and grad_mode ablations, bad
-settings rejected before any work, and one tiny real execution (N8 -> N16 warm start, a failed chain, results/)."""
+"""scripts/run_paper_claims.sh, the comparison matrix: the DRY_RUN plan (cells, seeds, equal steps per N for every
+family, warm-start chains, lr sweeps, GPU balance), its commands read by the run scripts' own parsers (the recipe of
+each family, the cell in the saved arguments), the selection of one cell, bad settings rejected before any work with
+the variable and the fix named, one tiny cell per family trained in this process from the plan's command, and one
+tiny real execution of the script (warm start, a failed run and its skipped dependant, results, a skip on re-run)."""
 import json
 import os
 import re
@@ -11,191 +13,307 @@ from pathlib import Path
 import pytest
 
 import collect_results as cr
+import kv_dataset_utils
+import run_gpt2_on_kv_retrieval
+import run_gradmemgpt_on_kv_retrieval
+import run_rmt_on_kv_retrieval
 from full_context_lm import FullContextArgs
 from grad_memgpt import PRESETS, GradMemArgs
 from rmt import RMTArgs
 from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
 from training_run_folder import resolve_run_dir
-from training_runs import flat_args, full_context_run_name, gradmem_run_name, rmt_run_name
+from training_runs import family_of_arguments, flat_args, full_context_run_name, gradmem_run_name, rmt_run_name
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_paper_claims.sh"
-SCRIPT_SETTINGS = ("GPUS", "SEEDS", "SEEDS_ABLATION", "NS", "ONLY", "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32",
-                   "EVAL_STEPS", "MAX_EVAL_SAMPLES", "MAX_STEPS", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST",
-                   "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN")
-PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\S+)\s+(.+)$")
-NAMING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, PRESETS),
-          "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name, None),
-          "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
+SCRIPT_SETTINGS = (
+    "GPUS", "ONLY", "K", "LRS", "NS", "SEEDS", "STEPS_N4", "STEPS_N8", "STEPS_N16", "STEPS_N32", "INIT_WARMUP",
+    "GRADMEM_LR", "GRADMEM_WARMUP", "GRADMEM_BETA2", "GRADMEM_ILRS_K1", "GRADMEM_ILRS_K2", "GRADMEM_ILRS_K5",
+    "GRADMEM_ILRS_K3", "RMT_LRS", "RMT_WARMUP", "RMT_BETA2", "RMT_REC_WEIGHT", "LLAMA_LRS", "LLAMA_WARMUP",
+    "LLAMA_BETA2", "MAMBA_LRS", "MAMBA_WARMUP", "MAMBA_BETA2", "EVAL_STEPS", "MAX_EVAL_SAMPLES", "PRECISION",
+    "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST", "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN",
+    "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32", "SEEDS_ABLATION", "MAX_STEPS")  # the last: refused
+PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\d+)\s+(.+)$")
+PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, PRESETS),
+           "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name, None),
+           "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
+STEPS = {4: 5000, 8: 10000, 16: 20000, 32: 40000}
+SWEEPS = {("gradmem", 1): "0.04 0.08 0.16", ("gradmem", 2): "0.02 0.04 0.08", ("gradmem", 5): "0.02 0.04 0.08",
+          **{("rmt", k): "1e-4 3e-4 1e-3" for k in (1, 2, 5)}, ("llama", None): "5e-5", ("mamba", None): "3e-4"}
+# the default cells as the plan names them: family[_K<k>]_{ilr,lr}<lr as written>
+CELLS = {f"{family}{'' if k is None else f'_K{k}'}_{'ilr' if family == 'gradmem' else 'lr'}{lr}"
+         for (family, k), lrs in SWEEPS.items() for lr in lrs.split()}
 
 
 def run_script(*args, check=True, **env):
     clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_SETTINGS}
     done = subprocess.run(["bash", str(SCRIPT), *args], env={**clean, **env}, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
     return done
 
 
 def parse_plan(stdout):
-    """rows: dicts (gpu, order, n, model, seed, budget, init); totals: {gpu: minutes}; commands: {run id: argv}."""
-    rows, totals, commands = [], {}, {}
+    """rows: dicts (gpu, order, n, cell, seed, steps, init); loads: {gpu: cost}; commands: {run id: argv}."""
+    rows, loads, commands = [], {}, {}
     lines = stdout.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("gpu   order")))
     for line in lines[start + 1:]:
         m = PLAN_ROW.match(line)
         if m and not line.startswith("gpu "):
-            gpu, order, n, model, seed, budget, init = m.groups()
-            rows.append(dict(gpu=gpu, order=int(order), n=int(n), model=model, seed=int(seed), budget=float(budget),
+            gpu, order, n, cell, seed, steps, init = m.groups()
+            rows.append(dict(gpu=gpu, order=int(order), n=int(n), cell=cell, seed=int(seed), steps=int(steps),
                              init=None if init == "-" else init.removeprefix("best checkpoint of ")))
-        elif m := re.match(r"^gpu (\S+): ([0-9.]+) min of training budget$", line):
-            totals[m[1]] = float(m[2])
+        elif m := re.match(r"^gpu (\S+): cost (\d+) ", line):
+            loads[m[1]] = int(m[2])
         elif m := re.match(r"^(N\d+_\S+_s\d+): \S+ (.*)$", line):
             commands[m[1]] = shlex.split(m[2])
-    return rows, totals, commands
+    return rows, loads, commands
 
 
 def run_id(row):
-    return f"N{row['n']}_{row['model']}_s{row['seed']}"
+    return f"N{row['n']}_{row['cell']}_s{row['seed']}"
 
 
-def run_folder(argv):
-    """The run folder the run script would use for this command (its own naming), its TrainArgs and its saved
-    arguments."""
-    model_args, name, presets = NAMING[argv[0]]
-    train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_args, DataArgs, args=argv[1:],
+def parse_command(argv):
+    """The command read by its run script's own parser: (TrainArgs, BackboneArgs, model args, DataArgs), the run
+    folder it names and the arguments it saves."""
+    model_type, name, presets = PARSING[argv[0]]
+    train, backbone, model, data = parse_cli(TrainArgs, BackboneArgs, model_type, DataArgs, args=argv[1:],
                                              presets=presets)
     train.run_name = name(train, backbone, model, 1)
-    return resolve_run_dir(train, Path(data.data_path).name), train, flat_args([train, backbone, model, data])
+    folder = resolve_run_dir(train, Path(data.data_path).name)
+    return (train, backbone, model, data), folder, flat_args([train, backbone, model, data])
+
+
+def cell_of_saved_arguments(saved, task):
+    """(family, K, swept lr) as collect_results reads it from a run's saved arguments."""
+    run = cr.Run(task=task, run_name="any", seed=saved["seed"], path=Path("."), metrics={}, log_history=[],
+                 args=saved)
+    m = cr.matrix_run(run)
+    return m.family, m.K, m.lr
 
 
 # -------------------------------------------------------------------------------------------------------- the plan
 
-def test_dry_run_plan_all_runs_chains_and_balance(tmp_path):
-    out = run_script("--max_steps", "20", DRY_RUN="1", GPUS="1 2 3", DATA_DIR=str(tmp_path / "data")).stdout
-    rows, totals, commands = parse_plan(out)
-    expected = ({(n, m, s) for m in ("gradmem", "rmt", "llama") for s in (1, 2) for n in (4, 8, 16)}
-                | {(n, f"gradmem_K{k}", 1) for k in (1, 5) for n in (8, 16)}
-                | {(8, f"gradmem_grad_{g}", 1) for g in ("none", "first")})
-    assert sorted((r["n"], r["model"], r["seed"]) for r in rows) == sorted(expected)
-    assert set(commands) == {run_id(r) for r in rows}
-    for n in (4, 8, 16):  # missing datasets are announced, nothing is built
+def test_dry_run_plan_cells_seeds_equal_steps_and_chains(tmp_path):
+    out = run_script(DRY_RUN="1", GPUS="1 2 3", DATA_DIR=str(tmp_path / "data")).stdout
+    rows, loads, commands = parse_plan(out)
+    assert len(CELLS) == 20
+    assert sorted((r["cell"], r["n"], r["seed"]) for r in rows) == sorted(
+        (c, n, s) for c in CELLS for n in (4, 8, 16, 32) for s in (1, 2, 3))
+    assert set(commands) == {run_id(r) for r in rows} and len(rows) == 240
+    for n in (4, 8, 16, 32):  # missing datasets are announced, nothing is built
         assert f"would build {tmp_path}/data/N{n}-K2V2-V62_1M" in out
     assert not (tmp_path / "data").exists()
 
-    budgets = {4: 1, 8: 2, 16: 3}
     by_id = {run_id(r): r for r in rows}
     for r in rows:
-        assert r["budget"] == budgets[r["n"]]
-        if r["n"] == 16:  # warm start from the same model and seed at N8, just before it on the same GPU
+        assert r["steps"] == STEPS[r["n"]]  # the same step budget for every family at each N
+        if r["n"] in (16, 32):  # warm start from the same cell and seed at the N before, just before it on its GPU
             parent = by_id[r["init"]]
-            assert (parent["n"], parent["model"], parent["seed"]) == (8, r["model"], r["seed"])
+            assert (parent["n"], parent["cell"], parent["seed"]) == (r["n"] // 2, r["cell"], r["seed"])
             assert parent["gpu"] == r["gpu"] and parent["order"] == r["order"] - 1
         else:
             assert r["init"] is None
     for gpu in ("1", "2", "3"):  # each GPU's runs are numbered 1, 2, ... in order
-        assert sorted(r["order"] for r in rows if r["gpu"] == gpu) == list(range(1, 1 + sum(r["gpu"] == gpu for r in rows)))
-        assert totals[gpu] == sum(r["budget"] for r in rows if r["gpu"] == gpu)
-    # 8 chains of 5 min, 2 N8 ablation runs of 2 min, 6 N4 runs of 1 min = 50 min: longest first gives 17 / 17 / 16
-    assert sorted(totals.values()) == [16, 17, 17]
-    assert "total: 50 min" in out
+        orders = sorted(r["order"] for r in rows if r["gpu"] == gpu)
+        assert orders == list(range(1, len(orders) + 1))
+    # balanced by cost = steps x (2K+1) gradmem, x (K+1) rmt, x 1 full context: no GPU more than one chain above another
+    assert max(loads.values()) - min(loads.values()) <= 70000 * 11
+    assert f"total cost: {sum(loads.values())} " in out
 
 
-def test_dry_run_commands_recipe_and_run_names():
-    out = run_script("--max_steps", "20", DRY_RUN="1", GPUS="0", PRECISION="tf32", RUNS_DIR="runs/x").stdout
-    rows, totals, commands = parse_plan(out)
-    assert set(totals) == {"0"} and totals["0"] == 50
-    folders, groups = {}, []
+def test_dry_run_commands_recipes_and_saved_cells():
+    out = run_script(DRY_RUN="1", PRECISION="tf32", RUNS_DIR="runs/x", SEEDS="1 2").stdout
+    rows, _, commands = parse_plan(out)
+    assert len(rows) == 160
+    folders, sweeps = {}, {}
     for r in rows:
         argv = commands[run_id(r)]
-        folder, train, saved = run_folder(argv)
-        assert (train.learning_rate, train.per_device_batch_size, train.max_grad_norm) == (1e-3, 64, 1.0)
-        assert (train.lr_scheduler_type, train.eval_steps, train.max_eval_samples) == ("constant_with_warmup", 200, 500)
-        assert (train.early_stopping_patience, train.stop_metric, train.stop_metric_value) == (0, "exact_match", 0.99)
-        assert train.max_train_minutes == r["budget"] and train.seed == 142 + r["seed"]
-        assert train.max_steps == 20 and train.fp32 and train.tf32  # extra arguments win; PRECISION=tf32
-        assert train.warmup_steps == (100 if r["n"] == 16 else 300)
-        assert (train.init_checkpoint is not None) == (r["n"] == 16)
+        (train, backbone, model, data), folder, saved = parse_command(argv)
+        family = r["cell"].split("_")[0]
+        # shared by every family
+        assert (train.per_device_batch_size, train.max_grad_norm, train.max_steps) == (64, 1.0, STEPS[r["n"]])
+        assert (train.eval_steps, train.logging_steps, train.max_eval_samples) == (500, 500, 1000)
+        assert (train.metric_for_best_model, train.early_stopping_patience) == ("exact_match", 0)
+        assert train.stop_metric_value is None and train.max_train_minutes is None  # steps only, no wall clock
+        assert train.lr_scheduler_type == "constant_with_warmup" and train.seed == 142 + r["seed"]
+        assert train.fp32 and train.tf32 and train.collapse_ratio == 0.5 and train.spike_factor == 10.0
+        assert (backbone.n_layer, backbone.n_embd, backbone.base_model) == (
+            4, 128, "mamba" if family == "mamba" else "llama")
+        assert data.data_path == f"./data/N{r['n']}-K2V2-V62_1M"
+        assert (train.init_checkpoint is not None) == (r["n"] >= 16)
+        warmups = {"gradmem": 300, "rmt": 2000, "llama": 2000, "mamba": 2000}
+        assert train.warmup_steps == (100 if r["n"] >= 16 else warmups[family])  # INIT_WARMUP for every family
+        # each family's recipe
+        if family == "gradmem":
+            assert (train.learning_rate, train.adam_beta2) == (1e-3, 0.999)
+            assert (model.n_mem_tokens, model.grad_mode, model.use_write_head, model.inner_loss_weight) == (
+                8, "second", True, 0.5)
+            assert backbone.n_head == 4 and model.attn_implementation == "auto"
+        elif family == "rmt":
+            assert (model.n_mem_tokens, model.mem_proj_mode, model.use_mem_proj, model.n_ctrl_tokens) == (
+                8, "proj", True, 0)
+            assert model.use_reconstruction_loss and model.reconstruction_loss_weight == 0.5 and model.use_write_head
+            assert train.adam_beta2 == 0.999 and model.attn_implementation == "sdpa"
+        elif family == "llama":
+            assert (train.adam_beta2, backbone.max_position_embeddings, backbone.n_head) == (0.98, 1024, 4)
+        else:
+            assert train.adam_beta2 == 0.999 and backbone.max_position_embeddings is None
+        # the saved arguments identify the cell, as collect_results reads them
+        family_saved, k, lr = cell_of_saved_arguments(saved, folder.parent.parent.name)
+        assert family_of_arguments(saved) == family_saved == family
+        assert f"_K{k}_" in f"{r['cell']}_" if k is not None else "_K" not in r["cell"]
+        sweeps.setdefault((family, k), set()).add(lr)
         assert str(folder).startswith(f"runs/x/N{r['n']}-K2V2-V62_1M/") and folder.name == f"run_{142 + r['seed']}"
         assert folder not in folders, f"{run_id(r)} and {folders.get(folder)} share {folder}"
         folders[folder] = run_id(r)
-        if r["seed"] == 1:
-            groups.append(cr.Group(task=folder.parent.parent.name, run_name=folder.parent.name, seeds=[143],
-                                   args=saved))
-        if r["model"].startswith("gradmem"):
-            _, _, g, _ = parse_cli(TrainArgs, BackboneArgs, GradMemArgs, DataArgs, args=argv[1:], presets=PRESETS)
-            k = int(r["model"][len("gradmem_K"):]) if r["model"].startswith("gradmem_K") else 2
-            mode = r["model"][len("gradmem_grad_"):] if "grad_" in r["model"] else "second"
-            assert (g.n_mem_tokens, g.K, g.grad_mode, g.inner_lr, g.inner_loss_weight) == (8, k, mode, 0.04, 0.5)
-            assert g.use_write_head and g.attn_implementation == "auto"
-            assert f"_K{k}_" in folder.parent.name and f"_grad_{mode}_" in folder.parent.name
-        assert cr.model_family(folder.parent.name) == {"rmt": "rmt2segm", "llama": "llama"}.get(r["model"], "gradmem")
-
-    # collect_results puts the main K=2 second-order run into both ablations
-    k_ablation = cr.ablation_groups(groups, "K")
-    assert sorted((task, sorted(vals)) for (task, _), vals in k_ablation.items()) == [
-        ("N16-K2V2-V62_1M", ["1", "2", "5"]), ("N8-K2V2-V62_1M", ["1", "2", "5"])]
-    grad_ablation = cr.ablation_groups(groups, "grad_mode")
-    assert [(task, list(vals)) for (task, _), vals in grad_ablation.items()] == [
-        ("N8-K2V2-V62_1M", ["none", "first", "second"])]
+    assert sweeps == {key: {float(lr) for lr in lrs.split()} for key, lrs in SWEEPS.items()}
 
 
-def test_subsets_and_bad_settings_fail_before_any_work():
-    rows, _, _ = parse_plan(run_script(DRY_RUN="1", ONLY="rmt k_ablation", NS="4 8", SEEDS="3").stdout)
-    assert sorted(run_id(r) for r in rows) == ["N4_rmt_s3", "N8_gradmem_K1_s1", "N8_gradmem_K5_s1", "N8_rmt_s3"]
-    for env, message in ((dict(NS="4 16"), "N16 runs warm-start from the N8 runs"),
-                         (dict(NS="8 32"), "N32 runs warm-start from the N16 runs"),
-                         (dict(NS="4 12"), "N=12 is not one of"),
-                         (dict(ONLY="gradmem mamba"), "'mamba' is not one of"),
-                         (dict(ONLY="grad_mode", NS="4"), "leaves no run"),
-                         (dict(BUDGET_N8="0"), "BUDGET_N8=0 must be a positive number"),
-                         (dict(GPUS="0,1"), "is not a GPU index"),
-                         (dict(GPUS="1 1"), "names a GPU twice"),
-                         (dict(PRECISION="fp16"), "PRECISION must be fp32, tf32 or bf16"),
-                         (dict(DATA_SIZE="1G"), "DATA_SIZE=1G")):
-        done = run_script(check=False, DRY_RUN="1", **env)
-        assert done.returncode == 2 and message in done.stderr, (env, done.stderr)
-        assert "plan:" not in done.stdout
+def test_selection_of_cells():
+    rows, _, commands = parse_plan(run_script(DRY_RUN="1", ONLY="rmt", K="2", LRS="3e-4", NS="8", SEEDS="1").stdout)
+    assert [run_id(r) for r in rows] == ["N8_rmt_K2_lr3e-4_s1"]
+    (train, _, model, _), _, _ = parse_command(commands["N8_rmt_K2_lr3e-4_s1"])
+    assert (model.K, train.learning_rate, train.max_steps) == (2, 3e-4, 10000)
+
+    rows, _, _ = parse_plan(run_script(DRY_RUN="1", ONLY="mamba llama", NS="8 16", SEEDS="2", STEPS_N8="7",
+                                       LLAMA_LRS="1e-4 5e-5").stdout)
+    assert sorted(run_id(r) for r in rows) == sorted(f"N{n}_{c}_s2" for n in (8, 16) for c in (
+        "llama_lr1e-4", "llama_lr5e-5", "mamba_lr3e-4"))
+    assert {r["steps"] for r in rows if r["n"] == 8} == {7}
+
+    rows, _, commands = parse_plan(run_script(DRY_RUN="1", ONLY="gradmem", K="3", GRADMEM_ILRS_K3="0.05", NS="4",
+                                              SEEDS="1", GRADMEM_LR="5e-4").stdout)
+    assert [run_id(r) for r in rows] == ["N4_gradmem_K3_ilr0.05_s1"]
+    (train, _, model, _), _, _ = parse_command(commands["N4_gradmem_K3_ilr0.05_s1"])
+    assert (model.K, model.inner_lr, train.learning_rate) == (3, 0.05, 5e-4)
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(NS="4 16"), "N16 runs warm-start from the N8 runs of their cell; add 8"),
+    (dict(NS="8 32"), "N32 runs warm-start from the N16 runs of their cell; add 16"),
+    (dict(NS="4 12"), "N=12 is not one of 4 8 16 32"),
+    (dict(NS="8 8"), 'NS="8 8" names 8 twice'),
+    (dict(ONLY="gradmem transformer"), "'transformer' is not one of gradmem rmt llama mamba"),
+    (dict(ONLY=" "), "ONLY is empty"),
+    (dict(K="0"), "'0' is not a positive integer"),
+    (dict(K="2 2"), 'K="2 2" names 2 twice'),
+    (dict(ONLY="gradmem", K="3"), 'GRADMEM_ILRS_K3 is not set: GradMem K=3 needs its inner-lr sweep, e.g. '
+                                  'GRADMEM_ILRS_K3="0.02 0.04 0.08"'),
+    (dict(LRS="fast"), "LRS=\"fast\": 'fast' is not a positive number"),
+    (dict(ONLY="rmt", RMT_LRS=" "), 'RMT_LRS is empty; list the learning rates of rmt to sweep'),
+    (dict(GRADMEM_ILRS_K2="0.04 -1"), "'-1' is not a positive number"),
+    (dict(STEPS_N8="0"), "STEPS_N8=0 must be a positive integer"),
+    (dict(STEPS_N16="2e4"), "STEPS_N16=2e4 must be a positive integer"),
+    (dict(INIT_WARMUP="-1"), "INIT_WARMUP=-1 must be a number of steps"),
+    (dict(LLAMA_BETA2="1"), "LLAMA_BETA2=1 must be an AdamW beta2 in [0, 1)"),
+    (dict(RMT_REC_WEIGHT="0"), "RMT_REC_WEIGHT=0 must be a positive number"),
+    (dict(SEEDS="1 x"), "'x' is not a number"),
+    (dict(GPUS="0,1"), "is not a GPU index"),
+    (dict(GPUS="1 1"), "names a GPU twice"),
+    (dict(PRECISION="fp16"), "PRECISION must be fp32, tf32 or bf16"),
+    (dict(DATA_SIZE="1G"), "DATA_SIZE=1G"),
+    (dict(BUDGET_N8="2"), "BUDGET_N8 is no longer read: every run has a step budget, the same for every family; set "
+                          "STEPS_N8 (optimizer steps) and unset BUDGET_N8"),
+    (dict(SEEDS_ABLATION="1"), "SEEDS_ABLATION is no longer read"),
+    (dict(MAX_STEPS="100"), "MAX_STEPS is no longer read: set STEPS_N4 ... STEPS_N32"),
+])
+def test_bad_settings_fail_before_any_work(env, message, tmp_path):
+    done = run_script(check=False, DRY_RUN="1", RUNS_DIR=str(tmp_path / "runs"), **env)
+    assert done.returncode == 2 and message in done.stderr, (env, done.stderr)
+    assert "plan:" not in done.stdout and not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------- one cell per family
+
+TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--per_device_batch_size", "8", "--max_steps", "2",
+        "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def n8_data(tmp_path_factory):
+    """A 64/16/8-sample N8-K2V2-V62 dataset with its test split, named as the preset names it (DATA_SIZE=64)."""
+    spec = kv_dataset_utils.parse_dataset_name("N8-K2V2-V62")
+    path = tmp_path_factory.mktemp("data") / "N8-K2V2-V62_64"
+    kv_dataset_utils.save_kv_dataset(kv_dataset_utils.build_kv_dataset_dict(spec, 64, 16, seed=0, n_test=8), path,
+                                     spec, 0)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def restore_precision_env(monkeypatch):
+    """run_experiment writes ACCELERATE_MIXED_PRECISION into os.environ; undo it after each test."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+
+
+def test_one_tiny_cell_per_family_trains_from_the_plans_command(tmp_path, n8_data):
+    """The plan's N8 command of each family (its recipe, shrunk by extra arguments to a tiny model and 2 steps) runs
+    in this process: every family's all_results.json has the test split's generated exact match, and the saved
+    arguments put each run in its cell."""
+    modules = {"run_gradmemgpt_on_kv_retrieval.py": run_gradmemgpt_on_kv_retrieval,
+               "run_rmt_on_kv_retrieval.py": run_rmt_on_kv_retrieval,
+               "run_gpt2_on_kv_retrieval.py": run_gpt2_on_kv_retrieval}
+    out = run_script(*TINY, DRY_RUN="1", K="1", LRS="1e-3", NS="8", SEEDS="1", EVAL_STEPS="2", MAX_EVAL_SAMPLES="8",
+                     DATA_DIR=str(n8_data.parent), DATA_SIZE="64", RUNS_DIR=str(tmp_path / "runs")).stdout
+    rows, _, commands = parse_plan(out)
+    assert sorted(commands) == ["N8_gradmem_K1_ilr1e-3_s1", "N8_llama_lr1e-3_s1", "N8_mamba_lr1e-3_s1",
+                                "N8_rmt_K1_lr1e-3_s1"]
+    for run, argv in commands.items():
+        modules[argv[0]].main(argv[1:])
+        _, folder, _ = parse_command(argv)
+        results = json.loads((folder / "all_results.json").read_text())
+        assert results["global_step"] == 2, run
+        assert 0 <= results["test_generated_exact_match"] <= 1 and results["test_generated_samples"] == 8, run
+        assert 0 <= results["eval_generated_exact_match"] <= 1, run
+        if "final_checkpoint" in results:  # the final checkpoint is evaluated where it is not the selected one
+            assert 0 <= results["final_test_generated_exact_match"] <= 1, run
+    cells = cr.matrix_cells(cr.find_runs(tmp_path / "runs"))
+    assert [(c.family, c.K, c.lr, [r.seed for r in c.runs]) for c in cells] == [
+        ("gradmem", 1, 1e-3, [143]), ("rmt", 1, 1e-3, [143]), ("llama", None, 1e-3, [143]),
+        ("mamba", None, 1e-3, [143])]
 
 
 # ------------------------------------------------------------------------------------------------- real execution
 
 @pytest.mark.slow
-def test_tiny_real_execution_warm_start_failure_and_results(tmp_path):
-    """GradMem N8 -> N16 for real (tiny model, 4 steps, CPU) with two "GPUs"; the K=1 / K=5 runs go through a
-    stand-in python that fails them: their N16 runs are skipped, the script still collects the results and exits 1."""
+def test_tiny_real_execution_warm_start_failure_results_and_skip(tmp_path):
+    """GradMem N8 -> N16 for real (tiny model, 4 steps, CPU) on one "GPU"; RMT goes through a stand-in python that
+    fails it on the other: its N16 run is skipped, the results are still collected (matrix.md) and the script exits 1.
+    Run again, the finished runs are skipped."""
     stand_in = tmp_path / "python"
-    stand_in.write_text('#!/usr/bin/env bash\nprev=""\nfor a in "$@"; do\n'
-                        '    if [ "$prev" = --K ] && [ "$a" != 2 ]; then echo "stand-in failure" >&2; exit 3; fi\n'
-                        '    prev=$a\ndone\nexec python3 "$@"\n')
+    stand_in.write_text('#!/usr/bin/env bash\nif [ "$1" = run_rmt_on_kv_retrieval.py ]; then echo "stand-in failure" '
+                        '>&2; exit 3; fi\nexec python3 "$@"\n')
     stand_in.chmod(0o755)
     runs, results, data = tmp_path / "runs", tmp_path / "results", tmp_path / "data"
-    tiny = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--per_device_batch_size", "8", "--max_steps", "4",
-            "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0"]
-    done = run_script(*tiny, check=False, GPUS="0 1", NS="8 16", ONLY="gradmem k_ablation", SEEDS="1",
-                      DATA_SIZE="64", N_VALID="16", N_TEST="8", MAX_EVAL_SAMPLES="8", EVAL_STEPS="2", PYTHON=str(stand_in),
-                      RUNS_DIR=str(runs), RESULTS_DIR=str(results), DATA_DIR=str(data), OMP_NUM_THREADS="1")
+    tiny = TINY[:TINY.index("--max_steps")] + ["--max_steps", "4"] + TINY[TINY.index("--max_steps") + 2:]
+    env = dict(GPUS="0 1", ONLY="gradmem rmt", K="1", LRS="0.04", NS="8 16", SEEDS="1", DATA_SIZE="64", N_VALID="16",
+               N_TEST="8", MAX_EVAL_SAMPLES="8", EVAL_STEPS="2", PYTHON=str(stand_in), RUNS_DIR=str(runs),
+               RESULTS_DIR=str(results), DATA_DIR=str(data), OMP_NUM_THREADS="1")
+    done = run_script(*tiny, check=False, **env)
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
     assert (data / "N8-K2V2-V62_64").is_dir() and (data / "N16-K2V2-V62_64").is_dir()
-    for k in (1, 5):
-        assert f"N8_gradmem_K{k}_s1: FAILED" in out and f"N16_gradmem_K{k}_s1: SKIPPED" in out
-        assert "stand-in failure" in (runs / "logs" / f"N8_gradmem_K{k}_s1.log").read_text()
-    assert "[gpu 0]" in out and "N16_gradmem_s1: finished" in out
+    assert "N8_rmt_K1_lr0.04_s1: FAILED" in out and "N16_rmt_K1_lr0.04_s1: SKIPPED" in out
+    assert "stand-in failure" in (runs / "logs" / "N8_rmt_K1_lr0.04_s1.log").read_text()
+    assert "N16_gradmem_K1_ilr0.04_s1: finished" in out
 
-    (n8,) = runs.glob("N8-K2V2-V62_64/gradmem_*_K2_*/run_143")
-    (n16,) = runs.glob("N16-K2V2-V62_64/gradmem_*_K2_*/run_143")
-    assert n8.parent.name == n16.parent.name  # one run name over N: one line in em_vs_n
+    (n8,) = runs.glob("N8-K2V2-V62_64/gradmem_*/run_143")
+    (n16,) = runs.glob("N16-K2V2-V62_64/gradmem_*/run_143")
     n8_results = json.loads((n8 / "all_results.json").read_text())
-    n16_config = json.loads((n16 / "run_config.json").read_text())["cli_args"]
-    assert n16_config["init_checkpoint"] == n8_results["best_model_checkpoint"] and Path(
-        n8_results["best_model_checkpoint"]).is_dir()
-    assert n16_config["warmup_steps"] == 100 and n16_config["max_train_minutes"] == 3
-    assert json.loads((n16 / "all_results.json").read_text())["global_step"] == 4
+    n16_args = json.loads((n16 / "run_config.json").read_text())["cli_args"]
+    assert n16_args["init_checkpoint"] == n8_results["best_model_checkpoint"]
+    assert (n16_args["warmup_steps"], n16_args["max_steps"], n16_args["inner_lr"], n16_args["K"]) == (100, 4, 0.04, 1)
+    assert "test_generated_exact_match" in json.loads((n16 / "all_results.json").read_text())
+    matrix = (results / "matrix.md").read_text()
+    assert "| 8 | gradmem | 1 | inner 0.04 **best** | 143 (1) |" in matrix
+    assert "| 16 | gradmem | 1 | inner 0.04 **best** | 143 (1) |" in matrix
+    assert (results / "k_scaling.png").exists()
+    assert (results / "runs" / n8.relative_to(runs) / "all_results.json").exists()  # the metrics kept for git
 
-    summary = (results / "summary.md").read_text()
-    assert "N8-K2V2-V62_64" in summary and "N16-K2V2-V62_64" in summary and (results / "em_vs_n.png").exists()
-    for run in (n8, n16):
-        copy = results / "runs" / run.relative_to(runs)
-        assert sorted(p.name for p in copy.iterdir()) == ["all_results.json", "run_config.json", "trainer_state.json"]
+    again = run_script(*tiny, check=False, **env)
+    assert again.returncode == 1
+    for run in ("N8_gradmem_K1_ilr0.04_s1", "N16_gradmem_K1_ilr0.04_s1"):
+        assert f"{run}: done before" in again.stdout

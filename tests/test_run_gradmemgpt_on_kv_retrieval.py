@@ -240,8 +240,11 @@ def test_precision_takes_the_same_values_with_the_same_meaning_in_every_preset(p
     (as the run scripts' TrainArgs see it, whether it comes through accelerate launch or their own flags)."""
     from transformers import HfArgumentParser
 
+    from training_args import _take_none_values
+
     for precision, meaning in (("fp32", ("no", False)), ("tf32", ("no", True)), ("bf16", ("bf16", False))):
         for launch_precision, args in dry_run(preset, PRECISION=precision, **env):
+            args = _take_none_values([TrainArgs], args)[0]  # `--stop_metric_value None`, as parse_cli takes it
             train_args, _ = HfArgumentParser(TrainArgs).parse_args_into_dataclasses(args=args,
                                                                                     return_remaining_strings=True)
             monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launch_precision or "no")
