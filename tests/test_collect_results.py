@@ -5,6 +5,7 @@ import math
 import pytest
 
 import collect_results as cr
+import run_metrics
 
 GRADMEM_K2 = "gradmem_llama_L4H4D128_mem8_K2_ilr0.04_whead_grad_second_bs_64_lr_1e-04"
 GRADMEM_K1 = "gradmem_llama_L4H4D128_mem8_K1_ilr0.04_whead_grad_second_bs_64_lr_1e-04"
@@ -146,7 +147,7 @@ def test_copy_metrics_copies_json_only_and_rebuilds_same_table(runs_root, tmp_pa
     cr.main(["--runs", str(runs_root), "--copy_metrics", str(dest)])
     copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert len(copied) == 3 * len(RESULTS) - 1  # one run has no all_results.json
-    assert all(p.endswith(cr.RUN_FILES + ("/config.json",)) for p in copied) and not any("checkpoint" in p for p in copied)
+    assert all(p.endswith(run_metrics.RUN_FILES + ("/config.json",)) for p in copied) and not any("checkpoint" in p for p in copied)
     assert not any(p.endswith("run_1/config.json") for p in copied)  # a model's config is not a run record
     original = cr.markdown_table(cr.group_runs(cr.find_runs(runs_root)))
     assert cr.markdown_table(cr.group_runs(cr.find_runs(dest))) == original

@@ -7,6 +7,7 @@ import math
 import pytest
 
 import collect_results as cr
+import results_matrix as rm
 
 N8, N16 = "N8-K2V2-V62_1M", "N16-K2V2-V62_1M"
 BASE = {"max_steps": 10000, "warmup_steps": 300, "adam_beta2": 0.999, "per_device_batch_size": 64, "use_cpu": False}
@@ -87,7 +88,7 @@ def cells_by_label(cells):
 
 
 def test_cells_from_saved_arguments_with_per_seed_values(runs_root):
-    cells = cr.matrix_cells(cr.find_runs(runs_root))
+    cells = rm.matrix_cells(cr.find_runs(runs_root))
     assert len(cells) == 11
     by = cells_by_label(cells)
     assert [c.label for c in cells if c.task == N8] == [
@@ -109,8 +110,8 @@ def test_cells_from_saved_arguments_with_per_seed_values(runs_root):
 
 
 def test_best_lr_is_chosen_on_valid_never_on_test(runs_root):
-    cells = cr.matrix_cells(cr.find_runs(runs_root))
-    best = {key: cell.lr for key, cell in cr.best_lr_cells(cells).items()}
+    cells = rm.matrix_cells(cr.find_runs(runs_root))
+    best = {key: cell.lr for key, cell in rm.best_lr_cells(cells).items()}
     assert best[(N8, "gradmem", 2, "")] == 0.04  # valid 0.90 > 0.80, although 0.08 is far better on test
     assert best[(N8, "gradmem", 1, "")] == 0.04  # tie on valid (0.30 vs mean 0.30): the smaller lr
     assert best[(N8, "rmt", 1, "")] == 3e-4  # mean valid 0.80 (a collapsed seed included) vs 0.60 (one seed)
@@ -119,8 +120,8 @@ def test_best_lr_is_chosen_on_valid_never_on_test(runs_root):
 
 
 def test_problem_runs_are_listed_and_kept(runs_root):
-    cells = cr.matrix_cells(cr.find_runs(runs_root))
-    rows = {(row[1], row[2]): row for row in cr.problem_rows(cells)}
+    cells = rm.matrix_cells(cr.find_runs(runs_root))
+    rows = {(row[1], row[2]): row for row in rm.problem_rows(cells)}
     assert {key: row[3] for key, row in rows.items()} == {
         ("gradmem K=1 inner lr 0.16", "144"): "diverged",
         ("rmt K=1 lr 0.0001", "144"): "unfinished",
@@ -143,7 +144,7 @@ def test_rules(tmp_path):
             data = json.loads((run / "all_results.json").read_text())
             (run / "all_results.json").write_text(json.dumps({**data, **metrics}))
         (found,) = cr.find_runs(run.parent.parent.parent)
-        return cr.run_problems(found)
+        return rm.run_problems(found)
 
     assert problems(dict(valid=0.5, test=0.5)) == []
     assert problems(dict(valid=0.5, test=0.5), final_test_loss=math.inf) == ["diverged"]
@@ -159,18 +160,18 @@ def test_variants_and_runs_outside_the_matrix(runs_root):
     (runs_root / "squad" / "x" / "run_1").mkdir(parents=True)
     (runs_root / "squad" / "x" / "run_1" / "all_results.json").write_text('{"eval_exact_match": 0.5}')
     runs = cr.find_runs(runs_root)
-    cells = cr.matrix_cells(runs)
+    cells = rm.matrix_cells(runs)
     labels = [c.label for c in cells if c.task == N8 and c.family == "gradmem" and c.K == 2]
     assert labels == ["gradmem K=2 inner lr 0.04 [warmup_steps=100]", "gradmem K=2 inner lr 0.04 [warmup_steps=300]",
                       "gradmem K=2 inner lr 0.08 [warmup_steps=300]"]
-    best = cr.best_lr_cells(cells)
+    best = rm.best_lr_cells(cells)
     assert best[(N8, "gradmem", 2, "warmup_steps=300")].lr == 0.04
     assert best[(N8, "gradmem", 2, "warmup_steps=100")].runs[0].valid_em == 0.99
     assert len(runs) - sum(len(c.runs) for c in cells) == 1
 
 
 def test_k_scaling_points_use_the_best_lr_per_k(runs_root):
-    points = cr.k_scaling(cr.matrix_cells(cr.find_runs(runs_root)))
+    points = rm.k_scaling(rm.matrix_cells(cr.find_runs(runs_root)))
     at_n8 = {(p["family"], p["K"]): p for p in points if p["n"] == 8}
     assert set(at_n8) == {("gradmem", 1), ("gradmem", 2), ("rmt", 1), ("rmt", 2), ("llama", None), ("mamba", None)}
     assert at_n8[("gradmem", 2)]["lr"] == 0.04
@@ -204,4 +205,4 @@ def test_write_summary_writes_the_matrix(runs_root, tmp_path):
     assert len(chosen) == 8 and len(records["cells"]) == 11
     rmt = next(c for c in records["cells"] if c["family"] == "rmt" and c["lr"] == 1e-4 and c["K"] == 1)
     assert rmt["runs"][1]["valid_exact_match"] is None and rmt["runs"][1]["problems"] == ["unfinished"]
-    assert records["k_scaling"] == json.loads(json.dumps(cr.k_scaling(cr.matrix_cells(cr.find_runs(runs_root)))))
+    assert records["k_scaling"] == json.loads(json.dumps(rm.k_scaling(rm.matrix_cells(cr.find_runs(runs_root)))))

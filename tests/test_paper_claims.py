@@ -14,8 +14,10 @@ import pytest
 
 import collect_results as cr
 import kv_dataset_utils
+import results_matrix as rm
 import run_gpt2_on_kv_retrieval
 import run_gradmemgpt_on_kv_retrieval
+import run_metrics
 import run_rmt_on_kv_retrieval
 from full_context_lm import FullContextArgs
 from grad_memgpt import PRESETS, GradMemArgs
@@ -89,9 +91,9 @@ def parse_command(argv):
 
 def cell_of_saved_arguments(saved, task):
     """(family, K, swept lr) as collect_results reads it from a run's saved arguments."""
-    run = cr.Run(task=task, run_name="any", seed=saved["seed"], path=Path("."), metrics={}, log_history=[],
+    run = run_metrics.Run(task=task, run_name="any", seed=saved["seed"], path=Path("."), metrics={}, log_history=[],
                  args=saved)
-    m = cr.matrix_run(run)
+    m = rm.matrix_run(run)
     return m.family, m.K, m.lr
 
 
@@ -270,7 +272,7 @@ def test_one_tiny_cell_per_family_trains_from_the_plans_command(tmp_path, n8_dat
         assert 0 <= results["eval_generated_exact_match"] <= 1, run
         if "final_checkpoint" in results:  # the final checkpoint is evaluated where it is not the selected one
             assert 0 <= results["final_test_generated_exact_match"] <= 1, run
-    cells = cr.matrix_cells(cr.find_runs(tmp_path / "runs"))
+    cells = rm.matrix_cells(cr.find_runs(tmp_path / "runs"))
     assert [(c.family, c.K, c.lr, [r.seed for r in c.runs]) for c in cells] == [
         ("gradmem", 1, 1e-3, [143]), ("rmt", 1, 1e-3, [143]), ("llama", None, 1e-3, [143]),
         ("mamba", None, 1e-3, [143])]

@@ -1,0 +1,395 @@
+"""The comparison matrix (scripts/run_paper_claims.sh), from the KV runs whose saved arguments name a family:
+matrix.md, matrix.json, k_scaling.png and matrix_curves_<task>.png (written by `python collect_results.py --out`).
+
+- A cell is (task, family, K, swept lr): family and K from the saved arguments (training_runs.family_of_arguments;
+  K is GradMem's WRITE steps or RMT's forward writes, none for full-context LMs), the swept lr is GradMem's inner lr
+  and the others' outer lr. Runs whose other settings (training_runs.setting, without the data path) differ are
+  other cells: the table names the options where they differ ("variant"). The seeds of a cell are its runs.
+- Per cell and seed: the selected checkpoint's valid exact match (teacher-forced, what selected it), its test exact
+  match of generated answers, and the same two of the final checkpoint (the selected one where it is the last);
+  means skip seeds without results, every seed is shown.
+- Best lr: per (task, family, K, variant), the lr whose cell has the best mean VALID exact match (ties: the smaller
+  lr); test numbers never choose. The whole sweep is shown as well.
+- k_scaling.png: test generated exact match against K, one panel per task (N), GradMem and RMT at their best lr per
+  K, the full-context LMs as horizontal lines. matrix_curves_<task>.png: valid exact match against step of each
+  (family, K) at its best lr.
+- Problem runs (listed, never dropped: their numbers stay in the means), one or more of:
+  unfinished  no readable all_results.json (running, crashed or killed; the newest checkpoint's step is shown);
+  diverged    a non-finite loss logged while training (loss, eval_loss) or in all_results.json (eval_loss,
+              test_loss, final_eval_loss, final_test_loss);
+  collapsed   the final checkpoint's valid exact match is below COLLAPSE_FRACTION (0.5) of the best one logged
+              while training, that best being at least COLLAPSE_MIN_BEST (0.2);
+  rolled back the trainer's collapse guard rolled the run back (all_results.json: rollbacks > 0);
+  non-finite steps skipped  the trainer skipped optimizer steps with a non-finite loss or gradient (skipped_steps > 0).
+  Spike-skipped steps are shown as a count, not as a problem.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from run_metrics import Run, _is_number, _pyplot, _safe, _series, kv_task_n, plot_seeds_and_mean
+from training_runs import family_of_arguments, setting
+
+COLLAPSE_FRACTION = 0.5  # a final valid exact match below this fraction of the best one logged ...
+COLLAPSE_MIN_BEST = 0.2  # ... that best being at least this much: collapsed
+LOSS_RESULTS = ("eval_loss", "test_loss", "final_eval_loss", "final_test_loss")
+MATRIX_ORDER = ("gradmem", "rmt", "llama", "mamba")  # families in this order, others after them
+GUARD_COUNTS = ("rollbacks", "spike_skipped_steps", "skipped_steps")  # what the trainer's guards did (all_results)
+
+
+@dataclass
+class MatrixRun:
+    """One run of the matrix: its cell and the numbers the tables show (nan where missing)."""
+
+    run: Run
+    family: str
+    K: Optional[int]  # GradMem's WRITE steps, RMT's forward writes; None for full-context LMs
+    lr_name: str  # inner_lr (GradMem) or learning_rate
+    lr: float
+    rest: str  # the other settings (json), which must agree within a cell
+    valid_em: float = math.nan  # selected checkpoint, teacher-forced (what selection used)
+    test_gen_em: float = math.nan  # selected checkpoint, generated answers on test
+    final_valid_em: float = math.nan  # final checkpoint (the selected one where it is the last)
+    final_test_gen_em: float = math.nan
+    final_is_selected: bool = True
+    best_logged_valid_em: float = math.nan  # the best valid exact match logged while training
+    steps: Optional[int] = None  # global_step of the results, or the newest checkpoint's step when unfinished
+    problems: list = field(default_factory=list)
+    variant: str = ""  # filled by matrix_cells where one (task, family, K) has several settings
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+
+@dataclass
+class Cell:
+    task: str
+    family: str
+    K: Optional[int]
+    lr_name: str
+    lr: float
+    variant: str
+    runs: list  # MatrixRun, by seed
+
+    def values(self, name: str) -> list:
+        return [getattr(r, name) for r in self.runs]
+
+    def mean(self, name: str) -> float:
+        v = np.asarray(self.values(name), dtype=float)
+        v = v[~np.isnan(v)]
+        return float(v.mean()) if len(v) else math.nan
+
+    @property
+    def n(self) -> Optional[int]:
+        return kv_task_n(self.task)
+
+    @property
+    def label(self) -> str:
+        """e.g. gradmem K=2 inner lr 0.04, rmt K=1 lr 0.0003, llama lr 5e-05 (and the variant, where there is one)."""
+        k = "" if self.K is None else f" K={self.K}"
+        lr = f"{'inner lr' if self.lr_name == 'inner_lr' else 'lr'} {self.lr:g}"
+        return f"{self.family}{k} {lr}" + (f" [{self.variant}]" if self.variant else "")
+
+    @property
+    def finished(self) -> int:
+        return sum(not math.isnan(r.valid_em) for r in self.runs)
+
+
+def _number(metrics: dict, key: str) -> float:
+    value = metrics.get(key)
+    return float(value) if _is_number(value) else math.nan
+
+
+def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
+    steps = [int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return max(steps) if steps else None
+
+
+def run_problems(run: Run) -> list:
+    """The problem flags of a run (see the module docstring for the rules)."""
+    metrics, problems = run.metrics, []
+    if not metrics:
+        return ["unfinished"]
+    logged_losses = [r[key] for r in run.log_history for key in ("loss", "eval_loss") if key in r]
+    result_losses = [metrics[key] for key in LOSS_RESULTS if _is_number(metrics.get(key))]
+    if any(not math.isfinite(v) for v in logged_losses + result_losses):
+        problems.append("diverged")
+    best = max((r["eval_exact_match"] for r in run.log_history if _is_number(r.get("eval_exact_match"))
+                and math.isfinite(r["eval_exact_match"])), default=math.nan)
+    final = metrics.get("final_eval_exact_match", metrics.get("eval_exact_match"))
+    if _is_number(final) and best >= COLLAPSE_MIN_BEST and final < COLLAPSE_FRACTION * best:
+        problems.append("collapsed")
+    if _number(metrics, "rollbacks") > 0:
+        problems.append("rolled back")
+    if _number(metrics, "skipped_steps") > 0:
+        problems.append("non-finite steps skipped")
+    return problems
+
+
+def matrix_run(run: Run) -> Optional[MatrixRun]:
+    """The run as a matrix run; None for a run without a family (no record, other scripts) or not on a KV task."""
+    family = family_of_arguments(run.args)
+    if family is None or kv_task_n(run.task) is None:
+        return None
+    lr_name = "inner_lr" if family == "gradmem" else "learning_rate"
+    if not _is_number(run.args.get(lr_name)):
+        return None
+    K = run.args.get("K") if family in ("gradmem", "rmt") else None
+    rest = {k: v for k, v in setting(run.args).items() if k not in ("data_path", lr_name, "K")}
+    metrics = run.metrics
+    m = MatrixRun(run=run, family=family, K=K, lr_name=lr_name, lr=float(run.args[lr_name]),
+                  rest=json.dumps(rest, sort_keys=True, default=str))
+    m.valid_em = _number(metrics, "eval_exact_match")
+    m.test_gen_em = _number(metrics, "test_generated_exact_match")
+    m.final_is_selected = "final_eval_exact_match" not in metrics
+    m.final_valid_em = m.valid_em if m.final_is_selected else _number(metrics, "final_eval_exact_match")
+    m.final_test_gen_em = m.test_gen_em if m.final_is_selected else _number(metrics,
+                                                                             "final_test_generated_exact_match")
+    logged = [r["eval_exact_match"] for r in run.log_history if "eval_exact_match" in r]
+    m.best_logged_valid_em = float(max(logged)) if logged else math.nan
+    step = metrics.get("global_step")
+    m.steps = int(step) if _is_number(step) else _newest_checkpoint_step(run.path)
+    m.problems = run_problems(run)
+    return m
+
+
+def _family_order(family: str) -> int:
+    return MATRIX_ORDER.index(family) if family in MATRIX_ORDER else len(MATRIX_ORDER)
+
+
+def matrix_cells(runs: list) -> list:
+    """The cells of the matrix runs among `runs`, sorted by N, family, K, variant, lr."""
+    matrix = [m for m in map(matrix_run, runs) if m is not None]
+    # one (task, family, K) with several other settings: name where they differ
+    rests = {}
+    for m in matrix:
+        rests.setdefault((m.run.task, m.family, m.K), {}).setdefault(m.rest, json.loads(m.rest))
+    for m in matrix:
+        variants = rests[(m.run.task, m.family, m.K)]
+        if len(variants) > 1:
+            differing = sorted({k for r in variants.values() for k in r
+                                if len({json.dumps(v.get(k), default=str) for v in variants.values()}) > 1})
+            m.variant = ", ".join(f"{k}={variants[m.rest].get(k)}" for k in differing)
+    by_cell = {}
+    for m in sorted(matrix, key=lambda m: m.seed):
+        by_cell.setdefault((m.run.task, m.family, m.K, m.variant, m.lr_name, m.lr), []).append(m)
+    cells = [Cell(task, family, K, lr_name, lr, variant, members)
+             for (task, family, K, variant, lr_name, lr), members in by_cell.items()]
+    return sorted(cells, key=lambda c: (c.n, c.task, _family_order(c.family), c.family, c.K or 0, c.variant, c.lr))
+
+
+def best_lr_cells(cells: list) -> dict:
+    """{(task, family, K, variant): the cell with the best mean valid exact match} (ties: the smaller lr; cells
+    without any finished seed are never chosen; a sweep with none is left out)."""
+    best = {}
+    for cell in cells:
+        key = (cell.task, cell.family, cell.K, cell.variant)
+        em = cell.mean("valid_em")
+        if math.isnan(em):
+            continue
+        if key not in best or em > best[key].mean("valid_em") or (
+                em == best[key].mean("valid_em") and cell.lr < best[key].lr):
+            best[key] = cell
+    return best
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _mean_and_seeds(cell: Cell, name: str) -> str:
+    """`0.9500 [0.9600, 0.9400, -]`: the mean over the seeds with a number, then every seed."""
+    return f"{_fmt(cell.mean(name))} [{', '.join(_fmt(v) for v in cell.values(name))}]"
+
+
+CELL_COLUMNS = ("N", "family", "K", "swept lr", "seeds (finished)", "valid EM, selected", "test generated EM, selected",
+                "valid EM, final", "test generated EM, final", "steps", "problems")
+
+
+def _cell_row(cell: Cell, chosen: bool = False) -> list:
+    problems = sorted({p for r in cell.runs for p in r.problems})
+    steps = sorted({r.steps for r in cell.runs if r.steps is not None})
+    return [str(cell.n), cell.family + (f" [{cell.variant}]" if cell.variant else ""),
+            "-" if cell.K is None else str(cell.K),
+            f"{'inner ' if cell.lr_name == 'inner_lr' else ''}{cell.lr:g}" + (" **best**" if chosen else ""),
+            f"{', '.join(str(r.seed) for r in cell.runs)} ({cell.finished})",
+            _mean_and_seeds(cell, "valid_em"), _mean_and_seeds(cell, "test_gen_em"),
+            _mean_and_seeds(cell, "final_valid_em"), _mean_and_seeds(cell, "final_test_gen_em"),
+            ", ".join(map(str, steps)) or "-", ", ".join(problems) or "-"]
+
+
+def _markdown(head, rows) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+PROBLEM_COLUMNS = ("task", "cell", "seed", "problems", "steps", "best valid EM logged", "valid EM, final",
+                   "rollbacks", "spike-skipped steps", "non-finite skipped steps", "run folder")
+
+
+def problem_rows(cells: list) -> list:
+    rows = []
+    for cell in cells:
+        for r in cell.runs:
+            if r.problems:
+                m = r.run.metrics
+                rows.append([cell.task, cell.label, str(r.seed), ", ".join(r.problems),
+                             "-" if r.steps is None else str(r.steps), _fmt(r.best_logged_valid_em),
+                             _fmt(r.final_valid_em), *(str(m.get(key, "-")) for key in GUARD_COUNTS), str(r.run.path)])
+    return rows
+
+
+def k_scaling(cells: list) -> list:
+    """The K-scaling points: per task and family, each K's best-lr cell (full-context LMs: their best cell, K None)."""
+    points = []
+    for (task, family, K, variant), cell in best_lr_cells(cells).items():
+        points.append({"task": task, "n": cell.n, "family": family, "K": K, "variant": variant, "lr": cell.lr,
+                       "lr_name": cell.lr_name, "test_generated_exact_match_mean": _num(cell.mean("test_gen_em")),
+                       "test_generated_exact_match_per_seed": [_num(v) for v in cell.values("test_gen_em")],
+                       "valid_exact_match_mean": _num(cell.mean("valid_em")),
+                       "seeds": [r.seed for r in cell.runs]})
+    return sorted(points, key=lambda p: (p["n"], p["task"], _family_order(p["family"]), p["family"], p["variant"],
+                                         p["K"] or 0))
+
+
+def _num(x: float):
+    return None if x is None or math.isnan(x) else x
+
+
+def matrix_markdown(cells: list, runs_root, n_outside: int) -> str:
+    best = best_lr_cells(cells)
+    chosen = {id(c) for c in best.values()}
+    out = [f"# The comparison matrix collected from `{runs_root}`\n",
+           f"{sum(len(c.runs) for c in cells)} runs in {len(cells)} cells (task, family, K, swept lr) from their saved "
+           f"arguments; {n_outside} other runs (not a KV task, or no run record naming a family) are not in it.\n",
+           "Exact match (EM): valid = the selected checkpoint's teacher-forced exact match on the valid samples "
+           "evaluated (what selected it); test generated = answers generated greedily on the separate test split. "
+           "`selected` is the checkpoint chosen on valid, `final` the last one (the selected one where it is the "
+           "last). Each entry: mean over the seeds with results [every seed; - = no results].\n",
+           "## Best lr per (N, family, K), chosen on the mean valid EM\n",
+           _markdown(CELL_COLUMNS, [_cell_row(c, True) for c in sorted(best.values(), key=lambda c: (
+               c.n, c.task, _family_order(c.family), c.family, c.K or 0, c.variant))]),
+           "\n## Every cell (the whole sweep; **best** = chosen)\n",
+           _markdown(CELL_COLUMNS, [_cell_row(c, id(c) in chosen) for c in cells]),
+           "\n## Diverged, collapsed, unfinished runs\n",
+           "Rules (collect_results.py): unfinished = no all_results.json; diverged = a non-finite loss logged or in "
+           f"the results; collapsed = final valid EM below {COLLAPSE_FRACTION:g} x the best logged one (best >= "
+           f"{COLLAPSE_MIN_BEST:g}); rolled back = the trainer's collapse guard acted; non-finite steps skipped = "
+           "skipped_steps > 0. These runs stay in the means above.\n"]
+    rows = problem_rows(cells)
+    out.append(_markdown(PROBLEM_COLUMNS, rows) if rows else "None.\n")
+    return "\n".join(out)
+
+
+def matrix_records(cells: list) -> dict:
+    best = best_lr_cells(cells)
+    chosen = {id(c) for c in best.values()}
+
+    def run_record(r: MatrixRun) -> dict:
+        return {"seed": r.seed, "path": str(r.run.path), "steps": r.steps, "valid_exact_match": _num(r.valid_em),
+                "test_generated_exact_match": _num(r.test_gen_em), "final_valid_exact_match": _num(r.final_valid_em),
+                "final_test_generated_exact_match": _num(r.final_test_gen_em), "final_is_selected": r.final_is_selected,
+                "best_logged_valid_exact_match": _num(r.best_logged_valid_em), "problems": r.problems,
+                **{key: r.run.metrics.get(key) for key in GUARD_COUNTS}}
+
+    return {"cells": [{"task": c.task, "n": c.n, "family": c.family, "K": c.K, "lr_name": c.lr_name, "lr": c.lr,
+                       "variant": c.variant, "best_lr": id(c) in chosen,
+                       **{f"{name}_mean": _num(c.mean(attr)) for name, attr in (
+                           ("valid_exact_match", "valid_em"), ("test_generated_exact_match", "test_gen_em"),
+                           ("final_valid_exact_match", "final_valid_em"),
+                           ("final_test_generated_exact_match", "final_test_gen_em"))},
+                       "runs": [run_record(r) for r in c.runs]} for c in cells],
+            "k_scaling": k_scaling(cells)}
+
+
+def plot_k_scaling(cells: list, out_dir: Path) -> Optional[Path]:
+    """k_scaling.png: test generated EM against K, one panel per task; GradMem and RMT at their best lr per K (mean ±
+    std over seeds, seeds as dots), full-context LMs as horizontal lines."""
+    points = k_scaling(cells)
+    if not any(p["K"] is not None for p in points):
+        return None
+    plt = _pyplot()
+    tasks = sorted({p["task"] for p in points}, key=lambda t: (kv_task_n(t), t))
+    colors = {}  # one colour per (family, variant) in every panel
+    for p in sorted(points, key=lambda p: (_family_order(p["family"]), p["family"], p["variant"])):
+        colors.setdefault((p["family"], p["variant"]), f"C{len(colors) % 10}")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False, sharey=True)
+    for ax, task in zip(axes[0], tasks):
+        lines = {}
+        for p in points:
+            if p["task"] == task:
+                lines.setdefault((p["family"], p["variant"]), []).append(p)
+        ks = sorted({p["K"] for p in points if p["task"] == task and p["K"] is not None})
+        for (family, variant), line in sorted(lines.items(), key=lambda kv: (_family_order(kv[0][0]), kv[0])):
+            label = family + (f" [{variant}]" if variant else "")
+            color = colors[(family, variant)]
+            if line[0]["K"] is None:  # full-context: one number for every K
+                y = line[0]["test_generated_exact_match_mean"]
+                if y is not None:
+                    ax.axhline(y, color=color, linestyle="--", linewidth=1, label=f"{label} (lr {line[0]['lr']:g})")
+                continue
+            line.sort(key=lambda p: p["K"])
+            x = [p["K"] for p in line]
+            seeds = [[v for v in p["test_generated_exact_match_per_seed"] if v is not None] for p in line]
+            means = [np.mean(v) if v else np.nan for v in seeds]
+            stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in seeds]
+            ax.errorbar(x, means, yerr=stds, color=color, marker="o", capsize=3, label=label)
+            for xi, v in zip(x, seeds):
+                ax.scatter([xi] * len(v), v, color=color, s=8, alpha=0.5)
+            for xi, mean, p in zip(x, means, line):
+                if not np.isnan(mean):
+                    ax.annotate(f"{p['lr']:g}", (xi, mean), fontsize=6, textcoords="offset points", xytext=(3, 3))
+        ax.set_xticks(ks), ax.set_xlabel("K (WRITE steps / forward writes)"), ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=6, loc="lower left")
+    axes[0][0].set_ylabel("test generated exact match (best lr per K)")
+    fig.tight_layout()
+    path = out_dir / "k_scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_matrix_curves(cells: list, out_dir: Path) -> list:
+    """matrix_curves_<task>.png: valid exact match against step of each (family, K) at its best lr; seeds thin, mean
+    thick."""
+    best = best_lr_cells(cells)
+    plt = _pyplot()
+    paths = []
+    for task in sorted({t for t, *_ in best}, key=lambda t: (kv_task_n(t), t)):
+        chosen = sorted((c for (t, *_), c in best.items() if t == task),
+                        key=lambda c: (_family_order(c.family), c.family, c.K or 0, c.variant))
+        if not any(_series(r.run.log_history)[0] for c in chosen for r in c.runs):
+            continue
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for i, cell in enumerate(chosen):
+            plot_seeds_and_mean(ax, [r.run.log_history for r in cell.runs], f"C{i % 10}", cell.label)
+        ax.set_xlabel("step"), ax.set_ylabel("valid exact match"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
+        ax.set_title(f"{task}: best lr per (family, K)", fontsize=10), ax.legend(fontsize=6, loc="lower right")
+        fig.tight_layout()
+        path = out_dir / f"matrix_curves_{_safe(task)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_matrix(runs: list, out_dir: Path, runs_root) -> list:
+    """matrix.md, matrix.json, k_scaling.png, matrix_curves_<task>.png under out_dir; [] when no run is a matrix run."""
+    cells = matrix_cells(runs)
+    if not cells:
+        return []
+    n_inside = sum(len(c.runs) for c in cells)
+    (out_dir / "matrix.md").write_text(matrix_markdown(cells, runs_root, len(runs) - n_inside))
+    (out_dir / "matrix.json").write_text(json.dumps(matrix_records(cells), indent=2))
+    files = [out_dir / "matrix.md", out_dir / "matrix.json"]
+    path = plot_k_scaling(cells, out_dir)
+    if path is not None:
+        files.append(path)
+    return files + plot_matrix_curves(cells, out_dir)
+
