@@ -6,7 +6,7 @@
 #
 # A jobs file has one job per line: GPU MINUTES then the preset's environment, then optionally -- and extra
 # arguments for every stage ('#' starts a comment line):
-#   0 8   SEED=1 OUT_DIR=runs/kv_capacity/seed_1_n96 STAGES="96:0.90:K=5,inner_lr=0.12,init_checkpoint=results/kv_checkpoints/N64"
+#   0 8   SEED=1 OUT_DIR=runs/kv_capacity/seed_1_n96 STAGES="96:0.90:K=5,inner_lr=0.12,max_steps=36000"
 #   1 2.5 SEED=1 OUT_DIR=runs/kv_capacity/fast/seed_1 STAGES="2:0.95 4:0.95 8:0.95 16:0.95"
 #   1 2.5 SEED=2 OUT_DIR=runs/kv_capacity/fast/seed_2 STAGES="2:0.95 4:0.95 8:0.95 16:0.95" -- --warmup_steps 100
 # MINUTES is the job's training budget (BUDGET_MINUTES); re-running the same jobs resumes every run where it stopped.
@@ -14,15 +14,16 @@
 #   OUT [runs/sitting]  where the packed files go: metrics.tgz (json, png and logs of every OUT_DIR, no checkpoints)
 #   COPY ["src:dst ..."] folders copied once into place before the jobs (e.g. committed resume state into runs/)
 #   PREPARE ["64 96"]    KV datasets data/N<n>-K2V2-V62_1M built before the jobs start
-#   STATE ["OUT_DIR/N96 ..."] stage folders whose latest checkpoint (full state, to resume elsewhere) and selected
-#                        checkpoint (weights and config) are packed as state_<k>.tar / best_<k>.tar
+#   STATE ["OUT_DIR/N96 ..."] stage folders whose latest checkpoint (full state, to resume elsewhere) and
+#                        selected checkpoint (weights and config) are packed as state_<k>.tar / best_<k>.tar
 # Wheels the machine lacks (datasets, dill, multiprocess) are installed from .whl/ when it exists.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:?JOBS=<jobs file> is required (one job per line: GPU MINUTES VAR=value ... [-- args])}
 OUT=${OUT:-runs/sitting}
 PYTHON=${PYTHON:-python3}
-[ -f "$JOBS" ] || { echo "JOBS=$JOBS: no such file; write one job per line: GPU MINUTES VAR=value ... [-- args]" >&2; exit 2; }
+[ -f "$JOBS" ] \
+    || { echo "JOBS=$JOBS: no such file; write one job per line: GPU MINUTES VAR=value ... [-- args]" >&2; exit 2; }
 
 # read and check every job before anything runs: GPU_OF, LINE_OF (the rest of the line), OUT_DIRS
 GPU_OF=(); LINE_OF=(); OUT_DIRS=()
@@ -30,9 +31,11 @@ while IFS= read -r line || [ -n "$line" ]; do
     [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
     read -r gpu minutes rest <<<"$line"
     [[ "$gpu" =~ ^[0-9]+$ ]] || { echo "$JOBS: '$line': the first field must be a GPU index" >&2; exit 2; }
-    [[ "$minutes" =~ ^[0-9]*\.?[0-9]+$ ]] || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }
+    [[ "$minutes" =~ ^[0-9]*\.?[0-9]+$ ]] \
+        || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }
     dir=$(unset OUT_DIR; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${OUT_DIR:-}")
-    [ -n "$dir" ] || { echo "$JOBS: '$line': set OUT_DIR=runs/... (where the job's run folders go)" >&2; exit 2; }
+    [ -n "$dir" ] \
+        || { echo "$JOBS: '$line': set OUT_DIR=runs/... (where the job's run folders go)" >&2; exit 2; }
     GPU_OF+=("$gpu"); LINE_OF+=("BUDGET_MINUTES=$minutes $rest"); OUT_DIRS+=("$dir")
 done <"$JOBS"
 (( ${#GPU_OF[@]} > 0 )) || { echo "$JOBS holds no job" >&2; exit 2; }
@@ -40,8 +43,8 @@ done <"$JOBS"
 mkdir -p "$OUT" data
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ! "$PYTHON" -c "import datasets" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 for pair in ${COPY:-}; do
     src=${pair%%:*}; dst=${pair#*:}
@@ -49,8 +52,8 @@ for pair in ${COPY:-}; do
     mkdir -p "$dst" && cp -r "$src/." "$dst/" && touch "$dst/.copied"
 done
 for n in ${PREPARE:-}; do
-    [ -d "data/N$n-K2V2-V62_1M" ] || "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_1M" --out "data/N$n-K2V2-V62_1M" \
-        >/dev/null &
+    [ -d "data/N$n-K2V2-V62_1M" ] \
+        || "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_1M" --out "data/N$n-K2V2-V62_1M" >/dev/null &
 done
 wait
 
