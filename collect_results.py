@@ -33,7 +33,8 @@ from typing import Optional
 import numpy as np
 
 from results_matrix import write_matrix
-from run_metrics import METRICS, _pyplot, _safe, _series, find_runs, kv_task_n, plot_seeds_and_mean, run_files
+from run_metrics import (METRICS, _pyplot, _safe, _series, find_runs, kv_task_n, plot_mean_and_seeds,
+                         plot_seeds_and_mean, run_files, save_figure)
 from training_runs import FAMILIES, model_family, setting
 
 METRIC_LABELS = {"eval_token_accuracy": "token_acc", "eval_exact_match": "exact_match"}
@@ -174,21 +175,12 @@ def plot_learning_curves(runs: list, out_dir: Path) -> list:
         ax.set_xlabel("step"), ax.set_ylabel("eval exact match"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
         ax.set_title(task, fontsize=10)
         ax.legend(fontsize=6, loc="lower right")
-        fig.tight_layout()
-        path = out_dir / f"learning_curves_{_safe(task)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"learning_curves_{_safe(task)}.png"))
     return paths
 
 
 def _points_with_seeds(ax, x, groups: list, color: str, label: str, metric: str = "eval_exact_match") -> None:
-    means = [g.mean(metric) for g in groups]
-    stds = [0.0 if math.isnan(g.std(metric)) else g.std(metric) for g in groups]
-    ax.errorbar(x, means, yerr=stds, color=color, marker="o", capsize=3, label=label)
-    for xi, g in zip(x, groups):
-        seeds = [v for v in g.values[metric] if not math.isnan(v)]
-        ax.scatter([xi] * len(seeds), seeds, color=color, s=8, alpha=0.5)
+    plot_mean_and_seeds(ax, x, [[v for v in g.values[metric] if not math.isnan(v)] for g in groups], color, label)
 
 
 def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
@@ -214,11 +206,7 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
         ax.xaxis.set_major_formatter(ScalarFormatter()), ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3), ax.set_title(family), ax.legend(fontsize=5, loc="lower left")
     axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
-    fig.tight_layout()
-    path = out_dir / "em_vs_n.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / "em_vs_n.png")
 
 
 def plot_ablation(groups: list, option: str, out_dir: Path) -> Optional[Path]:
@@ -237,11 +225,7 @@ def plot_ablation(groups: list, option: str, out_dir: Path) -> Optional[Path]:
         ax.set_xticks(range(len(labels)), labels), ax.set_xlabel(option), ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=5, loc="lower left")
     axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
-    fig.tight_layout()
-    path = out_dir / f"ablation_{option}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / f"ablation_{option}.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------

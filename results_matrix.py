@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from run_metrics import Run, _is_number, _pyplot, _safe, _series, kv_task_n, plot_seeds_and_mean
+from run_metrics import (Run, _is_number, _pyplot, _safe, _series, kv_task_n, plot_mean_and_seeds,
+                         plot_seeds_and_mean, save_figure)
 from training_runs import family_of_arguments, setting
 
 COLLAPSE_FRACTION = 0.5  # a final valid exact match below this fraction of the best one logged ...
@@ -337,22 +338,14 @@ def plot_k_scaling(cells: list, out_dir: Path) -> Optional[Path]:
             line.sort(key=lambda p: p["K"])
             x = [p["K"] for p in line]
             seeds = [[v for v in p["test_generated_exact_match_per_seed"] if v is not None] for p in line]
-            means = [np.mean(v) if v else np.nan for v in seeds]
-            stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in seeds]
-            ax.errorbar(x, means, yerr=stds, color=color, marker="o", capsize=3, label=label)
-            for xi, v in zip(x, seeds):
-                ax.scatter([xi] * len(v), v, color=color, s=8, alpha=0.5)
+            means = plot_mean_and_seeds(ax, x, seeds, color, label)
             for xi, mean, p in zip(x, means, line):
                 if not np.isnan(mean):
                     ax.annotate(f"{p['lr']:g}", (xi, mean), fontsize=6, textcoords="offset points", xytext=(3, 3))
         ax.set_xticks(ks), ax.set_xlabel("K (WRITE steps / forward writes)"), ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=6, loc="lower left")
     axes[0][0].set_ylabel("test generated exact match (best lr per K)")
-    fig.tight_layout()
-    path = out_dir / "k_scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out_dir / "k_scaling.png")
 
 
 def plot_matrix_curves(cells: list, out_dir: Path) -> list:
@@ -371,11 +364,7 @@ def plot_matrix_curves(cells: list, out_dir: Path) -> list:
             plot_seeds_and_mean(ax, [r.run.log_history for r in cell.runs], f"C{i % 10}", cell.label)
         ax.set_xlabel("step"), ax.set_ylabel("valid exact match"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
         ax.set_title(f"{task}: best lr per (family, K)", fontsize=10), ax.legend(fontsize=6, loc="lower right")
-        fig.tight_layout()
-        path = out_dir / f"matrix_curves_{_safe(task)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, out_dir / f"matrix_curves_{_safe(task)}.png"))
     return paths
 
 

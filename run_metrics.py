@@ -7,11 +7,14 @@ A malformed all_results.json or trainer_state.json (not JSON, not a dict, a metr
 log_history) is skipped with a warning naming it, as if it were missing.
 """
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from training_runs import LEGACY_RUN_RECORD, RUN_RECORD, is_run_record, saved_arguments
 
@@ -164,3 +167,22 @@ def plot_seeds_and_mean(ax, log_histories: list, color: str, label: str) -> None
         steps = sorted(per_step)
         ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], color=color, linewidth=2,
                 label=f"{label} ({len(log_histories)} seeds)")
+
+
+def plot_mean_and_seeds(ax, x, seed_values: list, color: str, label: str) -> list:
+    """At each x, the mean of its seeds' values with their std (ddof=1; none for one seed) as an error bar and every
+    seed as a dot. Returns the means (nan where x has no value)."""
+    means = [sum(v) / len(v) if v else math.nan for v in seed_values]
+    stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in seed_values]
+    ax.errorbar(x, means, yerr=stds, color=color, marker="o", capsize=3, label=label)
+    for xi, v in zip(x, seed_values):
+        ax.scatter([xi] * len(v), v, color=color, s=8, alpha=0.5)
+    return means
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
