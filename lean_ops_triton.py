@@ -51,6 +51,13 @@ def _sigmoid(g):
 
 
 @triton.jit
+def _silu_terms(g):
+    """sigmoid(g), silu(g) = g sigmoid(g) and silu'(g) = s (1 + g (1 - s))."""
+    s = _sigmoid(g)
+    return s, g * s, s * (1.0 + g * (1.0 - s))
+
+
+@triton.jit
 def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, CDT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -67,9 +74,7 @@ def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, numel,
     dh = tl.load(dh_ptr + offs, mask=mask, other=0).to(CDT)
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(CDT)
     u = tl.load(u_ptr + offs, mask=mask, other=0).to(CDT)
-    s = _sigmoid(g)
-    silu = g * s
-    dsilu = s * (1.0 + g * (1.0 - s))
+    _, silu, dsilu = _silu_terms(g)
     tl.store(dg_ptr + offs, (dh * u * dsilu).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + offs, (dh * silu).to(du_ptr.dtype.element_ty), mask=mask)
     if STORE_H:
@@ -86,9 +91,7 @@ def _swiglu_double_bwd_kernel(dh_ptr, g_ptr, u_ptr, ddg_ptr, ddu_ptr, hbar_ptr, 
     dh = tl.load(dh_ptr + offs, mask=mask, other=0).to(CDT)
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(CDT)
     u = tl.load(u_ptr + offs, mask=mask, other=0).to(CDT)
-    s = _sigmoid(g)
-    silu = g * s
-    dsilu = s * (1.0 + g * (1.0 - s))
+    s, silu, dsilu = _silu_terms(g)
     zero = tl.zeros_like(g)
     d_dh = zero
     d_g = zero
