@@ -42,10 +42,7 @@ done <"$JOBS"
 
 mkdir -p "$OUT" data
 export PYTHONUNBUFFERED=1
-if [ -d .whl ] && ! "$PYTHON" -c "import datasets" 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source bench/_wheels.sh && install_wheels "$PYTHON"
 for pair in ${COPY:-}; do
     src=${pair%%:*}; dst=${pair#*:}
     [ -e "$dst/.copied" ] && continue

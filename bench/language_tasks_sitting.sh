@@ -68,10 +68,7 @@ WORKERS=${WORKERS:-2}
 DRY_RUN=${DRY_RUN:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 
-if [ -d .whl ] && [ -z "$DRY_RUN" ]; then  # wheels a bare GPU machine lacks (datasets, ...), as in capacity_sitting.sh
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source bench/_wheels.sh && { [ -n "$DRY_RUN" ] || install_wheels "$PY"; }  # datasets & co. on a bare GPU machine
 for task in $TASKS; do
     case $task in phonebook|babi) ;; *) echo "TASKS: unknown task $task (phonebook, babi)" >&2; exit 2 ;; esac
 done
