@@ -12,7 +12,9 @@
 # MINUTES is the job's training budget (BUDGET_MINUTES); re-running the same jobs resumes every run where it stopped.
 # Environment:
 #   OUT [runs/sitting]  where the packed files go: metrics.tgz (json, png and logs of every OUT_DIR, no checkpoints)
-#   COPY ["src:dst ..."] folders copied once into place before the jobs (e.g. committed resume state into runs/)
+#   COPY ["src:dst ..."] folders copied into place before the jobs, each pair once (a later sitting on the same machine
+#                        keeps what its runs wrote); several sources may fill one dst (a run's records, then its
+#                        resume state)
 #   PREPARE ["64 96"]    KV datasets data/N<n>-K2V2-V62_1M built before the jobs start
 #   STATE ["OUT_DIR/N96 ..."] stage folders whose latest checkpoint (full state, to resume elsewhere) and
 #                        selected checkpoint (weights and config) are packed as state_<k>.tar / best_<k>.tar
@@ -39,14 +41,18 @@ while IFS= read -r line || [ -n "$line" ]; do
     GPU_OF+=("$gpu"); LINE_OF+=("BUDGET_MINUTES=$minutes $rest"); OUT_DIRS+=("$dir")
 done <"$JOBS"
 (( ${#GPU_OF[@]} > 0 )) || { echo "$JOBS holds no job" >&2; exit 2; }
+for pair in ${COPY:-}; do
+    [[ "$pair" == *:* && -d "${pair%%:*}" ]] || { echo "COPY: '$pair' must be src:dst with src a folder" >&2; exit 2; }
+done
 
 mkdir -p "$OUT" data
 export PYTHONUNBUFFERED=1
 source bench/_wheels.sh && install_wheels "$PYTHON"
 for pair in ${COPY:-}; do
     src=${pair%%:*}; dst=${pair#*:}
-    [ -e "$dst/.copied" ] && continue
-    mkdir -p "$dst" && cp -r "$src/." "$dst/" && touch "$dst/.copied"
+    marker="$dst/.copied_${src//\//_}"
+    [ -e "$marker" ] && continue
+    mkdir -p "$dst" && cp -r "$src/." "$dst/" && touch "$marker"
 done
 for n in ${PREPARE:-}; do
     [ -d "data/N$n-K2V2-V62_1M" ] \

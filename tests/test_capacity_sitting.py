@@ -71,3 +71,22 @@ def test_a_bad_jobs_file_is_refused_before_anything_runs(tmp_path):
         done = run_sitting(tmp_path, jobs)
         assert done.returncode == 2 and message in done.stderr, (jobs, done.stderr)
         assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "out").exists()
+
+
+def test_copy_fills_one_folder_from_several_sources_once(tmp_path, monkeypatch):
+    records, state, run = tmp_path / "records", tmp_path / "state", tmp_path / "runs" / "a"
+    (records / "N96").mkdir(parents=True)
+    (records / "curriculum.json").write_text("{}")
+    (state / "N96" / "checkpoint-5").mkdir(parents=True)
+    (state / "N96" / "checkpoint-5" / "weights").write_text("w")
+    jobs = f"0 1 SEED=1 OUT_DIR={run} STAGES=\"96:0.90\"\n"
+    monkeypatch.setenv("COPY", f"{records}:{run} {state}:{run}")
+    done = run_sitting(tmp_path, jobs)
+    assert done.returncode == 0, done.stderr
+    assert (run / "N96" / "checkpoint-5" / "weights").read_text() == "w"
+    (run / "N96" / "checkpoint-5" / "weights").write_text("trained on")  # the sitting's runs wrote on
+    assert run_sitting(tmp_path, jobs).returncode == 0
+    assert (run / "N96" / "checkpoint-5" / "weights").read_text() == "trained on"  # not copied over again
+    monkeypatch.setenv("COPY", f"{tmp_path / 'missing'}:{run}")
+    done = run_sitting(tmp_path, jobs)
+    assert done.returncode == 2 and "must be src:dst with src a folder" in done.stderr
