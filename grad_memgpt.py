@@ -72,6 +72,7 @@ holds them. The run scripts' command line (GradMemArgs, derived from those field
 this file.
 """
 import contextlib
+import functools
 import math
 import re
 import typing
@@ -87,6 +88,7 @@ from transformers import initialization as init
 
 import attn_double_bwd
 import lean_ops
+import write_recompute
 from modeling_utils import (
     LoadsFully,
     MemoryModelOutput,
@@ -163,6 +165,10 @@ class GradMemOptions:
         False, "SwiGLU (fused with the down projection) and RMSNorm with closed-form first and second derivatives "
                "that save only their inputs for the backward (lean_ops.py): same function and gradients, much less "
                "activation memory in second-order training; llama-family backbones")
+    recompute_write: bool = option(
+        False, "second-order WRITE steps keep no graph: each is run again inside the outer backward "
+               "(write_recompute.py): the same gradients with one step's graph alive instead of K, for one more "
+               "inner forward and backward per step")
     add_inner_loss_to_outer: bool = option(False, "add the inner loss to the training loss")
     inner_loss_weight: Optional[float] = option(None, "weight of the added inner loss (default: 1.0 when it is added)")
     eval_K: Optional[int] = option(None, "inner steps when evaluating and generating (default: K); training always "
@@ -208,6 +214,10 @@ class GradMemOptions:
             if not isinstance(self.last_K_second_order, int) or not 0 <= self.last_K_second_order <= self.K:
                 fail(f"{flag('last_K_second_order')} must be an integer in [0, K={self.K}], got "
                      f"{self.last_K_second_order!r}")
+        if self.recompute_write and (self.grad_mode != "second" or self.last_K_second_order == 0):
+            fail(f"{flag('recompute_write')} recomputes second-order WRITE steps, and this model has none "
+                 f"({flag('grad_mode')} {self.grad_mode!r}, {flag('last_K_second_order')} "
+                 f"{self.last_K_second_order}); use grad_mode second or leave recompute_write off")
         for name in ("inner_clip_value", "inner_clip_norm"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -522,6 +532,8 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
             return "gradient checkpointing is on (recomputation is not captured)"
         if self.config.use_write_lora:
             return "write LoRA toggles adapters from Python inside the step"
+        if self.config.recompute_write:
+            return "recompute_write replays the random state inside the backward (not capturable)"
         return None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -666,6 +678,17 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
             updated.append(p - lr * m_hat / (_safe_sqrt(v_hat) + ADAM_EPS))
         return updated
 
+    def _write_step(self, k, lr, context_input_ids, token_mask, n_tokens, fast, state, context_embeds, create_graph,
+                    retain_graph=None):
+        """One WRITE step as a function of its inputs (write_recompute's contract): the inner loss at `fast`, its
+        gradient (differentiable when create_graph), the update. `state` holds the Adam moments flat (m, v per
+        variable; empty before the first step). Returns (new fast, new state, per-sample losses [B], inner grads)."""
+        losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)  # [B]
+        grads = torch.autograd.grad(losses.sum(), fast, create_graph=create_graph, retain_graph=retain_graph)
+        adam_state = [list(state[i:i + 2]) for i in range(0, len(state), 2)]
+        fast = self._inner_step(fast, grads, adam_state, k, lr)
+        return fast, [t for pair in adam_state for t in pair], losses, grads
+
     def write(self, context_input_ids: torch.Tensor):
         """Write a right-padded context batch [B, S] into memory. Returns (memory [B, M, d] as READ consumes it,
         stats).
@@ -702,7 +725,8 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
         inner_loss_outer = None
         if K > 0 and S > 0:
             context_embeds = self.model.get_input_embeddings()(context_input_ids)  # [B, S, d]
-            grad_norms, step_losses, adam_state = [], [], []
+            params = [p for p in self.parameters() if p.requires_grad] if config.recompute_write else []
+            grad_norms, step_losses, state = [], [], []  # state: the inner Adam moments, flat
             with torch.enable_grad():
                 for k in range(K):
                     second_order = k >= K - n_second_order
@@ -711,15 +735,18 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
                         fast = [p if p.requires_grad else p.detach().requires_grad_() for p in fast]
                     else:  # a fresh leaf every step: nothing flows back through the WRITE
                         fast = [p.detach().requires_grad_() for p in fast]
-                    losses = self._inner_loss(fast, context_embeds, context_input_ids, token_mask, n_tokens)  # [B]
-                    grads = torch.autograd.grad(losses.sum(), fast, create_graph=second_order, retain_graph=keep_graph)
+                    step = functools.partial(self._write_step, k, lr, context_input_ids, token_mask, n_tokens)
+                    if second_order and config.recompute_write:
+                        fast, state, losses, grads = write_recompute.recomputed_step(
+                            step, fast, state, context_embeds, params)
+                    else:
+                        fast, state, losses, grads = step(fast, state, context_embeds, second_order, keep_graph)
                     if config.add_inner_loss_to_outer and k == K - 1:
                         inner_loss_outer = losses.sum() / n_written  # [], loss at memory_{K-1}
                         if not keep_inner_loss:
                             inner_loss_outer = inner_loss_outer.detach()
                     step_losses.append(losses.detach().sum() / n_written)
                     grad_norms.append(torch.linalg.vector_norm(grads[0].detach().flatten(1), dim=1))  # [B]
-                    fast = self._inner_step(fast, grads, adam_state, k, lr)
             if not connect:
                 fast = [p.detach() for p in fast]
             if config.train_final_inner_loss or not self.training:

@@ -24,6 +24,7 @@ RESUMABLE_ARG_CHANGES = {
     "resume_without_record", "log_level", "log_samples",
     "train_final_inner_loss",  # a logged statistic only: training computes the same updates either way
     "lean_ops",  # the same functions and gradients with less memory saved for backward
+    "recompute_write",  # the same gradients, the WRITE graph recomputed in the backward instead of kept
 }
 RUN_PLACE_ARGS = {"seed", "run_name", "exp_path", "runs_dir", "init_checkpoint"}  # where a run is and starts from
 FAMILIES = ("gradmem", "rmt2segm", "llama", "mamba")  # the first word of the run names of each model

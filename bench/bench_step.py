@@ -10,6 +10,8 @@ Rows (each optimisation alone, then together), for every context length C and ba
                torch AdamW (foreach), clip_grad_norm_          (attention: eager, exact_eager, fused_double_bwd)
     ckpt       the plain step with activation checkpointing of the backbone layers (--use_gradient_checkpointing:
                layer activations are recomputed in every backward, less memory, more time)
+    recompute  the plain step with --recompute_write (write_recompute.py: the second-order WRITE steps keep no graph
+               and are recomputed in the outer backward: one step's graph alive instead of K, more time)
     sync-free  CapturedTrainStep(use_cuda_graph=False): static causal mask, capturable AdamW, in-graph skipping
     graph      CapturedTrainStep: the whole step recorded in a CUDA graph and replayed
     precision  fp32 (strict: TF32 off), tf32, bf16 (autocast, fp32 master weights)
@@ -48,7 +50,7 @@ from fast_step import CapturedTrainStep, autocast_for, precision_flags  # noqa: 
 from grad_memgpt import PRESETS, GradMemArgs, GradMemGPT, build_grad_memgpt  # noqa: E402
 
 QUERY_LEN, LABELS = 16, 4
-MODES = ("plain", "ckpt", "sync-free", "graph")
+MODES = ("plain", "ckpt", "recompute", "sync-free", "graph")
 DEFAULT_ROWS = [
     "plain:eager:fp32", "plain:exact_eager:fp32", "plain:fused_double_bwd:fp32", "plain:eager:tf32",
     "plain:eager:bf16", "sync-free:eager:fp32", "graph:eager:fp32", "graph:exact_eager:fp32",
@@ -58,7 +60,8 @@ DEFAULT_ROWS = [
 LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_double_bwd:fp32",
              "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16", "ckpt:fused_double_bwd:tf32",
              "ckpt:fused_double_bwd:bf16", "graph:fused_double_bwd:fp32:lean", "graph:fused_double_bwd:tf32:lean",
-             "graph:fused_double_bwd:bf16:lean"]
+             "graph:fused_double_bwd:bf16:lean", "recompute:fused_double_bwd:tf32:lean",
+             "recompute:fused_double_bwd:bf16:lean"]
 
 
 def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
@@ -110,13 +113,14 @@ def parse_row(row: str) -> tuple:
 
 def run_row(row: str, base_state: dict, batch: dict, steps: int, warmup: int) -> dict:
     mode, attn, precision, lean = parse_row(row)
-    model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt", lean_ops=lean)
+    model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt", recompute_write=mode == "recompute",
+                           lean_ops=lean)
     model.load_state_dict(base_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    if mode in ("plain", "ckpt"):
+    if mode in ("plain", "ckpt", "recompute"):
         def step():
             return plain_step(model, optimizer, batch, precision)
     else:

@@ -585,15 +585,16 @@ SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "results
 def test_shipped_checkpoint_configs_load_with_their_own_options(name):
     """config.json files saved before the options had one home load with the values they hold (the shipped KV
     checkpoints: inner lr 0.04 / 0.08, write head, inner loss weight 0.5, attention auto); those written before eval_K /
-    eval_lr, train_final_inner_loss or lean_ops existed lack them and take their defaults (as in training; lean ops
-    off)."""
+    eval_lr, train_final_inner_loss, lean_ops or recompute_write existed lack them and take their defaults (as in
+    training; lean ops and recomputation off)."""
     from grad_memgpt import OPTION_NAMES, GradMemOptions
 
     folder = Path(__file__).resolve().parents[1] / "results" / "kv_checkpoints" / name
     saved = json.loads((folder / "config.json").read_text())
     config = GradMemGPTConfig.from_pretrained(folder)
     defaults = GradMemOptions()
-    assert set(OPTION_NAMES) - set(saved) <= {"eval_K", "eval_lr", "train_final_inner_loss", "lean_ops"}  # added later
+    added_later = {"eval_K", "eval_lr", "train_final_inner_loss", "lean_ops", "recompute_write"}
+    assert set(OPTION_NAMES) - set(saved) <= added_later
     for option in OPTION_NAMES:
         assert getattr(config, option) == saved.get(option, getattr(defaults, option)), option
     assert config.use_write_head and config.add_inner_loss_to_outer and config.inner_loss_weight == 0.5

@@ -222,10 +222,10 @@ def test_runs_of_the_explicit_paper_flags_resume_under_the_preset(tmp_path, monk
     assert setting(kv_cli_args(shlex.split(EXPLICIT_PAPER_KV))[1]) == setting(kv_cli_args(shlex.split(PRESET_PAPER_KV))[1])
     [(_, stage_args)] = dry_run("run_kv_capacity.sh")
     assert " ".join(stage_args).startswith(PRESET_PAPER_KV)
-    # a run started without --train_final_inner_loss false (a statistic only) or --lean_ops true (the same functions,
-    # less memory) resumes with them, and the other way round
+    # a run started without --train_final_inner_loss false (a statistic only), --lean_ops true (the same functions,
+    # less memory) or --recompute_write true (the same gradients, less memory) resumes with them, and the other way round
     preset = shlex.split(PRESET_PAPER_KV)
-    for flags in (["--train_final_inner_loss", "false"], ["--lean_ops", "true"]):
+    for flags in (["--train_final_inner_loss", "false"], ["--lean_ops", "true"], ["--recompute_write", "true"]):
         assert setting(kv_cli_args(preset + flags)[1]) == setting(kv_cli_args(preset)[1])
 
 
