@@ -10,6 +10,9 @@
 #   1 2.5 SEED=1 OUT_DIR=runs/kv_capacity/fast/seed_1 STAGES="2:0.95 4:0.95 8:0.95 16:0.95"
 #   1 2.5 SEED=2 OUT_DIR=runs/kv_capacity/fast/seed_2 STAGES="2:0.95 4:0.95 8:0.95 16:0.95" -- --warmup_steps 100
 # MINUTES is the job's training budget (BUDGET_MINUTES); re-running the same jobs resumes every run where it stopped.
+# A line GPU MINUTES ! command runs any other command on that GPU in its turn (bash -c, stopped after MINUTES;
+# OUT and PYTHON are set for it), its output in $OUT/job_<line index>.log:
+#   1 3   ! $PYTHON bench/bench_step.py --contexts 512 --batches 64 --rows recompute:fused_double_bwd:tf32 --out $OUT/step.md
 # Environment:
 #   OUT [runs/sitting]  where the packed files go: metrics.tgz (json, png and logs of every OUT_DIR, no checkpoints)
 #   COPY ["src:dst ..."] folders copied into place before the jobs, each pair once (a later sitting on the same machine
@@ -27,14 +30,21 @@ PYTHON=${PYTHON:-python3}
 [ -f "$JOBS" ] \
     || { echo "JOBS=$JOBS: no such file; write one job per line: GPU MINUTES VAR=value ... [-- args]" >&2; exit 2; }
 
-# read and check every job before anything runs: GPU_OF, LINE_OF (the rest of the line), OUT_DIRS
-GPU_OF=(); LINE_OF=(); OUT_DIRS=()
+# read and check every job before anything runs: GPU_OF, LINE_OF (the rest of the line), OUT_DIRS (empty for a
+# command job), CMD_OF and MIN_OF (command jobs only)
+GPU_OF=(); LINE_OF=(); OUT_DIRS=(); CMD_OF=(); MIN_OF=()
 while IFS= read -r line || [ -n "$line" ]; do
     [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
     read -r gpu minutes rest <<<"$line"
     [[ "$gpu" =~ ^[0-9]+$ ]] || { echo "$JOBS: '$line': the first field must be a GPU index" >&2; exit 2; }
     [[ "$minutes" =~ ^[0-9]*\.?[0-9]+$ ]] \
         || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }
+    if [[ "$rest" == "!"* ]]; then  # a command job
+        [ -n "${rest#!}" ] || { echo "$JOBS: '$line': no command after !" >&2; exit 2; }
+        GPU_OF+=("$gpu"); LINE_OF+=(""); OUT_DIRS+=("")
+        CMD_OF[${#GPU_OF[@]} - 1]=${rest#!}; MIN_OF[${#GPU_OF[@]} - 1]=$minutes
+        continue
+    fi
     dir=$(unset OUT_DIR; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${OUT_DIR:-}")
     [ -n "$dir" ] \
         || { echo "$JOBS: '$line': set OUT_DIR=runs/... (where the job's run folders go)" >&2; exit 2; }
@@ -60,8 +70,14 @@ for n in ${PREPARE:-}; do
 done
 wait
 
-run_job() {  # job index: the preset with the job's environment, extra arguments after --
+run_job() {  # job index: the preset with the job's environment, extra arguments after --; or the job's command
     local line=${LINE_OF[$1]} assignments args=""
+    if [ -n "${CMD_OF[$1]:-}" ]; then
+        CUDA_VISIBLE_DEVICES=${GPU_OF[$1]} OUT=$OUT PYTHON=$PYTHON timeout "${MIN_OF[$1]}m" bash -c "${CMD_OF[$1]}" \
+            >"$OUT/job_$1.log" 2>&1
+        echo "job $1 (GPU ${GPU_OF[$1]}, command) exit $?"
+        return
+    fi
     assignments=${line%% -- *}
     [[ "$line" == *" -- "* ]] && args=${line#* -- }
     mkdir -p "${OUT_DIRS[$1]}"
@@ -74,13 +90,16 @@ for gpu in $(printf '%s\n' "${GPU_OF[@]}" | sort -un); do
 done
 wait
 
-for dir in $(printf '%s\n' "${OUT_DIRS[@]}" | sort -u); do
+RUN_DIRS=$(printf '%s\n' "${OUT_DIRS[@]}" | grep . | sort -u)  # the preset jobs' folders
+for dir in $RUN_DIRS; do
     "$PYTHON" -c "import json,sys; r=json.load(open(sys.argv[1])); [print(sys.argv[1], {k: s[k] for k in \
 ('stage', 'global_step', 'end_s', 'eval_exact_match', 'test_generated_exact_match') if k in s}) for i in \
 r['invocations'] for s in i['stages']]" "$dir/curriculum.json" 2>/dev/null
 done
-find $(printf '%s\n' "${OUT_DIRS[@]}" | sort -u) -path '*/checkpoint-*' -prune -o \
-    \( -name '*.json' -o -name '*.png' -o -name '*.log' \) -size -3M -print | tar czf "$OUT/metrics.tgz" -T -
+if [ -n "$RUN_DIRS" ]; then
+    find $RUN_DIRS -path '*/checkpoint-*' -prune -o \( -name '*.json' -o -name '*.png' -o -name '*.log' \) -size -3M \
+        -print | tar czf "$OUT/metrics.tgz" -T -
+fi
 k=0
 for stage_dir in ${STATE:-}; do
     k=$((k + 1))

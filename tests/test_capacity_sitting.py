@@ -90,3 +90,21 @@ def test_copy_fills_one_folder_from_several_sources_once(tmp_path, monkeypatch):
     monkeypatch.setenv("COPY", f"{tmp_path / 'missing'}:{run}")
     done = run_sitting(tmp_path, jobs)
     assert done.returncode == 2 and "must be src:dst with src a folder" in done.stderr
+
+
+def test_command_jobs_run_in_their_gpus_queue_with_out_set(tmp_path):
+    run = tmp_path / "runs" / "a"
+    jobs = (f"0 1 SEED=1 OUT_DIR={run} STAGES=\"2:0.95\"\n"
+            "0 0.1 ! echo \"gpu $CUDA_VISIBLE_DEVICES\" > $OUT/mark.txt; date +%s.%N >> $OUT/mark.txt\n"
+            "1 0.02 ! sleep 30\n")  # stopped after 1.2 s
+    done = run_sitting(tmp_path, jobs)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    gpu_line, when = (out / "mark.txt").read_text().split("\n")[:2]
+    [call] = map(json.loads, (tmp_path / "calls.jsonl").read_text().splitlines())
+    assert gpu_line == "gpu 0" and float(when) >= call["end"]  # after the preset job of its GPU
+    assert "job 2 (GPU 1, command) exit 124" in done.stdout  # timeout's exit status: stopped after its minutes
+    assert (out / "job_1.log").exists() and (out / "metrics.tgz").exists()
+    for bad in ("0 1 !\n", "0 1 !   \n"):
+        refused = run_sitting(tmp_path, bad)
+        assert refused.returncode == 2 and "no command after !" in refused.stderr
