@@ -98,3 +98,23 @@ def test_recompute_write_needs_second_order_steps():
             GradMemGPTConfig(base_config=tiny_llama(), recompute_write=True, **options).validate()
     model = tiny_gradmem(False, recompute_write=True)
     assert "recompute_write" in model.captured_step_problem()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lean_ops", [False, True])
+def test_recomputed_write_on_cuda_with_the_fused_attention_and_dropout(lean_ops):
+    """On CUDA (fused double-backward attention, Triton lean ops when on, dropout in attention): the same loss and
+    gradients as the stored graph, within fp32 rounding (the CUDA random state is replayed)."""
+    backbone = tiny_llama(attention_dropout=0.2, hidden_size=64, intermediate_size=128)  # head dim 32 for the kernel
+    models = [tiny_gradmem(lean_ops, backbone=backbone, recompute_write=r, use_write_head=True,
+                           attn_implementation="fused_double_bwd").float().cuda() for r in (False, True)]
+    batch = {name: tensor.cuda() for name, tensor in BATCH.items()}
+    results = []
+    for model in models:
+        torch.manual_seed(3)
+        results.append(loss_and_grads(model, batch))
+    (loss, grads), (loss_r, grads_r) = results
+    torch.testing.assert_close(loss_r, loss, rtol=1e-6, atol=0)
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    flat_r = torch.cat([grads_r[name].flatten() for name in grads])
+    assert ((flat_r - flat).norm() / flat.norm()).item() <= 1e-5
