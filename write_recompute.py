@@ -51,13 +51,12 @@ class _RecomputedStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
-        fast, state, embeds = _split(ctx.saved_tensors, ctx.n_fast, ctx.n_state)
-        fast = [f.detach().requires_grad_() for f in fast]  # the inner gradient needs them in any case
-        inputs = [*fast, *[t.detach() for t in (*state, embeds)], *ctx.params]
         needs = ctx.needs_input_grad[3:]
-        for t, need in zip(inputs[ctx.n_fast:ctx.n_fast + ctx.n_state + 1], needs[ctx.n_fast:]):
-            t.requires_grad_(need)
-        state, embeds = inputs[ctx.n_fast:ctx.n_fast + ctx.n_state], inputs[ctx.n_fast + ctx.n_state]
+        # fresh leaves of the saved inputs; fast always requires grad (the inner gradient is taken w.r.t. it)
+        leaves = [t.detach().requires_grad_(need or i < ctx.n_fast)
+                  for i, (t, need) in enumerate(zip(ctx.saved_tensors, needs))]
+        fast, state, embeds = _split(leaves, ctx.n_fast, ctx.n_state)
+        inputs = leaves + list(ctx.params)
         with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
             torch.set_rng_state(ctx.cpu_rng)
             for device, rng in zip(ctx.devices, ctx.cuda_rng):
