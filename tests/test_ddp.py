@@ -40,6 +40,8 @@ GRADMEM_CASES = {  # name -> GradMem options (gpt2 backbone, float64)
     "none_add_ctrl_proj": dict(grad_mode="none", K=1, use_write_head=True, n_ctrl_tokens=1,
                                add_inner_loss_to_outer=True, use_mem_proj=True, mem_proj_mode="proj"),
     "second_lora_frozen": dict(grad_mode="second", K=2, use_write_lora=True, write_lora_r=2, freeze_backbone=True),
+    "second_recompute": dict(grad_mode="second", K=2, use_write_head=True, add_inner_loss_to_outer=True,
+                             inner_loss_weight=0.5, recompute_write=True),
 }
 RMT_CASES = {
     "rmt_preset": dict(K=1, mem_proj_mode="proj"),
