@@ -56,8 +56,9 @@ def saved_bytes(model, batch) -> tuple:
 
 def peak_saved_bytes(model, batch) -> int:
     """The most bytes saved for backward alive at once over one training forward and its backward (each storage
-    once, parameters not counted). A saved tensor stays counted until its graph node releases it; recomputation in
-    the backward (write_recompute) saves and releases its own graph there."""
+    once, parameters not counted). A saved tensor stays counted until its graph releases it: a backward through it
+    does (the WRITE steps' inner gradients, the recomputation of write_recompute in the outer backward); a graph only
+    dropped is freed by the garbage collector, later."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     live, now, peak = {}, 0, 0  # storage -> [bytes, holders]
 
@@ -99,8 +100,9 @@ def measure(args, options: dict) -> dict:
     peaks, groups = [], defaultdict(lambda: [0.0] * len(args.contexts))
     for i, C in enumerate(args.contexts):
         batch = random_batch(args.batch, C, device=args.device)
-        _, by_dim = saved_bytes(model, batch)
         peaks.append(peak_saved_bytes(model, batch) / args.batch)
+        # what the forward saves: everything alive at the peak, unless steps are recomputed in the backward
+        by_dim = {} if options["recompute_write"] else saved_bytes(model, batch)[1]
         for dim, nbytes in by_dim.items():
             groups["L" if dim == C + model.mem_offset else dim][i] += nbytes / args.batch
     design = np.array([[C, C * C, 1.0] for C in args.contexts])
@@ -153,8 +155,8 @@ def main(argv=None) -> None:
     names, results = [n for n, _ in kept], [r for _, r in kept]
     C = args.contexts[-1]
     order = sorted(results[0]["groups"], key=lambda g: -results[0]["groups"][g][0][-1])[:args.top]
-    print(f"\nsaved by the forward, by last dimension (variants without recomputation; L: attention scores, C + memory positions): MiB per sample at C={C}; KiB per context "
-          "token and sample (the linear term of the group's fit)")
+    print(f"\nsaved by the forward, by last dimension (variants without recomputation; L: attention scores, C + memory "
+          f"positions): MiB per sample at C={C}; KiB per context token and sample (the linear term of the group's fit)")
     print("\n| last dim | " + " | ".join(f"MiB at C={C}, {n} | KiB per token, {n}" for n in names) + " |")
     print("|---" + "|---|---" * len(names) + "|")
     for group in order:
