@@ -626,18 +626,20 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
     # WRITE
 
     def _inner_loss(self, fast, context_embeds, context_input_ids, token_mask, n_tokens) -> torch.Tensor:
-        """Per-sample reconstruction loss of the context given the memory: [B] (mean CE over real tokens).
+        """Per-sample reconstruction loss of the context given the memory: [B] (mean CE over real tokens)."""
+        ce = self.reconstruction_token_losses(self._memory_inputs(fast), context_embeds, context_input_ids)
+        return (ce * token_mask).sum(dim=1) / n_tokens.clamp_min(1)  # [B]; 0 for all-pad rows
 
-        The last memory / write_end position predicts the first context token; the logit of the last context
-        position is never computed.
-        """
+    def reconstruction_token_losses(self, memory, context_embeds, context_input_ids) -> torch.Tensor:
+        """The WRITE's loss per context token given the memory [B, M, d] (as READ consumes it): CE [B, S], padding
+        included. The last memory / write_end position predicts the first context token; the logit of the last
+        context position is never computed."""
         B, S = context_input_ids.shape
-        x = self._layout(self.write_start, self._memory_inputs(fast), self.write_end, context_embeds)
+        x = self._layout(self.write_start, memory, self.write_end, context_embeds)
         h = self._decoder_hidden(x)[:, self.mem_offset - 1 : self.mem_offset - 1 + S]  # [B, S, d]
         head = self.write_head if self.write_head is not None else self.model.get_output_embeddings()
         logits = head(h)  # [B, S, V]
-        ce = F.cross_entropy(logits.flatten(0, 1), context_input_ids.flatten(), reduction="none").view(B, S)
-        return (ce * token_mask).sum(dim=1) / n_tokens.clamp_min(1)  # [B]; 0 for all-pad rows
+        return F.cross_entropy(logits.flatten(0, 1), context_input_ids.flatten(), reduction="none").view(B, S)
 
     def _clip_inner_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """Elementwise clamp to +-inner_clip_value, then per-sample L2 clip to inner_clip_norm (each optional)."""

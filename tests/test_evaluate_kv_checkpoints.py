@@ -76,3 +76,38 @@ def test_shipped_checkpoints_load_alone_and_fit_the_size_limit():
         assert model.n_mem_tokens == 8 and len(AutoTokenizer.from_pretrained(str(folder))) == model.get_input_embeddings().num_embeddings
         provenance = json.loads((folder / "provenance.json").read_text())
         assert provenance["stage"] == folder.name and provenance["test_samples"] >= 2000
+
+
+def test_write_diagnostics_split_the_inner_loss_by_role(checkpoint):
+    """bench/kv_write_diagnostics.py: the roles follow the generator's `!kk:vv!` pairs and closing `|`; the role losses
+    after the WRITE, weighted by their token counts, are the model's own inner loss after the last step."""
+    import sys
+    from pathlib import Path
+
+    import kv_dataset_utils
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kv_write_diagnostics as diag
+
+    [context] = kv_dataset_utils.generate_kv_samples(kv_dataset_utils.parse_dataset_name("N3-K2V2-V62"), 1, 1,
+                                                     kv_dataset_utils.TEST_STREAM)["context"]
+    roles = [diag.ROLES[i] for i in diag.context_roles(len(context))]
+    assert {c for c, r in zip(context, roles) if r == "separator"} == set("!:|")
+    assert all(c.isalnum() for c, r in zip(context, roles) if r != "separator")
+    assert "".join(c for c, r in zip(context, roles) if r == "key") == "".join(
+        context[7 * i + 1: 7 * i + 3] for i in range(3))
+
+    (row,) = diag.main([str(checkpoint), "--samples", "6", "--batch_size", "4"])
+    assert row["K"] == 2 and all(row["before"][r] > 0 for r in diag.ROLES)
+    model = evaluate_kv_checkpoints.load_for_evaluation(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    data = kv_dataset_utils.generate_kv_samples(kv_dataset_utils.parse_dataset_name("N2-K2V2-V62"), 6, 1,
+                                                kv_dataset_utils.TEST_STREAM)
+    ids = torch.tensor([tokenizer(c, add_special_tokens=False)["input_ids"] for c in data["context"]])
+    with torch.no_grad():
+        _, stats = model.write(ids)
+    counts = {r: sum(1 for i in diag.context_roles(ids.shape[1]) if diag.ROLES[i] == r) for r in diag.ROLES}
+    total = sum(row["after"][r] * counts[r] for r in diag.ROLES) / sum(counts.values())
+    assert abs(total - stats["inner_loss"].item()) < 1e-5
+    with pytest.raises(SystemExit):
+        diag.main([str(checkpoint), "--K", "0"])

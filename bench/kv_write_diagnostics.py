@@ -1,0 +1,105 @@
+"""Where the WRITE's reconstruction loss goes on KV contexts, per role of the context token.
+
+A KV context is `!k1k2:v1v2!` per pair, then `|`, one token per character. READ needs each value given its key; the
+WRITE's loss also asks for the keys and the separators. For each checkpoint, on fresh test samples (as
+evaluate_kv_checkpoints.py draws them), this prints the mean per-token loss of key characters, value characters and
+separators with the initial memory (no WRITE) and with the memory after the checkpoint's own K steps (or --K /
+--inner_lr), on the CPU.
+
+    python bench/kv_write_diagnostics.py results/kv_checkpoints/N96 --samples 50
+    python bench/kv_write_diagnostics.py results/kv_checkpoints/N64 results/kv_checkpoints/N96 --K 5 8
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kv_dataset_utils  # noqa: E402
+from evaluate_kv_checkpoints import load_for_evaluation  # noqa: E402
+from training_collators import MemoryModelCollator  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+PAIR_ROLES = ("separator", "key", "key", "separator", "value", "value", "separator")  # ! k k : v v !
+ROLES = ("key", "value", "separator")
+
+
+def context_roles(length: int) -> torch.Tensor:
+    """Role index (into ROLES) of each of a context's `length` tokens: 7 per pair, then the closing `|`."""
+    roles = [ROLES.index(PAIR_ROLES[p % 7]) for p in range(length - 1)] + [ROLES.index("separator")]
+    return torch.tensor(roles)
+
+
+def role_losses(model, context_input_ids: torch.Tensor, pad_id: int) -> dict:
+    """{'before': {role: mean loss}, 'after': {...}} for one batch: the initial memory, then the model's WRITE."""
+    roles = context_roles(context_input_ids.shape[1]).expand_as(context_input_ids)
+    real = context_input_ids != pad_id
+    out = {}
+    K = model.config.eval_K
+    for name, steps in (("before", 0), ("after", K)):
+        model.config.eval_K = steps
+        with torch.no_grad():  # the WRITE takes its inner gradients itself
+            memory, _ = model.write(context_input_ids)
+            embeds = model.get_input_embeddings()(context_input_ids)
+            ce = model.reconstruction_token_losses(memory, embeds, context_input_ids)
+        out[name] = {role: (ce[(roles == i) & real].sum().item(), int(((roles == i) & real).sum()))
+                     for i, role in enumerate(ROLES)}
+    model.config.eval_K = K
+    return out
+
+
+def diagnose(folder: Path, n_pairs: int, samples: int, data_seed: int, batch_size: int, K=None, inner_lr=None) -> dict:
+    model = load_for_evaluation(folder)
+    model.config.eval_K = model.write_steps()[0] if K is None else K
+    if inner_lr is not None:
+        model.config.eval_lr = inner_lr
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
+    data = kv_dataset_utils.generate_kv_samples(spec, samples, data_seed, kv_dataset_utils.TEST_STREAM)
+    if any(len(tokenizer(c, add_special_tokens=False)["input_ids"]) != len(c) for c in data["context"][:5]):
+        raise SystemExit(f"{folder}: its tokenizer is not one token per character; the roles assume it is")
+    rows = [dict(zip(data, values)) for values in zip(*data.values())]
+    collator = MemoryModelCollator(tokenizer)
+    totals = {when: {role: [0.0, 0] for role in ROLES} for when in ("before", "after")}
+    for start in range(0, len(rows), batch_size):
+        batch = collator(rows[start:start + batch_size])
+        for when, by_role in role_losses(model, batch["context_input_ids"], tokenizer.pad_token_id).items():
+            for role, (loss_sum, count) in by_role.items():
+                totals[when][role][0] += loss_sum
+                totals[when][role][1] += count
+    K, lr = model.write_steps()
+    return {"K": K, "inner_lr": lr,
+            **{when: {role: s / max(n, 1) for role, (s, n) in by_role.items()} for when, by_role in totals.items()}}
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", help="KV checkpoint folders (named N<pairs> unless --N is given)")
+    parser.add_argument("--N", type=int, default=None, help="pairs per context (default: from the folder name)")
+    parser.add_argument("--samples", type=int, default=50)
+    parser.add_argument("--data_seed", type=int, default=1, help="generator seed of the fresh samples (training: 0)")
+    parser.add_argument("--batch_size", type=int, default=25)
+    parser.add_argument("--K", type=int, nargs="+", default=[None], help="WRITE steps (default: the checkpoint's)")
+    parser.add_argument("--inner_lr", type=float, default=None, help="inner lr (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    if any(K is not None and K < 1 for K in args.K):
+        parser.error(f"--K must be >= 1 (the loss without a WRITE is printed anyway), got {args.K}")
+    print("| checkpoint | K / inner lr | " + " | ".join(f"{r} loss: no WRITE -> after" for r in ROLES) + " |")
+    print("|---|---|" + "---|" * len(ROLES))
+    rows = []
+    for folder in map(Path, args.folders):
+        n_pairs = args.N or (int(folder.name[1:]) if folder.name[1:].isdigit() else None)
+        if n_pairs is None:
+            raise SystemExit(f"{folder}: name the pairs per context with --N (the folder is not named N<pairs>)")
+        for K in args.K:
+            r = diagnose(folder, n_pairs, args.samples, args.data_seed, args.batch_size, K, args.inner_lr)
+            cells = " | ".join(f"{r['before'][role]:.3f} -> {r['after'][role]:.3f}" for role in ROLES)
+            print(f"| {folder} | {r['K']} / {r['inner_lr']:g} | {cells} |", flush=True)
+            rows.append(r)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
