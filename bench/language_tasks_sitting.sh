@@ -75,12 +75,7 @@ done
 for family in $FAMILIES; do
     case $family in gradmem|lm|rmt) ;; *) echo "FAMILIES: unknown family $family (gradmem, lm, rmt)" >&2; exit 2 ;; esac
 done
-case "$PRECISION" in
-    fp32) PRECISION_ARGS=(--fp32) ;;
-    tf32) PRECISION_ARGS=(--fp32 --tf32) ;;
-    bf16) PRECISION_ARGS=(--bf16) ;;
-    *) echo "PRECISION must be fp32, tf32 or bf16, got $PRECISION" >&2; exit 2 ;;
-esac
+source scripts/_launch.sh && precision_args "$PRECISION"  # PRECISION_ARGS
 NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")} || exit 1  # GPUs 0 .. NGPU-1
 DEVICE_ARGS=()
 if (( NGPU == 0 )); then DEVICE_ARGS=(--use_cpu); fi

@@ -13,6 +13,8 @@
 #   LAUNCH                       array: accelerate launch --config_file accelerate.yaml (NP = 1) or
 #                                accelerate_ddp.yaml (NP > 1) --num_processes NP [multi-machine options]
 #                                (the preset adds --main_process_port, precision options and the script)
+# precision_args PRECISION sets PRECISION_ARGS, the run scripts' flags for fp32 (strict: --fp32), tf32 (--fp32
+# --tf32) or bf16 (--bf16: autocast, fp32 master weights), for presets that pass the precision as flags.
 # Rule: each process takes TBS / NP samples per step, in the fewest equal micro-batches of at most PER_DEVICE
 # samples. With NP=1 and PER_DEVICE dividing TBS this is the reference's GRAD_ACC = TBS / PER_DEVICE; more GPUs
 # first shrink GRAD_ACC, then the micro-batch. The total batch stays TBS whatever NP is (strong scaling); scale
@@ -21,6 +23,15 @@
 launch_fail() {
     echo "launch setup: $*" >&2
     exit 2
+}
+
+precision_args() {
+    case "$1" in
+        fp32) PRECISION_ARGS=(--fp32) ;;
+        tf32) PRECISION_ARGS=(--fp32 --tf32) ;;
+        bf16) PRECISION_ARGS=(--bf16) ;;
+        *) launch_fail "PRECISION must be fp32, tf32 or bf16, got $1" ;;
+    esac
 }
 
 launch_setup() {

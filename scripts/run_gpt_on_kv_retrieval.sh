@@ -34,13 +34,7 @@ INIT_CHECKPOINT=${INIT_CHECKPOINT:-}
 RUN_NAME=${RUN_NAME:-}
 DRY_RUN=${DRY_RUN:-}
 
-case "$PRECISION" in
-    fp32) PRECISION_ARGS=(--fp32) ;;
-    tf32) PRECISION_ARGS=(--fp32 --tf32) ;;
-    bf16) PRECISION_ARGS=(--bf16) ;;
-    *) echo "PRECISION must be fp32, tf32 or bf16, got $PRECISION" >&2; exit 2 ;;
-esac
-source scripts/_launch.sh && launch_setup
+source scripts/_launch.sh && precision_args "$PRECISION" && launch_setup  # PRECISION_ARGS, LAUNCH, batches
 if [ -n "$DRY_RUN" ]; then LAUNCH=(printf '%q ' "${LAUNCH[@]}"); fi
 POSITIONS=(--max_position_embeddings "$MAX_POSITIONS")
 if [ "$BASE_MODEL" = mamba ]; then POSITIONS=(); fi

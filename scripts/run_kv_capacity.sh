@@ -31,12 +31,7 @@ PRECISION=${PRECISION:-tf32}  # fp32 (strict), tf32 or bf16
 OUT_DIR=${OUT_DIR:-runs/kv_capacity/seed_${SEED}}
 PYTHON=${PYTHON:-python3}
 
-case "$PRECISION" in
-    fp32) PRECISION_ARGS=(--fp32) ;;
-    tf32) PRECISION_ARGS=(--fp32 --tf32) ;;
-    bf16) PRECISION_ARGS=(--bf16) ;;
-    *) echo "PRECISION must be fp32, tf32 or bf16, got $PRECISION" >&2; exit 2 ;;
-esac
+source scripts/_launch.sh && precision_args "$PRECISION"  # PRECISION_ARGS
 BUDGET=()
 if [ -n "${BUDGET_MINUTES:-}" ]; then BUDGET=(--time_budget_minutes "$BUDGET_MINUTES"); fi
 

@@ -204,12 +204,7 @@ for name in GRADMEM_BETA2 RMT_BETA2 LLAMA_BETA2 MAMBA_BETA2; do
         || fail "$name=${!name} must be an AdamW beta2 in [0, 1), e.g. 0.999"
 done
 [[ "$DATA_SIZE" =~ ^[1-9][0-9]*[KM]?$ ]] || fail "DATA_SIZE=$DATA_SIZE must look like 1M, 100K or 5000"
-case "$PRECISION" in
-    fp32) PRECISION_ARGS=(--fp32) ;;
-    tf32) PRECISION_ARGS=(--fp32 --tf32) ;;
-    bf16) PRECISION_ARGS=(--bf16) ;;
-    *) fail "PRECISION must be fp32, tf32 or bf16, got $PRECISION" ;;
-esac
+source scripts/_launch.sh && precision_args "$PRECISION"  # PRECISION_ARGS
 EXTRA_ARGS=("$@")
 
 # ---------------------------------------------------------------------------------------------------------------
