@@ -30,9 +30,9 @@ PYTHON=${PYTHON:-python3}
 [ -f "$JOBS" ] \
     || { echo "JOBS=$JOBS: no such file; write one job per line: GPU MINUTES VAR=value ... [-- args]" >&2; exit 2; }
 
-# read and check every job before anything runs: GPU_OF, LINE_OF (the rest of the line), OUT_DIRS (empty for a
-# command job), CMD_OF and MIN_OF (command jobs only)
-GPU_OF=(); LINE_OF=(); OUT_DIRS=(); CMD_OF=(); MIN_OF=()
+# read and check every job before anything runs: GPU_OF, MIN_OF, REST_OF (the rest of the line), OUT_DIRS (empty
+# for a command job)
+GPU_OF=(); MIN_OF=(); REST_OF=(); OUT_DIRS=()
 while IFS= read -r line || [ -n "$line" ]; do
     [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
     read -r gpu minutes rest <<<"$line"
@@ -41,14 +41,13 @@ while IFS= read -r line || [ -n "$line" ]; do
         || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }
     if [[ "$rest" == "!"* ]]; then  # a command job
         [ -n "${rest#!}" ] || { echo "$JOBS: '$line': no command after !" >&2; exit 2; }
-        GPU_OF+=("$gpu"); LINE_OF+=(""); OUT_DIRS+=("")
-        CMD_OF[${#GPU_OF[@]} - 1]=${rest#!}; MIN_OF[${#GPU_OF[@]} - 1]=$minutes
+        GPU_OF+=("$gpu"); MIN_OF+=("$minutes"); REST_OF+=("$rest"); OUT_DIRS+=("")
         continue
     fi
     dir=$(unset OUT_DIR; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${OUT_DIR:-}")
     [ -n "$dir" ] \
         || { echo "$JOBS: '$line': set OUT_DIR=runs/... (where the job's run folders go)" >&2; exit 2; }
-    GPU_OF+=("$gpu"); LINE_OF+=("BUDGET_MINUTES=$minutes $rest"); OUT_DIRS+=("$dir")
+    GPU_OF+=("$gpu"); MIN_OF+=("$minutes"); REST_OF+=("$rest"); OUT_DIRS+=("$dir")
 done <"$JOBS"
 (( ${#GPU_OF[@]} > 0 )) || { echo "$JOBS holds no job" >&2; exit 2; }
 for pair in ${COPY:-}; do
@@ -71,14 +70,14 @@ done
 wait
 
 run_job() {  # job index: the preset with the job's environment, extra arguments after --; or the job's command
-    local line=${LINE_OF[$1]} assignments args=""
-    if [ -n "${CMD_OF[$1]:-}" ]; then
-        CUDA_VISIBLE_DEVICES=${GPU_OF[$1]} OUT=$OUT PYTHON=$PYTHON timeout "${MIN_OF[$1]}m" bash -c "${CMD_OF[$1]}" \
+    local line=${REST_OF[$1]} assignments args=""
+    if [[ "$line" == "!"* ]]; then
+        CUDA_VISIBLE_DEVICES=${GPU_OF[$1]} OUT=$OUT PYTHON=$PYTHON timeout "${MIN_OF[$1]}m" bash -c "${line#!}" \
             >"$OUT/job_$1.log" 2>&1
         echo "job $1 (GPU ${GPU_OF[$1]}, command) exit $?"
         return
     fi
-    assignments=${line%% -- *}
+    assignments="BUDGET_MINUTES=${MIN_OF[$1]} ${line%% -- *}"
     [[ "$line" == *" -- "* ]] && args=${line#* -- }
     mkdir -p "${OUT_DIRS[$1]}"
     eval "CUDA_VISIBLE_DEVICES=${GPU_OF[$1]} PYTHON=$PYTHON $assignments bash scripts/run_kv_capacity.sh $args" \
