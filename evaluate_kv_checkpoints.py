@@ -53,6 +53,15 @@ def load_for_evaluation(folder: Path) -> GradMemGPT:
     return model
 
 
+def fresh_batches(tokenizer, n_pairs: int, samples: int, data_seed: int, batch_size: int):
+    """Collated batches of `samples` fresh N<n_pairs>-K2V2-V62 samples from the test stream with `data_seed`."""
+    spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
+    data = kv_dataset_utils.generate_kv_samples(spec, samples, data_seed, kv_dataset_utils.TEST_STREAM)
+    rows = [dict(zip(data, values)) for values in zip(*data.values())]
+    collator = MemoryModelCollator(tokenizer)
+    return (collator(rows[i: i + batch_size]) for i in range(0, len(rows), batch_size))
+
+
 def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int, K: Optional[int] = None,
                     inner_lr: Optional[float] = None) -> dict:
     """`K` / `inner_lr` replace the checkpoint's WRITE steps / inner lr at evaluation (its eval_K / eval_lr)."""
@@ -65,11 +74,7 @@ def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int,
     K, inner_lr = model.write_steps()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     n_pairs = int(folder.name[1:])
-    spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
-    data = kv_dataset_utils.generate_kv_samples(spec, samples, data_seed, kv_dataset_utils.TEST_STREAM)
-    rows = [dict(zip(data, values)) for values in zip(*data.values())]
-    collator = MemoryModelCollator(tokenizer)
-    batches = (collator(rows[i: i + batch_size]) for i in range(0, len(rows), batch_size))
+    batches = fresh_batches(tokenizer, n_pairs, samples, data_seed, batch_size)
     started = time.time()
     metrics = generated_exact_match(model, batches, single_token_ids(tokenizer, ("!", "|")))
     em = metrics["generated_exact_match"]

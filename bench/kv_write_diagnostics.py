@@ -17,9 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kv_dataset_utils  # noqa: E402
-from evaluate_kv_checkpoints import load_for_evaluation  # noqa: E402
-from training_collators import MemoryModelCollator  # noqa: E402
+from evaluate_kv_checkpoints import fresh_batches, load_for_evaluation  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 PAIR_ROLES = ("separator", "key", "key", "separator", "value", "value", "separator")  # ! k k : v v !
@@ -38,11 +36,12 @@ def role_losses(model, context_input_ids: torch.Tensor, pad_id: int) -> dict:
     real = context_input_ids != pad_id
     out = {}
     K = model.config.eval_K
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(context_input_ids)
     for name, steps in (("before", 0), ("after", K)):
         model.config.eval_K = steps
         with torch.no_grad():  # the WRITE takes its inner gradients itself
             memory, _ = model.write(context_input_ids)
-            embeds = model.get_input_embeddings()(context_input_ids)
             ce = model.reconstruction_token_losses(memory, embeds, context_input_ids)
         out[name] = {role: (ce[(roles == i) & real].sum().item(), int(((roles == i) & real).sum()))
                      for i, role in enumerate(ROLES)}
@@ -56,15 +55,10 @@ def diagnose(folder: Path, n_pairs: int, samples: int, data_seed: int, batch_siz
     if inner_lr is not None:
         model.config.eval_lr = inner_lr
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
-    data = kv_dataset_utils.generate_kv_samples(spec, samples, data_seed, kv_dataset_utils.TEST_STREAM)
-    if any(len(tokenizer(c, add_special_tokens=False)["input_ids"]) != len(c) for c in data["context"][:5]):
-        raise SystemExit(f"{folder}: its tokenizer is not one token per character; the roles assume it is")
-    rows = [dict(zip(data, values)) for values in zip(*data.values())]
-    collator = MemoryModelCollator(tokenizer)
     totals = {when: {role: [0.0, 0] for role in ROLES} for when in ("before", "after")}
-    for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start:start + batch_size])
+    for batch in fresh_batches(tokenizer, n_pairs, samples, data_seed, batch_size):
+        if ((batch["context_input_ids"] != tokenizer.pad_token_id).sum(dim=1) != 7 * n_pairs + 1).any():
+            raise SystemExit(f"{folder}: its tokenizer is not one token per character; the roles assume it is")
         for when, by_role in role_losses(model, batch["context_input_ids"], tokenizer.pad_token_id).items():
             for role, (loss_sum, count) in by_role.items():
                 totals[when][role][0] += loss_sum
