@@ -114,12 +114,11 @@ def test_float32_rms_norm_is_transformers_bitwise_and_half_inputs_keep_eager_dty
 
 def tiny_llama(**overrides) -> LlamaConfig:
     """2 layers, width 16, MLP width 48 (no other tensor of the model is 48 wide)."""
-    config = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=PAD, eos_token_id=1, bos_token_id=2, tie_word_embeddings=False)
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    return config
+    settings = dict(vocab_size=20, hidden_size=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=1,
+                    bos_token_id=2, tie_word_embeddings=False)
+    # through the constructor, so derived fields (head_dim = hidden_size / heads) follow the overrides
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def tiny_gradmem(lean_ops: bool, backbone=None, seed=0, **options) -> GradMemGPT:

@@ -8,6 +8,7 @@ import torch
 from torch.autograd import gradcheck
 
 from grad_memgpt import GradMemGPTConfig
+from modeling_utils import get_backbone
 from write_recompute import recomputed_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -60,6 +61,21 @@ def test_recomputation_replays_dropout():
     torch.testing.assert_close(loss_r, loss, rtol=1e-12, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_r[name], grad, rtol=1e-10, atol=1e-10 * grad.abs().max().item(), msg=name)
+
+
+def test_recomputation_keeps_the_autocast_of_the_forward():
+    """bf16 autocast (CPU): the steps recomputed in the backward run in bf16 as the first run did, neither in fp32
+    (autocast is off where autograd runs the backward) nor under another autocast around the backward call."""
+    model = tiny_gradmem(False, recompute_write=True, use_write_head=True).float()
+    dtypes = []
+    get_backbone(model.model).layers[0].mlp.down_proj.register_forward_hook(
+        lambda module, args, output: dtypes.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**BATCH).loss
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss.backward()
+    assert len(dtypes) == model.config.K and set(dtypes) == {torch.bfloat16}  # one recomputed forward per step
 
 
 def test_the_recomputed_step_matches_finite_differences():
