@@ -11,6 +11,7 @@ from one of its checkpoints) live in seed_<s>_<variant>/ folders and are listed 
 """
 import argparse
 import json
+import re
 from pathlib import Path
 
 
@@ -51,13 +52,21 @@ def stage_rows(seed_dir: Path) -> list:
 
 
 def run_folders(root: Path) -> list:
-    """seed_<s>/ folders (one curriculum each), each followed by its continuations seed_<s>_<variant>/ in the order
-    they were started."""
-    def started(p: Path) -> str:
-        return json.loads((p / "curriculum.json").read_text())["invocations"][0].get("started", "")
+    """The run folders of root (subfolders with a curriculum.json), grouped by seed (the record's --seed, else the
+    seed_<s> in the name): seed_<s>/ first, then the seed's other runs (continuations seed_<s>_<variant>/, variants
+    such as w100_seed_<s>/) in the order they were started."""
+    def record(p: Path) -> dict:
+        return json.loads((p / "curriculum.json").read_text())["invocations"][0]
 
-    return sorted((p for p in root.glob("seed_*") if (p / "curriculum.json").is_file()),
-                  key=lambda p: (p.name.split("_")[1], p.name.count("_") > 1, started(p), p.name))
+    def seed(p: Path) -> int:
+        argv = record(p).get("argv", [])
+        if "--seed" in argv:
+            return int(argv[argv.index("--seed") + 1])
+        match = re.search(r"seed_(\d+)", p.name)
+        return int(match.group(1)) if match else -1
+
+    folders = [p for p in root.iterdir() if (p / "curriculum.json").is_file()]
+    return sorted(folders, key=lambda p: (seed(p), p.name != f"seed_{seed(p)}", record(p).get("started", ""), p.name))
 
 
 def summary(root: Path) -> str:
@@ -108,8 +117,11 @@ def plot(root: Path, path: Path) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="folder of seed_<s>/ run folders")
+    parser.add_argument("root", type=Path, help="folder of run folders (seed_<s>/, seed_<s>_<variant>/, ...)")
     args = parser.parse_args(argv)
+    if not args.root.is_dir() or not run_folders(args.root):
+        parser.error(f"{args.root} holds no run folder (a folder with a curriculum.json, written by "
+                     "run_gradmemgpt_kv_curriculum.py); pass the folder above the runs, e.g. results/kv_capacity")
     text = summary(args.root)
     (args.root / "summary.md").write_text(text)
     plot(args.root, args.root / "curves.png")

@@ -1,7 +1,9 @@
 """bench/kv_capacity_report.py: wall time summed over sittings; unfinished, budget-spent and collapsed stages marked;
-the guards' counters shown; continuations listed after their seed."""
+the guards' counters shown; continuations and variants listed after their seed; a folder without runs refused."""
 import json
 import sys
+
+import pytest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -42,3 +44,20 @@ def test_summary_sums_sittings_and_marks_unfinished(tmp_path):
     assert text.index("| seed_1 | N16") < text.index("| seed_1_k5 |")
     kv_capacity_report.main([str(tmp_path)])
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_variants_are_grouped_by_the_seed_of_their_record(tmp_path):
+    for name, seed, started in (("w300_seed_2", 2, "12:00"), ("w100_seed_1", 1, "12:05"), ("w300_seed_1", 1, "12:00")):
+        stage(tmp_path / name / "N8", 0.95, 600, 0.95)
+        (tmp_path / name / "curriculum.json").write_text(json.dumps({"invocations": [
+            {"started": started, "argv": ["--seed", str(seed)], "stages": [
+                {"stage": "N8", "threshold": 0.95, "end_s": 40.0}]}]}))
+    assert [p.name for p in kv_capacity_report.run_folders(tmp_path)] == ["w300_seed_1", "w100_seed_1", "w300_seed_2"]
+
+
+def test_a_folder_without_runs_is_refused_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "not_a_run").mkdir()
+    with pytest.raises(SystemExit):
+        kv_capacity_report.main([str(tmp_path)])
+    assert "holds no run folder" in capsys.readouterr().err
+    assert not (tmp_path / "summary.md").exists()
