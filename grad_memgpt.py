@@ -161,10 +161,11 @@ class GradMemOptions:
     attn_implementation: str = option(
         "auto", "auto: the fused Triton double backward on CUDA (exact_eager on the CPU) for second-order training, "
                 "sdpa otherwise; or any name attn_double_bwd.resolve_attn_implementation knows")
-    lean_ops: bool = option(
-        False, "SwiGLU (fused with the down projection) and RMSNorm with closed-form first and second derivatives "
-               "that save only their inputs for the backward (lean_ops.py): same function and gradients, much less "
-               "activation memory in second-order training; llama-family backbones")
+    lean_ops: Optional[bool] = option(
+        None, "SwiGLU (fused with the down projection) and RMSNorm with closed-form first and second derivatives "
+              "that save only their inputs for the backward (lean_ops.py): same function and gradients, much less "
+              "activation memory in second-order training; llama-family backbones. Default: on for second-order "
+              "training on CUDA when the backbone has them (Triton kernels there), off otherwise")
     recompute_write: bool = option(
         False, "second-order WRITE steps keep no graph: each is run again inside the outer backward "
                "(write_recompute.py): the same gradients with one step's graph alive instead of K, for one more "
@@ -339,10 +340,11 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
         self.mem_offset = config.n_mem_tokens + 2 * config.n_ctrl_tokens
 
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        second_order = config.grad_mode == "second" and config.K > 0
         attn = attn_double_bwd.resolve_attn_implementation(
             config.attn_implementation,
             device_type=device_type,
-            second_order=config.grad_mode == "second" and config.K > 0,
+            second_order=second_order,
             head_dim=attn_double_bwd.head_dim_of(_backbone_config(config)),
         )
         self.model = self._build_backbone(config, attn)
@@ -377,10 +379,12 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
 
         if config.use_write_lora:
             self._add_write_lora(config)
-        if config.lean_ops:
-            problem = lean_ops.lean_ops_problem(self.model)
-            if problem is not None:
-                raise ValueError(f"lean_ops: {problem}; build the model without lean_ops")
+        problem = lean_ops.lean_ops_problem(self.model)
+        if config.lean_ops and problem is not None:
+            raise ValueError(f"lean_ops: {problem}; build the model without lean_ops")
+        self.uses_lean_ops = (config.lean_ops if config.lean_ops is not None
+                              else device_type == "cuda" and second_order and problem is None)
+        if self.uses_lean_ops:
             lean_ops.use_lean_ops(self.model)
         for name, param in self.model.named_parameters():
             param.requires_grad_(not config.freeze_backbone or "lora_" in name)

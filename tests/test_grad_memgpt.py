@@ -2,6 +2,7 @@
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -526,7 +527,8 @@ def test_a_write_lora_that_would_train_nothing_loads_but_is_refused_for_training
 
 def test_every_option_is_declared_once_and_the_config_and_the_command_line_agree():
     """GradMemOptions is the one declaration: the config takes each option as a keyword with its default, the command
-    line (GradMemArgs) is derived from it: same order, types, defaults and help, renamed only where CLI_NAMES says."""
+    line (GradMemArgs) is derived from it: same order, types (an Optional[bool] is a bool flag defaulting to None),
+    defaults and help, renamed only where CLI_NAMES says."""
     import dataclasses
     import inspect
 
@@ -540,8 +542,9 @@ def test_every_option_is_declared_once_and_the_config_and_the_command_line_agree
     for f in declared:  # (annotations: HfArgumentParser rewrites a parsed dataclass's field.type in place)
         name = CLI_NAMES.get(f.name, f.name)
         derived = command_line[name]
+        declared_type = GradMemOptions.__annotations__[f.name]
         assert (GradMemArgs.__annotations__[name], derived.default, dict(derived.metadata)) == (
-            GradMemOptions.__annotations__[f.name], f.default, {"help": f.metadata["help"]})
+            bool if declared_type == Optional[bool] else declared_type, f.default, {"help": f.metadata["help"]})
     config = GradMemGPTConfig()
     (parsed,) = parse_cli(GradMemArgs, args=[])
     for f in declared:

@@ -11,9 +11,11 @@ from torch.autograd import gradcheck, gradgradcheck
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import grad_memgpt
 import lean_ops
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
 from lean_ops import rms_norm, swiglu, swiglu_linear
+from modeling_utils import get_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -236,3 +238,20 @@ def test_lean_ops_fail_loudly_on_other_backbones():
         GradMemGPT(GradMemGPTConfig(base_config=gpt2, lean_ops=True, attn_implementation="eager"))
     with pytest.raises(ValueError, match="activation is 'gelu'"):
         tiny_gradmem(True, backbone=tiny_llama(hidden_act="gelu"))
+
+
+def test_lean_ops_default_on_for_second_order_training_on_cuda(monkeypatch):
+    """Unset, lean_ops follows the device and the backbone: on for second-order training on CUDA with a SwiGLU /
+    RMSNorm backbone, off on the CPU, for first-order training and for other backbones (which it never refuses)."""
+    def built(cuda, **options):
+        monkeypatch.setattr(grad_memgpt.torch.cuda, "is_available", lambda: cuda)
+        options = {"n_mem_tokens": 3, "K": 2, "attn_implementation": "exact_eager", **options}
+        options.setdefault("base_config", tiny_llama())
+        model = GradMemGPT(GradMemGPTConfig(**options))
+        swapped = "forward" in vars(get_backbone(model.model).norm)  # use_lean_ops sets the instances' forward
+        assert swapped == model.uses_lean_ops
+        return swapped
+
+    assert built(True) and not built(False)
+    assert not built(True, grad_mode="first") and not built(True, base_config=tiny_llama(hidden_act="gelu"))
+    assert not built(True, lean_ops=False) and built(False, lean_ops=True)
