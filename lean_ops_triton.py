@@ -58,22 +58,33 @@ def _silu_terms(g):
 
 
 @triton.jit
-def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, CDT: tl.constexpr, BLOCK: tl.constexpr):
+def _flat_block(numel, BLOCK: tl.constexpr):
+    """This program's offsets into a flat tensor of numel elements and their in-bounds mask."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(CDT)
-    u = tl.load(u_ptr + offs, mask=mask, other=0).to(CDT)
+    return offs, offs < numel
+
+
+@triton.jit
+def _load(ptr, offs, mask, CDT: tl.constexpr):
+    """ptr[offs] in the compute dtype, masked-out entries 0."""
+    return tl.load(ptr + offs, mask=mask, other=0).to(CDT)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, numel, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = _flat_block(numel, BLOCK)
+    g = _load(g_ptr, offs, mask, CDT)
+    u = _load(u_ptr, offs, mask, CDT)
     tl.store(h_ptr + offs, (g * _sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, numel,
                        STORE_H: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    dh = tl.load(dh_ptr + offs, mask=mask, other=0).to(CDT)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(CDT)
-    u = tl.load(u_ptr + offs, mask=mask, other=0).to(CDT)
+    offs, mask = _flat_block(numel, BLOCK)
+    dh = _load(dh_ptr, offs, mask, CDT)
+    g = _load(g_ptr, offs, mask, CDT)
+    u = _load(u_ptr, offs, mask, CDT)
     _, silu, dsilu = _silu_terms(g)
     tl.store(dg_ptr + offs, (dh * u * dsilu).to(dg_ptr.dtype.element_ty), mask=mask)
     tl.store(du_ptr + offs, (dh * silu).to(du_ptr.dtype.element_ty), mask=mask)
@@ -86,28 +97,27 @@ def _swiglu_double_bwd_kernel(dh_ptr, g_ptr, u_ptr, ddg_ptr, ddu_ptr, hbar_ptr, 
                               numel, HAS_DDG: tl.constexpr, HAS_DDU: tl.constexpr, HAS_HBAR: tl.constexpr,
                               STORE_DU: tl.constexpr, STORE_H: tl.constexpr, CDT: tl.constexpr,
                               BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    dh = tl.load(dh_ptr + offs, mask=mask, other=0).to(CDT)
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(CDT)
-    u = tl.load(u_ptr + offs, mask=mask, other=0).to(CDT)
+    offs, mask = _flat_block(numel, BLOCK)
+    dh = _load(dh_ptr, offs, mask, CDT)
+    g = _load(g_ptr, offs, mask, CDT)
+    u = _load(u_ptr, offs, mask, CDT)
     s, silu, dsilu = _silu_terms(g)
     zero = tl.zeros_like(g)
     d_dh = zero
     d_g = zero
     d_u = zero
     if HAS_DDG:
-        ddg = tl.load(ddg_ptr + offs, mask=mask, other=0).to(CDT)
+        ddg = _load(ddg_ptr, offs, mask, CDT)
         ddg_dsilu = ddg * dsilu
         d_dh += ddg_dsilu * u
         d_u += ddg_dsilu * dh
         d_g += ddg * dh * u * (s * (1.0 - s) * (2.0 + g * (1.0 - 2.0 * s)))
     if HAS_DDU:
-        ddu = tl.load(ddu_ptr + offs, mask=mask, other=0).to(CDT)
+        ddu = _load(ddu_ptr, offs, mask, CDT)
         d_dh += ddu * silu
         d_g += ddu * dh * dsilu
     if HAS_HBAR:  # the fused op's cotangent of h = silu(g) u
-        hbar = tl.load(hbar_ptr + offs, mask=mask, other=0).to(CDT)
+        hbar = _load(hbar_ptr, offs, mask, CDT)
         d_g += hbar * u * dsilu
         d_u += hbar * silu
     tl.store(d_dh_ptr + offs, d_dh.to(d_dh_ptr.dtype.element_ty), mask=mask)
@@ -186,7 +196,7 @@ def _row_block(n_rows, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, r_ptr, n_rows, D, EPS: tl.constexpr, CDT: tl.constexpr,
                          Y_CDT: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, cols, row_ok, col_ok, offs, mask = _row_block(n_rows, D, ROWS, BLOCK_D)
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(CDT)
+    x = _load(x_ptr, offs, mask, CDT)
     mean_square = tl.sum(x * x, axis=1) / D + EPS
     if CDT == tl.float32:
         r = 1.0 / tl.sqrt_rn(mean_square)  # the IEEE square root (tl.sqrt's float32 one is approximate on the GPU)
@@ -203,10 +213,10 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, r_ptr, n_rows, D, EPS: tl.constexp
 def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, r_ptr, dx_ptr, dw_part_ptr, n_rows, D, CDT: tl.constexpr,
                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows, cols, row_ok, col_ok, offs, mask = _row_block(n_rows, D, ROWS, BLOCK_D)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0).to(CDT)
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(CDT)
-    r = tl.load(r_ptr + rows, mask=row_ok, other=0).to(CDT)[:, None]
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0).to(CDT)[None, :]
+    dy = _load(dy_ptr, offs, mask, CDT)
+    x = _load(x_ptr, offs, mask, CDT)
+    r = _load(r_ptr, rows, row_ok, CDT)[:, None]
+    w = _load(w_ptr, cols, col_ok, CDT)[None, :]
     n = x * r
     a = dy * w
     dx = r * (a - n * (tl.sum(a * n, axis=1) / D)[:, None])
@@ -219,15 +229,15 @@ def _rms_norm_double_bwd_kernel(dy_ptr, x_ptr, w_ptr, r_ptr, p_ptr, q_ptr, d_dy_
                                 D, HAS_P: tl.constexpr, HAS_Q: tl.constexpr, CDT: tl.constexpr, ROWS: tl.constexpr,
                                 BLOCK_D: tl.constexpr):
     rows, cols, row_ok, col_ok, offs, mask = _row_block(n_rows, D, ROWS, BLOCK_D)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0).to(CDT)
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(CDT)
-    r = tl.load(r_ptr + rows, mask=row_ok, other=0).to(CDT)[:, None]
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0).to(CDT)[None, :]
+    dy = _load(dy_ptr, offs, mask, CDT)
+    x = _load(x_ptr, offs, mask, CDT)
+    r = _load(r_ptr, rows, row_ok, CDT)[:, None]
+    w = _load(w_ptr, cols, col_ok, CDT)[None, :]
     n = x * r
     d_dy = tl.zeros_like(x)
     d_x = tl.zeros_like(x)
     if HAS_P:  # the cotangent of dx
-        p = tl.load(p_ptr + offs, mask=mask, other=0).to(CDT)
+        p = _load(p_ptr, offs, mask, CDT)
         a = dy * w
         A = (tl.sum(a * n, axis=1) / D)[:, None]
         P = (tl.sum(p * n, axis=1) / D)[:, None]
@@ -237,7 +247,7 @@ def _rms_norm_double_bwd_kernel(dy_ptr, x_ptr, w_ptr, r_ptr, p_ptr, q_ptr, d_dy_
         d_x += r * r * ((3.0 * A * P - pa) * n - P * a - A * p)
         tl.store(d_w_part_ptr + tl.program_id(0).to(tl.int64) * D + cols, tl.sum(dy * jp, axis=0), mask=col_ok)
     if HAS_Q:  # the cotangent of dweight
-        q = tl.load(q_ptr + cols, mask=col_ok, other=0).to(CDT)[None, :]
+        q = _load(q_ptr, cols, col_ok, CDT)[None, :]
         q_dy = q * dy
         d_dy += q * n
         d_x += r * (q_dy - n * (tl.sum(q_dy * n, axis=1) / D)[:, None])
