@@ -6,9 +6,10 @@ backward's intermediates) until the outer backward reaches it, so second-order t
 the step again with create_graph=True and backpropagates the incoming gradients through it at once. At most one
 step's graph is alive at a time (memory independent of K), for one more inner forward and backward per step.
 
-The gradients are those of the stored-graph step: the recomputation replays the random state (dropout) and the autocast
-state (bf16 training) of the first run; the backward runs on autograd's own thread, where autocast is off. The outer
-backward cannot itself be differentiated (no third derivatives).
+The gradients are those of the stored-graph step (float32/float64; within rounding under bf16 autocast): the
+recomputation replays the random state (dropout) and the autocast state of the first run, as the backward runs on
+autograd's own thread, where autocast is off. The outer backward cannot itself be differentiated (no third
+derivatives).
 """
 from contextlib import ExitStack
 from typing import Callable, List, Sequence, Tuple
@@ -40,7 +41,8 @@ class _RecomputedStep(torch.autograd.Function):
         ctx.devices = sorted({t.device for t in inputs if t.device.type == "cuda"}, key=str)
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
-        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda")]
+        ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                        for kind in ("cpu", "cuda")]
         ctx.params = inputs[n_fast + n_state + 1:]  # the module's own parameters: the recomputation uses them
         ctx.save_for_backward(*inputs[:n_fast + n_state + 1])
         fast, state, embeds = _split(inputs, n_fast, n_state)
