@@ -4,10 +4,13 @@ A KV context is `!k1k2:v1v2!` per pair, then `|`, one token per character. READ 
 WRITE's loss also asks for the keys and the separators. For each checkpoint, on fresh test samples (as
 evaluate_kv_checkpoints.py draws them), this prints the mean per-token loss of key characters, value characters and
 separators with the initial memory (no WRITE) and with the memory after the checkpoint's own K steps (or --K /
---inner_lr), on the CPU.
+--inner_lr), on the CPU. `--by_position B` also prints the exact match of the generated answers by where the queried
+pair sits in the context (B equal groups of pair positions): whether the pairs a WRITE loses are the early, the late
+or any.
 
     python bench/kv_write_diagnostics.py results/kv_checkpoints/N96 --samples 50
     python bench/kv_write_diagnostics.py results/kv_checkpoints/N64 results/kv_checkpoints/N96 --K 5 8
+    python bench/kv_write_diagnostics.py results/kv_checkpoints/N96 --samples 400 --by_position 4
 """
 import argparse
 import sys
@@ -17,7 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kv_dataset_utils  # noqa: E402
 from evaluate_kv_checkpoints import fresh_batches, load_for_evaluation  # noqa: E402
+from evaluation import generated_exact_match  # noqa: E402
+from training_collators import single_token_ids  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 PAIR_ROLES = ("separator", "key", "key", "separator", "value", "value", "separator")  # ! k k : v v !
@@ -49,12 +55,41 @@ def role_losses(model, context_input_ids: torch.Tensor, pad_id: int) -> dict:
     return out
 
 
-def diagnose(folder: Path, n_pairs: int, samples: int, data_seed: int, batch_size: int, K=None, inner_lr=None) -> dict:
+def load(folder: Path, K=None, inner_lr=None):
+    """(model writing with K steps at inner_lr, default the checkpoint's own; its tokenizer)."""
     model = load_for_evaluation(folder)
     model.config.eval_K = model.write_steps()[0] if K is None else K
     if inner_lr is not None:
         model.config.eval_lr = inner_lr
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+def queried_positions(n_pairs: int, samples: int, data_seed: int) -> list:
+    """The 0-based position in its context of the pair each fresh sample's query asks for (the samples of
+    fresh_batches, in order; a context is 7 characters per pair, a query `?!kk:`)."""
+    data = kv_dataset_utils.generate_kv_samples(kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62"), samples,
+                                                data_seed, kv_dataset_utils.TEST_STREAM)
+    return [context.index(query[1:]) // 7 for context, query in zip(data["context"], data["query"])]
+
+
+def exact_match_by_position(folder: Path, n_pairs: int, samples: int, data_seed: int, batch_size: int, groups: int,
+                            K=None, inner_lr=None) -> list:
+    """[(first pair, last pair (1-based), answers right, samples)] for `groups` equal groups of queried positions."""
+    model, tokenizer = load(folder, K, inner_lr)
+    rights = []
+    generated_exact_match(model, fresh_batches(tokenizer, n_pairs, samples, data_seed, batch_size),
+                          single_token_ids(tokenizer, ("!", "|")),
+                          on_batch=lambda _batch, _generated, right: rights.extend(right.tolist()))
+    table = [[g * n_pairs // groups + 1, (g + 1) * n_pairs // groups, 0, 0] for g in range(groups)]
+    for position, right in zip(queried_positions(n_pairs, samples, data_seed), rights, strict=True):
+        row = table[position * groups // n_pairs]
+        row[2] += int(right)
+        row[3] += 1
+    return [tuple(row) for row in table]
+
+
+def diagnose(folder: Path, n_pairs: int, samples: int, data_seed: int, batch_size: int, K=None, inner_lr=None) -> dict:
+    model, tokenizer = load(folder, K, inner_lr)
     totals = {when: {role: [0.0, 0] for role in ROLES} for when in ("before", "after")}
     for batch in fresh_batches(tokenizer, n_pairs, samples, data_seed, batch_size):
         if ((batch["context_input_ids"] != tokenizer.pad_token_id).sum(dim=1) != 7 * n_pairs + 1).any():
@@ -77,21 +112,37 @@ def main(argv=None) -> list:
     parser.add_argument("--batch_size", type=int, default=25)
     parser.add_argument("--K", type=int, nargs="+", default=[None], help="WRITE steps (default: the checkpoint's)")
     parser.add_argument("--inner_lr", type=float, default=None, help="inner lr (default: the checkpoint's)")
+    parser.add_argument("--by_position", type=int, default=None, metavar="GROUPS",
+                        help="also the generated exact match by the queried pair's position, in GROUPS equal groups")
     args = parser.parse_args(argv)
     if any(K is not None and K < 1 for K in args.K):
         parser.error(f"--K must be >= 1 (the loss without a WRITE is printed anyway), got {args.K}")
-    print("| checkpoint | K / inner lr | " + " | ".join(f"{r} loss: no WRITE -> after" for r in ROLES) + " |")
-    print("|---|---|" + "---|" * len(ROLES))
-    rows = []
+    folders = []
     for folder in map(Path, args.folders):
         n_pairs = args.N or (int(folder.name[1:]) if folder.name[1:].isdigit() else None)
         if n_pairs is None:
-            raise SystemExit(f"{folder}: name the pairs per context with --N (the folder is not named N<pairs>)")
+            parser.error(f"{folder}: name the pairs per context with --N (the folder is not named N<pairs>)")
+        if args.by_position is not None and not 1 <= args.by_position <= n_pairs:
+            parser.error(f"--by_position must be between 1 and the {n_pairs} pairs of {folder}, got {args.by_position}")
+        folders.append((folder, n_pairs))
+    print("| checkpoint | K / inner lr | " + " | ".join(f"{r} loss: no WRITE -> after" for r in ROLES) + " |")
+    print("|---|---|" + "---|" * len(ROLES))
+    rows = []
+    for folder, n_pairs in folders:
         for K in args.K:
             r = diagnose(folder, n_pairs, args.samples, args.data_seed, args.batch_size, K, args.inner_lr)
             cells = " | ".join(f"{r['before'][role]:.3f} -> {r['after'][role]:.3f}" for role in ROLES)
             print(f"| {folder} | {r['K']} / {r['inner_lr']:g} | {cells} |", flush=True)
-            rows.append(r)
+            rows.append({**r, "folder": folder, "N": n_pairs})
+    if args.by_position is not None:
+        print("\n| checkpoint | K / inner lr | generated exact match (right / samples) by queried pair position |")
+        print("|---|---|---|")
+        for r in rows:
+            r["by_position"] = exact_match_by_position(r["folder"], r["N"], args.samples, args.data_seed,
+                                                       args.batch_size, args.by_position, r["K"], r["inner_lr"])
+            cells = ", ".join(f"pairs {first}-{last}: {right / max(n, 1):.3f} ({right}/{n})"
+                              for first, last, right, n in r["by_position"])
+            print(f"| {r['folder']} | {r['K']} / {r['inner_lr']:g} | {cells} |", flush=True)
     return rows
 
 

@@ -111,3 +111,37 @@ def test_write_diagnostics_split_the_inner_loss_by_role(checkpoint):
     assert abs(total - stats["inner_loss"].item()) < 1e-5
     with pytest.raises(SystemExit):
         diag.main([str(checkpoint), "--K", "0"])
+
+
+def test_write_diagnostics_exact_match_by_queried_position(checkpoint, monkeypatch):
+    """--by_position: each fresh sample's answer is counted once, in the group of the pair its query asks for."""
+    import sys
+    from pathlib import Path
+
+    import kv_dataset_utils
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kv_write_diagnostics as diag
+
+    data = kv_dataset_utils.generate_kv_samples(kv_dataset_utils.parse_dataset_name("N5-K2V2-V62"), 40, 1,
+                                                kv_dataset_utils.TEST_STREAM)
+    positions = diag.queried_positions(5, 40, 1)
+    for context, query, target, position in zip(data["context"], data["query"], data["target"], positions):
+        assert context[7 * position: 7 * position + 7] == query[1:] + target[:2] + "!"
+    assert len(set(positions)) == 5  # every position is asked for
+
+    first_pair_asked = [p == 0 for p in diag.queried_positions(2, 12, 1)]
+
+    def answers_right_where_the_first_pair_is_asked(model, batches, ignore_ids, on_batch):
+        done = 0
+        for batch in batches:  # the fresh samples in their order, 5 per batch
+            n = batch["context_input_ids"].shape[0]
+            on_batch(batch, None, torch.tensor(first_pair_asked[done: done + n]))
+            done += n
+
+    monkeypatch.setattr(diag, "generated_exact_match", answers_right_where_the_first_pair_is_asked)
+    (row,) = diag.main([str(checkpoint), "--samples", "12", "--batch_size", "5", "--by_position", "2"])
+    asked = sum(first_pair_asked)
+    assert 0 < asked < 12 and row["by_position"] == [(1, 1, asked, asked), (2, 2, 0, 12 - asked)]
+    with pytest.raises(SystemExit):
+        diag.main([str(checkpoint), "--by_position", "3"])  # more groups than the 2 pairs
