@@ -162,9 +162,12 @@ def setup_line(trainer: Trainer, precision: str, fast_step: str) -> str:
         fast = "off (not on CUDA)"
     else:
         fast = "auto (decided, and logged, at the first step)"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lean = getattr(model, "uses_lean_ops", None)  # GradMem's lean SwiGLU / RMSNorm (other models: no such option)
     return (f"device {device} ({name}) x {trainer.args.world_size} process(es) | precision "
             f"{'bf16 autocast, fp32 weights' if precision == 'bf16' else 'fp32'}{tf32} | attention "
-            f"{attention_implementation(trainer.accelerator.unwrap_model(trainer.model))} | fast step {fast}")
+            f"{attention_implementation(model)} | fast step {fast}"
+            + ("" if lean is None else f" | lean ops {'on' if lean else 'off'}"))
 
 
 def report_finished_run(run_dir: Path, reason: str) -> dict:

@@ -277,8 +277,8 @@ def test_trainer_falls_back_to_eager_steps_with_a_log_line(tmp_path, caplog):
         TrainArgs(fast_step="on").validate()
     with caplog.at_level(logging.INFO, logger="gradmem"):
         _, metrics = _kv_run(tmp_path, "cpu", max_steps=2)
-    assert "device cpu" in caplog.text and "precision fp32 | attention eager | fast step off (not on CUDA)" \
-        in caplog.text  # one setup line at the start, the fast-step decision included
+    assert "device cpu" in caplog.text and "precision fp32 | attention eager | fast step off (not on CUDA) | lean " \
+        "ops off" in caplog.text  # one setup line at the start, the fast-step and lean-ops decisions included
     assert metrics["global_step"] == 2 and metrics["skipped_steps"] == 0
 
 
