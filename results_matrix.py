@@ -22,6 +22,8 @@ matrix.md, matrix.json, k_scaling.png and matrix_curves_<task>.png (written by `
   rolled back the trainer's collapse guard rolled the run back (all_results.json: rollbacks > 0);
   non-finite steps skipped  the trainer skipped optimizer steps with a non-finite loss or gradient (skipped_steps > 0).
   Spike-skipped steps are shown as a count, not as a problem.
+- The lr sweep of run_paper_claims.sh's two-phase protocol (SWEEP_SEEDS): lr_sweep_choice picks each sweep's lr from
+  its phase-1 runs with best_lr_cells (the same rule), write_lr_choice records it (lr_choice.md, lr_choice.json).
 """
 import json
 import math
@@ -32,7 +34,7 @@ from typing import Optional
 import numpy as np
 
 from run_metrics import (Run, _is_number, _pyplot, _safe, _series, kv_task_n, plot_mean_and_seeds,
-                         plot_seeds_and_mean, save_figure)
+                         plot_seeds_and_mean, read_run, save_figure)
 from training_runs import family_of_arguments, setting
 
 COLLAPSE_FRACTION = 0.5  # a final valid exact match below this fraction of the best one logged ...
@@ -382,3 +384,112 @@ def write_matrix(runs: list, out_dir: Path, runs_root) -> list:
         files.append(path)
     return files + plot_matrix_curves(cells, out_dir)
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lr sweep of run_paper_claims.sh's two-phase protocol (SWEEP_SEEDS)
+# ----------------------------------------------------------------------------------------------------------------
+
+def lr_sweep_choice(entries: list) -> list:
+    """The lr each sweep chooses from its phase-1 runs (scripts/run_paper_claims.sh with SWEEP_SEEDS).
+
+    entries: one per phase-1 run, (sweep, N, lr, run id, run folder, planned --max_steps, failed "1"/"0"), where sweep
+    is the script's (family, K) name (gradmem_K2, rmt_K1) and lr is written as the script writes it. The lr is chosen
+    by best_lr_cells, the collector's rule: the best mean over the sweep's seeds of the selected checkpoint's valid
+    exact match (all_results.json's eval_exact_match), ties: the smaller lr; no test metric is read. A sweep with a
+    run that failed (or was skipped), has no results of the planned --max_steps or no valid exact match chooses
+    nothing; its problems say why. One record per (sweep, N) in the order of entries: {"sweep", "family", "K", "n",
+    "chosen" (the lr as written, None), "problems", "lrs": [{"lr", "valid_exact_match_mean", "runs": [{"run",
+    "seed", "path", "valid_exact_match"}]}]}."""
+    sweeps = {}
+    for sweep, n, *rest in entries:
+        sweeps.setdefault((sweep, int(n)), []).append(rest)
+    records = []
+    for (sweep, n), members in sweeps.items():
+        family, _, k = sweep.partition("_K")
+        problems, runs, lr_of_path, lrs = [], [], {}, {}
+        for lr, run_id, path, max_steps, failed in members:
+            run = read_run(Path(path))
+            m = matrix_run(run)
+            if failed == "1":
+                problems.append(f"{run_id} failed or was skipped")
+            elif not run.metrics:
+                problems.append(f"{run_id} has no all_results.json ({path})")
+            elif run.args.get("max_steps") != int(max_steps):
+                problems.append(f"{run_id}'s results are of --max_steps {run.args.get('max_steps')}, not the planned "
+                                f"{max_steps} ({path})")
+            elif m is None or math.isnan(m.valid_em):
+                problems.append(f"{run_id} has no valid exact match in all_results.json ({path})")
+            else:
+                runs.append(run)
+                lr_of_path[run.path] = lr
+            valid = m.valid_em if run.path in lr_of_path else math.nan
+            lrs.setdefault(lr, []).append({"run": run_id, "seed": run.seed, "path": str(path),
+                                           "valid_exact_match": _num(valid)})
+        chosen = None
+        if not problems:
+            best = best_lr_cells(matrix_cells(runs))
+            if len(best) == 1:
+                chosen = lr_of_path[next(iter(best.values())).runs[0].run.path]
+            else:
+                problems.append("its runs differ in more than the lr and the seed: "
+                                + "; ".join(sorted({c.variant for c in best.values()})))
+        records.append({"sweep": sweep, "family": family, "K": int(k) if k else None, "n": n, "chosen": chosen,
+                        "problems": problems,
+                        "lrs": [{"lr": lr, "valid_exact_match_mean": _num(_mean([r["valid_exact_match"] for r in rs])),
+                                 "runs": rs} for lr, rs in lrs.items()]})
+    return records
+
+
+def _mean(values: list) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else math.nan
+
+
+def lr_choice_summary(record: dict) -> str:
+    """One line: every lr's mean valid exact match and the chosen lr, or why the sweep chose none."""
+    if record["problems"]:
+        return "no choice: " + "; ".join(record["problems"])
+    return ("valid EM " + ", ".join(f"{e['lr']}: {_fmt(e['valid_exact_match_mean'])}" for e in record["lrs"])
+            + f" -> {record['chosen']}")
+
+
+def lr_choice_markdown(records: list, sweep_seeds: list, other_seeds: list) -> str:
+    other = " ".join(other_seeds) or "none (SWEEP_SEEDS names every seed of SEEDS)"
+    out = ["# The lr sweep of the two-phase protocol (scripts/run_paper_claims.sh, SWEEP_SEEDS)\n",
+           f"Phase 1 ran every swept lr (GradMem: the inner lr of each K; RMT: the outer lr) on the sweep seeds "
+           f"{' '.join(sweep_seeds)} (a seed s runs with --seed 142+s). Per (N, family, K) the lr with the best valid "
+           "exact match of the selected checkpoint (all_results.json's eval_exact_match, the mean over the sweep "
+           "seeds; ties: the smaller lr) was chosen; phase 2 runs it, at each N the lr chosen at that N, on the other "
+           f"seeds: {other}. No test metric was read. Cells with a single lr (llama, mamba) ran every seed in phase 1 "
+           "and are not listed.\n",
+           "matrix.md chooses its best lr on the mean over every seed a cell has: after phase 2 the chosen lr has more "
+           "seeds than the others, and matrix.md may mark another lr best. This table is the protocol's choice.\n"]
+    head = ("N", "family", "K", "swept lr", "valid EM, selected checkpoint: mean [run seed: value]", "chosen")
+    rows = []
+    for r in records:
+        for e in r["lrs"]:
+            seeds = ", ".join(f"{x['seed']}: {_fmt(x['valid_exact_match'])}" for x in e["runs"])
+            rows.append([str(r["n"]), r["family"], "-" if r["K"] is None else str(r["K"]),
+                         f"{'inner ' if r['family'] == 'gradmem' else ''}{e['lr']}",
+                         f"{_fmt(e['valid_exact_match_mean'])} [{seeds}]",
+                         "**chosen**" if e["lr"] == r["chosen"] else ("-" if r["chosen"] else "none: phase 2 skipped")])
+    out.append(_markdown(head, rows))
+    skipped = [r for r in records if r["problems"]]
+    if skipped:
+        out.append("\n## Sweeps without a choice (their phase 2 was skipped)\n")
+        out += [f"- N{r['n']} {r['sweep']}: {'; '.join(r['problems'])}" for r in skipped]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_lr_choice(records: list, out_dir, sweep_seeds: list, other_seeds: list) -> list:
+    """lr_choice.md and lr_choice.json under out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lr_choice.md").write_text(lr_choice_markdown(records, sweep_seeds, other_seeds))
+    (out / "lr_choice.json").write_text(json.dumps(
+        {"sweep_seeds": [int(s) for s in sweep_seeds], "other_seeds": [int(s) for s in other_seeds],
+         "rule": "per (N, family, K): the best mean valid exact match (selected checkpoint) over the sweep seeds; "
+                 "ties: the smaller lr; test metrics not read", "sweeps": records}, indent=2))
+    return [out / "lr_choice.md", out / "lr_choice.json"]

@@ -101,6 +101,15 @@ def run_files(run_dir: Path) -> list:
     return names
 
 
+def read_run(path: Path) -> Run:
+    """The run folder `<task>/<run_name>/run_<seed>` as a Run (metrics, log and arguments empty where missing)."""
+    path = Path(path)
+    return Run(task=path.parent.parent.name, run_name=path.parent.name,
+               seed=int(RUN_DIR_PATTERN.fullmatch(path.name)[1]), path=path,
+               metrics=read_results(path / "all_results.json"),
+               log_history=read_log_history(path / "trainer_state.json"), args=saved_arguments(path))
+
+
 def find_runs(runs_root) -> list:
     """Every `<task>/<run_name>/run_<seed>` folder under runs_root (at any depth) holding at least one of RUN_FILES."""
     root = Path(runs_root)
@@ -115,9 +124,7 @@ def find_runs(runs_root) -> list:
         if len(path.relative_to(root).parts) < 3:
             raise ValueError(f"{path} is not laid out as <task>/<run_name>/run_<seed> under {root}; pass --runs with "
                              "the folder above the task folders")
-        runs.append(Run(task=path.parent.parent.name, run_name=path.parent.name, seed=int(m[1]), path=path,
-                        metrics=read_results(path / "all_results.json"),
-                        log_history=read_log_history(path / "trainer_state.json"), args=saved_arguments(path)))
+        runs.append(read_run(path))
     if not runs:
         raise FileNotFoundError(f"no run folders <task>/<run_name>/run_<seed>/ with {' / '.join(RUN_FILES)} under "
                                 f"{root}")

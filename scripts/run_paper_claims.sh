@@ -17,6 +17,22 @@
 #            config, no K). Lr MAMBA_LRS (3e-4, what scripts/run_gpt_on_kv_retrieval.sh gives for Mamba).
 # A cell is (family, K, swept lr, N); each cell runs once per seed in SEEDS.
 #
+# Two phases (SWEEP_SEEDS set): the lr sweeps run on fewer seeds. Phase 1 runs every lr of each sweep (a family and K
+# with more than one lr) on the seeds of SWEEP_SEEDS only, the cells of a single lr (llama, mamba) on every seed.
+# Then, per (family, K, N), the lr with the best valid exact match of phase 1 (the selected checkpoint's
+# eval_exact_match in all_results.json, the mean over the sweep seeds; ties: the smaller lr; no test metric is read;
+# results_matrix.lr_sweep_choice, the collector's rule) is written with the whole sweep to RESULTS_DIR/lr_choice.md
+# and lr_choice.json, and phase 2 runs it on the other seeds of SEEDS. The lr is chosen at each N from that N's
+# phase-1 runs, as the collector chooses per N, so every N has its own tuned lr (the best inner lr may change with
+# N, and a warm start changes the run); a phase-2 run at N16 (N32) warm-starts from the run of the same lr and seed at
+# N8 (N16), which phase 2 runs as well (its plan names it "warm start only" where N8 chose another lr), so every seed
+# of a chosen cell has the same history. Choosing once at the smallest N would save those runs and the sweep at the
+# larger N, but would leave N16 and N32 untuned. A sweep with a phase-1 run that failed, was skipped or has no valid
+# exact match chooses nothing: its phase 2 is skipped (reported, exit 1 at the end). DRY_RUN prints phase 1's plan and
+# what phase 2 will run; where phase-1 results are on disk (RUNS_DIR), the choice and phase 2's concrete plan too.
+# Runs, phase 1 + phase 2 (DRY_RUN counts, default sweeps, SWEEP_SEEDS=1): NS=8 24 + 12 instead of 60; NS="8 16"
+# 48 + 24 (up to 36 where N16 chooses another lr than N8) instead of 120; all four N 96 + 48 (up to 84) instead of 240.
+#
 # Every run: batch 64, clip 1.0, AdamW, lr constant after its family's warmup (INIT_WARMUP steps when warm-started,
 # for every family), exactly STEPS_N<n> optimizer steps (no wall-clock budget, no early stopping, no stop at a metric
 # value), evaluation every EVAL_STEPS steps on MAX_EVAL_SAMPLES valid samples with the best checkpoint selected on
@@ -31,12 +47,16 @@
 #   ONLY=rmt K=2 LRS=3e-4 NS="8" SEEDS=1 bash scripts/run_paper_claims.sh       # one cell, one seed
 #   ONLY="llama mamba" NS="8 16" bash scripts/run_paper_claims.sh               # some families, N8 -> N16
 #   ONLY=gradmem K=5 RUNS_DIR=/tmp/smoke RESULTS_DIR=/tmp/smoke_results bash scripts/run_paper_claims.sh --max_steps 20
+#   SWEEP_SEEDS=1 GPUS="0 1" NS="8 16" PRECISION=tf32 bash scripts/run_paper_claims.sh  # sweeps on seed 1, then the
+#                                                                 # best-valid lr of each (family, K, N) on seeds 2 3
 #
 # Selection (which cells run):
 #   ONLY ["gradmem rmt llama mamba"]   families
 #   K ["1 2 5"]       WRITE steps (gradmem) / forward writes (rmt); llama and mamba have none
 #   LRS [unset]       replaces the swept lrs of every selected family (gradmem: inner lr; the others: outer lr)
 #   NS ["4 8 16 32"]  16 needs 8, 32 needs 16 (warm starts)     SEEDS ["1 2 3"]: seed s runs with --seed 142+s
+#   SWEEP_SEEDS [unset]  two phases: the seeds of SEEDS that run every lr of a sweep; the others run the lr chosen
+#                        on them (unset: every lr on every seed)
 # Budgets, the same for every family:
 #   STEPS_N4 [5000]  STEPS_N8 [10000]  STEPS_N16 [20000]  STEPS_N32 [40000]   optimizer steps of each run at that N
 #   INIT_WARMUP [100]  warmup steps of every warm-started run
@@ -90,6 +110,8 @@ K=${K:-"1 2 5"}
 LRS=${LRS:-}
 NS=${NS:-"4 8 16 32"}
 SEEDS=${SEEDS:-"1 2 3"}
+TWO_PHASE=${SWEEP_SEEDS+set}  # SWEEP_SEEDS set (even empty, refused below): the two-phase protocol
+SWEEP_SEEDS=${SWEEP_SEEDS-}
 STEPS_N4=${STEPS_N4:-5000}
 STEPS_N8=${STEPS_N8:-10000}
 STEPS_N16=${STEPS_N16:-20000}
@@ -161,6 +183,19 @@ for seed in $SEEDS; do
     [[ "$seed" =~ ^[0-9]+$ ]] || fail "SEEDS=\"$SEEDS\": '$seed' is not a number (seed s runs with --seed 142+s)"
 done
 no_repeats SEEDS
+OTHER_SEEDS=""  # two phases: the seeds of SEEDS that run only the chosen lr
+if [ -n "$TWO_PHASE" ]; then
+    [ -n "${SWEEP_SEEDS// /}" ] || fail "SWEEP_SEEDS is empty; name the seeds of SEEDS that run every lr of a sweep," \
+        "e.g. SWEEP_SEEDS=${SEEDS%% *} (or unset SWEEP_SEEDS: every lr on every seed)"
+    for seed in $SWEEP_SEEDS; do
+        [[ "$seed" =~ ^[0-9]+$ ]] || fail "SWEEP_SEEDS=\"$SWEEP_SEEDS\": '$seed' is not a number; name seeds of" \
+            "SEEDS=\"$SEEDS\", e.g. SWEEP_SEEDS=${SEEDS%% *}"
+        has_word "$SEEDS" "$seed" || fail "SWEEP_SEEDS=\"$SWEEP_SEEDS\": seed $seed is not in SEEDS=\"$SEEDS\";" \
+            "name seeds of SEEDS (the sweep runs on them, the chosen lr on the others), e.g. SWEEP_SEEDS=${SEEDS%% *}"
+    done
+    no_repeats SWEEP_SEEDS
+    for seed in $SEEDS; do has_word "$SWEEP_SEEDS" "$seed" || OTHER_SEEDS+="${OTHER_SEEDS:+ }$seed"; done
+fi
 [ -n "${NS// /}" ] || fail "NS is empty; list the N to run, e.g. NS=\"4 8 16 32\""
 for n in $NS; do
     case "$n" in 4|8|16|32) ;; *) fail "NS=\"$NS\": N=$n is not one of 4 8 16 32" ;; esac
@@ -212,9 +247,11 @@ EXTRA_ARGS=("$@")
 # ---------------------------------------------------------------------------------------------------------------
 
 C_NAME=(); C_FAMILY=(); C_K=(); C_LR=()  # cells without N: family, K ("" = none), the swept lr
+C_SWEEP=()  # the cell's sweep (family and K: gradmem_K2, llama), whose cells differ only in the swept lr
 add_cell() {  # family K lr
     local name=$1
     if [ -n "$2" ]; then name+="_K$2"; fi
+    C_SWEEP+=("$name")
     if [ "$1" = gradmem ]; then name+="_ilr$3"; else name+="_lr$3"; fi
     C_NAME+=("$name"); C_FAMILY+=("$1"); C_K+=("$2"); C_LR+=("$3")
 }
@@ -231,8 +268,17 @@ for family in gradmem rmt llama mamba; do  # a fixed order, whatever the order o
     esac
 done
 
-R_ID=(); R_CELL=(); R_N=(); R_SEED=(); R_PARENT=()
-J_RUNS=(); J_COST=()  # run numbers of the job (in order); estimated cost (steps x cost factor of the family)
+declare -A SWEEP_SIZE=()  # sweep -> its number of lrs
+for c in "${!C_NAME[@]}"; do SWEEP_SIZE[${C_SWEEP[$c]}]=$(( ${SWEEP_SIZE[${C_SWEEP[$c]}]:-0} + 1 )); done
+is_swept() {  # cell: its sweep has more than one lr and two phases split it by seed
+    [ -n "$TWO_PHASE" ] && (( SWEEP_SIZE[${C_SWEEP[$1]}] > 1 ))
+}
+
+# The plan of one phase (one phase = the whole matrix without SWEEP_SEEDS): R_* per run, J_* per job, G_* per GPU
+reset_plan() {
+    R_ID=(); R_CELL=(); R_N=(); R_SEED=(); R_PARENT=()
+    J_RUNS=(); J_COST=()  # run numbers of the job (in order); estimated cost (steps x cost factor of the family)
+}
 
 steps_of() { local name="STEPS_N$1"; echo "${!name}"; }
 cost_factor() {  # cell number -> relative cost of one step (balancing only)
@@ -254,27 +300,58 @@ add_job() {  # run numbers of one job
     J_RUNS+=("$*"); J_COST+=("$cost")
 }
 
-for c in "${!C_NAME[@]}"; do  # N4 alone; N8 -> N16 -> N32 as one chain per cell and seed
-    for seed in $SEEDS; do
-        if has_word "$NS" 4; then add_run "$c" 4 "$seed" -1; add_job "$LAST_RUN"; fi
-        parent=-1; chain=()
-        for n in 8 16 32; do
-            has_word "$NS" "$n" || continue
-            add_run "$c" "$n" "$seed" "$parent"
-            parent=$LAST_RUN; chain+=("$LAST_RUN")
-        done
-        if (( ${#chain[@]} > 0 )); then add_job "${chain[@]}"; fi
-    done
-done
+add_n4_job() {  # cell seed: its N4 run alone, if NS has 4
+    if has_word "$NS" 4; then add_run "$1" 4 "$2" -1; add_job "$LAST_RUN"; fi
+}
 
-# ---- the costliest job first onto the GPU with the least summed cost so far (the first such GPU on ties) ----
-G_JOBS=(); G_LOAD=()
-for g in "${!GPU_LIST[@]}"; do G_JOBS+=(""); G_LOAD+=(0); done
-for j in $(for j in "${!J_COST[@]}"; do echo "${J_COST[$j]} $j"; done | sort -s -k1,1nr | cut -d' ' -f2); do
-    best=0
-    for g in "${!GPU_LIST[@]}"; do (( G_LOAD[g] < G_LOAD[best] )) && best=$g; done
-    G_JOBS[best]+="$j "; G_LOAD[best]=$(( G_LOAD[best] + J_COST[j] ))
-done
+add_chain_job() {  # cell seed top: the chain N8 -> N16 -> N32 of the cell and seed, the N of NS up to top
+    local parent=-1 n chain=()
+    for n in 8 16 32; do
+        (( n <= $3 )) || break
+        has_word "$NS" "$n" || continue
+        add_run "$1" "$n" "$2" "$parent"
+        parent=$LAST_RUN; chain+=("$LAST_RUN")
+    done
+    if (( ${#chain[@]} > 0 )); then add_job "${chain[@]}"; fi
+}
+
+plan_phase1() {  # every cell on every seed; two phases: a swept cell on the seeds of SWEEP_SEEDS only
+    local c seed seeds
+    reset_plan
+    for c in "${!C_NAME[@]}"; do  # N4 alone; N8 -> N16 -> N32 as one chain per cell and seed
+        seeds=$SEEDS
+        if is_swept "$c"; then seeds=$SWEEP_SEEDS; fi
+        for seed in $seeds; do add_n4_job "$c" "$seed"; add_chain_job "$c" "$seed" 32; done
+    done
+}
+
+declare -A CHOSEN=()  # "sweep N" -> the cell of the lr chosen at that N in phase 1 (absent: no choice)
+plan_phase2() {  # at each N the chosen cell on the other seeds, with the runs of that cell its warm starts need
+    local c seed n top
+    reset_plan
+    for c in "${!C_NAME[@]}"; do
+        is_swept "$c" || continue
+        for seed in $OTHER_SEEDS; do
+            if [ "${CHOSEN[${C_SWEEP[$c]} 4]:-}" = "$c" ]; then add_n4_job "$c" "$seed"; fi
+            top=0
+            for n in 8 16 32; do
+                if [ "${CHOSEN[${C_SWEEP[$c]} $n]:-}" = "$c" ]; then top=$n; fi
+            done
+            if (( top > 0 )); then add_chain_job "$c" "$seed" "$top"; fi
+        done
+    done
+}
+
+assign_gpus() {  # the costliest job first onto the GPU with the least summed cost so far (the first such GPU on ties)
+    local g j best
+    G_JOBS=(); G_LOAD=()
+    for g in "${!GPU_LIST[@]}"; do G_JOBS+=(""); G_LOAD+=(0); done
+    for j in $(for j in "${!J_COST[@]}"; do echo "${J_COST[$j]} $j"; done | sort -s -k1,1nr | cut -d' ' -f2); do
+        best=0
+        for g in "${!GPU_LIST[@]}"; do (( G_LOAD[g] < G_LOAD[best] )) && best=$g; done
+        G_JOBS[best]+="$j "; G_LOAD[best]=$(( G_LOAD[best] + J_COST[j] ))
+    done
+}
 
 # ---------------------------------------------------------------------------------------------------------------
 # The command of each run
@@ -316,9 +393,9 @@ run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
 # The plan
 # ---------------------------------------------------------------------------------------------------------------
 
-print_plan() {
+print_plan() {  # title, what the runs are
     local g j i order total=0 init
-    echo "plan: ${#R_ID[@]} runs (${#C_NAME[@]} cells x N in {$NS} x seeds {$SEEDS}) in ${#J_RUNS[@]} jobs on" \
+    echo "$1: ${#R_ID[@]} runs ($2) in ${#J_RUNS[@]} jobs on" \
          "${#GPU_LIST[@]} GPU(s); optimizer steps per run, every family: N4 $STEPS_N4, N8 $STEPS_N8, N16 $STEPS_N16," \
          "N32 $STEPS_N32; precision $PRECISION"
     printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' gpu order N cell seed steps "init from"
@@ -341,8 +418,8 @@ print_plan() {
     echo "total cost: $total (gradmem: steps x (2K+1), rmt: steps x (K+1), llama, mamba: steps; for balancing only)"
 }
 
-print_plan
-if [ -n "$DRY_RUN" ]; then
+print_commands() {
+    local i init
     echo "commands (run id: command; extra arguments included):"
     for i in "${!R_ID[@]}"; do
         init=""
@@ -350,21 +427,68 @@ if [ -n "$DRY_RUN" ]; then
         run_command "$i" "$init"
         echo "${R_ID[$i]}: $PYTHON $(printf '%q ' "${CMD[@]}")"
     done
-    for n in $NS; do
-        [ -d "$(data_path "$n")" ] || echo "would build $(data_path "$n")"
-    done
-    exit 0
-fi
+}
 
-# ---------------------------------------------------------------------------------------------------------------
-# Data, run folders, then one worker per GPU
-# ---------------------------------------------------------------------------------------------------------------
+N_SWEEPS=0  # sweeps with more than one lr, split by seed when there are two phases
+for sweep in "${!SWEEP_SIZE[@]}"; do if (( SWEEP_SIZE[$sweep] > 1 )); then N_SWEEPS=$(( N_SWEEPS + 1 )); fi; done
 
-for n in $NS; do
-    if [ ! -d "$(data_path "$n")" ]; then
-        "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_$DATA_SIZE" --out "$(data_path "$n")" --n_valid "$N_VALID" --n_test "$N_TEST"
+print_phase1() {
+    if [ -z "$TWO_PHASE" ]; then
+        print_plan plan "${#C_NAME[@]} cells x N in {$NS} x seeds {$SEEDS}"
+    else
+        print_plan "plan, phase 1 of 2 (the lr sweeps)" "every lr of the $N_SWEEPS sweeps with more than one lr on\
+ the sweep seeds {$SWEEP_SEEDS}, the cells of a single lr on seeds {$SEEDS}; N in {$NS}"
     fi
-done
+}
+
+describe_phase2() {  # what phase 2 runs, before its lrs are chosen
+    local seeds n4=0 m=0 n c runs most cost=0 sweep
+    local -A counted=()
+    read -r -a seeds <<< "$OTHER_SEEDS"
+    if (( N_SWEEPS == 0 )); then
+        echo "plan, phase 2 of 2: no runs (no sweep has more than one lr)"
+        return
+    elif (( ${#seeds[@]} == 0 )); then
+        echo "plan, phase 2 of 2: no runs (SWEEP_SEEDS names every seed of SEEDS); after phase 1 each sweep's" \
+             "choice still goes to $RESULTS_DIR/lr_choice.md and lr_choice.json"
+        return
+    fi
+    if has_word "$NS" 4; then n4=1; fi
+    for n in 8 16 32; do if has_word "$NS" "$n"; then m=$(( m + 1 )); fi; done
+    runs=$(( N_SWEEPS * ${#seeds[@]} * (n4 + m) ))
+    most=$(( N_SWEEPS * ${#seeds[@]} * (n4 + m * (m + 1) / 2) ))
+    for c in "${!C_NAME[@]}"; do  # one lr per sweep and N: the cost does not depend on which
+        sweep=${C_SWEEP[$c]}
+        if ! is_swept "$c" || [ -n "${counted[$sweep]:-}" ]; then continue; fi
+        counted[$sweep]=1
+        for n in $NS; do cost=$(( cost + ${#seeds[@]} * $(steps_of "$n") * $(cost_factor "$c") )); done
+    done
+    echo "plan, phase 2 of 2 (after phase 1): for each (family, K, N) of the $N_SWEEPS sweeps, the lr with the best" \
+         "valid exact match in phase 1 (the selected checkpoint's eval_exact_match in all_results.json, the mean over" \
+         "the sweep seeds; ties: the smaller lr; no test metric is read) runs on seeds {$OTHER_SEEDS}; an N16 (N32)" \
+         "run warm-starts from the N8 (N16) run of the same lr and seed, run in phase 2 as well: $runs runs (cost" \
+         "$cost) where a sweep chooses the same lr at every N$( (( most > runs )) && echo ", up to $most where each N" \
+         "chooses another"); the choice goes to $RESULTS_DIR/lr_choice.md and lr_choice.json"
+}
+
+print_phase2() {  # the concrete phase-2 plan (CHOSEN), with the runs that are only warm starts named
+    local i c
+    print_plan "plan, phase 2 of 2 (the chosen lrs)" "at each N the lr chosen in phase 1, on seeds {$OTHER_SEEDS}"
+    for i in "${!R_ID[@]}"; do
+        c=${R_CELL[$i]}
+        if [ "${CHOSEN[${C_SWEEP[$c]} ${R_N[$i]}]:-}" != "$c" ]; then
+            echo "warm start only: ${R_ID[$i]}, for the same lr chosen at a larger N (N${R_N[$i]} chose" \
+                 "$(if [ -n "${CHOSEN[${C_SWEEP[$c]} ${R_N[$i]}]:-}" ]; then
+                        echo "${C_LR[${CHOSEN[${C_SWEEP[$c]} ${R_N[$i]}]}]}"; else echo none; fi))"
+        fi
+    done
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders and the lr choice of phase 1
+# ---------------------------------------------------------------------------------------------------------------
+
+data_ready() { [ -d "$(data_path "$1")" ]; }
 
 # The run folder of every run, named as the run scripts name it, and its --max_steps (checks every command's options).
 RESOLVE_RUN_DIRS='
@@ -390,19 +514,97 @@ for line in sys.stdin:
     run_dir = resolve_run_dir(train, Path(data.data_path.rstrip("/")).name)
     print(train.max_steps, run_dir)
 '
+
+resolve_run_dirs() {  # R_DIR, R_MAX_STEPS of the runs of the plan
+    local i line duplicates resolved
+    mapfile -t resolved < <(for i in "${!R_ID[@]}"; do
+        run_command "$i" "$( (( R_PARENT[i] >= 0 )) && echo placeholder-init || true)"
+        printf '%q ' "${CMD[@]}"; echo
+    done | "$PYTHON" -c "$RESOLVE_RUN_DIRS")
+    (( ${#resolved[@]} == ${#R_ID[@]} )) || fail "could not name the run folders (see the error above)"
+    R_DIR=(); R_MAX_STEPS=()
+    for line in "${resolved[@]}"; do R_MAX_STEPS+=("${line%% *}"); R_DIR+=("${line#* }"); done
+    duplicates=$(printf '%s\n' "${R_DIR[@]}" | sort | uniq -d)
+    [ -z "$duplicates" ] || fail "two runs of the plan would share a run folder (the same lr written twice?): $duplicates"
+}
+
+# Each sweep's lr from its phase-1 runs: results_matrix.lr_sweep_choice (the collector's rule for the best lr).
+CHOOSE_LRS='
+import sys
+
+import results_matrix as rm
+
+out, sweep_seeds, other_seeds = sys.argv[1:4]
+records = rm.lr_sweep_choice([line.rstrip("\n").split("\t") for line in sys.stdin if line.strip()])
+if out:
+    rm.write_lr_choice(records, out, sweep_seeds.split(), other_seeds.split())
+for r in records:
+    print(r["sweep"], r["n"], r["chosen"] or "-", rm.lr_choice_summary(r), sep="\t")
+'
+FAILED_FILE=/dev/null  # the run numbers of the phase's failed or skipped runs (a file while running)
+choose_lrs() {  # out dir ("" = write nothing), what a sweep without a choice means for phase 2 -> CHOSEN, NO_CHOICE
+    local i c lines sweep n lr text
+    CHOSEN=(); NO_CHOICE=0
+    lines=$(for i in "${!R_ID[@]}"; do
+        c=${R_CELL[$i]}
+        is_swept "$c" || continue
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "${C_SWEEP[$c]}" "${R_N[$i]}" "${C_LR[$c]}" "${R_ID[$i]}" \
+            "${R_DIR[$i]}" "${R_MAX_STEPS[$i]}" "$(grep -qx "$i" "$FAILED_FILE" && echo 1 || echo 0)"
+    done | "$PYTHON" -c "$CHOOSE_LRS" "$1" "$SWEEP_SEEDS" "$OTHER_SEEDS") || return 1
+    while IFS=$'\t' read -r sweep n lr text; do
+        [ -n "$sweep" ] || continue
+        if [ "$lr" = - ]; then
+            echo "lr choice, N$n $sweep: $text; $2"
+            NO_CHOICE=$(( NO_CHOICE + 1 ))
+            continue
+        fi
+        echo "lr choice, N$n $sweep: $text"
+        for c in "${!C_NAME[@]}"; do
+            if [ "${C_SWEEP[$c]}" = "$sweep" ] && [ "${C_LR[$c]}" = "$lr" ]; then CHOSEN["$sweep $n"]=$c; fi
+        done
+    done <<< "$lines"
+}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dry run: the plan of phase 1 (the whole plan without SWEEP_SEEDS), then what phase 2 runs
+# ---------------------------------------------------------------------------------------------------------------
+
+plan_phase1; assign_gpus; print_phase1
+TOTAL_RUNS=${#R_ID[@]}
+if [ -n "$DRY_RUN" ]; then
+    print_commands
+    for n in $NS; do
+        data_ready "$n" || echo "would build $(data_path "$n")"
+    done
+    if [ -n "$TWO_PHASE" ]; then
+        describe_phase2
+        if (( N_SWEEPS > 0 )) && [ -d "$RUNS_DIR" ]; then  # results of phase 1 on disk?
+            resolve_run_dirs
+            choose_lrs "" "its phase 2 waits for these results" || fail "could not read the phase-1 results (above)"
+            plan_phase2
+            if (( ${#R_ID[@]} > 0 )); then assign_gpus; print_phase2; print_commands; fi
+        fi
+    fi
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data, then each phase: run folders, one worker per GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+for n in $NS; do
+    if ! data_ready "$n"; then
+        "$PYTHON" kv_dataset_utils.py --name "N$n-K2V2-V62_$DATA_SIZE" --out "$(data_path "$n")" --n_valid "$N_VALID" --n_test "$N_TEST"
+    fi
+done
 mkdir -p "$RUNS_DIR/logs"
-mapfile -t RESOLVED < <(for i in "${!R_ID[@]}"; do
-    run_command "$i" "$( (( R_PARENT[i] >= 0 )) && echo placeholder-init || true)"
-    printf '%q ' "${CMD[@]}"; echo
-done | "$PYTHON" -c "$RESOLVE_RUN_DIRS")
-(( ${#RESOLVED[@]} == ${#R_ID[@]} )) || fail "could not name the run folders (see the error above)"
-R_DIR=(); R_MAX_STEPS=()
-for line in "${RESOLVED[@]}"; do R_MAX_STEPS+=("${line%% *}"); R_DIR+=("${line#* }"); done
-duplicates=$(printf '%s\n' "${R_DIR[@]}" | sort | uniq -d)
-[ -z "$duplicates" ] || fail "two runs of the plan would share a run folder (the same lr written twice?): $duplicates"
 
 json_field() {  # file, python expression on the parsed json `d` -> printed value ("" if the file is unreadable)
     "$PYTHON" -c "import json, sys; d = json.load(open(sys.argv[1])); print($2)" "$1" 2> /dev/null || true
+}
+
+mark_failed() {  # run number (in run_job_list): one more bad run, in its FAILED and in FAILED_FILE (the lr choice)
+    FAILED[$1]=1; bad=$(( bad + 1 )); echo "$1" >> "$FAILED_FILE"
 }
 
 run_job_list() {  # GPU position: run its jobs one after the other; status 1 if a run failed or was skipped
@@ -421,12 +623,12 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
             if (( R_PARENT[i] >= 0 )); then
                 if [ -n "${FAILED[${R_PARENT[$i]}]:-}" ]; then
                     echo "[gpu $gpu] ${R_ID[$i]}: SKIPPED, its warm start ${R_ID[${R_PARENT[$i]}]} failed"
-                    FAILED[$i]=1; bad=$(( bad + 1 )); continue
+                    mark_failed "$i"; continue
                 fi
                 init=$(json_field "${R_DIR[${R_PARENT[$i]}]}/all_results.json" "d.get('best_model_checkpoint') or ''")
                 if [ -z "$init" ]; then
                     echo "[gpu $gpu] ${R_ID[$i]}: SKIPPED, ${R_DIR[${R_PARENT[$i]}]} has no best checkpoint to start from"
-                    FAILED[$i]=1; bad=$(( bad + 1 )); continue
+                    mark_failed "$i"; continue
                 fi
             fi
             run_command "$i" "$init"
@@ -436,7 +638,7 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
             "$PYTHON" "${CMD[@]}" >> "$log" 2>&1 || status=$?
             if (( status != 0 )) || [ ! -f "${R_DIR[$i]}/all_results.json" ]; then
                 echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: FAILED (exit $status), see $log"
-                FAILED[$i]=1; bad=$(( bad + 1 ))
+                mark_failed "$i"
             else
                 echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: finished, valid exact match" \
                      "$(json_field "${R_DIR[$i]}/all_results.json" "d['eval_exact_match']"), test generated exact" \
@@ -447,16 +649,40 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
     (( bad == 0 ))
 }
 
-WORKERS=()
-for g in "${!GPU_LIST[@]}"; do
-    [ -n "${G_JOBS[g]}" ] || continue
-    run_job_list "$g" &
-    WORKERS+=("$!")
-done
-N_BAD=0  # GPUs with a failed or skipped run (+1 if collecting the results fails)
-for pid in "${WORKERS[@]}"; do
-    wait "$pid" || N_BAD=$(( N_BAD + 1 ))
-done
+N_BAD=0  # GPUs with a failed or skipped run, sweeps without a choice (+1 if choosing or collecting fails)
+run_plan() {  # one worker per GPU, each running its jobs
+    local g pid workers=()
+    for g in "${!GPU_LIST[@]}"; do
+        [ -n "${G_JOBS[g]}" ] || continue
+        run_job_list "$g" &
+        workers+=("$!")
+    done
+    for pid in "${workers[@]}"; do
+        wait "$pid" || N_BAD=$(( N_BAD + 1 ))
+    done
+}
+
+FAILED_FILE=$(mktemp)
+trap 'rm -f "$FAILED_FILE"' EXIT
+resolve_run_dirs
+run_plan
+if [ -n "$TWO_PHASE" ] && (( N_SWEEPS > 0 )); then
+    echo "run_paper_claims: phase 1 done; each sweep's lr chosen on valid exact match -> $RESULTS_DIR/lr_choice.md"
+    if ! choose_lrs "$RESULTS_DIR" "its phase 2 is SKIPPED"; then
+        echo "run_paper_claims: could not choose the lrs from the phase-1 results (see above); phase 2 SKIPPED" >&2
+        N_BAD=$(( N_BAD + 1 ))
+    else
+        N_BAD=$(( N_BAD + NO_CHOICE ))
+        plan_phase2
+        if (( ${#R_ID[@]} > 0 )); then
+            assign_gpus; print_phase2
+            : > "$FAILED_FILE"
+            resolve_run_dirs
+            run_plan
+            TOTAL_RUNS=$(( TOTAL_RUNS + ${#R_ID[@]} ))
+        fi
+    fi
+fi
 
 if ! "$PYTHON" collect_results.py --runs "$RUNS_DIR" --out "$RESULTS_DIR" --copy_metrics "$RESULTS_DIR/runs"; then
     echo "run_paper_claims: collect_results.py failed (see above)" >&2
@@ -466,4 +692,4 @@ if (( N_BAD > 0 )); then
     echo "run_paper_claims: some runs failed or were skipped (see the FAILED / SKIPPED lines above)" >&2
     exit 1
 fi
-echo "run_paper_claims: all ${#R_ID[@]} runs done; results in $RESULTS_DIR (matrix.md: the comparison)"
+echo "run_paper_claims: all $TOTAL_RUNS runs done; results in $RESULTS_DIR (matrix.md: the comparison)"

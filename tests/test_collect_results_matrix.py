@@ -1,8 +1,10 @@
 """collect_results' comparison matrix on a hand-written runs tree: cells from the saved arguments (not the names), the
 best lr chosen on valid (never on test), the selected checkpoint's test numbers beside the final one's, the
-diverged / collapsed / unfinished table (listed, never dropped), and the K-scaling data and plots."""
+diverged / collapsed / unfinished table (listed, never dropped), and the K-scaling data and plots; the lr choice of
+run_paper_claims.sh's two phases (lr_sweep_choice: the same rule on the phase-1 runs, no choice from a faulty sweep)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +208,37 @@ def test_write_summary_writes_the_matrix(runs_root, tmp_path):
     rmt = next(c for c in records["cells"] if c["family"] == "rmt" and c["lr"] == 1e-4 and c["K"] == 1)
     assert rmt["runs"][1]["valid_exact_match"] is None and rmt["runs"][1]["problems"] == ["unfinished"]
     assert records["k_scaling"] == json.loads(json.dumps(rm.k_scaling(rm.matrix_cells(cr.find_runs(runs_root)))))
+
+
+def test_lr_sweep_choice_on_the_mean_valid_of_the_sweep_seeds(tmp_path):
+    """Two sweep seeds: the best mean valid EM (not the best single seed, not test), a tie to the smaller lr; a failed
+    run, results of another --max_steps or no valid EM leave the sweep without a choice, each named."""
+    sweep = {0.04: [(0.75, 0.1), (0.25, 0.1)], 0.08: [(0.5, 0.2), (0.5, 0.2)], 0.16: [(0.8, 1.0), (0.1, 1.0)]}
+    entries = []
+    for lr, results in sweep.items():
+        for seed, (valid, test) in zip((143, 144), results):
+            run = write_run(tmp_path, N8, "gradmem", 2, lr, seed, dict(valid=valid, test=test))
+            entries.append(["gradmem_K2", "8", f"{lr:g}", f"N8_gradmem_K2_ilr{lr:g}_s{seed - 142}", str(run), "10000",
+                            "0"])
+    (record,) = rm.lr_sweep_choice(entries)
+    assert (record["sweep"], record["family"], record["K"], record["n"]) == ("gradmem_K2", "gradmem", 2, 8)
+    assert record["chosen"] == "0.04" and record["problems"] == []  # 0.5 ties 0.08's 0.5; 0.16: 0.45 (best seed 0.8)
+    assert [(e["lr"], e["valid_exact_match_mean"], [r["valid_exact_match"] for r in e["runs"]])
+            for e in record["lrs"]] == [("0.04", 0.5, [0.75, 0.25]), ("0.08", 0.5, [0.5, 0.5]),
+                                        ("0.16", pytest.approx(0.45), [0.8, 0.1])]
+    assert rm.lr_choice_summary(record) == "valid EM 0.04: 0.5000, 0.08: 0.5000, 0.16: 0.4500 -> 0.04"
+
+    entries[0][6] = "1"  # failed (stale results on disk are not read)
+    entries[2][5] = "20000"  # planned longer than the results on disk
+    (Path(entries[5][4]) / "all_results.json").write_text(json.dumps({"eval_loss": 1.0, "global_step": 200}))
+    (record,) = rm.lr_sweep_choice(entries)
+    assert record["chosen"] is None
+    assert record["problems"] == [
+        "N8_gradmem_K2_ilr0.04_s1 failed or was skipped",
+        f"N8_gradmem_K2_ilr0.08_s1's results are of --max_steps 10000, not the planned 20000 ({entries[2][4]})",
+        f"N8_gradmem_K2_ilr0.16_s2 has no valid exact match in all_results.json ({entries[5][4]})"]
+    assert [r["valid_exact_match"] for e in record["lrs"] for r in e["runs"]] == [None, 0.25, None, 0.5, 0.8, None]
+    assert rm.lr_choice_summary(record).startswith("no choice: N8_gradmem_K2_ilr0.04_s1 failed or was skipped; ")
+    md = rm.lr_choice_markdown([record], ["1", "2"], ["3"])
+    assert "| 8 | gradmem | 2 | inner 0.04 | 0.2500 [143: -, 144: 0.2500] | none: phase 2 skipped |" in md
+    assert "## Sweeps without a choice" in md and "on the sweep seeds 1 2" in md and "other seeds: 3." in md

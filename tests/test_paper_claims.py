@@ -1,8 +1,10 @@
 """scripts/run_paper_claims.sh, the comparison matrix: the DRY_RUN plan (cells, seeds, equal steps per N for every
 family, warm-start chains, lr sweeps, GPU balance), its commands read by the run scripts' own parsers (the recipe of
 each family, the cell in the saved arguments), the selection of one cell, bad settings rejected before any work with
-the variable and the fix named, one tiny cell per family trained in this process from the plan's command, and one
-tiny real execution of the script (warm start, a failed run and its skipped dependant, results, a skip on re-run)."""
+the variable and the fix named, the two phases of SWEEP_SEEDS (the sweep on its seeds, the lr chosen on valid, never on
+test, and the other seeds' plan, the lr-choice file; phase-1 results faked on disk, runs stood in for), one tiny cell
+per family trained in this process from the plan's command, and one tiny real execution of the script (warm start, a
+failed run and its skipped dependant, results, a skip on re-run)."""
 import json
 import os
 import re
@@ -33,7 +35,7 @@ SCRIPT_SETTINGS = (
     "GRADMEM_LR", "GRADMEM_WARMUP", "GRADMEM_BETA2", "GRADMEM_ILRS_K1", "GRADMEM_ILRS_K2", "GRADMEM_ILRS_K5",
     "GRADMEM_ILRS_K3", "RMT_LRS", "RMT_WARMUP", "RMT_BETA2", "RMT_REC_WEIGHT", "LLAMA_LRS", "LLAMA_WARMUP",
     "LLAMA_BETA2", "MAMBA_LRS", "MAMBA_WARMUP", "MAMBA_BETA2", "EVAL_STEPS", "MAX_EVAL_SAMPLES", "PRECISION",
-    "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST", "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN",
+    "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST", "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN", "SWEEP_SEEDS",
     "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32", "SEEDS_ABLATION", "MAX_STEPS")  # the last: refused
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\d+)\s+(.+)$")
 PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, PRESETS),
@@ -222,11 +224,176 @@ def test_selection_of_cells():
                           "STEPS_N8 (optimizer steps) and unset BUDGET_N8"),
     (dict(SEEDS_ABLATION="1"), "SEEDS_ABLATION is no longer read"),
     (dict(MAX_STEPS="100"), "MAX_STEPS is no longer read: set STEPS_N4 ... STEPS_N32"),
+    (dict(SWEEP_SEEDS="4"), 'SWEEP_SEEDS="4": seed 4 is not in SEEDS="1 2 3"; name seeds of SEEDS (the sweep runs on '
+                            'them, the chosen lr on the others), e.g. SWEEP_SEEDS=1'),
+    (dict(SEEDS="2 3", SWEEP_SEEDS="1"), 'seed 1 is not in SEEDS="2 3"'),
+    (dict(SWEEP_SEEDS=" "), "SWEEP_SEEDS is empty; name the seeds of SEEDS that run every lr of a sweep, e.g. "
+                            "SWEEP_SEEDS=1 (or unset SWEEP_SEEDS: every lr on every seed)"),
+    (dict(SWEEP_SEEDS=""), "SWEEP_SEEDS is empty"),
+    (dict(SWEEP_SEEDS="1,2"), "SWEEP_SEEDS=\"1,2\": '1,2' is not a number; name seeds of SEEDS=\"1 2 3\""),
+    (dict(SWEEP_SEEDS="one"), "'one' is not a number"),
+    (dict(SWEEP_SEEDS="1 1"), 'SWEEP_SEEDS="1 1" names 1 twice'),
 ])
 def test_bad_settings_fail_before_any_work(env, message, tmp_path):
     done = run_script(check=False, DRY_RUN="1", RUNS_DIR=str(tmp_path / "runs"), **env)
     assert done.returncode == 2 and message in done.stderr, (env, done.stderr)
     assert "plan:" not in done.stdout and not (tmp_path / "runs").exists()
+
+
+# -------------------------------------------------------------------------------------- two phases (SWEEP_SEEDS)
+
+def split_phases(stdout):
+    """(phase-1 output, phase-2 output): the text before and from the concrete phase-2 plan ("" without one)."""
+    head, sep, rest = stdout.partition("plan, phase 2 of 2 (the chosen lrs)")
+    return head, sep + rest
+
+
+def test_bad_sweep_seeds_refused_before_anything_is_written(tmp_path):
+    """Without DRY_RUN too: no data, run or results folder is made."""
+    done = run_script(check=False, SWEEP_SEEDS="4", SEEDS="1 2", NS="8", RUNS_DIR=str(tmp_path / "runs"),
+                      RESULTS_DIR=str(tmp_path / "results"), DATA_DIR=str(tmp_path / "data"))
+    assert done.returncode == 2 and 'seed 4 is not in SEEDS="1 2"' in done.stderr, done.stderr
+    assert "plan" not in done.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_two_phase_dry_run_phase1_runs_only_the_sweep_seeds(tmp_path):
+    """Phase 1: every lr of a sweep on SWEEP_SEEDS only (its chains as without SWEEP_SEEDS), single-lr cells on every
+    seed; phase 2 is described (seeds, rule, run counts), not planned, while no phase-1 result is on disk."""
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8 16", GPUS="0 1", RUNS_DIR=str(tmp_path / "runs")).stdout
+    phase1, phase2 = split_phases(out)
+    assert phase2 == ""
+    rows, _, commands = parse_plan(phase1)
+    swept = {c for c in CELLS if c.startswith(("gradmem", "rmt"))}
+    assert sorted((r["cell"], r["n"], r["seed"]) for r in rows) == sorted(
+        [(c, n, 1) for c in swept for n in (8, 16)] + [(c, n, s) for c in CELLS - swept for n in (8, 16)
+                                                        for s in (1, 2, 3)])
+    assert len(rows) == 48 and set(commands) == {run_id(r) for r in rows}
+    by_id = {run_id(r): r for r in rows}
+    for r in rows:
+        if r["n"] == 16:
+            parent = by_id[r["init"]]
+            assert (parent["n"], parent["cell"], parent["seed"]) == (8, r["cell"], r["seed"])
+    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 48 runs (every lr of the 6 sweeps with more than one "
+                          "lr on the sweep seeds {1}, the cells of a single lr on seeds {1 2 3}; N in {8 16})")
+    assert ("the lr with the best valid exact match in phase 1 (the selected checkpoint's eval_exact_match in "
+            "all_results.json, the mean over the sweep seeds; ties: the smaller lr; no test metric is read) runs on "
+            "seeds {2 3}") in out
+    assert "24 runs (cost 1800000) where a sweep chooses the same lr at every N, up to 36 where each N" in out
+    assert "lr choice" not in out and not (tmp_path / "runs").exists()
+
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8").stdout  # the README's counts at N8: 24 + 12 runs
+    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 24 runs") and "12 runs (cost 600000) where" in out
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="3 1", ONLY="rmt", K="1", NS="4").stdout
+    assert sorted((r["cell"], r["seed"]) for r in parse_plan(out)[0]) == sorted(
+        (f"rmt_K1_lr{lr}", s) for lr in ("1e-4", "3e-4", "1e-3") for s in (1, 3))
+    assert "runs on seeds {2}" in out and "1 runs (cost 10000) where" in out
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", ONLY="llama mamba", NS="8").stdout  # no sweep: every seed at once
+    assert len(parse_plan(out)[0]) == 6 and "plan, phase 2 of 2: no runs (no sweep has more than one lr)" in out
+
+
+# (sweep, N) -> {lr: (valid, test)} of the phase-1 runs (seed 1) of ONLY="gradmem rmt llama" K=2 NS="8 16"; the best
+# test value is always another lr's than the best valid one, so choosing on test would change the plan
+PHASE1 = {("gradmem_K2", 8): {"0.02": (0.50, 0.99), "0.04": (0.70, 0.10), "0.08": (0.60, 0.20)},
+          ("gradmem_K2", 16): {"0.02": (0.30, 0.95), "0.04": (0.40, 0.90), "0.08": (0.60, 0.10)},
+          ("rmt_K2", 8): {"1e-4": (0.50, 0.10), "3e-4": (0.50, 0.90), "1e-3": (0.40, 0.95)},  # a tie: the smaller
+          ("rmt_K2", 16): {"1e-4": None, "3e-4": (0.20, 0.30), "1e-3": (0.10, 0.40)}}  # 1e-4: no results
+TWO_PHASE = dict(SWEEP_SEEDS="1", ONLY="gradmem rmt llama", K="2", NS="8 16", GPUS="0 1")
+
+
+def fake_phase1_results(tmp_path):
+    """The run folders of the phase-1 plan (named by the run scripts' parsers) with a run record and, as PHASE1 says,
+    an all_results.json; llama's (one lr, seeds 1-3) too. Returns the settings of the script."""
+    env = dict(TWO_PHASE, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(tmp_path / "results"),
+               DATA_DIR=str(tmp_path / "data"))
+    rows, _, commands = parse_plan(run_script(DRY_RUN="1", **env).stdout)
+    assert len(rows) == 18
+    for r in rows:
+        _, folder, saved = parse_command(commands[run_id(r)])
+        sweep, _, lr = r["cell"].rpartition("_lr" if r["cell"].startswith(("rmt", "llama")) else "_ilr")
+        result = PHASE1.get((sweep, r["n"]), {}).get(lr, (0.3, 0.3))
+        folder.mkdir(parents=True)
+        (folder / "run_config.json").write_text(json.dumps({"cli_args": saved}))
+        if result is not None:
+            (folder / "all_results.json").write_text(json.dumps(
+                {"eval_exact_match": result[0], "test_generated_exact_match": result[1], "global_step": r["steps"],
+                 "best_model_checkpoint": str(folder / "checkpoint-1")}))
+    return env
+
+
+def test_two_phase_dry_run_with_phase1_results_plans_the_best_valid_lr(tmp_path):
+    """With phase-1 results on disk the concrete phase-2 plan: at each N the best-valid lr (never the best-test one;
+    a tie goes to the smaller lr) on the other seeds, an N16 choice with its N8 warm start of the same lr; a sweep
+    whose phase-1 run has no results waits; nothing is written."""
+    env = fake_phase1_results(tmp_path)
+    out = run_script(DRY_RUN="1", **env).stdout
+    phase1, phase2 = split_phases(out)
+    assert len(parse_plan(phase1)[0]) == 18
+    assert "lr choice, N8 gradmem_K2: valid EM 0.02: 0.5000, 0.04: 0.7000, 0.08: 0.6000 -> 0.04" in out
+    assert "lr choice, N16 gradmem_K2: valid EM 0.02: 0.3000, 0.04: 0.4000, 0.08: 0.6000 -> 0.08" in out
+    assert "lr choice, N8 rmt_K2: valid EM 1e-4: 0.5000, 3e-4: 0.5000, 1e-3: 0.4000 -> 1e-4" in out
+    assert ("lr choice, N16 rmt_K2: no choice: N16_rmt_K2_lr1e-4_s1 has no all_results.json "
+            f"({tmp_path}/runs/N16-K2V2-V62_1M/") in out and "; its phase 2 waits for these results" in out
+    rows, _, commands = parse_plan(phase2)
+    assert sorted(run_id(r) for r in rows) == sorted(
+        f"{run}_s{s}" for s in (2, 3) for run in ("N8_gradmem_K2_ilr0.04", "N8_gradmem_K2_ilr0.08",
+                                                  "N16_gradmem_K2_ilr0.08", "N8_rmt_K2_lr1e-4"))
+    assert set(commands) == {run_id(r) for r in rows}
+    for r in rows:
+        assert r["init"] == (f"N8_gradmem_K2_ilr0.08_s{r['seed']}" if r["n"] == 16 else None)
+        (train, _, model, _), _, _ = parse_command(commands[run_id(r)])
+        assert train.seed == 142 + r["seed"] and train.max_steps == STEPS[r["n"]]
+    assert "warm start only: N8_gradmem_K2_ilr0.08_s2, for the same lr chosen at a larger N (N8 chose 0.04)" in phase2
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_two_phase_execution_writes_the_lr_choice_and_runs_phase2(tmp_path):
+    """The script for real, the run scripts stood in for by a python that records and fails them: phase 1 runs only
+    its run without results (it fails: that sweep chooses nothing and its phase 2 is skipped), the choice is written
+    (lr_choice.md, lr_choice.json), phase 2 starts exactly the planned runs, its failures are reported, a failed
+    warm start skips its N16 run, the results are collected and the script exits 1."""
+    env = fake_phase1_results(tmp_path)
+    for n in (8, 16):  # the datasets are not read by the stand-in
+        (tmp_path / "data" / f"N{n}-K2V2-V62_1M").mkdir(parents=True)
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/usr/bin/env bash\ncase "$1" in run_*_kv_retrieval.py) echo "$@" >> "$0.calls"; '
+                        'echo "stand-in failure" >&2; exit 3 ;; esac\nexec python3 "$@"\n')
+    stand_in.chmod(0o755)
+    done = run_script(check=False, PYTHON=str(stand_in), **env)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    started = [(argv[0], argv[argv.index("--seed") + 1], argv[argv.index("--data_path") + 1].split("/")[-1][:3],
+                argv[argv.index("--inner_lr" if "gradmem" in argv[0] else "--learning_rate") + 1])
+               for argv in map(str.split, (tmp_path / "python.calls").read_text().splitlines())]
+    rmt, gradmem = "run_rmt_on_kv_retrieval.py", "run_gradmemgpt_on_kv_retrieval.py"
+    assert started[0] == (rmt, "143", "N16", "1e-4")  # phase 1: the run without results, then phase 2
+    assert sorted(started[1:]) == sorted((script, str(142 + s), n, lr) for s in (2, 3) for script, n, lr in (
+        (gradmem, "N8-", "0.04"), (gradmem, "N8-", "0.08"), (rmt, "N8-", "1e-4")))
+    assert "N16_rmt_K2_lr1e-4_s1: FAILED" in out
+    assert ("lr choice, N16 rmt_K2: no choice: N16_rmt_K2_lr1e-4_s1 failed or was skipped; its phase 2 is SKIPPED"
+            in out)
+    assert "N16_gradmem_K2_ilr0.08_s3: SKIPPED, its warm start N8_gradmem_K2_ilr0.08_s3 failed" in out
+    assert "N8_gradmem_K2_ilr0.04_s2: FAILED" in out and "some runs failed or were skipped" in out
+    assert (tmp_path / "results" / "matrix.md").exists()
+
+    choice = json.loads((tmp_path / "results" / "lr_choice.json").read_text())
+    assert (choice["sweep_seeds"], choice["other_seeds"]) == ([1], [2, 3])
+    assert {(r["sweep"], r["n"]): r["chosen"] for r in choice["sweeps"]} == {
+        ("gradmem_K2", 8): "0.04", ("gradmem_K2", 16): "0.08", ("rmt_K2", 8): "1e-4", ("rmt_K2", 16): None}
+    gradmem_n8 = next(r for r in choice["sweeps"] if (r["sweep"], r["n"]) == ("gradmem_K2", 8))
+    assert [(e["lr"], e["valid_exact_match_mean"], [x["seed"] for x in e["runs"]]) for e in gradmem_n8["lrs"]] == [
+        ("0.02", 0.5, [143]), ("0.04", 0.7, [143]), ("0.08", 0.6, [143])]
+    def keys(x):
+        return ({k for k in x} | set().union(*map(keys, x.values())) if isinstance(x, dict)
+                else set().union(*map(keys, x)) if isinstance(x, list) else set())
+    assert not [k for k in keys(choice) if "test" in k]  # no test number is recorded
+    md = (tmp_path / "results" / "lr_choice.md").read_text()
+    assert "| 8 | gradmem | 2 | inner 0.04 | 0.7000 [143: 0.7000] | **chosen** |" in md
+    assert "| 8 | rmt | 2 | 1e-4 | 0.5000 [143: 0.5000] | **chosen** |" in md
+    assert "| 8 | rmt | 2 | 3e-4 | 0.5000 [143: 0.5000] | - |" in md
+    assert "| 16 | rmt | 2 | 1e-4 | - [143: -] | none: phase 2 skipped |" in md
+    assert "- N16 rmt_K2: N16_rmt_K2_lr1e-4_s1 failed or was skipped" in md
+    assert "on the sweep seeds 1" in md and "on the other seeds: 2 3" in md and "No test metric was read" in md
 
 
 # ------------------------------------------------------------------------------------------- one cell per family
