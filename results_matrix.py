@@ -8,8 +8,8 @@ matrix.md, matrix.json, k_scaling.png and matrix_curves_<task>.png (written by `
 - Per cell and seed: the selected checkpoint's valid exact match (teacher-forced, what selected it), its test exact
   match of generated answers, and the same two of the final checkpoint (the selected one where it is the last);
   means skip seeds without results, every seed is shown.
-- Best lr: per (task, family, K, variant), the lr whose cell has the best mean VALID exact match (ties: the smaller
-  lr); test numbers never choose. The whole sweep is shown as well.
+- Best lr: per (task, family, K, variant), the lr whose cell has the best mean VALID exact match over the seeds every
+  lr of the sweep finished (ties: the smaller lr); test numbers never choose. The whole sweep is shown as well.
 - k_scaling.png: test generated exact match against K, one panel per task (N), GradMem and RMT at their best lr per
   K, the full-context LMs as horizontal lines. matrix_curves_<task>.png: valid exact match against step of each
   (family, K) at its best lr.
@@ -187,17 +187,24 @@ def matrix_cells(runs: list) -> list:
 
 
 def best_lr_cells(cells: list) -> dict:
-    """{(task, family, K, variant): the cell with the best mean valid exact match} (ties: the smaller lr; cells
-    without any finished seed are never chosen; a sweep with none is left out)."""
-    best = {}
+    """{(task, family, K, variant): the cell with the best mean valid exact match} over the seeds that every lr of
+    the sweep finished (all of a cell's finished seeds where the lrs share none), so that an lr run on more seeds
+    (the two-phase protocol's chosen one) is compared on the same seeds as the others. Ties: the smaller lr; cells
+    without any finished seed are never chosen; a sweep with none is left out."""
+    sweeps = {}
     for cell in cells:
-        key = (cell.task, cell.family, cell.K, cell.variant)
-        em = cell.mean("valid_em")
-        if math.isnan(em):
-            continue
-        if key not in best or em > best[key].mean("valid_em") or (
-                em == best[key].mean("valid_em") and cell.lr < best[key].lr):
-            best[key] = cell
+        if cell.finished:
+            sweeps.setdefault((cell.task, cell.family, cell.K, cell.variant), []).append(cell)
+    best = {}
+    for key, sweep in sweeps.items():
+        finished = [{r.seed for r in cell.runs if not math.isnan(r.valid_em)} for cell in sweep]
+        shared = set.intersection(*finished)
+
+        def score(cell):
+            values = [r.valid_em for r in cell.runs if not math.isnan(r.valid_em) and (not shared or r.seed in shared)]
+            return sum(values) / len(values)
+
+        best[key] = max(sweep, key=lambda cell: (score(cell), -cell.lr))
     return best
 
 
@@ -462,9 +469,7 @@ def lr_choice_markdown(records: list, sweep_seeds: list, other_seeds: list) -> s
            "exact match of the selected checkpoint (all_results.json's eval_exact_match, the mean over the sweep "
            "seeds; ties: the smaller lr) was chosen; phase 2 runs it, at each N the lr chosen at that N, on the other "
            f"seeds: {other}. No test metric was read. Cells with a single lr (llama, mamba) ran every seed in phase 1 "
-           "and are not listed.\n",
-           "matrix.md chooses its best lr on the mean over every seed a cell has: after phase 2 the chosen lr has more "
-           "seeds than the others, and matrix.md may mark another lr best. This table is the protocol's choice.\n"]
+           "and are not listed.\n"]
     head = ("N", "family", "K", "swept lr", "valid EM, selected checkpoint: mean [run seed: value]", "chosen")
     rows = []
     for r in records:

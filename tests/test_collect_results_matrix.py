@@ -38,6 +38,7 @@ RUNS = [
     (N8, "gradmem", 2, 0.08, 144, dict(valid=0.80, test=0.97)),
     # K=1: a tie on valid between 0.04 and 0.16 -> the smaller lr; 0.16 seed 144 diverged (its numbers stay in)
     (N8, "gradmem", 1, 0.04, 143, dict(valid=0.30, test=0.31)),
+    (N8, "gradmem", 1, 0.04, 144, dict(valid=0.30, test=0.29)),
     (N8, "gradmem", 1, 0.16, 143, dict(valid=0.50, test=0.49)),
     (N8, "gradmem", 1, 0.16, 144, dict(valid=0.10, test=0.12, loss=math.nan)),
     # RMT K=1: 3e-4 collapsed on seed 143 (best logged 0.9, final 0.1), 1e-4 unfinished on seed 144 (no results)
@@ -242,3 +243,13 @@ def test_lr_sweep_choice_on_the_mean_valid_of_the_sweep_seeds(tmp_path):
     md = rm.lr_choice_markdown([record], ["1", "2"], ["3"])
     assert "| 8 | gradmem | 2 | inner 0.04 | 0.2500 [143: -, 144: 0.2500] | none: phase 2 skipped |" in md
     assert "## Sweeps without a choice" in md and "on the sweep seeds 1 2" in md and "other seeds: 3." in md
+
+
+def test_best_lr_is_compared_on_the_seeds_every_lr_has(tmp_path):
+    """After the two-phase protocol the chosen lr has more seeds than the others: the lrs are compared on the seeds
+    they share, so the chosen one stays chosen when its extra seeds are worse (over all its seeds 0.04 would lose)."""
+    for lr, seeds in ((0.04, {143: 0.9, 144: 0.5, 145: 0.5}), (0.08, {143: 0.8})):
+        for seed, valid in seeds.items():
+            write_run(tmp_path, N8, "gradmem", 2, lr, seed, dict(valid=valid, test=valid))
+    best = rm.best_lr_cells(rm.matrix_cells(cr.find_runs(tmp_path)))
+    assert best[(N8, "gradmem", 2, "")].lr == 0.04  # seed 143: 0.9 > 0.8 (means over all seeds: 0.63 < 0.8)
