@@ -28,7 +28,8 @@ both references run without lean ops.
     python bench/bench_step.py --out bench/results/step_h100.md
     python bench/bench_step.py --contexts 128 --batches 64 --rows plain:eager:fp32 graph:fused_double_bwd:fp32
     python bench/bench_step.py --contexts 2048 --batches 64 --rows graph:fused_double_bwd:bf16 graph:fused_double_bwd:bf16:lean
-    python bench/bench_step.py --profile      # kernel counts / host syncs / GPU-busy time of one step, C=128 B=64
+    python bench/bench_step.py --contexts 512 --batches 64 --rows graph:fused_double_bwd:tf32:lean --profile --steps 3
+        # and one profiled step of every row: kernels, host syncs, GPU-busy time by kernel kind, the costliest kernels
 """
 import argparse
 import copy
@@ -43,6 +44,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -111,25 +113,32 @@ def parse_row(row: str) -> tuple:
     return mode, attn, precision, len(parts) == 4
 
 
-def run_row(row: str, base_state: dict, batch: dict, steps: int, warmup: int) -> dict:
+def row_step(row: str, base_state: dict, batch: dict, use_cuda_graph: bool = True):
+    """(step() -> (loss, gradient norm), the trained parameters) of a row, its model at base_state; graph rows
+    without the graph when not use_cuda_graph (the same kernels, launched one by one)."""
     mode, attn, precision, lean = parse_row(row)
     model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt", recompute_write=mode == "recompute",
                            lean_ops=lean)
     model.load_state_dict(base_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     if mode in ("plain", "ckpt", "recompute"):
         def step():
             return plain_step(model, optimizer, batch, precision)
     else:
         fast = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, precision=precision,
-                                 use_cuda_graph=mode == "graph")
+                                 use_cuda_graph=mode == "graph" and use_cuda_graph)
 
         def step():
             out = fast(batch)
             return out.loss, out.grad_norm
+    return step, params
+
+
+def run_row(row: str, base_state: dict, batch: dict, steps: int, warmup: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step, params = row_step(row, base_state, batch)
     loss, _ = step()  # first step from the shared initial weights: agreement
     grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
     result = {"loss": loss.float().item(), "grads": torch.cat([g.flatten().double() for g in grads])}
@@ -145,7 +154,6 @@ def run_row(row: str, base_state: dict, batch: dict, steps: int, warmup: int) ->
         times.append(start.elapsed_time(end))
     result["ms"] = statistics.median(times)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model, optimizer
     return result
 
 
@@ -153,9 +161,13 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if torch.is_tensor(a) else abs(a - b) / max(abs(b), 1e-30)
 
 
-KERNEL_KINDS = (("matmul", ("gemm", "cutlass", "matmul", "xmma", "cublas")), ("triton", ("triton", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd2_")),
-                ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll", "log_softmax")),
-                ("elementwise", ("elementwise", "vectorized", "fill", "copy", "where", "cat", "index")))
+KERNEL_KINDS = (  # by kernel name, the first kind that matches; the lean ops' Triton kernels before attention's
+    ("lean ops", ("_swiglu_", "_rms_norm_")),
+    ("attention", ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd2_", "flash", "fmha")),
+    ("matmul", ("gemm", "cutlass", "matmul", "xmma", "cublas", "nvjet")),
+    ("reduction", ("reduce", "norm", "softmax", "cross_entropy", "nll", "log_softmax")),
+    ("elementwise", ("elementwise", "vectorized", "fill", "copy", "where", "cat", "index")),
+)
 
 
 def kernel_kind(name: str) -> str:
@@ -163,30 +175,31 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other")
 
 
-def profile_step(C=128, B=64) -> str:
-    """Kernel launches, host syncs, GPU-busy time and its split by kernel kind for one step (eager execution: the
-    kernels a graph replays are the same, so GPU busy is what a replay cannot go below)."""
-    from torch.profiler import ProfilerActivity, profile
+def kernel_split(kernels) -> tuple:
+    """({kind: [ms, count]} over KERNEL_KINDS and "other", [(ms, count, name)] by kernel name, costliest first) of
+    (name, ms) pairs, one per kernel launch."""
+    by_kind = {kind: [0.0, 0] for kind in [k for k, _ in KERNEL_KINDS] + ["other"]}
+    by_name = {}
+    for name, ms in kernels:
+        for table, key in ((by_kind, kernel_kind(name)), (by_name, name)):
+            entry = table.setdefault(key, [0.0, 0])
+            entry[0] += ms
+            entry[1] += 1
+    return by_kind, sorted(((ms, n, name) for name, (ms, n) in by_name.items()), key=lambda t: -t[0])
 
+
+def profile_rows(C: int, B: int, rows: list, base_state: dict, top: int = 12) -> str:
+    """One step of each row profiled: CUDA kernels, host syncs, GPU-busy time, its split by kernel kind (ms, share,
+    launches) and the `top` costliest kernels. Graph rows run without the graph: the kernels a replay launches are
+    the same, so their summed time is what a replay cannot go below."""
+    batch = random_batch(B, C)
     kinds = [k for k, _ in KERNEL_KINDS] + ["other"]
     lines = [f"### Profile of one training step, C={C}, B={B}", "",
-             "| step | attention | precision | CUDA kernels | host syncs | GPU busy ms | "
-             + " | ".join(f"{k} ms (n)" for k in kinds) + " |", "|---" * (6 + len(kinds)) + "|"]
-    batch = random_batch(B, C)
+             "| row | CUDA kernels | host syncs | GPU busy ms | " + " | ".join(f"{k}: ms, share (n)" for k in kinds)
+             + " |", "|---" * (4 + len(kinds)) + "|"]
     top_lines = []
-    for mode, attn, precision in (("plain", "eager", "fp32"), ("sync-free", "eager", "fp32"),
-                                  ("sync-free", "eager", "tf32"), ("sync-free", "fused_double_bwd", "fp32"),
-                                  ("sync-free", "fused_double_bwd", "tf32")):
-        model = paper_kv_model(attn)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        if mode == "plain":
-            def step():
-                plain_step(model, opt, batch, precision)
-        else:
-            fast = CapturedTrainStep(model, opt, use_cuda_graph=False, precision=precision)
-
-            def step():
-                fast(batch)
+    for row in rows:
+        step, _ = row_step(row, base_state, batch, use_cuda_graph=False)
         for _ in range(3):
             step()
         torch.cuda.synchronize()
@@ -200,22 +213,16 @@ def profile_step(C=128, B=64) -> str:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             step()
             torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        by_kind, by_name = {k: [0.0, 0] for k in kinds}, {}
-        for e in kernels:
-            t = e.device_time_total / 1e3
-            by_kind[kernel_kind(e.name)][0] += t
-            by_kind[kernel_kind(e.name)][1] += 1
-            entry = by_name.setdefault(e.name, [0.0, 0])
-            entry[0] += t
-            entry[1] += 1
-        busy = sum(v[0] for v in by_kind.values())
-        lines.append(f"| {mode} | {attn} | {precision} | {len(kernels)} | {syncs} | {busy:.2f} | "
-                     + " | ".join(f"{by_kind[k][0]:.2f} ({by_kind[k][1]})" for k in kinds) + " |")
-        if mode == "sync-free" and precision == "fp32":
-            top_lines += ["", f"Top kernels, sync-free step, {attn} attention, fp32 (ms total, count, mean us):", ""]
-            for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:12]:
-                top_lines.append(f"- {t:.2f} ms, {n} x {1e3 * t / n:.1f} us: `{name[:110]}`")
+        kernels = [(e.name, e.device_time_total / 1e3) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        by_kind, by_name = kernel_split(kernels)
+        busy = sum(ms for ms, _ in by_kind.values())
+        lines.append(f"| {row} | {len(kernels)} | {syncs} | {busy:.2f} | " + " | ".join(
+            f"{by_kind[k][0]:.2f}, {by_kind[k][0] / max(busy, 1e-9):.0%} ({by_kind[k][1]})" for k in kinds) + " |")
+        top_lines += ["", f"Top kernels of `{row}` (ms total, share of GPU busy, launches x mean us):", ""]
+        top_lines += [f"- {ms:.2f} ms, {ms / max(busy, 1e-9):.1%}, {n} x {1e3 * ms / n:.1f} us: `{name[:110]}`"
+                      for ms, n, name in by_name[:top]]
+        torch.cuda.empty_cache()
     lines += ["", "GPU busy = sum of kernel times: a replayed graph of the same kernels cannot be faster. Kinds by "
               "kernel name: " + "; ".join(f"{k}: {', '.join(keys)}" for k, keys in KERNEL_KINDS) + "."]
     return "\n".join(lines + top_lines + [""])
@@ -251,7 +258,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--time_budget", type=float, default=None, help="seconds; rows after it are not run")
-    parser.add_argument("--profile", action="store_true", help="also profile one step at C=128, B=64")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step of every row at every context (the first batch size)")
     parser.add_argument("--out", default=None, help="write the markdown here (also printed)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -304,8 +312,9 @@ def main(argv=None):
                  f"{r['peak_gib']:.2f} | " + " | ".join(errs) + " |")
             torch.cuda.empty_cache()
     if args.profile:
-        emit("")
-        emit(profile_step())
+        for C in args.contexts:
+            emit("")
+            emit(profile_rows(C, args.batches[0], args.rows, copy.deepcopy(paper_kv_model("eager").state_dict())))
     emit(f"\nTotal benchmark time {time.time() - started:.0f} s.")
 
 

@@ -25,3 +25,17 @@ def test_paper_model_with_lean_ops():
     assert model.config.lean_ops
     patched = [m for m in model.modules() if "forward" in vars(m)]
     assert len(patched) == 4 + 4 * 2 + 1  # the MLPs, two norms per layer, the final norm
+
+
+def test_kernel_split_by_kind_and_name():
+    """The profile's split: each launch counted once, under the first kind its name matches (the lean ops' Triton
+    kernels are not attention, though `_swiglu_fwd_kernel` contains `_fwd_kernel`), and the names costliest first."""
+    from bench_step import kernel_split
+
+    kernels = [("_swiglu_fwd_kernel", 1.0), ("_rms_norm_bwd_kernel", 0.5), ("_fwd_kernel", 2.0), ("_fwd_kernel", 2.0),
+               ("nvjet_tst_128x64", 3.0), ("void at::native::vectorized_elementwise_kernel<4>", 0.25),
+               ("some_new_kernel", 0.1)]
+    by_kind, by_name = kernel_split(kernels)
+    assert by_kind == {"lean ops": [1.5, 2], "attention": [4.0, 2], "matmul": [3.0, 1], "reduction": [0.0, 0],
+                       "elementwise": [0.25, 1], "other": [0.1, 1]}
+    assert by_name[:2] == [(4.0, 2, "_fwd_kernel"), (3.0, 1, "nvjet_tst_128x64")] and len(by_name) == 6
