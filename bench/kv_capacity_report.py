@@ -3,7 +3,9 @@
     python bench/kv_capacity_report.py results/kv_capacity        # writes summary.md and curves.png there
 
 Per seed and stage: the steps and the wall time until the stage's valid exact match reached its threshold (wall time
-from the start of the first stage, summed over sittings; datasets are built before the clock starts), the selected
+from the start of the first stage, summed over sittings; datasets are built before the clock starts), the same less
+every stage's final evaluations so far (the selected and final checkpoints on valid and test: measurement after a
+stage, which another process could do; "-" for records without their timings), the selected
 checkpoint's valid and test exact match (generated answers, test split never used for selection), the final
 checkpoint's where it differs, and the guards' interventions (steps skipped as gradient-norm spikes, rollbacks).
 Unfinished, budget-spent and collapsed stages are listed as such. Continuations of a seed (another recipe started
@@ -29,11 +31,16 @@ def stage_rows(seed_dir: Path) -> list:
     """One row per stage of a seed, from curriculum.json (wall time) and the stage's all_results.json."""
     record = json.loads((seed_dir / "curriculum.json").read_text())
     rows, elapsed, seen = [], 0.0, {}
+    test_s = 0.0  # the final evaluations so far (valid and test of the selected and final checkpoints); None: unknown
     for invocation in record["invocations"]:
         offset = elapsed
         for entry in invocation["stages"]:
-            seen[entry["stage"]] = {**entry, "wall_s": offset + entry["end_s"], "threshold": entry["threshold"]}
-            elapsed = offset + entry["end_s"]
+            final = entry.get("final_evaluation_wall_s")
+            test_s = None if test_s is None or final is None else test_s + final
+            wall = offset + entry["end_s"]
+            seen[entry["stage"]] = {**entry, "wall_s": wall, "threshold": entry["threshold"],
+                                    "wall_s_without_tests": None if test_s is None else wall - test_s}
+            elapsed = wall
     for name, entry in seen.items():
         results = json.loads((seed_dir / name / "all_results.json").read_text())
         history = json.loads((seed_dir / name / "trainer_state.json").read_text())["log_history"]
@@ -42,6 +49,7 @@ def stage_rows(seed_dir: Path) -> list:
                      "inner_lr": args.get("inner_lr"), "max_steps": args.get("max_steps"),
                      "max_rollbacks": args.get("max_rollbacks", 3),
                      "steps": results["global_step"], "wall_s": entry["wall_s"],
+                     "wall_s_without_tests": entry["wall_s_without_tests"],
                      "valid": results["eval_exact_match"], "test": results.get("test_generated_exact_match"),
                      "final_test": results.get("final_test_generated_exact_match"),
                      "done": results["eval_exact_match"] >= entry["threshold"],
@@ -70,9 +78,10 @@ def run_folders(root: Path) -> list:
 
 
 def summary(root: Path) -> str:
-    lines = ["| run | stage | K / inner lr | reached threshold | steps | wall time from start | valid EM (selected) | "
-             "test EM, generated (selected) | test EM, final checkpoint | spike-skipped steps | rollbacks |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | stage | K / inner lr | reached threshold | steps | wall time from start | without the final "
+             "evaluations | valid EM (selected) | test EM, generated (selected) | test EM, final checkpoint | "
+             "spike-skipped steps | rollbacks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed_dir in run_folders(root):
         for r in stage_rows(seed_dir):
             final = "" if r["final_test"] is None else f"{r['final_test']:.4f}"
@@ -80,9 +89,10 @@ def summary(root: Path) -> str:
                        f"**no: collapsed {r['rollbacks']} times, stopped**" if r["rollbacks"] >= r["max_rollbacks"] else
                        f"**no: step budget ({r['max_steps']}) spent**" if r["steps"] >= (r["max_steps"] or 1e18) else
                        "**no (unfinished)**")
+            without = "-" if r["wall_s_without_tests"] is None else f"{r['wall_s_without_tests']:.0f} s"
             lines.append(f"| {seed_dir.name} | N{r['N']} | {r['K']} / {r['inner_lr']} | {outcome} ({r['threshold']:g}) | "
-                         f"{r['steps']} | {r['wall_s']:.0f} s | {r['valid']:.4f} | {r['test']:.4f} | {final} | "
-                         f"{r['spikes']} | {r['rollbacks']} |")
+                         f"{r['steps']} | {r['wall_s']:.0f} s | {without} | {r['valid']:.4f} | {r['test']:.4f} | "
+                         f"{final} | {r['spikes']} | {r['rollbacks']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,21 +26,25 @@ def test_summary_sums_sittings_and_marks_unfinished(tmp_path):
     stage(seed / "N8", 0.96, 700, 0.955)
     stage(seed / "N16", 0.90, 3000, 0.89, spike_skipped_steps=4, rollbacks=1, final_test_generated_exact_match=0.88)
     record = {"invocations": [
-        {"stages": [{"stage": "N8", "threshold": 0.95, "end_s": 70.0}, {"stage": "N16", "threshold": 0.95, "end_s": 400.0}]},
-        {"stages": [{"stage": "N16", "threshold": 0.95, "end_s": 300.0}]}]}
+        {"stages": [{"stage": "N8", "threshold": 0.95, "end_s": 70.0, "final_evaluation_wall_s": 2.0},
+                    {"stage": "N16", "threshold": 0.95, "end_s": 400.0, "final_evaluation_wall_s": 3.0}]},
+        {"stages": [{"stage": "N16", "threshold": 0.95, "end_s": 300.0, "final_evaluation_wall_s": 4.0}]}]}
     (seed / "curriculum.json").write_text(json.dumps(record))
     rows = kv_capacity_report.stage_rows(seed)
     assert [(r["stage"], r["wall_s"], r["done"]) for r in rows] == [("N8", 70.0, True), ("N16", 700.0, False)]
+    # less the final evaluations up to the stage's last sitting: N8 its own, N16 N8's and its two
+    assert [r["wall_s_without_tests"] for r in rows] == [68.0, 691.0]
     later = tmp_path / "seed_1_k5"  # a continuation of seed 1 with another recipe
     stage(later / "N16", 0.91, 1100, 0.90, cli_args={"K": 5, "inner_lr": 0.08, "max_rollbacks": 3}, rollbacks=3)
     stage(later / "N32", 0.50, 36000, 0.49)
     (later / "curriculum.json").write_text(json.dumps({"invocations": [{"started": "2026-11-30 13:00:00", "stages": [
         {"stage": "N16", "threshold": 0.95, "end_s": 50.0}, {"stage": "N32", "threshold": 0.95, "end_s": 90.0}]}]}))
     text = kv_capacity_report.summary(tmp_path)
-    assert "| seed_1 | N8 | 2 / 0.04 | yes (0.95) | 700 | 70 s | 0.9600 | 0.9550 |  | 0 | 0 |" in text
-    assert "| seed_1 | N16 | 2 / 0.04 | **no (unfinished)** (0.95) | 3000 | 700 s | 0.9000 | 0.8900 | 0.8800 | 4 | 1 |" in text
-    assert "| seed_1_k5 | N16 | 5 / 0.08 | **no: collapsed 3 times, stopped** (0.95) | 1100 | 50 s |" in text
-    assert "| seed_1_k5 | N32 | 2 / 0.04 | **no: step budget (36000) spent** (0.95) | 36000 | 90 s |" in text
+    assert "| seed_1 | N8 | 2 / 0.04 | yes (0.95) | 700 | 70 s | 68 s | 0.9600 | 0.9550 |  | 0 | 0 |" in text
+    assert ("| seed_1 | N16 | 2 / 0.04 | **no (unfinished)** (0.95) | 3000 | 700 s | 691 s | 0.9000 | 0.8900 | 0.8800 "
+            "| 4 | 1 |") in text
+    assert "| seed_1_k5 | N16 | 5 / 0.08 | **no: collapsed 3 times, stopped** (0.95) | 1100 | 50 s | - |" in text
+    assert "| seed_1_k5 | N32 | 2 / 0.04 | **no: step budget (36000) spent** (0.95) | 36000 | 90 s | - |" in text
     assert text.index("| seed_1 | N16") < text.index("| seed_1_k5 |")
     kv_capacity_report.main([str(tmp_path)])
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "curves.png").stat().st_size > 0
