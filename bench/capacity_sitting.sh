@@ -21,6 +21,8 @@
 #   PREPARE ["64 96"]    KV datasets data/N<n>-K2V2-V62_1M built before the jobs start
 #   STATE ["OUT_DIR/N96 ..."] stage folders whose latest checkpoint (full state, to resume elsewhere) and
 #                        selected checkpoint (weights and config) are packed as state_<k>.tar / best_<k>.tar
+#   DRY_RUN [unset]      check the jobs file (every job's STAGES parsed as the curriculum parses them) and COPY, print
+#                        the jobs per GPU, run nothing
 # Wheels the machine lacks (datasets, dill, multiprocess) are installed from .whl/ when it exists.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,12 +49,24 @@ while IFS= read -r line || [ -n "$line" ]; do
     dir=$(unset OUT_DIR; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${OUT_DIR:-}")
     [ -n "$dir" ] \
         || { echo "$JOBS: '$line': set OUT_DIR=runs/... (where the job's run folders go)" >&2; exit 2; }
+    stages=$(unset STAGES; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${STAGES:-}")
+    # shellcheck disable=SC2086  # STAGES is a list of words
+    [ -z "$stages" ] || "$PYTHON" -c "import sys, curriculum; curriculum.parse_stages(sys.argv[1:])" $stages \
+        || { echo "$JOBS: '$line': its STAGES do not parse (above)" >&2; exit 2; }
     GPU_OF+=("$gpu"); MIN_OF+=("$minutes"); REST_OF+=("$rest"); OUT_DIRS+=("$dir")
 done <"$JOBS"
 (( ${#GPU_OF[@]} > 0 )) || { echo "$JOBS holds no job" >&2; exit 2; }
 for pair in ${COPY:-}; do
     [[ "$pair" == *:* && -d "${pair%%:*}" ]] || { echo "COPY: '$pair' must be src:dst with src a folder" >&2; exit 2; }
 done
+if [ -n "${DRY_RUN:-}" ]; then
+    for gpu in $(printf '%s\n' "${GPU_OF[@]}" | sort -un); do
+        for i in "${!GPU_OF[@]}"; do
+            [ "${GPU_OF[$i]}" = "$gpu" ] && echo "GPU $gpu, ${MIN_OF[$i]} min: ${REST_OF[$i]}"
+        done
+    done
+    exit 0
+fi
 
 mkdir -p "$OUT" data
 export PYTHONUNBUFFERED=1

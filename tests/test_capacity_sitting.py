@@ -108,3 +108,19 @@ def test_command_jobs_run_in_their_gpus_queue_with_out_set(tmp_path):
     for bad in ("0 1 !\n", "0 1 !   \n"):
         refused = run_sitting(tmp_path, bad)
         assert refused.returncode == 2 and "no command after !" in refused.stderr
+
+
+def test_every_committed_jobs_file_checks_and_bad_stages_are_refused(tmp_path):
+    """DRY_RUN=1 checks a jobs file (every STAGES parsed as the curriculum parses them) and runs nothing: every file
+    under bench/sittings passes; a stage the curriculum would refuse stops the sitting before anything runs."""
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out")}
+    for jobs in sorted((REPO / "bench" / "sittings").glob("*.jobs")):
+        done = subprocess.run(["bash", str(REPO / "bench" / "capacity_sitting.sh")], env={**env, "JOBS": str(jobs)},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (jobs.name, done.stderr)
+        assert done.stdout.startswith("GPU ") and not (tmp_path / "out").exists()
+    (tmp_path / "bad.jobs").write_text('0 1 SEED=1 OUT_DIR=runs/x STAGES="2:0.95 4:1.5"\n')
+    done = subprocess.run(["bash", str(REPO / "bench" / "capacity_sitting.sh")],
+                          env={**os.environ, "JOBS": str(tmp_path / "bad.jobs"), "OUT": str(tmp_path / "out")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "its STAGES do not parse" in done.stderr and not (tmp_path / "out").exists()
