@@ -186,11 +186,12 @@ def matrix_cells(runs: list) -> list:
     return sorted(cells, key=lambda c: (c.n, c.task, _family_order(c.family), c.family, c.K or 0, c.variant, c.lr))
 
 
-def best_lr_cells(cells: list) -> dict:
+def best_lr_cells(cells: list, sweep_seeds: Optional[set] = None) -> dict:
     """{(task, family, K, variant): the cell with the best mean valid exact match} over the seeds that every lr of
     the sweep finished (all of a cell's finished seeds where the lrs share none), so that an lr run on more seeds
-    (the two-phase protocol's chosen one) is compared on the same seeds as the others. Ties: the smaller lr; cells
-    without any finished seed are never chosen; a sweep with none is left out."""
+    (the two-phase protocol's chosen one) is compared on the same seeds as the others; of those, only `sweep_seeds`
+    (run seeds) where given and shared: the protocol's phase 2 also runs other lrs on other seeds, as warm starts.
+    Ties: the smaller lr; cells without any finished seed are never chosen; a sweep with none is left out."""
     sweeps = {}
     for cell in cells:
         if cell.finished:
@@ -199,6 +200,8 @@ def best_lr_cells(cells: list) -> dict:
     for key, sweep in sweeps.items():
         finished = [{r.seed for r in cell.runs if not math.isnan(r.valid_em)} for cell in sweep]
         shared = set.intersection(*finished)
+        if sweep_seeds and shared & sweep_seeds:
+            shared &= sweep_seeds
 
         def score(cell):
             values = [r.valid_em for r in cell.runs if not math.isnan(r.valid_em) and (not shared or r.seed in shared)]
@@ -255,10 +258,11 @@ def problem_rows(cells: list) -> list:
     return rows
 
 
-def k_scaling(cells: list) -> list:
-    """The K-scaling points: per task and family, each K's best-lr cell (full-context LMs: their best cell, K None)."""
+def k_scaling(best: dict) -> list:
+    """The K-scaling points of best_lr_cells: per task and family, each K's best-lr cell (full-context LMs: their best
+    cell, K None)."""
     points = []
-    for (task, family, K, variant), cell in best_lr_cells(cells).items():
+    for (task, family, K, variant), cell in best.items():
         points.append({"task": task, "n": cell.n, "family": family, "K": K, "variant": variant, "lr": cell.lr,
                        "lr_name": cell.lr_name, "test_generated_exact_match_mean": _num(cell.mean("test_gen_em")),
                        "test_generated_exact_match_per_seed": [_num(v) for v in cell.values("test_gen_em")],
@@ -272,8 +276,7 @@ def _num(x: float):
     return None if x is None or math.isnan(x) else x
 
 
-def matrix_markdown(cells: list, runs_root, n_outside: int) -> str:
-    best = best_lr_cells(cells)
+def matrix_markdown(cells: list, best: dict, runs_root, n_outside: int) -> str:
     chosen = {id(c) for c in best.values()}
     out = [f"# The comparison matrix collected from `{runs_root}`\n",
            f"{sum(len(c.runs) for c in cells)} runs in {len(cells)} cells (task, family, K, swept lr) from their saved "
@@ -282,7 +285,8 @@ def matrix_markdown(cells: list, runs_root, n_outside: int) -> str:
            "evaluated (what selected it); test generated = answers generated greedily on the separate test split. "
            "`selected` is the checkpoint chosen on valid, `final` the last one (the selected one where it is the "
            "last). Each entry: mean over the seeds with results [every seed; - = no results].\n",
-           "## Best lr per (N, family, K), chosen on the mean valid EM\n",
+           "## Best lr per (N, family, K), chosen on the mean valid EM over the seeds every lr finished (the sweep "
+           "seeds of lr_choice.json where the two-phase protocol ran)\n",
            _markdown(CELL_COLUMNS, [_cell_row(c, True) for c in sorted(best.values(), key=lambda c: (
                c.n, c.task, _family_order(c.family), c.family, c.K or 0, c.variant))]),
            "\n## Every cell (the whole sweep; **best** = chosen)\n",
@@ -297,8 +301,7 @@ def matrix_markdown(cells: list, runs_root, n_outside: int) -> str:
     return "\n".join(out)
 
 
-def matrix_records(cells: list) -> dict:
-    best = best_lr_cells(cells)
+def matrix_records(cells: list, best: dict) -> dict:
     chosen = {id(c) for c in best.values()}
 
     def run_record(r: MatrixRun) -> dict:
@@ -315,13 +318,13 @@ def matrix_records(cells: list) -> dict:
                            ("final_valid_exact_match", "final_valid_em"),
                            ("final_test_generated_exact_match", "final_test_gen_em"))},
                        "runs": [run_record(r) for r in c.runs]} for c in cells],
-            "k_scaling": k_scaling(cells)}
+            "k_scaling": k_scaling(best)}
 
 
-def plot_k_scaling(cells: list, out_dir: Path) -> Optional[Path]:
+def plot_k_scaling(best: dict, out_dir: Path) -> Optional[Path]:
     """k_scaling.png: test generated EM against K, one panel per task; GradMem and RMT at their best lr per K (mean ±
     std over seeds, seeds as dots), full-context LMs as horizontal lines."""
-    points = k_scaling(cells)
+    points = k_scaling(best)
     if not any(p["K"] is not None for p in points):
         return None
     plt = _pyplot()
@@ -357,10 +360,9 @@ def plot_k_scaling(cells: list, out_dir: Path) -> Optional[Path]:
     return save_figure(fig, out_dir / "k_scaling.png")
 
 
-def plot_matrix_curves(cells: list, out_dir: Path) -> list:
-    """matrix_curves_<task>.png: valid exact match against step of each (family, K) at its best lr; seeds thin, mean
-    thick."""
-    best = best_lr_cells(cells)
+def plot_matrix_curves(best: dict, out_dir: Path) -> list:
+    """matrix_curves_<task>.png: valid exact match against step of each (family, K) at its best lr (best_lr_cells);
+    seeds thin, mean thick."""
     plt = _pyplot()
     paths = []
     for task in sorted({t for t, *_ in best}, key=lambda t: (kv_task_n(t), t)):
@@ -383,13 +385,24 @@ def write_matrix(runs: list, out_dir: Path, runs_root) -> list:
     if not cells:
         return []
     n_inside = sum(len(c.runs) for c in cells)
-    (out_dir / "matrix.md").write_text(matrix_markdown(cells, runs_root, len(runs) - n_inside))
-    (out_dir / "matrix.json").write_text(json.dumps(matrix_records(cells), indent=2))
+    best = best_lr_cells(cells, lr_choice_seeds(out_dir))
+    (out_dir / "matrix.md").write_text(matrix_markdown(cells, best, runs_root, len(runs) - n_inside))
+    (out_dir / "matrix.json").write_text(json.dumps(matrix_records(cells, best), indent=2))
     files = [out_dir / "matrix.md", out_dir / "matrix.json"]
-    path = plot_k_scaling(cells, out_dir)
+    path = plot_k_scaling(best, out_dir)
     if path is not None:
         files.append(path)
-    return files + plot_matrix_curves(cells, out_dir)
+    return files + plot_matrix_curves(best, out_dir)
+
+
+def lr_choice_seeds(out_dir: Path) -> Optional[set]:
+    """The run seeds the two-phase protocol's lr sweeps compared (out_dir/lr_choice.json, written by
+    run_paper_claims.sh into the folder it collects into); None without that file."""
+    path = Path(out_dir) / "lr_choice.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return {run["seed"] for sweep in record["sweeps"] for lr in sweep["lrs"] for run in lr["runs"]} or None
 
 
 

@@ -174,7 +174,7 @@ def test_variants_and_runs_outside_the_matrix(runs_root):
 
 
 def test_k_scaling_points_use_the_best_lr_per_k(runs_root):
-    points = rm.k_scaling(rm.matrix_cells(cr.find_runs(runs_root)))
+    points = rm.k_scaling(rm.best_lr_cells(rm.matrix_cells(cr.find_runs(runs_root))))
     at_n8 = {(p["family"], p["K"]): p for p in points if p["n"] == 8}
     assert set(at_n8) == {("gradmem", 1), ("gradmem", 2), ("rmt", 1), ("rmt", 2), ("llama", None), ("mamba", None)}
     assert at_n8[("gradmem", 2)]["lr"] == 0.04
@@ -208,7 +208,8 @@ def test_write_summary_writes_the_matrix(runs_root, tmp_path):
     assert len(chosen) == 8 and len(records["cells"]) == 11
     rmt = next(c for c in records["cells"] if c["family"] == "rmt" and c["lr"] == 1e-4 and c["K"] == 1)
     assert rmt["runs"][1]["valid_exact_match"] is None and rmt["runs"][1]["problems"] == ["unfinished"]
-    assert records["k_scaling"] == json.loads(json.dumps(rm.k_scaling(rm.matrix_cells(cr.find_runs(runs_root)))))
+    best = rm.best_lr_cells(rm.matrix_cells(cr.find_runs(runs_root)))
+    assert records["k_scaling"] == json.loads(json.dumps(rm.k_scaling(best)))
 
 
 def test_lr_sweep_choice_on_the_mean_valid_of_the_sweep_seeds(tmp_path):
@@ -253,3 +254,21 @@ def test_best_lr_is_compared_on_the_seeds_every_lr_has(tmp_path):
             write_run(tmp_path, N8, "gradmem", 2, lr, seed, dict(valid=valid, test=valid))
     best = rm.best_lr_cells(rm.matrix_cells(cr.find_runs(tmp_path)))
     assert best[(N8, "gradmem", 2, "")].lr == 0.04  # seed 143: 0.9 > 0.8 (means over all seeds: 0.63 < 0.8)
+
+
+def test_the_sweep_seeds_of_lr_choice_json_decide_after_phase_two(tmp_path):
+    """Phase 2 may run a non-chosen lr on the other seeds too (as the warm start of a larger N that chose it): then
+    every lr has every seed, and only the sweep seeds in lr_choice.json say what the protocol compared."""
+    root, out = tmp_path / "runs", tmp_path / "results"
+    for lr, seeds in ((0.02, {143: 0.7, 144: 0.5, 145: 0.5}), (0.04, {143: 0.6, 144: 0.8, 145: 0.8})):
+        for seed, valid in seeds.items():
+            write_run(root, N8, "gradmem", 2, lr, seed, dict(valid=valid, test=valid))
+    runs = cr.find_runs(root)
+    assert rm.best_lr_cells(rm.matrix_cells(runs))[(N8, "gradmem", 2, "")].lr == 0.04  # all three seeds shared
+    out.mkdir()
+    choice = {"sweeps": [{"lrs": [{"lr": "0.02", "runs": [{"seed": 143}]}, {"lr": "0.04", "runs": [{"seed": 143}]}]}]}
+    (out / "lr_choice.json").write_text(json.dumps(choice))
+    assert rm.lr_choice_seeds(out) == {143}
+    rm.write_matrix(runs, out, root)
+    best = [c["lr"] for c in json.loads((out / "matrix.json").read_text())["cells"] if c["best_lr"]]
+    assert best == [0.02]  # seed 143: 0.7 > 0.6
