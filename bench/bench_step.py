@@ -188,6 +188,33 @@ def kernel_split(kernels) -> tuple:
     return by_kind, sorted(((ms, n, name) for name, (ms, n) in by_name.items()), key=lambda t: -t[0])
 
 
+def profile_one(row: str, base_state: dict, batch: dict) -> tuple:
+    """([(kernel name, ms)] of one step of the row after 3 warm-up steps, host syncs of another step)."""
+    step, _ = row_step(row, base_state, batch, use_cuda_graph=False)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return [(e.name, e.device_time_total / 1e3) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA], syncs
+
+
+def failure_text(error: Exception) -> str:
+    """A failed row's table cell."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    return "failed: " + f"{type(error).__name__}: {error}".replace("|", "/").replace("\n", " ")[:160]
+
+
 def profile_rows(C: int, B: int, rows: list, base_state: dict, top: int = 12) -> str:
     """One step of each row profiled: CUDA kernels, host syncs, GPU-busy time, its split by kernel kind (ms, share,
     launches) and the `top` costliest kernels. Graph rows run without the graph: the kernels a replay launches are
@@ -199,22 +226,12 @@ def profile_rows(C: int, B: int, rows: list, base_state: dict, top: int = 12) ->
              + " |", "|---" * (4 + len(kinds)) + "|"]
     top_lines = []
     for row in rows:
-        step, _ = row_step(row, base_state, batch, use_cuda_graph=False)
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            step()
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = sum("synchroniz" in str(w.message) for w in caught)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            step()
-            torch.cuda.synchronize()
-        kernels = [(e.name, e.device_time_total / 1e3) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        try:
+            kernels, syncs = profile_one(row, base_state, batch)
+        except Exception as e:  # noqa: BLE001 - a failing row (out of memory, ...) is reported, the others still run
+            lines.append(f"| {row} | {failure_text(e)} |" + " |" * (2 + len(kinds)))
+            torch.cuda.empty_cache()
+            continue
         by_kind, by_name = kernel_split(kernels)
         busy = sum(ms for ms, _ in by_kind.values())
         lines.append(f"| {row} | {len(kernels)} | {syncs} | {busy:.2f} | " + " | ".join(
@@ -293,13 +310,8 @@ def main(argv=None):
                 continue
             try:
                 r = run_row(row, base_state, batch, args.steps, args.warmup)
-            except torch.cuda.OutOfMemoryError:
-                emit(f"| {C} | {B} | {shown} | {attn} | {precision} | out of memory | | | | | |")
-                torch.cuda.empty_cache()
-                continue
-            except Exception as e:  # noqa: BLE001 - a failing row is reported, the others still run
-                msg = f"{type(e).__name__}: {e}".replace("|", "/").replace("\n", " ")[:160]
-                emit(f"| {C} | {B} | {shown} | {attn} | {precision} | failed: {msg} | | | | | |")
+            except Exception as e:  # noqa: BLE001 - a failing row (out of memory, ...) is reported, the others run
+                emit(f"| {C} | {B} | {shown} | {attn} | {precision} | {failure_text(e)} | | | | | |")
                 torch.cuda.empty_cache()
                 continue
             if mode == "plain" and precision == "fp32" and not lean:
@@ -314,6 +326,9 @@ def main(argv=None):
     if args.profile:
         for C in args.contexts:
             emit("")
+            if args.time_budget is not None and time.time() - started > args.time_budget:
+                emit(f"### Profile at C={C}: not run (time budget)")
+                continue
             emit(profile_rows(C, args.batches[0], args.rows, copy.deepcopy(paper_kv_model("eager").state_dict())))
     emit(f"\nTotal benchmark time {time.time() - started:.0f} s.")
 

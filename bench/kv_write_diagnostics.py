@@ -80,7 +80,8 @@ def exact_match_by_position(folder: Path, n_pairs: int, samples: int, data_seed:
     generated_exact_match(model, fresh_batches(tokenizer, n_pairs, samples, data_seed, batch_size),
                           single_token_ids(tokenizer, ("!", "|")),
                           on_batch=lambda _batch, _generated, right: rights.extend(right.tolist()))
-    table = [[g * n_pairs // groups + 1, (g + 1) * n_pairs // groups, 0, 0] for g in range(groups)]
+    # position p (0-based) is in group p * groups // n_pairs: group g holds positions ceil(g n / groups) and on
+    table = [[-(-g * n_pairs // groups) + 1, -(-(g + 1) * n_pairs // groups), 0, 0] for g in range(groups)]
     for position, right in zip(queried_positions(n_pairs, samples, data_seed), rights, strict=True):
         row = table[position * groups // n_pairs]
         row[2] += int(right)

@@ -143,5 +143,10 @@ def test_write_diagnostics_exact_match_by_queried_position(checkpoint, monkeypat
     (row,) = diag.main([str(checkpoint), "--samples", "12", "--batch_size", "5", "--by_position", "2"])
     asked = sum(first_pair_asked)
     assert 0 < asked < 12 and row["by_position"] == [(1, 1, asked, asked), (2, 2, 0, 12 - asked)]
+    # groups that do not divide N: each label names the positions its group counts
+    first_pair_asked = [True] * 40
+    table = diag.exact_match_by_position(checkpoint, 5, 40, 1, 10, 2)
+    assert [(first, last) for first, last, _, _ in table] == [(1, 3), (4, 5)]
+    assert [n for *_, n in table] == [sum(1 <= p + 1 <= 3 for p in positions), sum(p + 1 >= 4 for p in positions)]
     with pytest.raises(SystemExit):
         diag.main([str(checkpoint), "--by_position", "3"])  # more groups than the 2 pairs
