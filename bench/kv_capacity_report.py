@@ -67,10 +67,8 @@ def run_folders(root: Path) -> list:
         return json.loads((p / "curriculum.json").read_text())["invocations"][0]
 
     def seed(p: Path) -> int:
-        argv = record(p).get("argv", [])
-        if "--seed" in argv:
-            return int(argv[argv.index("--seed") + 1])
-        match = re.search(r"seed_(\d+)", p.name)
+        argv = " ".join(record(p).get("argv", []))
+        match = re.search(r"--seed[ =](\d+)", argv) or re.search(r"seed_(\d+)", p.name)
         return int(match.group(1)) if match else -1
 
     folders = [p for p in root.iterdir() if (p / "curriculum.json").is_file()]
