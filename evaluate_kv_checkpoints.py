@@ -53,13 +53,23 @@ def load_for_evaluation(folder: Path) -> GradMemGPT:
     return model
 
 
-def fresh_batches(tokenizer, n_pairs: int, samples: int, data_seed: int, batch_size: int):
-    """Collated batches of `samples` fresh N<n_pairs>-K2V2-V62 samples from the test stream with `data_seed`."""
+def fresh_samples(n_pairs: int, samples: int, data_seed: int) -> list:
+    """`samples` fresh N<n_pairs>-K2V2-V62 samples (dicts of context, query, target) from the test stream with
+    `data_seed`."""
     spec = kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62")
     data = kv_dataset_utils.generate_kv_samples(spec, samples, data_seed, kv_dataset_utils.TEST_STREAM)
-    rows = [dict(zip(data, values)) for values in zip(*data.values())]
+    return [dict(zip(data, values)) for values in zip(*data.values())]
+
+
+def collated_batches(tokenizer, rows: list, batch_size: int):
+    """The rows collated as the trainer collates them, batch_size at a time, in order."""
     collator = MemoryModelCollator(tokenizer)
     return (collator(rows[i: i + batch_size]) for i in range(0, len(rows), batch_size))
+
+
+def fresh_batches(tokenizer, n_pairs: int, samples: int, data_seed: int, batch_size: int):
+    """Collated batches of fresh_samples."""
+    return collated_batches(tokenizer, fresh_samples(n_pairs, samples, data_seed), batch_size)
 
 
 def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int, K: Optional[int] = None,

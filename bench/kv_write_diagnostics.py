@@ -20,8 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kv_dataset_utils  # noqa: E402
-from evaluate_kv_checkpoints import fresh_batches, load_for_evaluation  # noqa: E402
+from evaluate_kv_checkpoints import collated_batches, fresh_batches, fresh_samples, load_for_evaluation  # noqa: E402
 from evaluation import generated_exact_match  # noqa: E402
 from training_collators import single_token_ids  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -64,25 +63,22 @@ def load(folder: Path, K=None, inner_lr=None):
     return model, AutoTokenizer.from_pretrained(str(folder))
 
 
-def queried_positions(n_pairs: int, samples: int, data_seed: int) -> list:
-    """The 0-based position in its context of the pair each fresh sample's query asks for (the samples of
-    fresh_batches, in order; a context is 7 characters per pair, a query `?!kk:`)."""
-    data = kv_dataset_utils.generate_kv_samples(kv_dataset_utils.parse_dataset_name(f"N{n_pairs}-K2V2-V62"), samples,
-                                                data_seed, kv_dataset_utils.TEST_STREAM)
-    return [context.index(query[1:]) // 7 for context, query in zip(data["context"], data["query"])]
+def queried_position(sample: dict) -> int:
+    """The 0-based position in its context of the pair a sample's query asks for (a context is 7 characters per
+    pair, a query `?!kk:`)."""
+    return sample["context"].index(sample["query"][1:]) // 7
 
 
 def exact_match_by_position(folder: Path, n_pairs: int, samples: int, data_seed: int, batch_size: int, groups: int,
                             K=None, inner_lr=None) -> list:
     """[(first pair, last pair (1-based), answers right, samples)] for `groups` equal groups of queried positions."""
     model, tokenizer = load(folder, K, inner_lr)
-    rights = []
-    generated_exact_match(model, fresh_batches(tokenizer, n_pairs, samples, data_seed, batch_size),
-                          single_token_ids(tokenizer, ("!", "|")),
+    rows, rights = fresh_samples(n_pairs, samples, data_seed), []
+    generated_exact_match(model, collated_batches(tokenizer, rows, batch_size), single_token_ids(tokenizer, ("!", "|")),
                           on_batch=lambda _batch, _generated, right: rights.extend(right.tolist()))
     # position p (0-based) is in group p * groups // n_pairs: group g holds positions ceil(g n / groups) and on
     table = [[-(-g * n_pairs // groups) + 1, -(-(g + 1) * n_pairs // groups), 0, 0] for g in range(groups)]
-    for position, right in zip(queried_positions(n_pairs, samples, data_seed), rights, strict=True):
+    for position, right in zip(map(queried_position, rows), rights, strict=True):
         row = table[position * groups // n_pairs]
         row[2] += int(right)
         row[3] += 1

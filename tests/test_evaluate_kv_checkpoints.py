@@ -125,12 +125,12 @@ def test_write_diagnostics_exact_match_by_queried_position(checkpoint, monkeypat
 
     data = kv_dataset_utils.generate_kv_samples(kv_dataset_utils.parse_dataset_name("N5-K2V2-V62"), 40, 1,
                                                 kv_dataset_utils.TEST_STREAM)
-    positions = diag.queried_positions(5, 40, 1)
+    positions = [diag.queried_position(r) for r in evaluate_kv_checkpoints.fresh_samples(5, 40, 1)]
     for context, query, target, position in zip(data["context"], data["query"], data["target"], positions):
         assert context[7 * position: 7 * position + 7] == query[1:] + target[:2] + "!"
     assert len(set(positions)) == 5  # every position is asked for
 
-    first_pair_asked = [p == 0 for p in diag.queried_positions(2, 12, 1)]
+    first_pair_asked = [diag.queried_position(r) == 0 for r in evaluate_kv_checkpoints.fresh_samples(2, 12, 1)]
 
     def answers_right_where_the_first_pair_is_asked(model, batches, ignore_ids, on_batch):
         done = 0
