@@ -63,16 +63,13 @@ def run_folders(root: Path) -> list:
     """The run folders of root (subfolders with a curriculum.json), grouped by seed (the record's --seed, else the
     seed_<s> in the name): seed_<s>/ first, then the seed's other runs (continuations seed_<s>_<variant>/, variants
     such as w100_seed_<s>/) in the order they were started."""
-    def record(p: Path) -> dict:
-        return json.loads((p / "curriculum.json").read_text())["invocations"][0]
+    def order(p: Path) -> tuple:
+        first = json.loads((p / "curriculum.json").read_text())["invocations"][0]
+        match = re.search(r"--seed[ =](\d+)", " ".join(first.get("argv", []))) or re.search(r"seed_(\d+)", p.name)
+        seed = int(match.group(1)) if match else -1
+        return seed, p.name != f"seed_{seed}", first.get("started", ""), p.name
 
-    def seed(p: Path) -> int:
-        argv = " ".join(record(p).get("argv", []))
-        match = re.search(r"--seed[ =](\d+)", argv) or re.search(r"seed_(\d+)", p.name)
-        return int(match.group(1)) if match else -1
-
-    folders = [p for p in root.iterdir() if (p / "curriculum.json").is_file()]
-    return sorted(folders, key=lambda p: (seed(p), p.name != f"seed_{seed(p)}", record(p).get("started", ""), p.name))
+    return sorted((p for p in root.iterdir() if (p / "curriculum.json").is_file()), key=order)
 
 
 def summary(root: Path) -> str:
