@@ -24,8 +24,8 @@ SEED=${SEED:-1}
 # N32 trains with K=2 and evaluates (so selects and stops) with K=5: on the K=2 N32 checkpoints of 3 seeds, K=5 at
 # test time gave 0.99 / 0.87 / 0.97 against 0.93 / 0.70 / 0.94 with K=2, while training N32 with K=5 at inner lr 0.08
 # collapsed 2 of 3 seeds (its time to 0.95 is not measured yet). N64 trains with K=5 at inner lr 0.08 (seed 1: 0.95
-# after 9,200 steps); N96 with K=5 at inner lr 0.3 (one seed each: 0.65 after 4,500 steps at 0.3 and 6,600 at 0.2,
-# 0.48 at 0.08; none reached 0.90).
+# after 9,200 steps); N96 with K=5 at inner lr 0.3, the best of 0.08 / 0.12 / 0.2 / 0.3 / 0.6 / 1.2 (one seed each;
+# at 0.3 valid 0.699 after 9,700 steps; none reached 0.90).
 STAGES=${STAGES:-"2:0.95 4:0.95 8:0.95 16:0.95 32:0.95:eval_K=5 64:0.95:K=5,inner_lr=0.08,max_steps=200000 96:0.90:K=5,inner_lr=0.3,max_steps=200000"}
 PRECISION=${PRECISION:-tf32}  # fp32 (strict), tf32 or bf16
 OUT_DIR=${OUT_DIR:-runs/kv_capacity/seed_${SEED}}
