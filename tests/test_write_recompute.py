@@ -118,12 +118,14 @@ def test_recompute_write_needs_second_order_steps():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("lean_ops", [False, True])
-def test_recomputed_write_on_cuda_with_the_fused_attention_and_dropout(lean_ops):
-    """On CUDA (fused double-backward attention, Triton lean ops when on, dropout in attention): the same loss and
-    gradients as the stored graph, within fp32 rounding (the CUDA random state is replayed)."""
-    backbone = tiny_llama(attention_dropout=0.2, hidden_size=64, intermediate_size=128)  # head dim 32 for the kernel
+@pytest.mark.parametrize("attn, dropout", [("fused_double_bwd", 0.0), ("exact_eager", 0.2)])
+def test_recomputed_write_on_cuda(lean_ops, attn, dropout):
+    """On CUDA (Triton lean ops when on; the fused double-backward attention, which has no dropout, or the exact eager
+    attention with dropout): the same loss and gradients as the stored graph, within fp32 rounding (the CUDA random
+    state is replayed)."""
+    backbone = tiny_llama(attention_dropout=dropout, hidden_size=64, intermediate_size=128)  # head dim 32
     models = [tiny_gradmem(lean_ops, backbone=backbone, recompute_write=r, use_write_head=True,
-                           attn_implementation="fused_double_bwd").float().cuda() for r in (False, True)]
+                           attn_implementation=attn).float().cuda() for r in (False, True)]
     batch = {name: tensor.cuda() for name, tensor in BATCH.items()}
     results = []
     for model in models:
