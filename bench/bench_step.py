@@ -188,6 +188,14 @@ def kernel_split(kernels) -> tuple:
     return by_kind, sorted(((ms, n, name) for name, (ms, n) in by_name.items()), key=lambda t: -t[0])
 
 
+def device_kernels(events) -> list:
+    """[(kernel name, ms)] of a profile's CUDA events, without user annotations: a record_function range (the
+    optimizer's `Optimizer.step#AdamW.step`) shows on the GPU timeline as one event spanning the kernels it launched,
+    not as a kernel of its own."""
+    return [(e.name, e.device_time_total / 1e3) for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 def profile_one(row: str, base_state: dict, batch: dict) -> tuple:
     """([(kernel name, ms)] of one step of the row after 3 warm-up steps, host syncs of another step)."""
     step, _ = row_step(row, base_state, batch, use_cuda_graph=False)
@@ -204,8 +212,7 @@ def profile_one(row: str, base_state: dict, batch: dict) -> tuple:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step()
         torch.cuda.synchronize()
-    return [(e.name, e.device_time_total / 1e3) for e in prof.events()
-            if e.device_type == torch.autograd.DeviceType.CUDA], syncs
+    return device_kernels(prof.events()), syncs
 
 
 def failure_text(error: Exception) -> str:
