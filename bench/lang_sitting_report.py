@@ -11,8 +11,10 @@ reached 1.0) and the minutes of training (of the last launch, where a run was re
 per task and family. A run without all_results.json (still training, or crashed) shows `-`.
 
 Chance level: answering with one of the candidates uniformly at random: 1/N for phonebook N (a number of the book),
-1/6 for bAbI task 1 (the six rooms). curves.png: valid exact match of generated answers against the step, one panel
-per task, one colour per family (seeds thin, their mean thick), chance dashed.
+1/6 for bAbI task 1 (the six rooms). Shortcut level (bAbI task 1, from its test file under --data): answering with
+the last room the story names, whoever went there; a model at this level has not shown that it reads the question.
+curves.png: valid exact match of generated answers against the step, one panel per task, one colour per family
+(seeds thin, their mean thick), chance dashed, shortcut dotted.
 """
 import argparse
 import json
@@ -25,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from babi_generator import ROOMS  # noqa: E402
+from babi_utils import parse_babi_lines  # noqa: E402
 
 FAMILY_ORDER = ("gradmem", "rmt", "lm")
 FAMILY_LABELS = {"gradmem": "GradMem", "rmt": "RMT", "lm": "full-context LM"}
@@ -39,6 +42,17 @@ def chance_level(task: str) -> float:
     if task.startswith("babi_qa1"):
         return 1.0 / len(ROOMS)
     return math.nan
+
+
+def shortcut_level(task: str, data: Path) -> float:
+    """bAbI task 1: the share of test questions whose answer is the last room the story names (nan for other tasks or
+    without the test file `<data>/<task>/qa1_single-supporting-fact_test.txt`)."""
+    path = Path(data) / task / "qa1_single-supporting-fact_test.txt"
+    if not task.startswith("babi_qa1") or not path.is_file():
+        return math.nan
+    rows = parse_babi_lines(path.read_text().splitlines(), source=str(path))
+    rooms = re.compile(r"\b(" + "|".join(ROOMS) + r")\b")
+    return sum(rooms.findall(r["context"])[-1:] == [r["target"]] for r in rows) / len(rows)
 
 
 def _read(path: Path):
@@ -63,15 +77,17 @@ def read_run(run_dir: Path) -> dict:
             "max_steps": cap, "train_minutes": runtimes[-1] / 60 if runtimes else None, "curve": curve}
 
 
-def find_rows(runs: Path) -> list:
-    rows = []
+def find_rows(runs: Path, data: Path) -> list:
+    rows, shortcut = [], {}
     for run_dir in sorted(runs.glob("*/*/run_*")):
         seed = re.fullmatch(r"run_(\d+)", run_dir.name)
         if not run_dir.is_dir() or seed is None:
             continue
         task, family = run_dir.parent.parent.name, run_dir.parent.name
+        if task not in shortcut:
+            shortcut[task] = shortcut_level(task, data)
         rows.append({"task": task, "family": family, "seed": int(seed[1]), "chance": chance_level(task),
-                     **read_run(run_dir)})
+                     "shortcut": shortcut[task], **read_run(run_dir)})
     order = {f: i for i, f in enumerate(FAMILY_ORDER)}
     return sorted(rows, key=lambda r: (r["task"], order.get(r["family"], len(order)), r["family"], r["seed"]))
 
@@ -97,7 +113,7 @@ def summaries(rows: list) -> list:
     return [{"task": task, "family": family, "seeds": [r["seed"] for r in members],
              "test_em": _mean_std([r["test_em"] for r in members]),
              "valid_em": _mean_std([r["valid_em"] for r in members]), "chance": members[0]["chance"],
-             "steps": _mean_std([r["steps"] for r in members], digits=0)}
+             "shortcut": members[0]["shortcut"], "steps": _mean_std([r["steps"] for r in members], digits=0)}
             for (task, family), members in groups.items()]
 
 
@@ -109,10 +125,11 @@ def markdown(rows: list) -> str:
                      f"{_fmt(r['test_token_accuracy'])} | {_fmt(r['chance'])} | {_fmt(r['steps'])} / "
                      f"{_fmt(r['max_steps'])} | {_fmt(r['train_minutes'], 1)} |")
     lines += ["", "Mean (std over seeds):", "",
-              "| task | family | seeds | test EM | valid EM | chance | steps |", "|---|---|---|---|---|---|---|"]
+              "| task | family | seeds | test EM | valid EM | chance | shortcut | steps |",
+              "|---|---|---|---|---|---|---|---|"]
     for s in summaries(rows):
         lines.append(f"| {s['task']} | {s['family']} | {', '.join(map(str, s['seeds']))} | {s['test_em']} | "
-                     f"{s['valid_em']} | {_fmt(s['chance'])} | {s['steps']} |")
+                     f"{s['valid_em']} | {_fmt(s['chance'])} | {_fmt(s['shortcut'])} | {s['steps']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,9 +159,10 @@ def plot_curves(rows: list, path: Path) -> bool:
                 steps = sorted(per_step)
                 ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], color=color, linewidth=2,
                         label=FAMILY_LABELS.get(family, family))
-        chance = chance_level(task)
-        if not math.isnan(chance):
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance {chance:.2f}")
+        level = {r["task"]: (r["chance"], r["shortcut"]) for r in rows}[task]
+        for value, style, name in zip(level, ("--", ":"), ("chance", "shortcut")):
+            if not math.isnan(value):
+                ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} {value:.2f}")
         ax.set_title(task), ax.set_xlabel("step"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     axes[0][0].set_ylabel("valid exact match, generated answers")
@@ -154,16 +172,17 @@ def plot_curves(rows: list, path: Path) -> bool:
     return True
 
 
-def write_report(runs, out) -> str:
+def write_report(runs, out, data="data/lang") -> str:
     runs, out = Path(runs), Path(out)
-    rows = find_rows(runs)
+    rows = find_rows(runs, Path(data))
     if not rows:
         raise FileNotFoundError(f"no run folders <task>/<family>/run_<seed> under {runs}")
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows)
     (out / "report.md").write_text(
         f"# Language-task sitting: {runs}\n\nTest EM: exact match of greedily generated answers on the test split, "
-        "for the checkpoint selected on valid (valid EM, generated answers).\n\n" + text)
+        "for the checkpoint selected on valid (valid EM, generated answers). Chance: a uniformly random candidate; "
+        "shortcut (bAbI): the last room the story names.\n\n" + text)
     (out / "report.json").write_text(json.dumps({"runs": rows, "summary": summaries(rows)}, indent=1))
     plot_curves(rows, out / "curves.png")
     return text
@@ -173,8 +192,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs/lang", help="folder holding <task>/<family>/run_<seed>/")
     parser.add_argument("--out", default="runs/lang_sitting", help="where report.md, report.json, curves.png go")
+    parser.add_argument("--data", default="data/lang", help="the sitting's data folder (bAbI test file: shortcut)")
     args = parser.parse_args(argv)
-    print(write_report(args.runs, args.out))
+    print(write_report(args.runs, args.out, args.data))
 
 
 if __name__ == "__main__":

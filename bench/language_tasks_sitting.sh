@@ -179,7 +179,7 @@ wait
 [ -n "$DRY_RUN" ] && exit 0
 
 # ------------------------------------------------------------------------------------------------ report, pack
-"$PY" bench/lang_sitting_report.py --runs "$RUNS" --out "$OUT"
+"$PY" bench/lang_sitting_report.py --runs "$RUNS" --out "$OUT" --data "$DATA"
 tar czf "$OUT/metrics.tgz" --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' \
     --exclude='tokenizer*' --exclude='special_tokens_map.json' -C "$(dirname "$RUNS")" "$(basename "$RUNS")"
 ls -la "$OUT"

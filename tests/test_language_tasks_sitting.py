@@ -79,7 +79,7 @@ def test_every_run_command_trains_and_reports_test_exact_match(dry_run):
         importlib.import_module(script.removesuffix(".py")).main(args)
         results = json.loads((Path(value["--exp_path"]) / "all_results.json").read_text())
         assert results["global_step"] == 2 and 0.0 <= results["test_squad_exact_match"] <= 1.0
-    text = lang_sitting_report.write_report(runs, tmp / "report")
+    text = lang_sitting_report.write_report(runs, tmp / "report", tmp / "data")
     rows = [line for line in text.splitlines() if line.startswith(("| babi_qa1 |", "| phonebook_N4 |"))]
     assert len(rows) == 12  # 6 runs, then 6 means over seeds
     assert "| phonebook_N4 | gradmem | 1 |" in text and "| 0.250 | 2 / 2 |" in text and "| 0.167 | 2 / 2 |" in text
@@ -87,6 +87,8 @@ def test_every_run_command_trains_and_reports_test_exact_match(dry_run):
     assert {(r["task"], r["family"]) for r in report["runs"]} == {
         (t, f) for t in ("phonebook_N4", "babi_qa1") for f in ("gradmem", "lm", "rmt")}
     assert all(r["curve"] and r["steps"] == 2 for r in report["runs"])
+    shortcut = {r["task"]: r["shortcut"] for r in report["summary"]}
+    assert 0.0 <= shortcut["babi_qa1"] <= 1.0 and shortcut["phonebook_N4"] != shortcut["phonebook_N4"]  # nan
     assert (tmp / "report" / "curves.png").stat().st_size > 0
 
 
@@ -128,3 +130,15 @@ def test_one_cell_end_to_end_then_relaunched(dry_run):
     assert done.returncode == 0 and "babi lm seed 1: rc=0" in done.stdout
     assert "nothing to train" in (tmp / "runs" / "logs" / "babi_lm_1.log").read_text()
     assert (tmp / "runs" / "babi_qa1" / "lm" / "run_1" / "trainer_state.json").read_text() == state
+
+
+def test_bAbI_shortcut_is_the_last_room_the_story_names(tmp_path):
+    """2 of the 3 questions are answered by the last room named (whoever went there), the third is not."""
+    folder = tmp_path / "babi_qa1"
+    folder.mkdir()
+    (folder / "qa1_single-supporting-fact_test.txt").write_text(
+        "1 Mary went to the kitchen.\n2 John moved to the garden.\n3 Where is John? \tgarden\t2\n"
+        "4 Where is Mary? \tkitchen\t1\n1 Sandra went to the office.\n2 Where is Sandra? \toffice\t1\n")
+    assert lang_sitting_report.shortcut_level("babi_qa1", tmp_path) == 2 / 3
+    assert str(lang_sitting_report.shortcut_level("babi_qa1", tmp_path / "missing")) == "nan"  # no test file
+    assert str(lang_sitting_report.shortcut_level("phonebook_N4", tmp_path)) == "nan"
