@@ -25,6 +25,8 @@ Precision modes (`precision`):
     fp32  strict fp32 (TF32 off for matmuls and cuDNN while recording): the same numbers as the eager fp32 step.
     tf32  TF32 tensor-core matmuls (and TF32 dot products in the fused attention kernels).
     bf16  bf16 autocast of the forward (and WRITE's inner backward); weights, gradients and AdamW state stay fp32.
+          The matmuls autocast leaves in fp32 (the lean ops' backward computes in fp32) use TF32: with strict fp32
+          they ran on FFMA, not tensor cores (the H200 profile in bench/README).
 
 Use:
     step = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, precision="fp32")
@@ -82,14 +84,15 @@ class StepOutput:
 
 @contextlib.contextmanager
 def precision_flags(precision: str):
-    """TF32 on for "tf32", off for "fp32" and "bf16" (matmuls and cuDNN); restores the previous flags."""
+    """TF32 on for "tf32" and "bf16" (for the matmuls autocast leaves in fp32), off for "fp32" (matmuls and cuDNN);
+    restores the previous flags."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     # torch's fp32_precision API: reading the legacy allow_tf32 flags raises once anything (e.g. the HF Trainer's
     # tf32=True) has used the new one.
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    matmul.fp32_precision = conv.fp32_precision = "ieee" if precision == "fp32" else "tf32"
     try:
         yield
     finally:

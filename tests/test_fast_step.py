@@ -146,6 +146,10 @@ def test_precision_flags_coexist_with_the_fp32_precision_api():
         assert matmul.fp32_precision == "tf32"
         with fast_step.precision_flags("tf32"):
             assert matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+        matmul.fp32_precision = "ieee"
+        with fast_step.precision_flags("bf16"):  # the fp32 matmuls autocast leaves (lean ops' backward) on TF32
+            assert matmul.fp32_precision == "tf32"
+        assert matmul.fp32_precision == "ieee"
     finally:
         matmul.fp32_precision = saved
 
