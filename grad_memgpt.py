@@ -107,6 +107,7 @@ from training_args import BackboneArgs
 from training_backbone import backbone_source, check_vocab_fits
 
 GRAD_MODES = ("none", "first", "second")
+DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 MEM_PROJ_MODES = ("none", "proj", "per_sample")
 
 # LoRA targets of the write-phase adapters when none are given (every linear layer of the decoder blocks).
@@ -536,8 +537,21 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
             return "gradient checkpointing is on (recomputation is not captured)"
         if self.config.use_write_lora:
             return "write LoRA toggles adapters from Python inside the step"
-        if self.config.recompute_write:
-            return "recompute_write replays the random state inside the backward (not capturable)"
+        dropout = self.dropout_in_training() if self.config.recompute_write else None
+        if dropout is not None:
+            return (f"recompute_write with dropout ({dropout}) replays the random state inside the backward (not "
+                    "capturable); set the dropout to 0 to record the step")
+        return None
+
+    def dropout_in_training(self) -> Optional[str]:
+        """The first dropout a training forward applies ('module: rate'), or None: dropout modules with p > 0 and float
+        attributes named *dropout* above 0 (attention dropout is a float on transformers' attention modules)."""
+        for name, module in self.named_modules():
+            if isinstance(module, DROPOUT_MODULES) and module.p > 0:
+                return f"{name or 'model'}: p={module.p}"
+            for attr, value in vars(module).items():
+                if "dropout" in attr and isinstance(value, float) and value > 0:
+                    return f"{name or 'model'}.{attr}={value}"
         return None
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -732,6 +746,7 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
         if K > 0 and S > 0:
             context_embeds = self.model.get_input_embeddings()(context_input_ids)  # [B, S, d]
             params = [p for p in self.parameters() if p.requires_grad] if config.recompute_write else []
+            random_write = config.recompute_write and self.training and self.dropout_in_training() is not None
             grad_norms, step_losses, state = [], [], []  # state: the inner Adam moments, flat
             with torch.enable_grad():
                 for k in range(K):
@@ -744,7 +759,7 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
                     step = functools.partial(self._write_step, k, lr, context_input_ids, token_mask, n_tokens)
                     if second_order and config.recompute_write:
                         fast, state, losses, grads = write_recompute.recomputed_step(
-                            step, fast, state, context_embeds, params)
+                            step, fast, state, context_embeds, params, replay_rng=random_write)
                     else:
                         fast, state, losses, grads = step(fast, state, context_embeds, second_order, keep_graph)
                     if config.add_inner_loss_to_outer and k == K - 1:

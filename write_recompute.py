@@ -7,11 +7,12 @@ the step again with create_graph=True and backpropagates the incoming gradients 
 step's graph is alive at a time (memory independent of K), for one more inner forward and backward per step.
 
 The gradients are those of the stored-graph step (float32/float64; within rounding under bf16 autocast): the
-recomputation replays the random state (dropout) and the autocast state of the first run, as the backward runs on
-autograd's own thread, where autocast is off. The outer backward cannot itself be differentiated (no third
-derivatives).
+recomputation replays the autocast state of the first run, as the backward runs on autograd's own thread, where
+autocast is off, and, when the step draws random numbers (dropout; `replay_rng`), the random state. Without the random
+state the node can be recorded in a CUDA graph (reading or setting a generator's state cannot be). The outer backward
+cannot itself be differentiated (no third derivatives).
 """
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Callable, List, Sequence, Tuple
 
 import torch
@@ -23,12 +24,14 @@ Step = Callable[[List[torch.Tensor], List[torch.Tensor], torch.Tensor, bool],
 
 
 def recomputed_step(step: Step, fast: Sequence[torch.Tensor], state: Sequence[torch.Tensor],
-                    context_embeds: torch.Tensor, params: Sequence[torch.Tensor]):
+                    context_embeds: torch.Tensor, params: Sequence[torch.Tensor], replay_rng: bool = True):
     """Run `step` once without a graph; the outputs are connected to fast, state, context_embeds and params (the
     trainable tensors the step uses through the model) by one node that recomputes the step in the backward.
-    Returns (new fast, new state, losses [B], inner gradients detached)."""
+    replay_rng: save the random state and recompute under it (needed when the step draws random numbers; False only
+    for a step that draws none, whose node a CUDA graph can record). Returns (new fast, new state, losses [B], inner
+    gradients detached)."""
     n_fast, n_state = len(fast), len(state)
-    outputs = _RecomputedStep.apply(step, n_fast, n_state, *fast, *state, context_embeds, *params)
+    outputs = _RecomputedStep.apply(step, n_fast, n_state, replay_rng, *fast, *state, context_embeds, *params)
     new_fast, rest = list(outputs[:n_fast]), outputs[n_fast:]
     n_new_state = len(rest) - 1 - n_fast  # Adam creates its moments on the first step
     return new_fast, list(rest[:n_new_state]), rest[n_new_state], list(rest[n_new_state + 1:])
@@ -36,11 +39,12 @@ def recomputed_step(step: Step, fast: Sequence[torch.Tensor], state: Sequence[to
 
 class _RecomputedStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, step, n_fast, n_state, *inputs):
-        ctx.step, ctx.n_fast, ctx.n_state = step, n_fast, n_state
-        ctx.devices = sorted({t.device for t in inputs if t.device.type == "cuda"}, key=str)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
+    def forward(ctx, step, n_fast, n_state, replay_rng, *inputs):
+        ctx.step, ctx.n_fast, ctx.n_state, ctx.replay_rng = step, n_fast, n_state, replay_rng
+        if replay_rng:
+            ctx.devices = sorted({t.device for t in inputs if t.device.type == "cuda"}, key=str)
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = [torch.cuda.get_rng_state(d) for d in ctx.devices]
         ctx.autocast = [(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
                         for kind in ("cpu", "cuda")]
         ctx.params = inputs[n_fast + n_state + 1:]  # the module's own parameters: the recomputation uses them
@@ -56,18 +60,20 @@ class _RecomputedStep(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
-        needs = ctx.needs_input_grad[3:]
+        needs = ctx.needs_input_grad[4:]
         # fresh leaves of the saved inputs; fast always requires grad (the inner gradient is taken w.r.t. it)
         leaves = [t.detach().requires_grad_(need or i < ctx.n_fast)
                   for i, (t, need) in enumerate(zip(ctx.saved_tensors, needs))]
         fast, state, embeds = _split(leaves, ctx.n_fast, ctx.n_state)
         inputs = leaves + list(ctx.params)
-        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad(), ExitStack() as autocast:
+        rng = torch.random.fork_rng(devices=ctx.devices) if ctx.replay_rng else nullcontext()
+        with rng, torch.enable_grad(), ExitStack() as autocast:
             for kind, enabled, dtype in ctx.autocast:  # as in the forward, whichever thread runs the backward
                 autocast.enter_context(torch.autocast(kind, dtype=dtype, enabled=enabled))
-            torch.set_rng_state(ctx.cpu_rng)
-            for device, rng in zip(ctx.devices, ctx.cuda_rng):
-                torch.cuda.set_rng_state(rng, device)
+            if ctx.replay_rng:
+                torch.set_rng_state(ctx.cpu_rng)
+                for device, rng_state in zip(ctx.devices, ctx.cuda_rng):
+                    torch.cuda.set_rng_state(rng_state, device)
             new_fast, new_state, losses, _ = ctx.step(fast, state, embeds, True)
             outputs = [*new_fast, *new_state, losses]
             pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs) if grad is not None and out.requires_grad]
@@ -76,7 +82,7 @@ class _RecomputedStep(torch.autograd.Function):
                                         allow_unused=True) if pairs and wrt else [None] * len(wrt)
         found = iter(found)
         input_grads = [next(found) if need else None for need in needs]
-        return (None, None, None, *input_grads)
+        return (None, None, None, None, *input_grads)
 
 
 def _split(inputs, n_fast, n_state):

@@ -14,6 +14,7 @@ Rows (each optimisation alone, then together), for every context length C and ba
                and are recomputed in the outer backward: one step's graph alive instead of K, more time)
     sync-free  CapturedTrainStep(use_cuda_graph=False): static causal mask, capturable AdamW, in-graph skipping
     graph      CapturedTrainStep: the whole step recorded in a CUDA graph and replayed
+    graph-recompute  the graph step with --recompute_write (recordable: the paper model has no dropout)
     precision  fp32 (strict: TF32 off), tf32, bf16 (autocast, fp32 master weights)
     lean       optional fourth field: the model's lean_ops option on (lean_ops.py: SwiGLU fused with the down
                projection and RMSNorm that save only their inputs at both backward levels; on CUDA lean_ops runs
@@ -52,7 +53,7 @@ from fast_step import CapturedTrainStep, autocast_for, precision_flags  # noqa: 
 from grad_memgpt import PRESETS, GradMemArgs, GradMemGPT, build_grad_memgpt  # noqa: E402
 
 QUERY_LEN, LABELS = 16, 4
-MODES = ("plain", "ckpt", "recompute", "sync-free", "graph")
+MODES = ("plain", "ckpt", "recompute", "sync-free", "graph", "graph-recompute")
 DEFAULT_ROWS = [
     "plain:eager:fp32", "plain:exact_eager:fp32", "plain:fused_double_bwd:fp32", "plain:eager:tf32",
     "plain:eager:bf16", "sync-free:eager:fp32", "graph:eager:fp32", "graph:exact_eager:fp32",
@@ -63,7 +64,8 @@ LONG_ROWS = ["plain:eager:fp32", "plain:fused_double_bwd:fp32", "graph:fused_dou
              "graph:fused_double_bwd:tf32", "graph:fused_double_bwd:bf16", "ckpt:fused_double_bwd:tf32",
              "ckpt:fused_double_bwd:bf16", "graph:fused_double_bwd:fp32:lean", "graph:fused_double_bwd:tf32:lean",
              "graph:fused_double_bwd:bf16:lean", "recompute:fused_double_bwd:tf32:lean",
-             "recompute:fused_double_bwd:bf16:lean"]
+             "recompute:fused_double_bwd:bf16:lean", "graph-recompute:fused_double_bwd:tf32:lean",
+             "graph-recompute:fused_double_bwd:bf16:lean"]
 
 
 def paper_kv_model(attn: str, device="cuda", seed: int = 0, **overrides) -> GradMemGPT:
@@ -117,8 +119,8 @@ def row_step(row: str, base_state: dict, batch: dict, use_cuda_graph: bool = Tru
     """(step() -> (loss, gradient norm), the trained parameters) of a row, its model at base_state; graph rows
     without the graph when not use_cuda_graph (the same kernels, launched one by one)."""
     mode, attn, precision, lean = parse_row(row)
-    model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt", recompute_write=mode == "recompute",
-                           lean_ops=lean)
+    model = paper_kv_model(attn, use_gradient_checkpointing=mode == "ckpt",
+                           recompute_write=mode in ("recompute", "graph-recompute"), lean_ops=lean)
     model.load_state_dict(base_state)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -127,7 +129,7 @@ def row_step(row: str, base_state: dict, batch: dict, use_cuda_graph: bool = Tru
             return plain_step(model, optimizer, batch, precision)
     else:
         fast = CapturedTrainStep(model, optimizer, max_grad_norm=1.0, precision=precision,
-                                 use_cuda_graph=mode == "graph" and use_cuda_graph)
+                                 use_cuda_graph=mode in ("graph", "graph-recompute") and use_cuda_graph)
 
         def step():
             out = fast(batch)

@@ -112,6 +112,20 @@ def test_sync_free_step_with_lean_ops_equals_the_plain_step():
         assert rel_err(params_of(fast), params_of(reference)) < 1e-12
 
 
+def test_sync_free_step_with_the_recomputed_write_equals_the_plain_step():
+    """recompute_write without dropout: fast_step takes it (the recomputation leaves the random state alone), and its
+    steps equal the plain steps of the stored-graph model (float64)."""
+    reference, fast = tiny_model(), tiny_model(recompute_write=True)
+    opt_ref, opt_fast = adamw(reference), adamw(fast)
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, use_cuda_graph=False)
+    for i in range(2):
+        data = batch(seed=i)
+        loss_ref, _ = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
+        out = step(data)
+        assert torch.allclose(out.loss, loss_ref.to(out.loss.dtype), rtol=1e-12, atol=0)
+        assert rel_err(params_of(fast), params_of(reference)) < 1e-10
+
+
 def test_non_finite_step_is_skipped_without_a_trace():
     model = tiny_model()
     opt = adamw(model)
@@ -211,6 +225,31 @@ def test_captured_step_equals_eager_step(attn, lean_ops):
                 assert rel_err(grads, grads_ref) <= 1e-5
             assert rel_err(params_of(fast), params_of(reference)) < 1e-4
     assert len(step.recorded_shapes) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_captured_step_with_the_recomputed_write(precision):
+    """The recomputed WRITE recorded in a CUDA graph (no dropout: no random state to replay), lean ops and the fused
+    attention on: the first step's loss and clipped gradients as the stored-graph model's eager step (strict fp32:
+    1e-5; bf16: both under autocast, 2e-2), and the graph replays."""
+    (reference, fast), (opt_ref, opt_fast) = _cuda_pair("fused_double_bwd", lean_ops=True)
+    fast.config.recompute_write = True
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, precision=precision)
+    data = batch(seed=0, device="cuda")
+    with fast_step.precision_flags(precision):
+        with fast_step.autocast_for(precision):
+            loss_ref = reference(**data).loss
+        loss_ref.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 0.5)
+    out = step(data)
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    assert abs(out.loss.item() - loss_ref.item()) <= tol * abs(loss_ref.item())
+    grads_ref = [p.grad for p in reference.parameters() if p.requires_grad]
+    grads = [p.grad for p in fast.parameters() if p.requires_grad]
+    assert rel_err(grads, grads_ref) <= tol
+    assert len(step.recorded_shapes) == 1
+    assert all(torch.isfinite(step(batch(seed=i, device="cuda")).loss) for i in (1, 2))
 
 
 @pytest.mark.gpu

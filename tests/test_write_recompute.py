@@ -112,8 +112,26 @@ def test_recompute_write_needs_second_order_steps():
     for options in (dict(grad_mode="first"), dict(last_K_second_order=0)):
         with pytest.raises(ValueError, match="recompute_write recomputes second-order WRITE steps"):
             GradMemGPTConfig(base_config=tiny_llama(), recompute_write=True, **options).validate()
-    model = tiny_gradmem(False, recompute_write=True)
-    assert "recompute_write" in model.captured_step_problem()
+
+
+def test_without_dropout_the_random_state_is_left_alone_and_the_step_can_be_captured(monkeypatch):
+    """No dropout: the recomputation neither reads nor sets a generator's state (which a CUDA graph cannot record),
+    so fast_step may record the step; with dropout it replays the state and fast_step is told why it cannot."""
+    model = tiny_gradmem(False, recompute_write=True, use_write_head=True)
+    assert model.dropout_in_training() is None and model.captured_step_problem() is None
+
+    def touched(*args, **kwargs):
+        raise AssertionError("the random state was read or set")
+
+    with monkeypatch.context() as patched:
+        for name in ("get_rng_state", "set_rng_state"):
+            patched.setattr(torch, name, touched)
+            patched.setattr(torch.cuda, name, touched)
+        loss_and_grads(model)  # forward and the recomputing backward
+    dropped = tiny_gradmem(False, backbone=tiny_llama(attention_dropout=0.3), recompute_write=True)
+    assert dropped.dropout_in_training() == "model.model.layers.0.self_attn.attention_dropout=0.3"
+    assert "recompute_write with dropout (model.model.layers.0" in dropped.captured_step_problem()
+    assert tiny_gradmem(False, backbone=tiny_llama(attention_dropout=0.3)).captured_step_problem() is None
 
 
 @pytest.mark.gpu
