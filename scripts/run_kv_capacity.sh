@@ -7,8 +7,8 @@
 # later stages: lr 5e-4, 100 warmup steps, linear decay to 10% at 36000 steps; AdamW betas (0.9, 0.95), clip 1.0,
 # batch 64; eval every 100 steps on 1000 valid samples in batches of 500 (selection: exact match); training steps
 # do not measure the inner loss after the last WRITE update (a statistic; the evaluations report it); the spike guard
-# (off in N2, below) and the collapse rollback are on (TrainArgs defaults). PRECISION: fp32 (strict, TF32 off), tf32 (TF32 matmuls;
-# default) or bf16 (autocast, fp32 master weights).
+# (off in N2, below) and the collapse rollback are on (TrainArgs defaults). PRECISION: fp32 (strict, TF32 off), tf32
+# (TF32 matmuls; default) or bf16 (autocast, fp32 master weights).
 #
 #   bash scripts/run_kv_capacity.sh                              # seed 1, N2 -> N96, TF32
 #   SEED=2 STAGES="2:0.95 4:0.95 8:0.95" bash scripts/run_kv_capacity.sh
