@@ -59,11 +59,11 @@ done <"$JOBS"
 for pair in ${COPY:-}; do
     [[ "$pair" == *:* && -d "${pair%%:*}" ]] || { echo "COPY: '$pair' must be src:dst with src a folder" >&2; exit 2; }
 done
+GPUS=$(printf '%s\n' "${GPU_OF[@]}" | sort -un)
+jobs_on() { local i; for i in "${!GPU_OF[@]}"; do [ "${GPU_OF[$i]}" = "$1" ] && echo "$i"; done; }  # in file order
 if [ -n "${DRY_RUN:-}" ]; then
-    for gpu in $(printf '%s\n' "${GPU_OF[@]}" | sort -un); do
-        for i in "${!GPU_OF[@]}"; do
-            [ "${GPU_OF[$i]}" = "$gpu" ] && echo "GPU $gpu, ${MIN_OF[$i]} min: ${REST_OF[$i]}"
-        done
+    for gpu in $GPUS; do
+        for i in $(jobs_on "$gpu"); do echo "GPU $gpu, ${MIN_OF[$i]} min: ${REST_OF[$i]}"; done
     done
     exit 0
 fi
@@ -98,8 +98,8 @@ run_job() {  # job index: the preset with the job's environment, extra arguments
         >>"${OUT_DIRS[$1]}/sittings.log" 2>&1
     echo "job $1 (GPU ${GPU_OF[$1]}, ${OUT_DIRS[$1]}) exit $?"
 }
-for gpu in $(printf '%s\n' "${GPU_OF[@]}" | sort -un); do
-    (for i in "${!GPU_OF[@]}"; do [ "${GPU_OF[$i]}" = "$gpu" ] && run_job "$i"; done) &
+for gpu in $GPUS; do
+    (for i in $(jobs_on "$gpu"); do run_job "$i"; done) &
 done
 wait
 
