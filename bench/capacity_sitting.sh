@@ -46,10 +46,10 @@ while IFS= read -r line || [ -n "$line" ]; do
         GPU_OF+=("$gpu"); MIN_OF+=("$minutes"); REST_OF+=("$rest"); OUT_DIRS+=("")
         continue
     fi
-    dir=$(unset OUT_DIR; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${OUT_DIR:-}")
+    { read -r dir; read -r stages; } < <(unset OUT_DIR STAGES; eval "${rest%% -- *}" >/dev/null 2>&1
+                                         printf '%s\n%s\n' "${OUT_DIR:-}" "${STAGES:-}")
     [ -n "$dir" ] \
         || { echo "$JOBS: '$line': set OUT_DIR=runs/... (where the job's run folders go)" >&2; exit 2; }
-    stages=$(unset STAGES; eval "${rest%% -- *}" >/dev/null 2>&1; echo "${STAGES:-}")
     # shellcheck disable=SC2086  # STAGES is a list of words
     [ -z "$stages" ] || "$PYTHON" -c "import sys, curriculum; curriculum.parse_stages(sys.argv[1:])" $stages \
         || { echo "$JOBS: '$line': its STAGES do not parse (above)" >&2; exit 2; }
