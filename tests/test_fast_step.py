@@ -232,7 +232,7 @@ def test_captured_step_equals_eager_step(attn, lean_ops):
 def test_captured_step_with_the_recomputed_write(precision):
     """The recomputed WRITE recorded in a CUDA graph (no dropout: no random state to replay), lean ops and the fused
     attention on: the first step's loss and clipped gradients as the stored-graph model's eager step (strict fp32:
-    1e-5; bf16: both under autocast, 2e-2), and the graph replays."""
+    1e-5; bf16: both under autocast, 5e-2), and the graph replays."""
     (reference, fast), (opt_ref, opt_fast) = _cuda_pair("fused_double_bwd", lean_ops=True)
     fast.config.recompute_write = True
     step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, precision=precision)
@@ -243,7 +243,7 @@ def test_captured_step_with_the_recomputed_write(precision):
         loss_ref.backward()
     torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 0.5)
     out = step(data)
-    tol = 1e-5 if precision == "fp32" else 2e-2
+    tol = 1e-5 if precision == "fp32" else 5e-2
     assert abs(out.loss.item() - loss_ref.item()) <= tol * abs(loss_ref.item())
     grads_ref = [p.grad for p in reference.parameters() if p.requires_grad]
     grads = [p.grad for p in fast.parameters() if p.requires_grad]
