@@ -139,8 +139,8 @@ def test_without_dropout_the_random_state_is_left_alone_and_the_step_can_be_capt
 @pytest.mark.parametrize("attn, dropout", [("fused_double_bwd", 0.0), ("exact_eager", 0.2)])
 def test_recomputed_write_on_cuda(lean_ops, attn, dropout):
     """On CUDA (Triton lean ops when on; the fused double-backward attention, which has no dropout, or the exact eager
-    attention with dropout): the same loss and gradients as the stored graph, within fp32 rounding (the CUDA random
-    state is replayed)."""
+    attention with dropout, whose CUDA random state is replayed): the same loss and gradients as the stored graph,
+    within fp32 rounding."""
     backbone = tiny_llama(attention_dropout=dropout, hidden_size=64, intermediate_size=128)  # head dim 32
     models = [tiny_gradmem(lean_ops, backbone=backbone, recompute_write=r, use_write_head=True,
                            attn_implementation=attn).float().cuda() for r in (False, True)]
