@@ -99,9 +99,8 @@ def test_eager_sync_free_step_equals_the_plain_step():
         assert torch.allclose(state_fast[k]["exp_avg_sq"], state_ref[k]["exp_avg_sq"], rtol=1e-10, atol=1e-30)
 
 
-def test_sync_free_step_with_lean_ops_equals_the_plain_step():
-    """(lean against eager ops in float64: tests/test_lean_ops.py; transformers runs float64 RMSNorm in float32)"""
-    reference, fast = tiny_model(lean_ops=True), tiny_model(lean_ops=True)
+def assert_sync_free_steps_equal_plain_steps(reference, fast, params_rtol):
+    """Two steps: the sync-free step of `fast` against the plain eager step of `reference` (equal weights)."""
     opt_ref, opt_fast = adamw(reference), adamw(fast)
     step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, use_cuda_graph=False)
     for i in range(2):
@@ -109,21 +108,18 @@ def test_sync_free_step_with_lean_ops_equals_the_plain_step():
         loss_ref, _ = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
         out = step(data)
         assert torch.allclose(out.loss, loss_ref.to(out.loss.dtype), rtol=1e-12, atol=0)
-        assert rel_err(params_of(fast), params_of(reference)) < 1e-12
+        assert rel_err(params_of(fast), params_of(reference)) < params_rtol
+
+
+def test_sync_free_step_with_lean_ops_equals_the_plain_step():
+    """(lean against eager ops in float64: tests/test_lean_ops.py; transformers runs float64 RMSNorm in float32)"""
+    assert_sync_free_steps_equal_plain_steps(tiny_model(lean_ops=True), tiny_model(lean_ops=True), params_rtol=1e-12)
 
 
 def test_sync_free_step_with_the_recomputed_write_equals_the_plain_step():
     """recompute_write without dropout: fast_step takes it (the recomputation leaves the random state alone), and its
     steps equal the plain steps of the stored-graph model (float64)."""
-    reference, fast = tiny_model(), tiny_model(recompute_write=True)
-    opt_ref, opt_fast = adamw(reference), adamw(fast)
-    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, use_cuda_graph=False)
-    for i in range(2):
-        data = batch(seed=i)
-        loss_ref, _ = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
-        out = step(data)
-        assert torch.allclose(out.loss, loss_ref.to(out.loss.dtype), rtol=1e-12, atol=0)
-        assert rel_err(params_of(fast), params_of(reference)) < 1e-10
+    assert_sync_free_steps_equal_plain_steps(tiny_model(), tiny_model(recompute_write=True), params_rtol=1e-10)
 
 
 def test_non_finite_step_is_skipped_without_a_trace():
