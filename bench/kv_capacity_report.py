@@ -46,7 +46,8 @@ def stage_rows(seed_dir: Path) -> list:
         history = json.loads((seed_dir / name / "trainer_state.json").read_text())["log_history"]
         args = cli_args(seed_dir / name)
         rows.append({"stage": name, "N": int(name[1:]), "threshold": entry["threshold"], "K": args.get("K"),
-                     "inner_lr": args.get("inner_lr"), "max_steps": args.get("max_steps"),
+                     "inner_lr": args.get("inner_lr"), "eval_K": args.get("eval_K"),
+                     "eval_inner_lr": args.get("eval_inner_lr"), "max_steps": args.get("max_steps"),
                      "max_rollbacks": args.get("max_rollbacks", 3),
                      "steps": results["global_step"], "wall_s": entry["wall_s"],
                      "wall_s_without_tests": entry["wall_s_without_tests"],
@@ -72,8 +73,18 @@ def run_folders(root: Path) -> list:
     return sorted((p for p in root.iterdir() if (p / "curriculum.json").is_file()), key=order)
 
 
+def write_settings(row: dict) -> str:
+    """'K / inner lr' of training, then those of evaluation (selection, stopping, test) where a stage set them."""
+    text = f"{row['K']} / {row['inner_lr']}"
+    if row["eval_K"] is not None or row["eval_inner_lr"] is not None:
+        K = row["K"] if row["eval_K"] is None else row["eval_K"]
+        lr = row["inner_lr"] if row["eval_inner_lr"] is None else row["eval_inner_lr"]
+        text += f" (evaluated {K} / {lr})"
+    return text
+
+
 def summary(root: Path) -> str:
-    lines = ["| run | stage | K / inner lr | reached threshold | steps | wall time from start | without the final "
+    lines = ["| run | stage | K / inner lr (evaluation's where it differs) | reached threshold | steps | wall time from start | without the final "
              "evaluations | valid EM (selected) | test EM, generated (selected) | test EM, final checkpoint | "
              "spike-skipped steps | rollbacks |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -85,7 +96,7 @@ def summary(root: Path) -> str:
                        f"**no: step budget ({r['max_steps']}) spent**" if r["steps"] >= (r["max_steps"] or 1e18) else
                        "**no (unfinished)**")
             without = "-" if r["wall_s_without_tests"] is None else f"{r['wall_s_without_tests']:.0f} s"
-            lines.append(f"| {seed_dir.name} | N{r['N']} | {r['K']} / {r['inner_lr']} | {outcome} ({r['threshold']:g}) | "
+            lines.append(f"| {seed_dir.name} | N{r['N']} | {write_settings(r)} | {outcome} ({r['threshold']:g}) | "
                          f"{r['steps']} | {r['wall_s']:.0f} s | {without} | {r['valid']:.4f} | {r['test']:.4f} | "
                          f"{final} | {r['spikes']} | {r['rollbacks']} |")
     return "\n".join(lines) + "\n"

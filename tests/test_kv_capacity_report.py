@@ -36,7 +36,7 @@ def test_summary_sums_sittings_and_marks_unfinished(tmp_path):
     assert [r["wall_s_without_tests"] for r in rows] == [68.0, 691.0]
     later = tmp_path / "seed_1_k5"  # a continuation of seed 1 with another recipe
     stage(later / "N16", 0.91, 1100, 0.90, cli_args={"K": 5, "inner_lr": 0.08, "max_rollbacks": 3}, rollbacks=3)
-    stage(later / "N32", 0.50, 36000, 0.49)
+    stage(later / "N32", 0.50, 36000, 0.49, cli_args={"eval_K": 5})
     (later / "curriculum.json").write_text(json.dumps({"invocations": [{"started": "2026-11-30 13:00:00", "stages": [
         {"stage": "N16", "threshold": 0.95, "end_s": 50.0}, {"stage": "N32", "threshold": 0.95, "end_s": 90.0}]}]}))
     text = kv_capacity_report.summary(tmp_path)
@@ -44,7 +44,7 @@ def test_summary_sums_sittings_and_marks_unfinished(tmp_path):
     assert ("| seed_1 | N16 | 2 / 0.04 | **no (unfinished)** (0.95) | 3000 | 700 s | 691 s | 0.9000 | 0.8900 | 0.8800 "
             "| 4 | 1 |") in text
     assert "| seed_1_k5 | N16 | 5 / 0.08 | **no: collapsed 3 times, stopped** (0.95) | 1100 | 50 s | - |" in text
-    assert "| seed_1_k5 | N32 | 2 / 0.04 | **no: step budget (36000) spent** (0.95) | 36000 | 90 s | - |" in text
+    assert "| seed_1_k5 | N32 | 2 / 0.04 (evaluated 5 / 0.04) | **no: step budget (36000) spent** (0.95) | 36000 | 90 s | - |" in text
     assert text.index("| seed_1 | N16") < text.index("| seed_1_k5 |")
     kv_capacity_report.main([str(tmp_path)])
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "curves.png").stat().st_size > 0
