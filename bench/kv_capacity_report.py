@@ -84,9 +84,9 @@ def write_settings(row: dict) -> str:
 
 
 def summary(root: Path) -> str:
-    lines = ["| run | stage | K / inner lr (evaluation's where it differs) | reached threshold | steps | wall time from start | without the final "
-             "evaluations | valid EM (selected) | test EM, generated (selected) | test EM, final checkpoint | "
-             "spike-skipped steps | rollbacks |",
+    lines = ["| run | stage | K / inner lr (evaluation's where it differs) | reached threshold | steps | "
+             "wall time from start | without the final evaluations | valid EM (selected) | "
+             "test EM, generated (selected) | test EM, final checkpoint | spike-skipped steps | rollbacks |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for seed_dir in run_folders(root):
         for r in stage_rows(seed_dir):
