@@ -72,9 +72,25 @@ def test_splits_are_disjoint_and_generation_is_deterministic(babi_dir, tmp_path)
         assert open(other[split]).read() != original
 
 
+def test_short_stories_and_an_exhausted_sample_space(tmp_path, capsys, monkeypatch):
+    paths = babi_generator.main(["--out", str(tmp_path / "short"), "--n_train", "50", "--n_valid", "10",
+                                 "--n_test", "10", "--questions_per_story", "1"])
+    lines = open(paths["train"]).read().splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["1", "2", "3"] * 50  # two statements, then the question
+    assert len(load_babi_text(str(tmp_path / "short"), "qa1")["train"]) == 50
+    # 4 people x 5 verbs x 6 rooms: far fewer than 10**6 distinct two-statement samples; refused, not a hang
+    monkeypatch.setattr(babi_generator, "MAX_REDRAWS", 50)
+    with pytest.raises(SystemExit):
+        babi_generator.main(["--out", str(tmp_path / "too_many"), "--n_train", "1000000", "--questions_per_story", "1"])
+    assert "too few distinct samples" in capsys.readouterr().err
+    assert not (tmp_path / "too_many").exists()
+
+
 def test_refuses_existing_files_and_bad_sizes(babi_dir, capsys):
     with pytest.raises(SystemExit):
         babi_generator.main(["--out", str(babi_dir)])
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_test must be >= 1"):
         babi_generator.generate_babi_qa1(10, 10, 0, seed=0)
+    with pytest.raises(ValueError, match="questions_per_story must be >= 1"):
+        babi_generator.generate_babi_qa1(10, 10, 10, seed=0, per_story=0)
