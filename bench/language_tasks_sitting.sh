@@ -11,6 +11,10 @@
 #      rmt = run_rmt_on_<task>.py (8 memory vectors, one forward write, memory projection); all at batch $BATCH,
 #      AdamW lr $LR (beta2 0.95) after $WARMUP warmup steps; checkpoint selected on valid by the exact match of
 #      generated answers; the selected checkpoint's test exact match (generated answers) is the result;
+#      With BABI_SHORT_STEPS > 0, that many of every bAbI run's steps go first to stories of two statements and one
+#      question ($DATA/babi_qa1_short, babi_generator.py --questions_per_story 1; run folders under babi_qa1_short/),
+#      and the run goes on with the full stories from that model (--init_checkpoint) for the rest of its steps: a
+#      length curriculum at the same total step count;
 #   4. bench/lang_sitting_report.py: report.md / report.json (test EM, valid EM, chance, steps per task, family and
 #      seed), curves.png; then metrics.tgz (json, png, samples, logs of every run; no checkpoints or weights) in $OUT.
 # Jobs run one per GPU at a time (JOBS_PER_GPU: more), spread round-robin over the GPUs (NGPU: how many, default all
@@ -65,6 +69,7 @@ MS_RMT=${MS_RMT:-45}
 EVALS=${EVALS:-8}                # evaluations per run (eval_steps = steps / EVALS)
 GEN_EVAL=${GEN_EVAL:-200}        # valid samples whose answers are decoded at each evaluation (all at the end)
 WORKERS=${WORKERS:-2}
+BABI_SHORT_STEPS=${BABI_SHORT_STEPS:-0}  # bAbI steps on two-statement stories first (a length curriculum); 0: off
 DRY_RUN=${DRY_RUN:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 
@@ -75,6 +80,8 @@ done
 for family in $FAMILIES; do
     case $family in gradmem|lm|rmt) ;; *) echo "FAMILIES: unknown family $family (gradmem, lm, rmt)" >&2; exit 2 ;; esac
 done
+[[ "$BABI_SHORT_STEPS" =~ ^[0-9]+$ ]] \
+    || { echo "BABI_SHORT_STEPS=$BABI_SHORT_STEPS: give a number of steps (0: no short stories first)" >&2; exit 2; }
 source scripts/_launch.sh && precision_args "$PRECISION"  # PRECISION_ARGS
 NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")} || exit 1  # GPUs 0 .. NGPU-1
 DEVICE_ARGS=()
@@ -88,6 +95,7 @@ LANES=$(( (NGPU > 0 ? NGPU : 1) * JOBS_PER_GPU ))
 mkdir -p "$DATA" "$RUNS/logs" "$OUT"
 PHONEBOOK=$DATA/phonebook_N$PB_N
 BABI=$DATA/babi_qa1
+BABI_SHORT=$DATA/babi_qa1_short
 prepare() {
     if [ ! -d "$PHONEBOOK" ]; then
         "$PY" phonebook_utils.py --n_entries "$PB_N" --n_train "$N_TRAIN" --n_valid "$N_VALID" --n_test "$N_TEST" \
@@ -96,6 +104,11 @@ prepare() {
     if [ ! -f "$BABI/qa1_single-supporting-fact_test.txt" ]; then
         "$PY" babi_generator.py --out "$BABI" --n_train "$N_TRAIN" --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 \
             --overwrite || return 1
+    fi
+    if (( BABI_SHORT_STEPS > 0 )) && [ ! -f "$BABI_SHORT/qa1_single-supporting-fact_test.txt" ]; then
+        # two-statement stories hold 24,600 distinct samples: at most 20,000 for train
+        "$PY" babi_generator.py --out "$BABI_SHORT" --n_train $(( N_TRAIN < 20000 ? N_TRAIN : 20000 )) \
+            --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 --questions_per_story 1 --overwrite || return 1
     fi
     if [ ! -d "${BABI}_prepared" ]; then  # the strings the runs read, for the tokenizer's training text
         "$PY" babi_utils.py --babi_dir "$BABI" --task qa1 --output_path "${BABI}_prepared" >/dev/null || return 1
@@ -126,12 +139,28 @@ steps_for() {  # steps_for FAMILY -> the step cap: STEPS, STEPS_<FAMILY>, or wha
         'BEGIN { s = int(t * 1000 / (ms * l / 4 * j) / 50) * 50; print (s < 50 ? 50 : s) }'
 }
 
-command_for() {  # command_for FAMILY TASK SEED -> the run's command line in CMD
-    local family=$1 task=$2 seed=$3 name data tok gen steps script model
+stages_of() {  # stages_of TASK -> the runs of one job in order: babi_short first where BABI_SHORT_STEPS > 0
+    if [ "$1" = babi ] && (( BABI_SHORT_STEPS > 0 )); then echo "babi_short babi"; else echo "$1"; fi
+}
+
+command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CMD (STAGE: phonebook, babi_short, babi)
+    local family=$1 stage=$2 seed=$3 name data tok gen steps script model minutes warm=() task=${2%_short}
+    steps=$(steps_for "$family")
+    minutes=$MINUTES
     if [ "$task" = phonebook ]; then
         name=phonebook_N$PB_N; data=(--dataset_name "$PHONEBOOK"); tok=$DATA/tok_phonebook_N$PB_N; gen=16
+    elif [ "$stage" = babi_short ]; then
+        name=babi_qa1_short; data=(--babi_dir "$BABI_SHORT" --babi_task qa1); tok=$DATA/tok_babi_qa1; gen=4
+        minutes=$(awk -v m="$MINUTES" -v a="$BABI_SHORT_STEPS" -v s="$steps" 'BEGIN { printf "%.2f", m * a / s }')
+        steps=$BABI_SHORT_STEPS
     else
         name=babi_qa1; data=(--babi_dir "$BABI" --babi_task qa1); tok=$DATA/tok_babi_qa1; gen=4
+        if (( BABI_SHORT_STEPS > 0 )); then
+            minutes=$(awk -v m="$MINUTES" -v a="$BABI_SHORT_STEPS" -v s="$steps" \
+                'BEGIN { printf "%.2f", m * (s - a) / s }')
+            steps=$(( steps - BABI_SHORT_STEPS ))
+            warm=(--init_checkpoint "$RUNS/babi_qa1_short/$family/run_$seed/model.safetensors")
+        fi
     fi
     case $family in
         gradmem) script=run_gradmemgpt_on_$task.py
@@ -140,36 +169,45 @@ command_for() {  # command_for FAMILY TASK SEED -> the run's command line in CMD
         rmt)     script=run_rmt_on_$task.py
                  model=(--n_mem_tokens 8 --K 1 --mem_proj_mode proj --attn_implementation sdpa) ;;
     esac
-    steps=$(steps_for "$family")
     CMD=("$PY" "$script" "${data[@]}" --base_model llama --n_layer "$N_LAYER" --n_head "$N_HEAD" --n_embd "$N_EMBD"
-         --tokenizer_path "$tok" "${model[@]}" --exp_path "$RUNS/$name/$family/run_$seed" --seed $((142 + seed))
-         --per_device_batch_size "$BATCH" --per_device_eval_batch_size 256 --learning_rate "$LR"
+         --tokenizer_path "$tok" "${model[@]}" "${warm[@]}" --exp_path "$RUNS/$name/$family/run_$seed"
+         --seed $((142 + seed)) --per_device_batch_size "$BATCH" --per_device_eval_batch_size 256 --learning_rate "$LR"
          --lr_scheduler_type constant_with_warmup --warmup_steps "$WARMUP" --adam_beta2 0.95 --max_grad_norm 1.0
          --max_steps "$steps" --eval_steps $(( steps / EVALS > 0 ? steps / EVALS : 1 ))
-         --logging_steps $(( steps / EVALS > 0 ? steps / EVALS : 1 )) --max_train_minutes "$MINUTES"
+         --logging_steps $(( steps / EVALS > 0 ? steps / EVALS : 1 )) --max_train_minutes "$minutes"
          --early_stopping_patience 0 --metric_for_best_model squad_exact_match --generation_max_new_tokens "$gen"
          --generation_eval_samples "$GEN_EVAL" --report_to none --dataloader_num_workers "$WORKERS"
          "${PRECISION_ARGS[@]}" "${DEVICE_ARGS[@]}")
 }
 
+if (( BABI_SHORT_STEPS > 0 )) && [[ " $TASKS " == *" babi "* ]]; then
+    for family in $FAMILIES; do
+        cap=$(steps_for "$family")
+        (( BABI_SHORT_STEPS < cap )) || { echo "BABI_SHORT_STEPS=$BABI_SHORT_STEPS leaves no step of $family's $cap" \
+            "for the full bAbI stories; give fewer, or more steps (STEPS)" >&2; exit 2; }
+    done
+fi
 echo "sitting: ${#JOBS[@]} runs on $LANES lane(s) ($NGPU GPU(s) x $JOBS_PER_GPU), $PER_LANE per lane, ~${TRAIN_S} s" \
      "of training per run (guard: $MINUTES min); steps: $(for f in $FAMILIES; do printf '%s %s ' "$f" "$(steps_for "$f")"; done)"
 lane() {  # lane L: jobs L, L + LANES, ... one after the other on GPU L % NGPU (none without GPUs)
-    local l=$1 i family task seed log gpu="" start rc
+    local l=$1 i family task seed stage log gpu="" start rc
     if (( NGPU > 0 )); then gpu=${GPU_IDS[$(( l % NGPU ))]}; fi
     for (( i = l; i < ${#JOBS[@]}; i += LANES )); do
         read -r family task seed <<<"${JOBS[$i]}"
-        command_for "$family" "$task" "$seed"
-        if [ -n "$DRY_RUN" ]; then
-            printf 'CUDA_VISIBLE_DEVICES=%s ' "$gpu"; printf '%q ' "${CMD[@]}"; echo
-            continue
-        fi
-        log=$RUNS/logs/${task}_${family}_$seed.log
-        echo "=== $(date -u '+%F %T') lane $l, CUDA_VISIBLE_DEVICES=$gpu: ${CMD[*]}" >>"$log"
-        start=$SECONDS
-        CUDA_VISIBLE_DEVICES=$gpu "${CMD[@]}" >>"$log" 2>&1
-        rc=$?
-        echo "$task $family seed $seed: rc=$rc wall_s=$(( SECONDS - start ))"
+        for stage in $(stages_of "$task"); do
+            command_for "$family" "$stage" "$seed"
+            if [ -n "$DRY_RUN" ]; then
+                printf 'CUDA_VISIBLE_DEVICES=%s ' "$gpu"; printf '%q ' "${CMD[@]}"; echo
+                continue
+            fi
+            log=$RUNS/logs/${task}_${family}_$seed.log
+            echo "=== $(date -u '+%F %T') lane $l, CUDA_VISIBLE_DEVICES=$gpu: ${CMD[*]}" >>"$log"
+            start=$SECONDS
+            CUDA_VISIBLE_DEVICES=$gpu "${CMD[@]}" >>"$log" 2>&1
+            rc=$?
+            echo "$stage $family seed $seed: rc=$rc wall_s=$(( SECONDS - start ))"
+            (( rc == 0 )) || break  # the full stories need the short stories' model
+        done
     done
 }
 for (( l = 0; l < LANES; l++ )); do

@@ -38,6 +38,11 @@ def sitting(tmp: Path, data: Path, **env) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+def flag_values(args: list) -> dict:
+    """{--flag: the word after it} of a command line's arguments."""
+    return {flag: args[i + 1] for i, flag in enumerate(args) if flag.startswith("--") and i + 1 < len(args)}
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """DRY_RUN=1: the data and tokenizers are built, every run's command printed."""
@@ -69,7 +74,7 @@ def test_every_run_command_trains_and_reports_test_exact_match(dry_run):
     for command in commands:
         assert command[0] == "CUDA_VISIBLE_DEVICES=" and command[1] == "python3"  # no GPU: none visible
         script, args = command[2], command[3:]
-        value = {flag: args[i + 1] for i, flag in enumerate(args) if flag.startswith("--") and i + 1 < len(args)}
+        value = flag_values(args)
         family, task = Path(value["--exp_path"]).parent.name, Path(value["--exp_path"]).parent.parent.name
         assert script == SCRIPTS[(family, task.split("_")[0])]
         assert value["--base_model"] == "llama" and value["--max_steps"] == "2" and "--use_cpu" in args
@@ -130,6 +135,34 @@ def test_one_cell_end_to_end_then_relaunched(dry_run):
     assert done.returncode == 0 and "babi lm seed 1: rc=0" in done.stdout
     assert "nothing to train" in (tmp / "runs" / "logs" / "babi_lm_1.log").read_text()
     assert (tmp / "runs" / "babi_qa1" / "lm" / "run_1" / "trainer_state.json").read_text() == state
+
+
+def test_bAbI_short_stories_first_then_the_full_ones_from_that_model(dry_run):
+    """BABI_SHORT_STEPS: each bAbI run first trains that many steps on two-statement stories, then the rest of its
+    steps on the full stories, warm-started from the short stories' model; too many short steps are refused."""
+    data = dry_run[0] / "data"
+    tmp = data.parent / "short"
+    done = sitting(tmp, data, DRY_RUN="1", TASKS="babi", FAMILIES="gradmem lm", BABI_SHORT_STEPS="1")
+    assert done.returncode == 0, done.stderr
+    lines = (data / "babi_qa1_short" / "qa1_single-supporting-fact_train.txt").read_text().splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == ["1", "2", "3"] * 40
+    commands = [shlex.split(line)[2:] for line in done.stdout.splitlines() if line.startswith("CUDA_VISIBLE_DEVICES=")]
+    assert len(commands) == 4
+    for (short_script, *short), (script, *full) in zip(commands[::2], commands[1::2]):
+        short_value, value = flag_values(short), flag_values(full)
+        family = Path(value["--exp_path"]).parent.name
+        assert short_script == script and short_value["--babi_dir"] == str(data / "babi_qa1_short")
+        assert short_value["--exp_path"] == str(tmp / "runs" / "babi_qa1_short" / family / "run_1")
+        assert value["--exp_path"] == str(tmp / "runs" / "babi_qa1" / family / "run_1")
+        assert short_value["--max_steps"] == value["--max_steps"] == "1"  # STEPS=2 in all
+        assert value["--init_checkpoint"] == short_value["--exp_path"] + "/model.safetensors"
+        assert "--init_checkpoint" not in short_value
+        for args in (short, full):  # the full stories' run loads the model the short stories' run saved
+            importlib.import_module(script.removesuffix(".py")).main(args)
+        assert json.loads((Path(value["--exp_path"]) / "all_results.json").read_text())["global_step"] == 1
+    for steps, message in (("2", "leaves no step"), ("two", "give a number of steps")):
+        done = sitting(tmp, data, DRY_RUN="1", TASKS="babi", BABI_SHORT_STEPS=steps)
+        assert done.returncode == 2 and message in done.stderr
 
 
 def test_bAbI_shortcut_is_the_last_room_the_story_names(tmp_path):
