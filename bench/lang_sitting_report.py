@@ -159,8 +159,8 @@ def plot_curves(rows: list, path: Path) -> bool:
                 steps = sorted(per_step)
                 ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], color=color, linewidth=2,
                         label=FAMILY_LABELS.get(family, family))
-        level = {r["task"]: (r["chance"], r["shortcut"]) for r in rows}[task]
-        for value, style, name in zip(level, ("--", ":"), ("chance", "shortcut")):
+        first = next(r for r in rows if r["task"] == task)  # the levels are the task's, the same in every row
+        for value, style, name in ((first["chance"], "--", "chance"), (first["shortcut"], ":", "shortcut")):
             if not math.isnan(value):
                 ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=f"{name} {value:.2f}")
         ax.set_title(task), ax.set_xlabel("step"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
