@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# KV capacity preset: how many key-value pairs 8 memory vectors hold, by a curriculum N2 -> N4 -> ... -> N96.
+# KV capacity preset: how many key-value pairs 8 memory vectors hold, by a curriculum N2 -> N8 -> ... -> N96.
 # The paper's KV model (`--preset paper_kv`: Llama L4 H4 D128, 8 memory vectors, write head, inner loss added with
 # weight 0.5, second order, K=2 at inner lr 0.04 unless a stage says otherwise) trained by
 # run_gradmemgpt_kv_curriculum.py in one process: each stage until its valid exact match reaches the threshold, then
@@ -23,14 +23,15 @@ cd "$(dirname "$0")/.."
 SEED=${SEED:-1}
 # N8, N16 and N32 train with K=2 and evaluate (so select and stop) with K=5 at valid 0.96: K=5 at test time raises the
 # K=2 checkpoints' exact match (N16 0.957 -> 0.993, N32 0.93 / 0.70 / 0.94 -> 0.99 / 0.87 / 0.97 on 3 seeds), and
-# valid 0.96 puts the stopping checkpoint's test exact match above 0.95 (0.9515-0.9835 on 3 seeds, N8 at 31-38 s, N16
-# at 53-71 s, N32 at 141-288 s; stopping at valid 0.95 with K=2 evaluation gave test 0.934-0.955). Training N32 with
-# K=5 at inner lr 0.08 collapsed 2 of 3 seeds. N64 trains with K=5 at inner lr 0.08 (seed 1: 0.95 after 9,200
-# steps); N96 with K=5 at inner lr 0.3, the best of 0.08 / 0.12 / 0.2 / 0.3 / 0.6 / 1.2 (one seed each; at 0.3 valid
-# 0.699 after 9,700 steps; none reached 0.90). N2 runs with the spike guard off: with it on, it skipped 100-112 of
-# N2's 700-1,000 steps and rolled back twice in 3 seeds; off, N2 took 700-800 steps, 15-18 s against 20-21 s (3 seeds
-# each, lean ops, one H200).
-STAGES=${STAGES:-"2:0.95:spike_factor=0 4:0.95 8:0.96:eval_K=5 16:0.96:eval_K=5 32:0.96:eval_K=5 64:0.95:K=5,inner_lr=0.08,max_steps=200000 96:0.90:K=5,inner_lr=0.3,max_steps=200000"}
+# valid 0.96 puts the stopping checkpoint's test exact match above 0.95 (stopping at valid 0.95 with K=2 evaluation
+# gave test 0.934-0.955). N8 warm-starts from N2 directly: without an N4 stage, 3 seeds from scratch reached N8 at
+# 25-39 s, N16 at 44-67 s and N32 at 166-200 s (test 0.955-0.9905), against 31-38 s, 53-71 s and 141-288 s with it.
+# Training N32 with K=5 at inner lr 0.08 collapsed 2 of 3 seeds. N64 trains with K=5 at inner lr 0.08 (seed 1: 0.95
+# after 9,200 steps); N96 with K=5 at inner lr 0.3, the best of 0.08 / 0.12 / 0.2 / 0.3 / 0.6 / 1.2 (one seed each;
+# at 0.3 valid 0.699 after 9,700 steps; none reached 0.90). N2 runs with the spike guard off: with it on, it skipped
+# 100-112 of N2's 700-1,000 steps and rolled back twice in 3 seeds; off, N2 took 700-800 steps, 15-18 s against
+# 20-21 s (3 seeds each, lean ops, one H200). An N4 stage is one more word: STAGES="2:0.95:spike_factor=0 4:0.95 ...".
+STAGES=${STAGES:-"2:0.95:spike_factor=0 8:0.96:eval_K=5 16:0.96:eval_K=5 32:0.96:eval_K=5 64:0.95:K=5,inner_lr=0.08,max_steps=200000 96:0.90:K=5,inner_lr=0.3,max_steps=200000"}
 PRECISION=${PRECISION:-tf32}  # fp32 (strict), tf32 or bf16
 OUT_DIR=${OUT_DIR:-runs/kv_capacity/seed_${SEED}}
 PYTHON=${PYTHON:-python3}
