@@ -31,11 +31,12 @@
 #
 # Step caps. Per run the sitting has SITTING_MINUTES x lanes / runs of wall clock, less OVERHEAD_S for start-up, data
 # loading, graph recording and the final valid and test evaluations. The steps that fit are estimated from step
-# times at batch 64 for Llama L4 D128 on one H100/H200 (bench/results: the captured GradMem step at C=128 is 21 ms in
-# TF32, 40 ms per step through the trainer in fp32; the full-context and RMT presets ran 22.6 and 20.8 steps/s with
-# evaluations): MS_GRADMEM=25, MS_LM=35, MS_RMT=45 ms per step (contexts here are 64-72 tokens), scaled by
-# N_LAYER/4 and by JOBS_PER_GPU. The defaults (2 GPUs, 12 runs, 6 per GPU) give 80 s per run, 50 s of training:
-# about 2000 GradMem steps and 1400 full-context steps. These are estimates, not measurements: read the steps/s in
+# times measured in the earlier sittings (Llama L4 D128, batch 64, TF32, H200, evaluations included; contexts of
+# 64-72 tokens): alone on a GPU a GradMem and a full-context step took 21 ms; with three runs on one GPU 49 and 24 ms.
+# So a step costs MS_<FAMILY> alone plus MS_<FAMILY>_SHARED per other run on the same GPU: MS_GRADMEM=21 +
+# MS_GRADMEM_SHARED=14, MS_LM=21 + MS_LM_SHARED=2, MS_RMT=45 + MS_RMT_SHARED=45 (RMT not measured here: its preset's
+# 20.8 steps/s, and as slow again per shared run), scaled by N_LAYER/4. The defaults (2 GPUs, 12 runs, 6 per GPU)
+# give 80 s per run, 50 s of training: about 2350 steps of each family. These are estimates: read the steps/s in
 # the logs of a first sitting and set STEPS (all families) or STEPS_GRADMEM / STEPS_LM / STEPS_RMT. Each run also
 # stops at its first evaluation after 1.25 x its share of training time (--max_train_minutes), so the sitting ends on
 # time, give or take the start-up estimate, whatever the step times are.
@@ -63,9 +64,12 @@ PRECISION=${PRECISION:-tf32}  # fp32 (strict), tf32 or bf16 (autocast, fp32 mast
 SITTING_MINUTES=${SITTING_MINUTES:-8}
 JOBS_PER_GPU=${JOBS_PER_GPU:-1}
 OVERHEAD_S=${OVERHEAD_S:-30}
-MS_GRADMEM=${MS_GRADMEM:-25}
-MS_LM=${MS_LM:-35}
+MS_GRADMEM=${MS_GRADMEM:-21}
+MS_GRADMEM_SHARED=${MS_GRADMEM_SHARED:-14}
+MS_LM=${MS_LM:-21}
+MS_LM_SHARED=${MS_LM_SHARED:-2}
 MS_RMT=${MS_RMT:-45}
+MS_RMT_SHARED=${MS_RMT_SHARED:-45}
 EVALS=${EVALS:-8}                # evaluations per run (eval_steps = steps / EVALS)
 GEN_EVAL=${GEN_EVAL:-200}        # valid samples whose answers are decoded at each evaluation (all at the end)
 WORKERS=${WORKERS:-2}
@@ -129,14 +133,14 @@ TRAIN_S=$(awk -v m="$SITTING_MINUTES" -v p="$PER_LANE" -v o="$OVERHEAD_S" 'BEGIN
 MINUTES=$(awk -v t="$TRAIN_S" 'BEGIN { printf "%.2f", 1.25 * t / 60 }')
 
 steps_for() {  # steps_for FAMILY -> the step cap: STEPS, STEPS_<FAMILY>, or what fits TRAIN_S at the estimated step time
-    local family=$1 upper ms
+    local family=$1 upper ms shared
     upper=$(echo "$family" | tr a-z A-Z)
     local explicit="STEPS_$upper"
     if [ -n "${!explicit:-}" ]; then echo "${!explicit}"; return; fi
     if [ -n "${STEPS:-}" ]; then echo "$STEPS"; return; fi
-    ms="MS_$upper"
-    awk -v t="$TRAIN_S" -v ms="${!ms}" -v l="$N_LAYER" -v j="$JOBS_PER_GPU" \
-        'BEGIN { s = int(t * 1000 / (ms * l / 4 * j) / 50) * 50; print (s < 50 ? 50 : s) }'
+    ms="MS_$upper" shared="MS_${upper}_SHARED"
+    awk -v t="$TRAIN_S" -v ms="${!ms}" -v sh="${!shared}" -v l="$N_LAYER" -v j="$JOBS_PER_GPU" \
+        'BEGIN { s = int(t * 1000 / ((ms + (j - 1) * sh) * l / 4) / 50) * 50; print (s < 50 ? 50 : s) }'
 }
 
 stages_of() {  # stages_of TASK -> the runs of one job in order: babi_short first where BABI_SHORT_STEPS > 0

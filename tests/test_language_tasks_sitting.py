@@ -115,6 +115,29 @@ def test_jobs_are_balanced_over_the_gpus(dry_run):
     assert done.returncode == 2 and "unknown family mamba" in done.stderr
 
 
+def test_step_caps_follow_the_measured_step_times(dry_run):
+    """Without STEPS the cap is what fits the run's training time: a step costs MS_<F> alone on a GPU plus
+    MS_<F>_SHARED per other run sharing it, so the full-context LM (nearly free to share) gets more steps than
+    GradMem when three runs share a GPU, and as many when each run has its GPU to itself."""
+    tmp, _ = dry_run
+
+    def caps(jobs_per_gpu):
+        env = {key: value for key, value in TINY.items() if key != "STEPS"}
+        done = subprocess.run(["bash", str(SITTING)], capture_output=True, text=True, timeout=600, env={
+            **os.environ, **env, "DATA": str(tmp / "data"), "RUNS": str(tmp / "runs"), "OUT": str(tmp / "out"),
+            "DRY_RUN": "1", "NGPU": "1", "N_LAYER": "4", "SEEDS": "1 2 3", "FAMILIES": "gradmem lm",
+            "TASKS": "phonebook", "JOBS_PER_GPU": str(jobs_per_gpu), "SITTING_MINUTES": "8", "OVERHEAD_S": "30"})
+        assert done.returncode == 0, done.stderr
+        [line] = [line for line in done.stdout.splitlines() if line.startswith("sitting:")]
+        words = line.split("steps: ")[1].split()
+        return dict(zip(words[::2], map(int, words[1::2])))
+
+    train_s = {1: 8 * 60 / 6 - 30, 3: 8 * 60 / 2 - 30}  # wall clock per run less the start-up share
+    assert caps(1) == {"gradmem": int(train_s[1] * 1000 / 21 / 50) * 50, "lm": int(train_s[1] * 1000 / 21 / 50) * 50}
+    assert caps(3) == {"gradmem": int(train_s[3] * 1000 / (21 + 2 * 14) / 50) * 50,
+                       "lm": int(train_s[3] * 1000 / (21 + 2 * 2) / 50) * 50}
+
+
 def test_one_cell_end_to_end_then_relaunched(dry_run):
     """TASKS/FAMILIES/SEEDS select one cell; the metrics come back packed without checkpoints; a re-launch of the same
     command finds the run finished and trains nothing."""
