@@ -2,7 +2,9 @@
 
 Two guards, each counted and logged whenever it acts:
 - `GradNormSpikeGuard` (every step): a step whose gradient norm (before clipping) is above `factor` x the median of
-  the last `window` norms is skipped, as a non-finite step is. Its state lives in device tensors and the check needs no
+  the last `window` norms, and above `floor` (the trainer's clipping norm), is skipped, as a non-finite step is. A norm
+  at or below the clipping norm makes an update no larger than a clipped ordinary one; without the floor, a run whose
+  loss nears zero has a tiny median and skips ordinary steps. Its state lives in device tensors and the check needs no
   host synchronisation, so the captured CUDA-graph step (fast_step.py) runs it inside the graph; the eager optimiser
   runs the same code. Every norm enters the window, skipped ones too, so a lasting change of scale is followed after
   about window / 2 steps instead of being skipped forever.
@@ -24,15 +26,18 @@ logger = logging.getLogger("gradmem")
 class GradNormSpikeGuard:
     """Running-median spike test of the gradient norm, in device tensors (capturable, no host sync).
 
-    factor <= 0 turns the test off (no step is a spike). The first `min_history` steps are never spikes.
+    factor <= 0 turns the test off (no step is a spike). The first `min_history` steps are never spikes, nor is a norm
+    at or below `floor`.
     """
 
-    def __init__(self, factor: float = 0.0, window: int = 200, min_history: int = 50, device="cpu"):
+    def __init__(self, factor: float = 0.0, window: int = 200, min_history: int = 50, floor: float = 0.0,
+                 device="cpu"):
         if window < 1 or not 1 <= min_history <= window:
             raise ValueError(f"spike guard: need window >= 1 and 1 <= min_history <= window, got {window}, {min_history}")
-        if not math.isfinite(factor):
-            raise ValueError(f"spike guard: factor must be finite, got {factor}")
+        if not (math.isfinite(factor) and math.isfinite(floor) and floor >= 0):
+            raise ValueError(f"spike guard: factor and floor must be finite, floor >= 0, got {factor}, {floor}")
         self.factor, self.window, self.min_history = float(factor), int(window), int(min_history)
+        self.floor = float(floor)
         self.history = torch.full((self.window,), float("nan"), device=device)  # recent norms, nan = empty slot
         self.position = torch.zeros((), dtype=torch.int64, device=device)  # norms seen so far
         self.spikes = torch.zeros((), dtype=torch.int64, device=device)  # steps skipped as spikes
@@ -48,7 +53,7 @@ class GradNormSpikeGuard:
         if not self.enabled:
             return torch.zeros((), dtype=torch.bool, device=self.history.device)
         seen = (~torch.isnan(self.history)).sum()
-        spike = ((seen >= self.min_history) & torch.isfinite(grad_norm)
+        spike = ((seen >= self.min_history) & torch.isfinite(grad_norm) & (grad_norm > self.floor)
                  & (grad_norm > self.factor * torch.nanmedian(self.history)))
         value = torch.where(torch.isfinite(grad_norm), grad_norm, torch.full_like(grad_norm, float("nan")))
         self.history.index_copy_(0, self.position.remainder(self.window).view(1), value.view(1))

@@ -85,7 +85,8 @@ class TrainArgs:
     spike_factor: float = field(
         default=10.0,
         metadata={"help": "skip an optimizer step whose gradient norm (before clipping) is above this many times the "
-                          "median of the last --spike_window norms (counted as spike_skipped_steps); 0: off"})
+                          "median of the last --spike_window norms and above --max_grad_norm (counted as "
+                          "spike_skipped_steps); 0: off"})
     spike_window: int = field(default=200, metadata={"help": "steps in the spike guard's running median"})
     collapse_ratio: float = field(
         default=0.5,

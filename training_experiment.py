@@ -241,6 +241,15 @@ def check_metric_names(train_args: TrainArgs, metric_names: Callable[[], set]) -
                              f"{', '.join(sorted(names))}")
 
 
+def optimizer_kwargs(train_args, nonfinite_hint: str = "") -> dict:
+    """NonFiniteStepSkippingAdamW's arguments: AdamW's, the non-finite step limit and the spike guard's, whose floor is
+    the clipping norm (a norm at or below it is never a spike; guards.py)."""
+    return {"lr": train_args.learning_rate, "betas": (train_args.adam_beta1, train_args.adam_beta2),
+            "eps": train_args.adam_epsilon, "max_consecutive": train_args.max_consecutive_skipped_steps,
+            "hint": nonfinite_hint, "spike_factor": train_args.spike_factor, "spike_window": train_args.spike_window,
+            "spike_floor": max(0.0, train_args.max_grad_norm or 0.0)}
+
+
 def run_experiment(
     train_args: TrainArgs,
     model: torch.nn.Module,
@@ -361,10 +370,6 @@ def run_experiment(
         rollback = CollapseRollback(train_args.metric_for_best_model, ratio=train_args.collapse_ratio,
                                     max_rollbacks=train_args.max_rollbacks)
         callbacks.append(rollback)
-    optimizer_kwargs = {"lr": train_args.learning_rate, "betas": (train_args.adam_beta1, train_args.adam_beta2),
-                        "eps": train_args.adam_epsilon, "max_consecutive": train_args.max_consecutive_skipped_steps,
-                        "hint": nonfinite_hint, "spike_factor": train_args.spike_factor,
-                        "spike_window": train_args.spike_window}
     trainer = GradMemTrainer(
         model=model,
         args=args,
@@ -376,7 +381,7 @@ def run_experiment(
         preprocess_logits_for_metrics=lambda logits, labels: reduce_logits_to_predictions(
             logits, labels, next_token_logits=next_token_logits),
         callbacks=callbacks,
-        optimizer_cls_and_kwargs=(NonFiniteStepSkippingAdamW, optimizer_kwargs),
+        optimizer_cls_and_kwargs=(NonFiniteStepSkippingAdamW, optimizer_kwargs(train_args, nonfinite_hint)),
         early_stopping=early_stopping,
         fast_step=train_args.fast_step,
         rollback=rollback,

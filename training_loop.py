@@ -57,7 +57,7 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, max_consecutive: int = 20, hint: str = "", spike_factor: float = 0.0,
-                 spike_window: int = 200, **kwargs):
+                 spike_window: int = 200, spike_floor: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
         self.max_consecutive = max_consecutive
         self.hint = hint
@@ -67,7 +67,8 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
         self.step_taken_by_fast_path = False  # set by the trainer when fast_step applied (or skipped) the step
         self.pre_clip_grad_norm = None  # set by the trainer when it clipped the gradients before step()
         device = next((p.device for group in self.param_groups for p in group["params"]), "cpu")
-        self.spike_guard = GradNormSpikeGuard(spike_factor, spike_window, max(1, spike_window // 4), device=device)
+        self.spike_guard = GradNormSpikeGuard(spike_factor, spike_window, max(1, spike_window // 4), spike_floor,
+                                              device=device)
 
     def state_dict(self):
         state = super().state_dict()

@@ -28,6 +28,26 @@ def test_spike_is_relative_to_the_running_median_and_follows_a_lasting_change():
     assert int(guard.spikes) == sum(flags) + 1
 
 
+def test_a_norm_at_or_below_the_floor_is_never_a_spike():
+    """Near zero loss the median norm is tiny: 10x it is an ordinary step, below the clipping norm (the floor)."""
+    guard = GradNormSpikeGuard(factor=10, window=8, min_history=4, floor=1.0)
+    feed(guard, [0.01] * 8)
+    assert feed(guard, [0.5, 1.0, 1.5]) == [False, False, True]
+    assert int(guard.spikes) == 1
+    with pytest.raises(ValueError, match="floor"):
+        GradNormSpikeGuard(factor=10, floor=-1.0)
+
+
+def test_the_trainer_sets_the_floor_to_its_clipping_norm():
+    from training_args import TrainArgs
+    from training_experiment import optimizer_kwargs
+
+    for clip, floor in ((1.0, 1.0), (0.25, 0.25), (0.0, 0.0), (-1.0, 0.0)):
+        kwargs = optimizer_kwargs(TrainArgs(max_grad_norm=clip))
+        optimizer = NonFiniteStepSkippingAdamW([torch.nn.Parameter(torch.ones(2))], **kwargs)
+        assert optimizer.spike_guard.floor == floor and optimizer.spike_guard.factor == 10.0
+
+
 def test_spike_guard_off_and_state_round_trip_in_place():
     off = GradNormSpikeGuard(factor=0)
     assert not off.enabled and feed(off, [1] * 60 + [1e9]) == [False] * 61
