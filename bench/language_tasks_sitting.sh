@@ -14,7 +14,8 @@
 #      With BABI_SHORT_STEPS > 0, that many of every bAbI run's steps go first to stories of two statements and one
 #      question ($DATA/babi_qa1_short, babi_generator.py --questions_per_story 1; run folders under babi_qa1_short/),
 #      and the run goes on with the full stories from that model (--init_checkpoint) for the rest of its steps: a
-#      length curriculum at the same total step count;
+#      length curriculum at the same total step count; PB_SHORT_STEPS > 0 does the same for phonebook, with phone books
+#      of PB_SHORT_N entries first ($DATA/phonebook_N$PB_SHORT_N, the same tokenizer);
 #   4. bench/lang_sitting_report.py: report.md / report.json (test EM, valid EM, chance, steps per task, family and
 #      seed), curves.png; then metrics.tgz (json, png, samples, logs of every run; no checkpoints or weights) in $OUT.
 # Jobs run one per GPU at a time (JOBS_PER_GPU: more), spread round-robin over the GPUs (NGPU: how many, default all
@@ -50,6 +51,7 @@ TASKS=${TASKS:-"phonebook babi"}
 FAMILIES=${FAMILIES:-"gradmem lm"}
 SEEDS=${SEEDS:-"1 2 3"}
 PB_N=${PB_N:-4}
+PB_SHORT_N=${PB_SHORT_N:-2}  # entries of the phone books that PB_SHORT_STEPS trains on first
 N_TRAIN=${N_TRAIN:-50000}
 N_VALID=${N_VALID:-500}
 N_TEST=${N_TEST:-1000}
@@ -74,6 +76,7 @@ EVALS=${EVALS:-8}                # evaluations per run (eval_steps = steps / EVA
 GEN_EVAL=${GEN_EVAL:-200}        # valid samples whose answers are decoded at each evaluation (all at the end)
 WORKERS=${WORKERS:-2}
 BABI_SHORT_STEPS=${BABI_SHORT_STEPS:-0}  # bAbI steps on two-statement stories first (a length curriculum); 0: off
+PB_SHORT_STEPS=${PB_SHORT_STEPS:-0}      # phonebook steps on PB_SHORT_N-entry phone books first; 0: off
 DRY_RUN=${DRY_RUN:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 
@@ -84,8 +87,11 @@ done
 for family in $FAMILIES; do
     case $family in gradmem|lm|rmt) ;; *) echo "FAMILIES: unknown family $family (gradmem, lm, rmt)" >&2; exit 2 ;; esac
 done
-[[ "$BABI_SHORT_STEPS" =~ ^[0-9]+$ ]] \
-    || { echo "BABI_SHORT_STEPS=$BABI_SHORT_STEPS: give a number of steps (0: no short stories first)" >&2; exit 2; }
+for name in BABI_SHORT_STEPS PB_SHORT_STEPS; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || { echo "$name=${!name}: give a number of steps (0: no short stage first)" >&2; exit 2; }
+done
+[[ "$PB_SHORT_N" =~ ^[0-9]+$ ]] && (( PB_SHORT_N >= 1 && PB_SHORT_N < PB_N )) \
+    || { echo "PB_SHORT_N=$PB_SHORT_N: give a number of entries from 1 to PB_N - 1 = $(( PB_N - 1 ))" >&2; exit 2; }
 source scripts/_launch.sh && precision_args "$PRECISION"  # PRECISION_ARGS
 NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")} || exit 1  # GPUs 0 .. NGPU-1
 DEVICE_ARGS=()
@@ -98,13 +104,14 @@ LANES=$(( (NGPU > 0 ? NGPU : 1) * JOBS_PER_GPU ))
 # ------------------------------------------------------------------------------------------------ data, tokenizers
 mkdir -p "$DATA" "$RUNS/logs" "$OUT"
 PHONEBOOK=$DATA/phonebook_N$PB_N
+PHONEBOOK_SHORT=$DATA/phonebook_N$PB_SHORT_N
 BABI=$DATA/babi_qa1
 BABI_SHORT=$DATA/babi_qa1_short
 prepare() {
-    if [ ! -d "$PHONEBOOK" ]; then
-        "$PY" phonebook_utils.py --n_entries "$PB_N" --n_train "$N_TRAIN" --n_valid "$N_VALID" --n_test "$N_TEST" \
-            --seed 142 --output_path "$PHONEBOOK" >/dev/null || return 1
-    fi
+    for n in "$PB_N" $( (( PB_SHORT_STEPS > 0 )) && echo "$PB_SHORT_N"); do
+        [ -d "$DATA/phonebook_N$n" ] || "$PY" phonebook_utils.py --n_entries "$n" --n_train "$N_TRAIN" \
+            --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 --output_path "$DATA/phonebook_N$n" >/dev/null || return 1
+    done
     if [ ! -f "$BABI/qa1_single-supporting-fact_test.txt" ]; then
         "$PY" babi_generator.py --out "$BABI" --n_train "$N_TRAIN" --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 \
             --overwrite || return 1
@@ -143,28 +150,47 @@ steps_for() {  # steps_for FAMILY -> the step cap: STEPS, STEPS_<FAMILY>, or wha
         'BEGIN { s = int(t * 1000 / ((ms + (j - 1) * sh) * l / 4) / 50) * 50; print (s < 50 ? 50 : s) }'
 }
 
-stages_of() {  # stages_of TASK -> the runs of one job in order: babi_short first where BABI_SHORT_STEPS > 0
-    if [ "$1" = babi ] && (( BABI_SHORT_STEPS > 0 )); then echo "babi_short babi"; else echo "$1"; fi
+short_var_of() {  # short_var_of TASK -> the name of the setting with the steps of its short stage (0: none)
+    if [ "$1" = babi ]; then echo BABI_SHORT_STEPS; else echo PB_SHORT_STEPS; fi
 }
 
-command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CMD (STAGE: phonebook, babi_short, babi)
-    local family=$1 stage=$2 seed=$3 name data tok gen steps script model minutes warm=() task=${2%_short}
+short_steps_of() {  # short_steps_of TASK -> the steps of its short stage
+    local var
+    var=$(short_var_of "$1")
+    echo "${!var}"
+}
+
+stages_of() {  # stages_of TASK -> the runs of one job in order: TASK_short first where it has short steps
+    if (( $(short_steps_of "$1") > 0 )); then echo "$1_short $1"; else echo "$1"; fi
+}
+
+folder_of() {  # folder_of STAGE -> the task folder of a stage's runs (phonebook_N4, babi_qa1_short, ...)
+    case $1 in
+        phonebook) echo "phonebook_N$PB_N" ;;   phonebook_short) echo "phonebook_N$PB_SHORT_N" ;;
+        babi) echo babi_qa1 ;;                  babi_short) echo babi_qa1_short ;;
+    esac
+}
+
+command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CMD (STAGE: a task, or TASK_short)
+    local family=$1 stage=$2 seed=$3 name data tok gen steps script model minutes warm=() task=${2%_short} short
     steps=$(steps_for "$family")
     minutes=$MINUTES
-    if [ "$task" = phonebook ]; then
-        name=phonebook_N$PB_N; data=(--dataset_name "$PHONEBOOK"); tok=$DATA/tok_phonebook_N$PB_N; gen=16
-    elif [ "$stage" = babi_short ]; then
-        name=babi_qa1_short; data=(--babi_dir "$BABI_SHORT" --babi_task qa1); tok=$DATA/tok_babi_qa1; gen=4
-        minutes=$(awk -v m="$MINUTES" -v a="$BABI_SHORT_STEPS" -v s="$steps" 'BEGIN { printf "%.2f", m * a / s }')
-        steps=$BABI_SHORT_STEPS
-    else
-        name=babi_qa1; data=(--babi_dir "$BABI" --babi_task qa1); tok=$DATA/tok_babi_qa1; gen=4
-        if (( BABI_SHORT_STEPS > 0 )); then
-            minutes=$(awk -v m="$MINUTES" -v a="$BABI_SHORT_STEPS" -v s="$steps" \
-                'BEGIN { printf "%.2f", m * (s - a) / s }')
-            steps=$(( steps - BABI_SHORT_STEPS ))
-            warm=(--init_checkpoint "$RUNS/babi_qa1_short/$family/run_$seed/model.safetensors")
-        fi
+    short=$(short_steps_of "$task")
+    name=$(folder_of "$stage")
+    case $stage in
+        phonebook) data=(--dataset_name "$PHONEBOOK") ;;
+        phonebook_short) data=(--dataset_name "$PHONEBOOK_SHORT") ;;
+        babi) data=(--babi_dir "$BABI" --babi_task qa1) ;;
+        babi_short) data=(--babi_dir "$BABI_SHORT" --babi_task qa1) ;;
+    esac
+    if [ "$task" = phonebook ]; then tok=$DATA/tok_phonebook_N$PB_N; gen=16; else tok=$DATA/tok_babi_qa1; gen=4; fi
+    if [ "$stage" != "$task" ]; then  # the short stage: its share of the steps and of the time
+        minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * a / s }')
+        steps=$short
+    elif (( short > 0 )); then  # the rest, from the short stage's model
+        minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * (s - a) / s }')
+        steps=$(( steps - short ))
+        warm=(--init_checkpoint "$RUNS/$(folder_of "${task}_short")/$family/run_$seed/model.safetensors")
     fi
     case $family in
         gradmem) script=run_gradmemgpt_on_$task.py
@@ -184,13 +210,15 @@ command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CM
          "${PRECISION_ARGS[@]}" "${DEVICE_ARGS[@]}")
 }
 
-if (( BABI_SHORT_STEPS > 0 )) && [[ " $TASKS " == *" babi "* ]]; then
+for task in $TASKS; do
+    short=$(short_steps_of "$task")
+    (( short > 0 )) || continue
     for family in $FAMILIES; do
         cap=$(steps_for "$family")
-        (( BABI_SHORT_STEPS < cap )) || { echo "BABI_SHORT_STEPS=$BABI_SHORT_STEPS leaves no step of $family's $cap" \
-            "for the full bAbI stories; give fewer, or more steps (STEPS)" >&2; exit 2; }
+        (( short < cap )) || { echo "$(short_var_of "$task")=$short leaves no step of $family's $cap for the full" \
+            "$task task; give fewer, or more steps (STEPS)" >&2; exit 2; }
     done
-fi
+done
 echo "sitting: ${#JOBS[@]} runs on $LANES lane(s) ($NGPU GPU(s) x $JOBS_PER_GPU), $PER_LANE per lane, ~${TRAIN_S} s" \
      "of training per run (guard: $MINUTES min); steps: $(for f in $FAMILIES; do printf '%s %s ' "$f" "$(steps_for "$f")"; done)"
 lane() {  # lane L: jobs L, L + LANES, ... one after the other on GPU L % NGPU (none without GPUs)
@@ -210,7 +238,7 @@ lane() {  # lane L: jobs L, L + LANES, ... one after the other on GPU L % NGPU (
             CUDA_VISIBLE_DEVICES=$gpu "${CMD[@]}" >>"$log" 2>&1
             rc=$?
             echo "$stage $family seed $seed: rc=$rc wall_s=$(( SECONDS - start ))"
-            (( rc == 0 )) || break  # the full stories need the short stories' model
+            (( rc == 0 )) || break  # the full task needs the short stage's model
         done
     done
 }

@@ -188,6 +188,33 @@ def test_bAbI_short_stories_first_then_the_full_ones_from_that_model(dry_run):
         assert done.returncode == 2 and message in done.stderr
 
 
+def test_phonebook_short_stage_first_then_the_full_one_from_that_model(dry_run):
+    """PB_SHORT_STEPS: each phonebook run first trains that many steps on phone books of PB_SHORT_N entries (same
+    tokenizer), then the rest on PB_N entries from that model; a short phone book as long as the full one is refused."""
+    from datasets import load_from_disk
+
+    data = dry_run[0] / "data"
+    tmp = data.parent / "pb_short"
+    done = sitting(tmp, data, DRY_RUN="1", TASKS="phonebook", FAMILIES="lm", PB_SHORT_STEPS="1", PB_SHORT_N="2")
+    assert done.returncode == 0, done.stderr
+    assert load_from_disk(str(data / "phonebook_N2"))["train"][0]["context"].count("\n") == 1  # two entries
+    [(script, *short), (_, *full)] = [shlex.split(line)[2:] for line in done.stdout.splitlines()
+                                      if line.startswith("CUDA_VISIBLE_DEVICES=")]
+    short_value, value = flag_values(short), flag_values(full)
+    assert short_value["--dataset_name"] == str(data / "phonebook_N2")
+    assert value["--dataset_name"] == str(data / "phonebook_N4")
+    assert short_value["--tokenizer_path"] == value["--tokenizer_path"] == str(data / "tok_phonebook_N4")
+    assert short_value["--exp_path"] == str(tmp / "runs" / "phonebook_N2" / "lm" / "run_1")
+    assert short_value["--max_steps"] == value["--max_steps"] == "1"  # STEPS=2 in all
+    assert value["--init_checkpoint"] == short_value["--exp_path"] + "/model.safetensors"
+    for args in (short, full):
+        importlib.import_module(script.removesuffix(".py")).main(args)
+    assert json.loads((Path(value["--exp_path"]) / "all_results.json").read_text())["global_step"] == 1
+    for env, message in (({"PB_SHORT_N": "4"}, "PB_SHORT_N=4"), ({"PB_SHORT_STEPS": "2"}, "PB_SHORT_STEPS=2 leaves no")):
+        done = sitting(tmp, data, DRY_RUN="1", TASKS="phonebook", **{"PB_SHORT_STEPS": "1", **env})
+        assert done.returncode == 2 and message in done.stderr
+
+
 def test_bAbI_shortcut_is_the_last_room_the_story_names(tmp_path):
     """2 of the 3 questions are answered by the last room named (whoever went there), the third is not."""
     folder = tmp_path / "babi_qa1"
