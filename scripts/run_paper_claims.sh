@@ -69,6 +69,9 @@
 #   MAMBA_LRS ["3e-4"]  MAMBA_WARMUP [2000]  MAMBA_BETA2 [0.999]
 # The rest:
 #   GPUS ["0"] (one worker per GPU, warm-start chains stay on one GPU, jobs balanced by estimated cost)
+#   WORKERS_PER_GPU [1]  workers (runs at once) on each GPU, named <gpu>/<w> in the plan: small models leave a GPU
+#                        mostly idle (three language-task runs on one H200: 49 ms per GradMem step, 24 ms per LM step,
+#                        against 21 ms each alone)
 #   EVAL_STEPS [500]  MAX_EVAL_SAMPLES [1000]  PRECISION [fp32] (fp32 | tf32 | bf16)
 #   DATA_DIR [./data]  DATA_SIZE [1M]  N_VALID [5000]  N_TEST [2000]
 #   RUNS_DIR [runs/kv_matrix]  RESULTS_DIR [results/kv_matrix]  PYTHON [python3]  DRY_RUN [unset]
@@ -105,6 +108,7 @@ for name in BUDGET_N4 BUDGET_N8 BUDGET_N16 BUDGET_N32 SEEDS_ABLATION MAX_STEPS; 
 done
 
 GPUS=${GPUS:-0}
+WORKERS_PER_GPU=${WORKERS_PER_GPU:-1}
 ONLY=${ONLY:-"gradmem rmt llama mamba"}
 K=${K:-"1 2 5"}
 LRS=${LRS:-}
@@ -172,6 +176,15 @@ for gpu in "${GPU_LIST[@]}"; do
     [[ "$gpu" =~ ^[A-Za-z0-9:-]+$ ]] || fail "GPUS=\"$GPUS\": '$gpu' is not a GPU index (separate GPUs by spaces)"
 done
 [ "$(printf '%s\n' "${GPU_LIST[@]}" | sort | uniq -d)" = "" ] || fail "GPUS=\"$GPUS\" names a GPU twice"
+[[ "$WORKERS_PER_GPU" =~ ^[1-9][0-9]*$ ]] \
+    || fail "WORKERS_PER_GPU=$WORKERS_PER_GPU must be a positive integer (runs at once on each GPU)"
+WORKER_GPU=(); WORKER_NAME=()  # one worker per GPU, or WORKERS_PER_GPU of them named <gpu>/<w>
+for gpu in "${GPU_LIST[@]}"; do
+    for (( w = 1; w <= WORKERS_PER_GPU; w++ )); do
+        WORKER_GPU+=("$gpu")
+        if (( WORKERS_PER_GPU == 1 )); then WORKER_NAME+=("$gpu"); else WORKER_NAME+=("$gpu/$w"); fi
+    done
+done
 [ -n "${ONLY// /}" ] || fail "ONLY is empty; name the families to run, e.g. ONLY=\"gradmem rmt\""
 for family in $ONLY; do
     case "$family" in gradmem|rmt|llama|mamba) ;;
@@ -345,10 +358,10 @@ plan_phase2() {  # at each N the chosen cell on the other seeds, with the runs o
 assign_gpus() {  # the costliest job first onto the GPU with the least summed cost so far (the first such GPU on ties)
     local g j best
     G_JOBS=(); G_LOAD=()
-    for g in "${!GPU_LIST[@]}"; do G_JOBS+=(""); G_LOAD+=(0); done
+    for g in "${!WORKER_GPU[@]}"; do G_JOBS+=(""); G_LOAD+=(0); done
     for j in $(for j in "${!J_COST[@]}"; do echo "${J_COST[$j]} $j"; done | sort -s -k1,1nr | cut -d' ' -f2); do
         best=0
-        for g in "${!GPU_LIST[@]}"; do (( G_LOAD[g] < G_LOAD[best] )) && best=$g; done
+        for g in "${!WORKER_GPU[@]}"; do (( G_LOAD[g] < G_LOAD[best] )) && best=$g; done
         G_JOBS[best]+="$j "; G_LOAD[best]=$(( G_LOAD[best] + J_COST[j] ))
     done
 }
@@ -396,23 +409,23 @@ run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
 print_plan() {  # title, what the runs are
     local g j i order total=0 init
     echo "$1: ${#R_ID[@]} runs ($2) in ${#J_RUNS[@]} jobs on" \
-         "${#GPU_LIST[@]} GPU(s); optimizer steps per run, every family: N4 $STEPS_N4, N8 $STEPS_N8, N16 $STEPS_N16," \
+         "${#GPU_LIST[@]} GPU(s) x $WORKERS_PER_GPU worker(s); optimizer steps per run, every family: N4 $STEPS_N4, N8 $STEPS_N8, N16 $STEPS_N16," \
          "N32 $STEPS_N32; precision $PRECISION"
     printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' gpu order N cell seed steps "init from"
-    for g in "${!GPU_LIST[@]}"; do
+    for g in "${!WORKER_GPU[@]}"; do
         order=0
         for j in ${G_JOBS[g]}; do
             for i in ${J_RUNS[j]}; do
                 order=$(( order + 1 ))
                 init=-
                 if (( R_PARENT[i] >= 0 )); then init="best checkpoint of ${R_ID[${R_PARENT[$i]}]}"; fi
-                printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' "${GPU_LIST[g]}" "$order" "${R_N[$i]}" \
+                printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' "${WORKER_NAME[g]}" "$order" "${R_N[$i]}" \
                     "${C_NAME[${R_CELL[$i]}]}" "${R_SEED[$i]}" "$(steps_of "${R_N[$i]}")" "$init"
             done
         done
     done
-    for g in "${!GPU_LIST[@]}"; do
-        echo "gpu ${GPU_LIST[g]}: cost ${G_LOAD[g]} (steps x family cost factor)"
+    for g in "${!WORKER_GPU[@]}"; do
+        echo "gpu ${WORKER_NAME[g]}: cost ${G_LOAD[g]} (steps x family cost factor)"
         total=$(( total + G_LOAD[g] ))
     done
     echo "total cost: $total (gradmem: steps x (2K+1), rmt: steps x (K+1), llama, mamba: steps; for balancing only)"
@@ -607,10 +620,10 @@ mark_failed() {  # run number (in run_job_list): one more bad run, in its FAILED
     FAILED[$1]=1; bad=$(( bad + 1 )); echo "$1" >> "$FAILED_FILE"
 }
 
-run_job_list() {  # GPU position: run its jobs one after the other; status 1 if a run failed or was skipped
-    local g=$1 gpu=${GPU_LIST[$1]} j i init log bad=0 status
+run_job_list() {  # worker position: run its jobs one after the other; status 1 if a run failed or was skipped
+    local g=$1 gpu=${WORKER_NAME[$1]} j i init log bad=0 status
     local -A FAILED=()
-    export CUDA_VISIBLE_DEVICES=$gpu
+    export CUDA_VISIBLE_DEVICES=${WORKER_GPU[g]}
     for j in ${G_JOBS[g]}; do
         for i in ${J_RUNS[j]}; do
             log="$RUNS_DIR/logs/${R_ID[$i]}.log"
@@ -633,7 +646,7 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
             fi
             run_command "$i" "$init"
             echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: start (${R_MAX_STEPS[$i]} steps) -> ${R_DIR[$i]}, log $log"
-            echo "$(date '+%F %T') CUDA_VISIBLE_DEVICES=$gpu $PYTHON $(printf '%q ' "${CMD[@]}")" >> "$log"
+            echo "$(date '+%F %T') CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $PYTHON $(printf '%q ' "${CMD[@]}")" >> "$log"
             status=0
             "$PYTHON" "${CMD[@]}" >> "$log" 2>&1 || status=$?
             if (( status != 0 )) || [ ! -f "${R_DIR[$i]}/all_results.json" ]; then
@@ -652,7 +665,7 @@ run_job_list() {  # GPU position: run its jobs one after the other; status 1 if 
 N_BAD=0  # GPUs with a failed or skipped run, sweeps without a choice (+1 if choosing or collecting fails)
 run_plan() {  # one worker per GPU, each running its jobs
     local g pid workers=()
-    for g in "${!GPU_LIST[@]}"; do
+    for g in "${!WORKER_GPU[@]}"; do
         [ -n "${G_JOBS[g]}" ] || continue
         run_job_list "$g" &
         workers+=("$!")

@@ -129,6 +129,19 @@ def test_dry_run_plan_cells_seeds_equal_steps_and_chains(tmp_path):
     assert f"total cost: {sum(loads.values())} " in out
 
 
+def test_several_workers_per_gpu_share_the_jobs_and_keep_chains_together(tmp_path):
+    out = run_script(DRY_RUN="1", GPUS="1 2", WORKERS_PER_GPU="2", NS="8 16", SEEDS="1",
+                     DATA_DIR=str(tmp_path / "data")).stdout
+    rows, loads, _ = parse_plan(out)
+    assert "on 2 GPU(s) x 2 worker(s)" in out
+    assert set(loads) == {"1/1", "1/2", "2/1", "2/2"} and {r["gpu"] for r in rows} == set(loads)
+    by_id = {run_id(r): r for r in rows}
+    for r in rows:
+        if r["n"] == 16:  # the warm start ran just before, on the same worker
+            assert by_id[r["init"]]["gpu"] == r["gpu"] and by_id[r["init"]]["order"] == r["order"] - 1
+    assert max(loads.values()) - min(loads.values()) <= 30000 * 11
+
+
 def test_dry_run_commands_recipes_and_saved_cells():
     out = run_script(DRY_RUN="1", PRECISION="tf32", RUNS_DIR="runs/x", SEEDS="1 2").stdout
     rows, _, commands = parse_plan(out)
@@ -218,6 +231,7 @@ def test_selection_of_cells():
     (dict(SEEDS="1 x"), "'x' is not a number"),
     (dict(GPUS="0,1"), "is not a GPU index"),
     (dict(GPUS="1 1"), "names a GPU twice"),
+    (dict(WORKERS_PER_GPU="0"), "WORKERS_PER_GPU=0 must be a positive integer"),
     (dict(PRECISION="fp16"), "PRECISION must be fp32, tf32 or bf16"),
     (dict(DATA_SIZE="1G"), "DATA_SIZE=1G"),
     (dict(BUDGET_N8="2"), "BUDGET_N8 is no longer read: every run has a step budget, the same for every family; set "
@@ -449,8 +463,8 @@ def test_one_tiny_cell_per_family_trains_from_the_plans_command(tmp_path, n8_dat
 
 @pytest.mark.slow
 def test_tiny_real_execution_warm_start_failure_results_and_skip(tmp_path):
-    """GradMem N8 -> N16 for real (tiny model, 4 steps, CPU) on one "GPU"; RMT goes through a stand-in python that
-    fails it on the other: its N16 run is skipped, the results are still collected (matrix.md) and the script exits 1.
+    """GradMem N8 -> N16 for real (tiny model, 4 steps, CPU) on one worker of "GPU" 0; RMT goes through a stand-in
+    python that fails it on the other worker of the same GPU: its N16 run is skipped, the results are still collected (matrix.md) and the script exits 1.
     Run again, the finished runs are skipped."""
     stand_in = tmp_path / "python"
     stand_in.write_text('#!/usr/bin/env bash\nif [ "$1" = run_rmt_on_kv_retrieval.py ]; then echo "stand-in failure" '
@@ -458,7 +472,7 @@ def test_tiny_real_execution_warm_start_failure_results_and_skip(tmp_path):
     stand_in.chmod(0o755)
     runs, results, data = tmp_path / "runs", tmp_path / "results", tmp_path / "data"
     tiny = TINY[:TINY.index("--max_steps")] + ["--max_steps", "4"] + TINY[TINY.index("--max_steps") + 2:]
-    env = dict(GPUS="0 1", ONLY="gradmem rmt", K="1", LRS="0.04", NS="8 16", SEEDS="1", DATA_SIZE="64", N_VALID="16",
+    env = dict(GPUS="0", WORKERS_PER_GPU="2", ONLY="gradmem rmt", K="1", LRS="0.04", NS="8 16", SEEDS="1", DATA_SIZE="64", N_VALID="16",
                N_TEST="8", MAX_EVAL_SAMPLES="8", EVAL_STEPS="2", PYTHON=str(stand_in), RUNS_DIR=str(runs),
                RESULTS_DIR=str(results), DATA_DIR=str(data), OMP_NUM_THREADS="1")
     done = run_script(*tiny, check=False, **env)
