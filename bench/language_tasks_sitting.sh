@@ -88,7 +88,8 @@ for family in $FAMILIES; do
     case $family in gradmem|lm|rmt) ;; *) echo "FAMILIES: unknown family $family (gradmem, lm, rmt)" >&2; exit 2 ;; esac
 done
 for name in BABI_SHORT_STEPS PB_SHORT_STEPS; do
-    [[ "${!name}" =~ ^[0-9]+$ ]] || { echo "$name=${!name}: give a number of steps (0: no short stage first)" >&2; exit 2; }
+    [[ "${!name}" =~ ^[0-9]+$ ]] \
+        || { echo "$name=${!name}: give a number of steps (0: no short stage first)" >&2; exit 2; }
 done
 [[ "$PB_SHORT_N" =~ ^[0-9]+$ ]] && (( PB_SHORT_N >= 1 && PB_SHORT_N < PB_N )) \
     || { echo "PB_SHORT_N=$PB_SHORT_N: give a number of entries from 1 to PB_N - 1 = $(( PB_N - 1 ))" >&2; exit 2; }
@@ -110,7 +111,8 @@ BABI_SHORT=$DATA/babi_qa1_short
 prepare() {
     for n in "$PB_N" $( (( PB_SHORT_STEPS > 0 )) && echo "$PB_SHORT_N"); do
         [ -d "$DATA/phonebook_N$n" ] || "$PY" phonebook_utils.py --n_entries "$n" --n_train "$N_TRAIN" \
-            --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 --output_path "$DATA/phonebook_N$n" >/dev/null || return 1
+            --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 --output_path "$DATA/phonebook_N$n" >/dev/null \
+            || return 1
     done
     if [ ! -f "$BABI/qa1_single-supporting-fact_test.txt" ]; then
         "$PY" babi_generator.py --out "$BABI" --n_train "$N_TRAIN" --n_valid "$N_VALID" --n_test "$N_TEST" --seed 142 \

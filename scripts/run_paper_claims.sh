@@ -409,7 +409,8 @@ run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
 print_plan() {  # title, what the runs are
     local g j i order total=0 init
     echo "$1: ${#R_ID[@]} runs ($2) in ${#J_RUNS[@]} jobs on" \
-         "${#GPU_LIST[@]} GPU(s) x $WORKERS_PER_GPU worker(s); optimizer steps per run, every family: N4 $STEPS_N4, N8 $STEPS_N8, N16 $STEPS_N16," \
+         "${#GPU_LIST[@]} GPU(s) x $WORKERS_PER_GPU worker(s); optimizer steps per run, every family:" \
+         "N4 $STEPS_N4, N8 $STEPS_N8, N16 $STEPS_N16," \
          "N32 $STEPS_N32; precision $PRECISION"
     printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' gpu order N cell seed steps "init from"
     for g in "${!WORKER_GPU[@]}"; do
@@ -646,7 +647,8 @@ run_job_list() {  # worker position: run its jobs one after the other; status 1 
             fi
             run_command "$i" "$init"
             echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: start (${R_MAX_STEPS[$i]} steps) -> ${R_DIR[$i]}, log $log"
-            echo "$(date '+%F %T') CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $PYTHON $(printf '%q ' "${CMD[@]}")" >> "$log"
+            echo "$(date '+%F %T') CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $PYTHON" \
+                 "$(printf '%q ' "${CMD[@]}")" >> "$log"
             status=0
             "$PYTHON" "${CMD[@]}" >> "$log" 2>&1 || status=$?
             if (( status != 0 )) || [ ! -f "${R_DIR[$i]}/all_results.json" ]; then

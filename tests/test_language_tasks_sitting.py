@@ -210,7 +210,8 @@ def test_phonebook_short_stage_first_then_the_full_one_from_that_model(dry_run):
     for args in (short, full):
         importlib.import_module(script.removesuffix(".py")).main(args)
     assert json.loads((Path(value["--exp_path"]) / "all_results.json").read_text())["global_step"] == 1
-    for env, message in (({"PB_SHORT_N": "4"}, "PB_SHORT_N=4"), ({"PB_SHORT_STEPS": "2"}, "PB_SHORT_STEPS=2 leaves no")):
+    for env, message in (({"PB_SHORT_N": "4"}, "PB_SHORT_N=4"),
+                         ({"PB_SHORT_STEPS": "2"}, "PB_SHORT_STEPS=2 leaves no")):
         done = sitting(tmp, data, DRY_RUN="1", TASKS="phonebook", **{"PB_SHORT_STEPS": "1", **env})
         assert done.returncode == 2 and message in done.stderr
 

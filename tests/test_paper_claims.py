@@ -464,7 +464,8 @@ def test_one_tiny_cell_per_family_trains_from_the_plans_command(tmp_path, n8_dat
 @pytest.mark.slow
 def test_tiny_real_execution_warm_start_failure_results_and_skip(tmp_path):
     """GradMem N8 -> N16 for real (tiny model, 4 steps, CPU) on one worker of "GPU" 0; RMT goes through a stand-in
-    python that fails it on the other worker of the same GPU: its N16 run is skipped, the results are still collected (matrix.md) and the script exits 1.
+    python that fails it on the other worker of the same GPU: its N16 run is skipped, the results are still collected
+    (matrix.md) and the script exits 1.
     Run again, the finished runs are skipped."""
     stand_in = tmp_path / "python"
     stand_in.write_text('#!/usr/bin/env bash\nif [ "$1" = run_rmt_on_kv_retrieval.py ]; then echo "stand-in failure" '
@@ -472,9 +473,9 @@ def test_tiny_real_execution_warm_start_failure_results_and_skip(tmp_path):
     stand_in.chmod(0o755)
     runs, results, data = tmp_path / "runs", tmp_path / "results", tmp_path / "data"
     tiny = TINY[:TINY.index("--max_steps")] + ["--max_steps", "4"] + TINY[TINY.index("--max_steps") + 2:]
-    env = dict(GPUS="0", WORKERS_PER_GPU="2", ONLY="gradmem rmt", K="1", LRS="0.04", NS="8 16", SEEDS="1", DATA_SIZE="64", N_VALID="16",
-               N_TEST="8", MAX_EVAL_SAMPLES="8", EVAL_STEPS="2", PYTHON=str(stand_in), RUNS_DIR=str(runs),
-               RESULTS_DIR=str(results), DATA_DIR=str(data), OMP_NUM_THREADS="1")
+    env = dict(GPUS="0", WORKERS_PER_GPU="2", ONLY="gradmem rmt", K="1", LRS="0.04", NS="8 16", SEEDS="1",
+               DATA_SIZE="64", N_VALID="16", N_TEST="8", MAX_EVAL_SAMPLES="8", EVAL_STEPS="2", PYTHON=str(stand_in),
+               RUNS_DIR=str(runs), RESULTS_DIR=str(results), DATA_DIR=str(data), OMP_NUM_THREADS="1")
     done = run_script(*tiny, check=False, **env)
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
