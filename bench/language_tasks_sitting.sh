@@ -105,7 +105,6 @@ LANES=$(( (NGPU > 0 ? NGPU : 1) * JOBS_PER_GPU ))
 # ------------------------------------------------------------------------------------------------ data, tokenizers
 mkdir -p "$DATA" "$RUNS/logs" "$OUT"
 PHONEBOOK=$DATA/phonebook_N$PB_N
-PHONEBOOK_SHORT=$DATA/phonebook_N$PB_SHORT_N
 BABI=$DATA/babi_qa1
 BABI_SHORT=$DATA/babi_qa1_short
 prepare() {
@@ -166,7 +165,7 @@ stages_of() {  # stages_of TASK -> the runs of one job in order: TASK_short firs
     if (( $(short_steps_of "$1") > 0 )); then echo "$1_short $1"; else echo "$1"; fi
 }
 
-folder_of() {  # folder_of STAGE -> the task folder of a stage's runs (phonebook_N4, babi_qa1_short, ...)
+folder_of() {  # folder_of STAGE -> the folder of a stage's data and runs (phonebook_N4, babi_qa1_short, ...)
     case $1 in
         phonebook) echo "phonebook_N$PB_N" ;;   phonebook_short) echo "phonebook_N$PB_SHORT_N" ;;
         babi) echo babi_qa1 ;;                  babi_short) echo babi_qa1_short ;;
@@ -178,14 +177,12 @@ command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CM
     steps=$(steps_for "$family")
     minutes=$MINUTES
     short=$(short_steps_of "$task")
-    name=$(folder_of "$stage")
-    case $stage in
-        phonebook) data=(--dataset_name "$PHONEBOOK") ;;
-        phonebook_short) data=(--dataset_name "$PHONEBOOK_SHORT") ;;
-        babi) data=(--babi_dir "$BABI" --babi_task qa1) ;;
-        babi_short) data=(--babi_dir "$BABI_SHORT" --babi_task qa1) ;;
-    esac
-    if [ "$task" = phonebook ]; then tok=$DATA/tok_phonebook_N$PB_N; gen=16; else tok=$DATA/tok_babi_qa1; gen=4; fi
+    name=$(folder_of "$stage")  # also the stage's data folder under $DATA
+    if [ "$task" = phonebook ]; then
+        data=(--dataset_name "$DATA/$name"); tok=$DATA/tok_phonebook_N$PB_N; gen=16
+    else
+        data=(--babi_dir "$DATA/$name" --babi_task qa1); tok=$DATA/tok_babi_qa1; gen=4
+    fi
     if [ "$stage" != "$task" ]; then  # the short stage: its share of the steps and of the time
         minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * a / s }')
         steps=$short

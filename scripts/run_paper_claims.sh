@@ -622,7 +622,7 @@ mark_failed() {  # run number (in run_job_list): one more bad run, in its FAILED
 }
 
 run_job_list() {  # worker position: run its jobs one after the other; status 1 if a run failed or was skipped
-    local g=$1 gpu=${WORKER_NAME[$1]} j i init log bad=0 status
+    local g=$1 worker=${WORKER_NAME[$1]} j i init log bad=0 status
     local -A FAILED=()
     export CUDA_VISIBLE_DEVICES=${WORKER_GPU[g]}
     for j in ${G_JOBS[g]}; do
@@ -630,32 +630,32 @@ run_job_list() {  # worker position: run its jobs one after the other; status 1 
             log="$RUNS_DIR/logs/${R_ID[$i]}.log"
             if [ -f "${R_DIR[$i]}/all_results.json" ] && [ "$(json_field "${R_DIR[$i]}/run_config.json" \
                     "d['cli_args']['max_steps']")" = "${R_MAX_STEPS[$i]}" ]; then
-                echo "[gpu $gpu] ${R_ID[$i]}: done before (${R_DIR[$i]}/all_results.json), skipped"
+                echo "[gpu $worker] ${R_ID[$i]}: done before (${R_DIR[$i]}/all_results.json), skipped"
                 continue
             fi
             init=""
             if (( R_PARENT[i] >= 0 )); then
                 if [ -n "${FAILED[${R_PARENT[$i]}]:-}" ]; then
-                    echo "[gpu $gpu] ${R_ID[$i]}: SKIPPED, its warm start ${R_ID[${R_PARENT[$i]}]} failed"
+                    echo "[gpu $worker] ${R_ID[$i]}: SKIPPED, its warm start ${R_ID[${R_PARENT[$i]}]} failed"
                     mark_failed "$i"; continue
                 fi
                 init=$(json_field "${R_DIR[${R_PARENT[$i]}]}/all_results.json" "d.get('best_model_checkpoint') or ''")
                 if [ -z "$init" ]; then
-                    echo "[gpu $gpu] ${R_ID[$i]}: SKIPPED, ${R_DIR[${R_PARENT[$i]}]} has no best checkpoint to start from"
+                    echo "[gpu $worker] ${R_ID[$i]}: SKIPPED, ${R_DIR[${R_PARENT[$i]}]} has no best checkpoint to start from"
                     mark_failed "$i"; continue
                 fi
             fi
             run_command "$i" "$init"
-            echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: start (${R_MAX_STEPS[$i]} steps) -> ${R_DIR[$i]}, log $log"
+            echo "[gpu $worker] $(date '+%F %T') ${R_ID[$i]}: start (${R_MAX_STEPS[$i]} steps) -> ${R_DIR[$i]}, log $log"
             echo "$(date '+%F %T') CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $PYTHON" \
                  "$(printf '%q ' "${CMD[@]}")" >> "$log"
             status=0
             "$PYTHON" "${CMD[@]}" >> "$log" 2>&1 || status=$?
             if (( status != 0 )) || [ ! -f "${R_DIR[$i]}/all_results.json" ]; then
-                echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: FAILED (exit $status), see $log"
+                echo "[gpu $worker] $(date '+%F %T') ${R_ID[$i]}: FAILED (exit $status), see $log"
                 mark_failed "$i"
             else
-                echo "[gpu $gpu] $(date '+%F %T') ${R_ID[$i]}: finished, valid exact match" \
+                echo "[gpu $worker] $(date '+%F %T') ${R_ID[$i]}: finished, valid exact match" \
                      "$(json_field "${R_DIR[$i]}/all_results.json" "d['eval_exact_match']"), test generated exact" \
                      "match $(json_field "${R_DIR[$i]}/all_results.json" "d.get('test_generated_exact_match')")"
             fi
@@ -664,8 +664,8 @@ run_job_list() {  # worker position: run its jobs one after the other; status 1 
     (( bad == 0 ))
 }
 
-N_BAD=0  # GPUs with a failed or skipped run, sweeps without a choice (+1 if choosing or collecting fails)
-run_plan() {  # one worker per GPU, each running its jobs
+N_BAD=0  # workers with a failed or skipped run, sweeps without a choice (+1 if choosing or collecting fails)
+run_plan() {  # one process per worker (WORKERS_PER_GPU per GPU), each running its jobs
     local g pid workers=()
     for g in "${!WORKER_GPU[@]}"; do
         [ -n "${G_JOBS[g]}" ] || continue
