@@ -250,6 +250,14 @@ class GradMemTrainer(Trainer):
         finally:
             default.wait_stream(self._training_stream)
 
+    def _run_epoch(self, *args, **kwargs):
+        """No step past --max_steps: a run resumed from a checkpoint at --max_steps (killed while writing its results)
+        goes straight on to the final evaluations, where the Trainer would first take one more step."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def evaluate(self, *args, **kwargs):
         """As the Trainer's; metrics that callbacks add after the Trainer has logged the evaluation (the names in their
         `metric_names`, e.g. SQuAD EM/F1 of generated answers) are sent to the loggers (tensorboard, wandb) too."""

@@ -627,6 +627,18 @@ def test_resume_from_a_checkpoint_written_before_the_guard_state_existed(tmp_pat
     assert metrics["global_step"] == 9 and (finished_run / "checkpoint-9" / "trainer_state.json").is_file()
 
 
+def test_run_killed_after_its_last_checkpoint_resumes_without_another_step(tmp_path, finished_run):
+    from safetensors.torch import load_file
+    before = json.loads((finished_run / "all_results.json").read_text())
+    weights = load_file(finished_run / "model.safetensors")
+    (finished_run / "all_results.json").unlink()  # killed while writing its results: checkpoint-6 is the end
+    metrics = _run(tmp_path)
+    assert metrics["global_step"] == 6 and not (finished_run / "checkpoint-7").exists()
+    assert metrics["eval_exact_match"] == before["eval_exact_match"]
+    again = load_file(finished_run / "model.safetensors")
+    assert all(torch.equal(weights[name], again[name]) for name in weights)
+
+
 def test_resume_compares_precision_and_needs_the_record(tmp_path, finished_run, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what a preset with PRECISION=bf16 launches
     with pytest.raises(ValueError, match="mixed_precision: 'no' -> 'bf16'"):
