@@ -27,8 +27,9 @@
 #   DRY_RUN=1 bash bench/language_tasks_sitting.sh   # build data and tokenizers, print every run's command, train nothing
 #
 # Re-launching the same command resumes every unfinished run from its last checkpoint (the trainer's resume: same
-# arguments; --max_steps and --max_train_minutes may differ) and reports finished ones without training; delete
-# $RUNS/<task>/<family>/run_<seed> to start a cell over, $DATA to regenerate the data.
+# arguments; --max_steps and --max_train_minutes may differ) and reports finished ones without training, except a
+# short stage that its full run has started from (stopped by its time guard, say): that one is kept as it ended.
+# Delete $RUNS/<task>/<family>/run_<seed> to start a cell over, $DATA to regenerate the data.
 #
 # Step caps. Per run the sitting has SITTING_MINUTES x lanes / runs of wall clock, less OVERHEAD_S for start-up, data
 # loading, graph recording and the final valid and test evaluations. The steps that fit are estimated from step
@@ -227,6 +228,10 @@ lane() {  # lane L: jobs L, L + LANES, ... one after the other on GPU L % NGPU (
         read -r family task seed <<<"${JOBS[$i]}"
         for stage in $(stages_of "$task"); do
             command_for "$family" "$stage" "$seed"
+            if [ "$stage" != "$task" ] && [ -f "$RUNS/$(folder_of "$task")/$family/run_$seed/run_config.json" ]; then
+                echo "$stage $family seed $seed: kept as it ended (the $task run started from it)"
+                continue  # resuming it now would change the model the full run started from
+            fi
             if [ -n "$DRY_RUN" ]; then
                 printf 'CUDA_VISIBLE_DEVICES=%s ' "$gpu"; printf '%q ' "${CMD[@]}"; echo
                 continue

@@ -210,6 +210,11 @@ def test_phonebook_short_stage_first_then_the_full_one_from_that_model(dry_run):
     for args in (short, full):
         importlib.import_module(script.removesuffix(".py")).main(args)
     assert json.loads((Path(value["--exp_path"]) / "all_results.json").read_text())["global_step"] == 1
+    # once the full run has started, the short stage is not resumed again: that would change its starting model
+    done = sitting(tmp, data, DRY_RUN="1", TASKS="phonebook", FAMILIES="lm", PB_SHORT_STEPS="1", PB_SHORT_N="2")
+    assert [flag_values(shlex.split(line))["--exp_path"] for line in done.stdout.splitlines()
+            if line.startswith("CUDA_VISIBLE_DEVICES=")] == [value["--exp_path"]]
+    assert "phonebook_short lm seed 1: kept as it ended (the phonebook run started from it)" in done.stdout
     for env, message in (({"PB_SHORT_N": "4"}, "PB_SHORT_N=4"),
                          ({"PB_SHORT_STEPS": "2"}, "PB_SHORT_STEPS=2 leaves no")):
         done = sitting(tmp, data, DRY_RUN="1", TASKS="phonebook", **{"PB_SHORT_STEPS": "1", **env})
