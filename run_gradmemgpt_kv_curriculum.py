@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage_steps", type=int, default=36_000,
                    help="later stages: step budget; the lr decays linearly to 10%% of its peak at this step")
     p.add_argument("--time_budget_minutes", type=float, default=None,
-                   help="wall-clock budget of this invocation (stages stop at an evaluation; re-run to resume)")
+                   help="wall-clock budget of this invocation (a stage stops at the first step past it, evaluated "
+                        "and saved; re-run to resume)")
     return p
 
 

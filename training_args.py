@@ -76,8 +76,9 @@ class TrainArgs:
     stop_metric_value: Optional[float] = field(default=1.0, metadata={"help": "None: never stop on a metric value"})
     max_train_minutes: Optional[float] = field(
         default=None,
-        metadata={"help": "wall-clock budget of this invocation: stop at the first evaluation after this many minutes "
-                          "of training (then the best checkpoint is evaluated as usual); None: no budget"},
+        metadata={"help": "wall-clock budget of this invocation: the first step that ends after this many minutes of "
+                          "training is evaluated and saved, and training stops (then the best checkpoint is evaluated "
+                          "as usual); None: no budget"},
     )
     max_consecutive_skipped_steps: int = field(
         default=20, metadata={"help": "error after this many optimizer steps in a row with non-finite loss/gradients"}

@@ -127,10 +127,10 @@ class NonFiniteStepSkippingAdamW(torch.optim.AdamW):
 
 
 class StopAfterWallTime(TrainerCallback):
-    """Stop at the first evaluation after `minutes` of training (wall clock from the start of trainer.train(), the
-    evaluations included; the evaluation at step 0 never stops a run). Checked at evaluations only, where the last
-    checkpoint is saved too; under several processes the main process decides and broadcasts, so every process stops
-    at the same step."""
+    """Stop at the first optimizer step that ends after `minutes` of training (wall clock from the start of
+    trainer.train(), evaluations included): that step is evaluated and checkpointed, so a run ends on time, with its
+    last state saved to resume from and its best checkpoint selected as usual. Under several processes the main
+    process decides and broadcasts, so every process stops at the same step."""
 
     clock = staticmethod(time.monotonic)
 
@@ -141,17 +141,17 @@ class StopAfterWallTime(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.clock()
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.start is None or state.global_step == 0:  # outside trainer.train(), or the evaluation at the start
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.start is None:
             return
         elapsed = self.clock() - self.start
         stop = [elapsed >= self.seconds]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(stop, src=0)
         if stop[0]:
-            logger.warning("--max_train_minutes %g: %.1f min of training at step %d: stopping", self.seconds / 60,
-                           elapsed / 60, state.global_step)
-            control.should_training_stop = True
+            logger.warning("--max_train_minutes %g: %.1f min of training at step %d: evaluating, saving and stopping",
+                           self.seconds / 60, elapsed / 60, state.global_step)
+            control.should_evaluate = control.should_save = control.should_training_stop = True
 
 
 class StopOnMetricValue(TrainerCallback):

@@ -40,8 +40,8 @@
 # 20.8 steps/s, and as slow again per shared run), scaled by N_LAYER/4. The defaults (2 GPUs, 12 runs, 6 per GPU)
 # give 80 s per run, 50 s of training: about 2350 steps of each family. These are estimates: read the steps/s in
 # the logs of a first sitting and set STEPS (all families) or STEPS_GRADMEM / STEPS_LM / STEPS_RMT. Each run also
-# stops at its first evaluation after 1.25 x its share of training time (--max_train_minutes), so the sitting ends on
-# time, give or take the start-up estimate, whatever the step times are.
+# stops at the first step after its share of training time (--max_train_minutes; that step is evaluated and saved),
+# so the sitting ends on time, give or take the start-up estimate, whatever the step times are.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -139,7 +139,7 @@ JOBS=()
 for family in $FAMILIES; do for task in $TASKS; do for seed in $SEEDS; do JOBS+=("$family $task $seed"); done; done; done
 PER_LANE=$(( (${#JOBS[@]} + LANES - 1) / LANES ))
 TRAIN_S=$(awk -v m="$SITTING_MINUTES" -v p="$PER_LANE" -v o="$OVERHEAD_S" 'BEGIN { t = m * 60 / p - o; print (t < 10 ? 10 : t) }')
-MINUTES=$(awk -v t="$TRAIN_S" 'BEGIN { printf "%.2f", 1.25 * t / 60 }')
+MINUTES=$(awk -v t="$TRAIN_S" 'BEGIN { printf "%.2f", t / 60 }')
 
 steps_for() {  # steps_for FAMILY -> the step cap: STEPS, STEPS_<FAMILY>, or what fits TRAIN_S at the estimated step time
     local family=$1 upper ms shared

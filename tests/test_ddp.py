@@ -13,7 +13,8 @@ worker script), run every scenario and report to the test process, whose tests c
   processes: its step on 2 processes equals one process's full-batch step.
 - the shared trainer (training_experiment.run_experiment) on 2 processes: eval metrics computed on exactly the eval set
   (an odd number of samples: no duplicated or dropped sample at the end), equal to one process's; checkpoints
-  written once (by the main process; RNG states once per process); resume with the same number of processes.
+  written once (by the main process; RNG states once per process); resume with the same number of processes; a
+  wall-clock budget (--max_train_minutes) stops every process at the same step.
 Also (in the test process): the batch arithmetic of scripts/_launch.sh and its agreement with TrainArgs.validate.
 """
 import json
@@ -277,8 +278,17 @@ def _trainer_checks(rank, world, work_dir: Path):
     resumed = training_experiment.run_experiment(train_args(3), model(), tokenizer, splits, collator, compute_metrics,
                                                  data_name="kv")
     resumed_config = json.loads((run_dir / "run_config.json").read_text())
+    eval_rows = [len(labels) for labels, _ in seen]
+    # a wall-clock budget already spent at the first step: every process stops there (the main one decides)
+    timed_args = train_args(9)
+    timed_args.max_train_minutes = 1e-9
+    timed = training_experiment.run_experiment(timed_args, model(), tokenizer, splits, collator, compute_metrics,
+                                               data_name="kv")
+    timed_steps = [None] * world
+    torch.distributed.all_gather_object(timed_steps, timed["global_step"])
     return {
-        "eval_rows": [len(labels) for labels, _ in seen],
+        "eval_rows": eval_rows,
+        "timed_global_steps": timed_steps,
         "train_logs": train_logs,  # per process
         "find_unused_parameters": RecordTrainLogs.find_unused_parameters,
         # (labels, predictions) of the best model right after training (evaluations at start, steps 1 and 2, then the
@@ -411,6 +421,7 @@ def test_checkpoints_written_once_and_resume(report):
     assert len(writers) == 1  # tensorboard events from one process (the main one; pid in the file name)
     assert trainer["first_global_step"] == 2 and trainer["resumed_global_step"] == 3
     assert trainer["resumed_from"].endswith("checkpoint-2")
+    assert trainer["timed_global_steps"] == [4, 4]  # --max_train_minutes: one step past the resumed step 3, together
 
 
 # ---------------------------------------------------------------------------------------------------------------

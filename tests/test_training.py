@@ -372,17 +372,19 @@ def test_end_to_end_nonfinite_loss_stops_with_hint(tmp_path):
                        data_name="kv_test", nonfinite_hint="likely the inner lr is too large")
 
 
-def test_max_train_minutes_stops_at_the_first_evaluation_after_the_budget(tmp_path, monkeypatch):
+def test_max_train_minutes_stops_at_the_first_step_after_the_budget_evaluated_and_saved(tmp_path, monkeypatch):
     ticks = iter(range(1000))  # a clock that advances one second at every reading
     monkeypatch.setattr(training_loop.StopAfterWallTime, "clock", staticmethod(lambda: float(next(ticks))))
     tok = char_tokenizer()
     model = FakeMemoryModel(FakeMemoryConfig(vocab_size=len(tok)))
-    args = _train_args(tmp_path, max_steps=20, eval_steps=2, report_to="none", max_train_minutes=2.5 / 60)
+    args = _train_args(tmp_path, max_steps=20, eval_steps=4, report_to="none", max_train_minutes=2.5 / 60)
     metrics = run_experiment(args, model, tok, kv_splits(), MemoryModelCollator(tok), make_compute_metrics(tok),
                              data_name="kv_test")
-    # readings: start 0, evaluations at steps 2 (1 s), 4 (2 s), 6 (3 s >= 2.5 s: stop); none at step 0
-    assert metrics["global_step"] == 6
-    assert (tmp_path / "run" / "checkpoint-6").is_dir()
+    # readings: start 0, then one at the end of every step: 1 s, 2 s, 3 s >= 2.5 s at step 3 (not an evaluation step)
+    assert metrics["global_step"] == 3
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    assert [r["step"] for r in history if "eval_exact_match" in r][:2] == [0, 3]
     with pytest.raises(ValueError, match="max_train_minutes must be > 0"):
         _train_args(tmp_path, max_train_minutes=0).validate()
 
