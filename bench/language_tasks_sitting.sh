@@ -15,7 +15,9 @@
 #      question ($DATA/babi_qa1_short, babi_generator.py --questions_per_story 1; run folders under babi_qa1_short/),
 #      and the run goes on with the full stories from that model (--init_checkpoint) for the rest of its steps: a
 #      length curriculum at the same total step count; PB_SHORT_STEPS > 0 does the same for phonebook, with phone books
-#      of PB_SHORT_N entries first ($DATA/phonebook_N$PB_SHORT_N, the same tokenizer);
+#      of PB_SHORT_N entries first ($DATA/phonebook_N$PB_SHORT_N, the same tokenizer). SHORT_UNTIL=0.95 ends a short
+#      stage early once its valid exact match (teacher-forced, the trainer's --stop_metric_value) reaches 0.95: the
+#      full run then gets the steps the short stage left, and their share of the time;
 #   4. bench/lang_sitting_report.py: report.md / report.json (test EM, valid EM, chance, steps per task, family and
 #      seed), curves.png; then metrics.tgz (json, png, samples, logs of every run; no checkpoints or weights) in $OUT.
 # Jobs run one per GPU at a time (JOBS_PER_GPU: more), spread round-robin over the GPUs (NGPU: how many, default all
@@ -78,6 +80,7 @@ GEN_EVAL=${GEN_EVAL:-200}        # valid samples whose answers are decoded at ea
 WORKERS=${WORKERS:-2}
 BABI_SHORT_STEPS=${BABI_SHORT_STEPS:-0}  # bAbI steps on two-statement stories first (a length curriculum); 0: off
 PB_SHORT_STEPS=${PB_SHORT_STEPS:-0}      # phonebook steps on PB_SHORT_N-entry phone books first; 0: off
+SHORT_UNTIL=${SHORT_UNTIL:-}             # a short stage ends early at this valid exact match; the full run gets the rest
 DRY_RUN=${DRY_RUN:-}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
 
@@ -92,6 +95,9 @@ for name in BABI_SHORT_STEPS PB_SHORT_STEPS; do
     [[ "${!name}" =~ ^[0-9]+$ ]] \
         || { echo "$name=${!name}: give a number of steps (0: no short stage first)" >&2; exit 2; }
 done
+[ -z "$SHORT_UNTIL" ] || awk -v v="$SHORT_UNTIL" 'BEGIN { exit !(v + 0 == v && v > 0 && v <= 1) }' \
+    || { echo "SHORT_UNTIL=$SHORT_UNTIL: give a valid exact match in (0, 1] (empty: the short stage runs all its steps)" \
+         >&2; exit 2; }
 [[ "$PB_SHORT_N" =~ ^[0-9]+$ ]] && (( PB_SHORT_N >= 1 && PB_SHORT_N < PB_N )) \
     || { echo "PB_SHORT_N=$PB_SHORT_N: give a number of entries from 1 to PB_N - 1 = $(( PB_N - 1 ))" >&2; exit 2; }
 source scripts/_launch.sh && precision_args "$PRECISION"  # PRECISION_ARGS
@@ -166,6 +172,11 @@ stages_of() {  # stages_of TASK -> the runs of one job in order: TASK_short firs
     if (( $(short_steps_of "$1") > 0 )); then echo "$1_short $1"; else echo "$1"; fi
 }
 
+steps_run() {  # steps_run RUN_DIR PLANNED -> the steps a finished run took (PLANNED where it has not run: a dry run)
+    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_step"])' "$1/all_results.json" 2>/dev/null \
+        || echo "$2"
+}
+
 folder_of() {  # folder_of STAGE -> the folder of a stage's data and runs (phonebook_N4, babi_qa1_short, ...)
     case $1 in
         phonebook) echo "phonebook_N$PB_N" ;;   phonebook_short) echo "phonebook_N$PB_SHORT_N" ;;
@@ -174,7 +185,8 @@ folder_of() {  # folder_of STAGE -> the folder of a stage's data and runs (phone
 }
 
 command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CMD (STAGE: a task, or TASK_short)
-    local family=$1 stage=$2 seed=$3 name data tok gen steps script model minutes warm=() task=${2%_short} short
+    local family=$1 stage=$2 seed=$3 name data tok gen steps script model minutes warm=() until=() short
+    local task=${2%_short}
     steps=$(steps_for "$family")
     minutes=$MINUTES
     short=$(short_steps_of "$task")
@@ -187,7 +199,9 @@ command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CM
     if [ "$stage" != "$task" ]; then  # the short stage: its share of the steps and of the time
         minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * a / s }')
         steps=$short
+        [ -z "$SHORT_UNTIL" ] || until=(--stop_metric_value "$SHORT_UNTIL")
     elif (( short > 0 )); then  # the rest, from the short stage's model
+        short=$(steps_run "$RUNS/$(folder_of "${task}_short")/$family/run_$seed" "$short")
         minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * (s - a) / s }')
         steps=$(( steps - short ))
         warm=(--init_checkpoint "$RUNS/$(folder_of "${task}_short")/$family/run_$seed/model.safetensors")
@@ -200,7 +214,7 @@ command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CM
                  model=(--n_mem_tokens 8 --K 1 --mem_proj_mode proj --attn_implementation sdpa) ;;
     esac
     CMD=("$PY" "$script" "${data[@]}" --base_model llama --n_layer "$N_LAYER" --n_head "$N_HEAD" --n_embd "$N_EMBD"
-         --tokenizer_path "$tok" "${model[@]}" "${warm[@]}" --exp_path "$RUNS/$name/$family/run_$seed"
+         --tokenizer_path "$tok" "${model[@]}" "${warm[@]}" "${until[@]}" --exp_path "$RUNS/$name/$family/run_$seed"
          --seed $((142 + seed)) --per_device_batch_size "$BATCH" --per_device_eval_batch_size 256 --learning_rate "$LR"
          --lr_scheduler_type constant_with_warmup --warmup_steps "$WARMUP" --adam_beta2 0.95 --max_grad_norm 1.0
          --max_steps "$steps" --eval_steps $(( steps / EVALS > 0 ? steps / EVALS : 1 ))

@@ -221,6 +221,33 @@ def test_phonebook_short_stage_first_then_the_full_one_from_that_model(dry_run):
         assert done.returncode == 2 and message in done.stderr
 
 
+def test_short_stage_until_a_valid_exact_match_leaves_its_steps_to_the_full_run(dry_run):
+    """SHORT_UNTIL: the short stage stops at that valid exact match (the trainer's --stop_metric_value), and the full
+    run gets the steps the short stage did not take (read from its all_results.json), with their share of the time."""
+    data = dry_run[0] / "data"
+    tmp = data.parent / "short_until"
+    env = dict(DRY_RUN="1", TASKS="phonebook", FAMILIES="lm", STEPS="6", PB_SHORT_STEPS="4", SHORT_UNTIL="0.9")
+
+    def commands():
+        done = sitting(tmp, data, **env)
+        assert done.returncode == 0, done.stderr
+        return [flag_values(shlex.split(line)) for line in done.stdout.splitlines()
+                if line.startswith("CUDA_VISIBLE_DEVICES=")]
+
+    short, full = commands()
+    assert short["--stop_metric_value"] == "0.9" and short["--max_steps"] == "4" and full["--max_steps"] == "2"
+    assert "--stop_metric_value" not in full
+    short_run = Path(short["--exp_path"])
+    short_run.mkdir(parents=True)
+    (short_run / "all_results.json").write_text(json.dumps({"global_step": 1}))  # it reached 0.9 at step 1
+    [short_again, full_after] = commands()  # the full run has not started: the short stage is still listed
+    assert full_after["--max_steps"] == "5"
+    assert float(full_after["--max_train_minutes"]) == pytest.approx(5 * float(short["--max_train_minutes"]) / 4,
+                                                                     abs=0.011)
+    done = sitting(tmp, data, **{**env, "SHORT_UNTIL": "95"})
+    assert done.returncode == 2 and "SHORT_UNTIL=95: give a valid exact match in (0, 1]" in done.stderr
+
+
 def test_bAbI_shortcut_is_the_last_room_the_story_names(tmp_path):
     """2 of the 3 questions are answered by the last room named (whoever went there), the third is not."""
     folder = tmp_path / "babi_qa1"
