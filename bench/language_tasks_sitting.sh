@@ -17,7 +17,8 @@
 #      length curriculum at the same total step count; PB_SHORT_STEPS > 0 does the same for phonebook, with phone books
 #      of PB_SHORT_N entries first ($DATA/phonebook_N$PB_SHORT_N, the same tokenizer). SHORT_UNTIL=0.95 ends a short
 #      stage early once its valid exact match (teacher-forced, the trainer's --stop_metric_value) reaches 0.95: the
-#      full run then gets the steps the short stage left, and their share of the time;
+#      full run then gets the steps and the time that the short stage left (as after a short stage that its wall-clock
+#      guard stopped);
 #   4. bench/lang_sitting_report.py: report.md / report.json (test EM, valid EM, chance, steps per task, family and
 #      seed), curves.png; then metrics.tgz (json, png, samples, logs of every run; no checkpoints or weights) in $OUT.
 # Jobs run one per GPU at a time (JOBS_PER_GPU: more), spread round-robin over the GPUs (NGPU: how many, default all
@@ -172,9 +173,9 @@ stages_of() {  # stages_of TASK -> the runs of one job in order: TASK_short firs
     if (( $(short_steps_of "$1") > 0 )); then echo "$1_short $1"; else echo "$1"; fi
 }
 
-steps_run() {  # steps_run RUN_DIR PLANNED -> the steps a finished run took (PLANNED where it has not run: a dry run)
-    "$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["global_step"])' "$1/all_results.json" 2>/dev/null \
-        || echo "$2"
+run_took() {  # run_took RUN_DIR -> "STEPS SECONDS" of training a finished run took; nothing where it has not run
+    "$PY" -c 'import json, sys; r = json.load(open(sys.argv[1])); print(r["global_step"], r["train_wall_s"])' \
+        "$1/all_results.json" 2>/dev/null
 }
 
 folder_of() {  # folder_of STAGE -> the folder of a stage's data and runs (phonebook_N4, babi_qa1_short, ...)
@@ -200,9 +201,15 @@ command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CM
         minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * a / s }')
         steps=$short
         [ -z "$SHORT_UNTIL" ] || until=(--stop_metric_value "$SHORT_UNTIL")
-    elif (( short > 0 )); then  # the rest, from the short stage's model
-        short=$(steps_run "$RUNS/$(folder_of "${task}_short")/$family/run_$seed" "$short")
-        minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * (s - a) / s }')
+    elif (( short > 0 )); then  # the rest, from the short stage's model: the steps and the time that it left
+        local took took_s
+        read -r took took_s < <(run_took "$RUNS/$(folder_of "${task}_short")/$family/run_$seed")
+        if [ -n "$took" ]; then
+            minutes=$(awk -v m="$MINUTES" -v t="$took_s" 'BEGIN { r = m - t / 60; printf "%.2f", r < 0.05 ? 0.05 : r }')
+            short=$took
+        else  # not run yet (a dry run): the planned shares
+            minutes=$(awk -v m="$MINUTES" -v a="$short" -v s="$steps" 'BEGIN { printf "%.2f", m * (s - a) / s }')
+        fi
         steps=$(( steps - short ))
         warm=(--init_checkpoint "$RUNS/$(folder_of "${task}_short")/$family/run_$seed/model.safetensors")
     fi

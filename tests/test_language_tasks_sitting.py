@@ -223,7 +223,7 @@ def test_phonebook_short_stage_first_then_the_full_one_from_that_model(dry_run):
 
 def test_short_stage_until_a_valid_exact_match_leaves_its_steps_to_the_full_run(dry_run):
     """SHORT_UNTIL: the short stage stops at that valid exact match (the trainer's --stop_metric_value), and the full
-    run gets the steps the short stage did not take (read from its all_results.json), with their share of the time."""
+    run gets the steps and the time the short stage did not take (read from its all_results.json)."""
     data = dry_run[0] / "data"
     tmp = data.parent / "short_until"
     env = dict(DRY_RUN="1", TASKS="phonebook", FAMILIES="lm", STEPS="6", PB_SHORT_STEPS="4", SHORT_UNTIL="0.9")
@@ -239,11 +239,12 @@ def test_short_stage_until_a_valid_exact_match_leaves_its_steps_to_the_full_run(
     assert "--stop_metric_value" not in full
     short_run = Path(short["--exp_path"])
     short_run.mkdir(parents=True)
-    (short_run / "all_results.json").write_text(json.dumps({"global_step": 1}))  # it reached 0.9 at step 1
+    # it reached 0.9 at step 1 after 3 s of training
+    (short_run / "all_results.json").write_text(json.dumps({"global_step": 1, "train_wall_s": 3.0}))
     [short_again, full_after] = commands()  # the full run has not started: the short stage is still listed
     assert full_after["--max_steps"] == "5"
-    assert float(full_after["--max_train_minutes"]) == pytest.approx(5 * float(short["--max_train_minutes"]) / 4,
-                                                                     abs=0.011)
+    whole = float(short["--max_train_minutes"]) + float(full["--max_train_minutes"])  # the job's share
+    assert float(full_after["--max_train_minutes"]) == pytest.approx(whole - 3 / 60, abs=0.011)
     done = sitting(tmp, data, **{**env, "SHORT_UNTIL": "95"})
     assert done.returncode == 2 and "SHORT_UNTIL=95: give a valid exact match in (0, 1]" in done.stderr
 
