@@ -20,7 +20,6 @@ from grad_memgpt import GradMemArgs
 from modeling_utils import MemoryModelOutput
 import training_args
 from training_args import BackboneArgs, DataArgs, TrainArgs, parse_cli
-import training_backbone
 from training_backbone import build_backbone_config
 import training_checkpoints
 from training_collators import CausalLMCollator, MemoryModelCollator, make_compute_metrics, reduce_logits_to_predictions
