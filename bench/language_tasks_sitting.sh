@@ -31,7 +31,8 @@
 #
 # Re-launching the same command resumes every unfinished run from its last checkpoint (the trainer's resume: same
 # arguments; --max_steps and --max_train_minutes may differ) and reports finished ones without training, except a
-# short stage that its full run has started from (stopped by its time guard, say): that one is kept as it ended.
+# short stage that its full run has started from (stopped by its time guard, say): that one is kept as it ended, and
+# the full run gets this sitting's whole share of time (the steps it has left are still those the short stage left).
 # Delete $RUNS/<task>/<family>/run_<seed> to start a cell over, $DATA to regenerate the data.
 #
 # Step caps. Per run the sitting has SITTING_MINUTES x lanes / runs of wall clock, less OVERHEAD_S for start-up, data
@@ -204,7 +205,9 @@ command_for() {  # command_for FAMILY STAGE SEED -> the run's command line in CM
     elif (( short > 0 )); then  # the rest, from the short stage's model: the steps and the time that it left
         local took took_s
         read -r took took_s < <(run_took "$RUNS/$(folder_of "${task}_short")/$family/run_$seed")
-        if [ -n "$took" ]; then
+        if [ -n "$took" ] && [ -f "$RUNS/$name/$family/run_$seed/run_config.json" ]; then
+            short=$took  # resumed in a later sitting: the whole share of this one
+        elif [ -n "$took" ]; then  # the short stage ran before it in this sitting
             minutes=$(awk -v m="$MINUTES" -v t="$took_s" 'BEGIN { r = m - t / 60; printf "%.2f", r < 0.05 ? 0.05 : r }')
             short=$took
         else  # not run yet (a dry run): the planned shares

@@ -223,7 +223,8 @@ def test_phonebook_short_stage_first_then_the_full_one_from_that_model(dry_run):
 
 def test_short_stage_until_a_valid_exact_match_leaves_its_steps_to_the_full_run(dry_run):
     """SHORT_UNTIL: the short stage stops at that valid exact match (the trainer's --stop_metric_value), and the full
-    run gets the steps and the time the short stage did not take (read from its all_results.json)."""
+    run gets the steps and the time the short stage did not take (read from its all_results.json), or, resumed in a
+    later sitting, the same steps and all of that sitting's time."""
     data = dry_run[0] / "data"
     tmp = data.parent / "short_until"
     env = dict(DRY_RUN="1", TASKS="phonebook", FAMILIES="lm", STEPS="6", PB_SHORT_STEPS="4", SHORT_UNTIL="0.9")
@@ -245,6 +246,12 @@ def test_short_stage_until_a_valid_exact_match_leaves_its_steps_to_the_full_run(
     assert full_after["--max_steps"] == "5"
     whole = float(short["--max_train_minutes"]) + float(full["--max_train_minutes"])  # the job's share
     assert float(full_after["--max_train_minutes"]) == pytest.approx(whole - 3 / 60, abs=0.011)
+    # the full run started in that sitting; resumed in a later one, it gets all of that one's share, the same steps
+    Path(full_after["--exp_path"]).mkdir(parents=True)
+    (Path(full_after["--exp_path"]) / "run_config.json").write_text("{}")
+    [full_resumed] = commands()
+    assert full_resumed["--max_steps"] == "5" and float(full_resumed["--max_train_minutes"]) == pytest.approx(whole,
+                                                                                                         abs=0.011)
     done = sitting(tmp, data, **{**env, "SHORT_UNTIL": "95"})
     assert done.returncode == 2 and "SHORT_UNTIL=95: give a valid exact match in (0, 1]" in done.stderr
 
