@@ -80,6 +80,13 @@ class TrainArgs:
                           "training is evaluated and saved, and training stops (then the best checkpoint is evaluated "
                           "as usual); None: no budget"},
     )
+    final_evaluation: bool = field(
+        default=True,
+        metadata={"help": "after training, evaluate the selected checkpoint on valid (generated answers too) and test, "
+                          "and the final checkpoint where it differs; false (a warm-up stage whose numbers are not "
+                          "reported): no test numbers, the valid metrics are those the selected checkpoint had when "
+                          "it was evaluated during training"},
+    )
     max_consecutive_skipped_steps: int = field(
         default=20, metadata={"help": "error after this many optimizer steps in a row with non-finite loss/gradients"}
     )

@@ -145,6 +145,16 @@ def evaluate_splits(trainer: Trainer, eval_split, test_split, answer_metrics: Op
     return metrics
 
 
+def selected_evaluation(state) -> dict:
+    """The eval_ metrics the selected checkpoint had when it was evaluated during training ({} if none was)."""
+    best = state.best_model_checkpoint
+    step = int(Path(best).name.rsplit("-", 1)[-1]) if best else None
+    for entry in reversed(state.log_history):
+        if entry.get("step") == step and any(key.startswith("eval_") for key in entry):
+            return {key: value for key, value in entry.items() if key.startswith("eval_")}
+    return {}
+
+
 def attention_implementation(model: torch.nn.Module) -> str:
     """The attention implementation the backbone runs (memory models keep their causal LM in `.model`)."""
     backbone = getattr(model, "model", model)
@@ -396,9 +406,12 @@ def run_experiment(
     trained = time.monotonic()
     trainer.remove_callback(EarlyStoppingCallback)  # training is over: no "metric not found" on test evaluations
     test_split = splits["test"] if "test" in splits and len(splits["test"]) > 0 else None
-    metrics = evaluate_splits(trainer, eval_split, test_split, answer_metrics)
+    metrics = {} if train_args.final_evaluation else selected_evaluation(trainer.state)
+    if not metrics:  # evaluated after training (or never evaluated during it)
+        metrics = evaluate_splits(trainer, eval_split, test_split, answer_metrics)
     best, final = trainer.state.best_model_checkpoint, newest_usable_checkpoint(run_dir)
-    if final is not None and best is not None and final.resolve() != Path(best).resolve():
+    if (train_args.final_evaluation and final is not None and best is not None
+            and final.resolve() != Path(best).resolve()):
         model = trainer.accelerator.unwrap_model(trainer.model)
         best_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
         restore_checkpoint_in_place(model, None, final)

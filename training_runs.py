@@ -21,7 +21,7 @@ RESUMABLE_ARG_CHANGES = {
     "max_steps", "eval_steps", "logging_steps", "early_stopping_patience", "report_to", "overwrite",
     "dataloader_num_workers", "max_eval_samples", "per_device_eval_batch_size", "stop_metric_value",
     "max_consecutive_skipped_steps", "use_cpu", "fast_step", "max_train_minutes", "init_checkpoint_partial",
-    "resume_without_record", "log_level", "log_samples",
+    "resume_without_record", "log_level", "log_samples", "final_evaluation",
     "train_final_inner_loss",  # a logged statistic only: training computes the same updates either way
     "lean_ops",  # the same functions and gradients with less memory saved for backward
     "recompute_write",  # the same gradients, the WRITE graph recomputed in the backward instead of kept

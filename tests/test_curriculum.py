@@ -89,6 +89,39 @@ def test_driver_runs_a_real_tiny_stage(tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "N4").exists()
 
 
+def test_warm_up_stage_without_its_final_evaluation(tmp_path, monkeypatch):
+    """final_evaluation=false (a warm-up stage): no test numbers; the stage's valid metrics are those its selected
+    checkpoint had when it was evaluated during training, so its threshold still decides whether it is done."""
+    import training_experiment
+
+    argv = ["--stages", "2:0.99:final_evaluation=false", "--out_dir", str(tmp_path / "out"), "--data_dir",
+            str(tmp_path / "data"), "--data_size", "32", "--max_steps", "4", "--warmup_steps", "0", "--",
+            "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size",
+            "4", "--max_eval_samples", "8", "--eval_steps", "2", "--logging_steps", "1", "--report_to", "none",
+            "--metric_for_best_model", "eval_loss"]
+    monkeypatch.setattr(driver.kv_dataset_utils, "DEFAULT_N_TEST", 8)
+    monkeypatch.setattr(training_experiment, "evaluate_splits", lambda *a, **k: pytest.fail("evaluated after training"))
+    assert driver.main(argv) == 1  # below its threshold with no steps left
+    stage = json.loads((tmp_path / "out" / "curriculum.json").read_text())["invocations"][0]["stages"][0]
+    state = json.loads((tmp_path / "out" / "N2" / "trainer_state.json").read_text())
+    step = int(state["best_model_checkpoint"].rsplit("-", 1)[1])
+    [logged] = [e for e in state["log_history"] if e["step"] == step and "eval_exact_match" in e]
+    assert stage["eval_exact_match"] == logged["eval_exact_match"]
+    assert not [key for key in stage if key.startswith(("test_", "final_eval_", "final_test_"))]
+    assert state["best_model_checkpoint"] == str(tmp_path / "out" / "N2" / f"checkpoint-{step}")
+
+
+def test_selected_evaluation_of_a_run_never_evaluated_is_empty():
+    from types import SimpleNamespace
+
+    from training_experiment import selected_evaluation
+
+    assert selected_evaluation(SimpleNamespace(best_model_checkpoint=None, log_history=[{"loss": 1.0, "step": 1}])) == {}
+    state = SimpleNamespace(best_model_checkpoint="run/checkpoint-2", log_history=[
+        {"eval_loss": 2.0, "step": 2}, {"loss": 1.0, "step": 2}, {"eval_loss": 1.0, "step": 4}])
+    assert selected_evaluation(state) == {"eval_loss": 2.0}
+
+
 def test_capacity_preset_dry_run():
     """scripts/run_kv_capacity.sh: the paper model, the stage list, the precision flags; a bad PRECISION is refused."""
     import os
