@@ -91,13 +91,14 @@ def summary(root: Path) -> str:
     for seed_dir in run_folders(root):
         for r in stage_rows(seed_dir):
             final = "" if r["final_test"] is None else f"{r['final_test']:.4f}"
+            test = "- (warm-up stage: not evaluated)" if r["test"] is None else f"{r['test']:.4f}"
             outcome = ("yes" if r["done"] else
                        f"**no: collapsed {r['rollbacks']} times, stopped**" if r["rollbacks"] >= r["max_rollbacks"] else
                        f"**no: step budget ({r['max_steps']}) spent**" if r["steps"] >= (r["max_steps"] or 1e18) else
                        "**no (unfinished)**")
             without = "-" if r["wall_s_without_tests"] is None else f"{r['wall_s_without_tests']:.0f} s"
             lines.append(f"| {seed_dir.name} | N{r['N']} | {write_settings(r)} | {outcome} ({r['threshold']:g}) | "
-                         f"{r['steps']} | {r['wall_s']:.0f} s | {without} | {r['valid']:.4f} | {r['test']:.4f} | "
+                         f"{r['steps']} | {r['wall_s']:.0f} s | {without} | {r['valid']:.4f} | {test} | "
                          f"{final} | {r['spikes']} | {r['rollbacks']} |")
     return "\n".join(lines) + "\n"
 

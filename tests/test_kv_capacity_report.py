@@ -50,6 +50,15 @@ def test_summary_sums_sittings_and_marks_unfinished(tmp_path):
     assert (tmp_path / "summary.md").is_file() and (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_a_warm_up_stage_without_test_numbers_is_marked(tmp_path):
+    seed = tmp_path / "seed_1"
+    stage(seed / "N2", 0.96, 700, None)  # --final_evaluation false: no test numbers
+    (seed / "curriculum.json").write_text(json.dumps({"invocations": [
+        {"stages": [{"stage": "N2", "threshold": 0.95, "end_s": 13.0, "final_evaluation_wall_s": 0.0}]}]}))
+    assert ("| seed_1 | N2 | 2 / 0.04 | yes (0.95) | 700 | 13 s | 13 s | 0.9600 | - (warm-up stage: not evaluated) |"
+            in kv_capacity_report.summary(tmp_path))
+
+
 def test_variants_are_grouped_by_the_seed_of_their_record(tmp_path):
     for name, seed, started in (("w300_seed_2", 2, "12:00"), ("w100_seed_1", 1, "12:05"), ("w300_seed_1", 1, "12:00")):
         stage(tmp_path / name / "N8", 0.95, 600, 0.95)
