@@ -16,6 +16,7 @@ from typing import Optional
 
 import numpy as np
 
+from figures import save_png
 from training_runs import LEGACY_RUN_RECORD, RUN_RECORD, is_run_record, saved_arguments
 
 METRICS = ("eval_token_accuracy", "eval_exact_match")
@@ -190,6 +191,6 @@ def plot_mean_and_seeds(ax, x, seed_values: list, color: str, label: str) -> lis
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write (110 dpi) and close a figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     _pyplot().close(fig)
     return path

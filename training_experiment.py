@@ -28,6 +28,7 @@ import torch
 from transformers import (EarlyStoppingCallback, PreTrainedTokenizerBase, Trainer, TrainerCallback,
                           TrainingArguments)
 
+from figures import save_png
 from guards import CollapseRollback, restore_checkpoint_in_place
 from training_args import TrainArgs
 from training_checkpoints import load_init_checkpoint, newest_usable_checkpoint
@@ -105,7 +106,7 @@ def plot_learning_curve(log_history: list, path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

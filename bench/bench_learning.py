@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kv_dataset_utils  # noqa: E402
+from figures import save_png  # noqa: E402
 from bench_step import paper_kv_model  # noqa: E402
 from fast_step import CapturedTrainStep, precision_flags  # noqa: E402
 
@@ -281,7 +282,7 @@ def plot(log, stages, target, path):
     ax.legend(loc="lower right")
     ax.set_title(f"GradMem KV time to accuracy ({torch.cuda.get_device_name(0)})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -11,7 +11,12 @@ PREFIX.png (last-stage exact match against wall time); --notes_file adds text ab
 """
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from figures import save_png  # noqa: E402
 
 
 def load(path: str) -> list:
@@ -67,7 +72,7 @@ def plot(runs: list, target: float, path: Path, title: str) -> None:
     ax.legend(loc="lower right", fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -14,7 +14,12 @@ from one of its checkpoints) live in seed_<s>_<variant>/ folders and are listed 
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from figures import save_png  # noqa: E402
 
 
 def cli_args(stage_dir: Path) -> dict:
@@ -128,7 +133,7 @@ def plot(root: Path, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from babi_generator import ROOMS  # noqa: E402
 from babi_utils import parse_babi_lines  # noqa: E402
+from figures import save_png  # noqa: E402
 
 FAMILY_ORDER = ("gradmem", "rmt", "lm")
 FAMILY_LABELS = {"gradmem": "GradMem", "rmt": "RMT", "lm": "full-context LM"}
@@ -167,7 +168,7 @@ def plot_curves(rows: list, path: Path) -> bool:
         ax.legend(fontsize=7, loc="upper left")
     axes[0][0].set_ylabel("valid exact match, generated answers")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
     return True
 
