@@ -14,7 +14,7 @@ Chance level: answering with one of the candidates uniformly at random: 1/N for 
 1/6 for bAbI task 1 (the six rooms). Shortcut level (bAbI task 1, from its test file under --data): answering with
 the last room the story names, whoever went there; a model at this level has not shown that it reads the question.
 curves.png: valid exact match of generated answers against the step, one panel per task, one colour per family
-(seeds thin, their mean thick), chance dashed, shortcut dotted.
+(seeds thin, their mean thick: mean_curve), chance dashed, shortcut dotted.
 """
 import argparse
 import json
@@ -23,6 +23,8 @@ import re
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -134,6 +136,15 @@ def markdown(rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_curve(curves: list) -> list:
+    """The seeds' mean (step, value) curve: each seed interpolated linearly between its own evaluations at every step
+    any seed evaluated, over the steps that every seed covers. Seeds evaluate on different grids (their step caps
+    differ), and a mean of whichever seeds evaluated at a step would zigzag between subsets of seeds."""
+    first, last = max(c[0][0] for c in curves), min(c[-1][0] for c in curves)
+    steps = sorted({s for c in curves for s, _ in c if first <= s <= last})
+    return [(s, statistics.mean(float(np.interp(s, *zip(*c))) for c in curves)) for s in steps]
+
+
 def plot_curves(rows: list, path: Path) -> bool:
     """curves.png; False when no run has an evaluation yet."""
     tasks = sorted({r["task"] for r in rows if r["curve"]})
@@ -149,17 +160,12 @@ def plot_curves(rows: list, path: Path) -> bool:
         families = sorted({r["family"] for r in rows if r["task"] == task},
                           key=lambda f: (FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER), f))
         for i, family in enumerate(families):
-            color, per_step = f"C{i}", {}
-            for r in rows:
-                if r["task"] == task and r["family"] == family and r["curve"]:
-                    steps, values = zip(*r["curve"])
-                    ax.plot(steps, values, color=color, linewidth=0.7, alpha=0.5)
-                    for s, v in r["curve"]:
-                        per_step.setdefault(s, []).append(v)
-            if per_step:
-                steps = sorted(per_step)
-                ax.plot(steps, [statistics.mean(per_step[s]) for s in steps], color=color, linewidth=2,
-                        label=FAMILY_LABELS.get(family, family))
+            color = f"C{i}"
+            curves = [r["curve"] for r in rows if r["task"] == task and r["family"] == family and r["curve"]]
+            for curve in curves:
+                ax.plot(*zip(*curve), color=color, linewidth=0.7, alpha=0.5)
+            if curves:
+                ax.plot(*zip(*mean_curve(curves)), color=color, linewidth=2, label=FAMILY_LABELS.get(family, family))
         first = next(r for r in rows if r["task"] == task)  # the levels are the task's, the same in every row
         for value, style, name in ((first["chance"], "--", "chance"), (first["shortcut"], ":", "shortcut")):
             if not math.isnan(value):

@@ -266,3 +266,15 @@ def test_bAbI_shortcut_is_the_last_room_the_story_names(tmp_path):
     assert lang_sitting_report.shortcut_level("babi_qa1", tmp_path) == 2 / 3
     assert str(lang_sitting_report.shortcut_level("babi_qa1", tmp_path / "missing")) == "nan"  # no test file
     assert str(lang_sitting_report.shortcut_level("phonebook_N4", tmp_path)) == "nan"
+
+
+def test_mean_curve_interpolates_seeds_on_their_own_grids_over_the_steps_all_cover():
+    """Seed a evaluates every 100 steps, seed b every 150 and stops at 300: the mean at step 150 averages a's
+    interpolated 0.15 with b's 0.3, not b alone (the zigzag of a mean over whichever seeds evaluated there), and
+    ends at 300, where the shorter seed ends."""
+    a = [(0, 0.0), (100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)]
+    b = [(0, 0.0), (150, 0.3), (300, 0.6)]
+    mean = lang_sitting_report.mean_curve([a, b])
+    assert [s for s, _ in mean] == [0, 100, 150, 200, 300]
+    assert [round(v, 6) for _, v in mean] == [0.0, 0.15, 0.225, 0.3, 0.45]
+    assert lang_sitting_report.mean_curve([a]) == a
