@@ -83,6 +83,8 @@
 # started with its command, which resumes an unfinished run folder (or continues a finished one to a larger
 # --max_steps). A failed run is reported and its warm-started dependants are skipped; the others go on and the script
 # exits 1 at the end. Finally: collect_results.py --runs RUNS_DIR --out RESULTS_DIR --copy_metrics RESULTS_DIR/runs.
+# Those copied metrics, put into RUNS_DIR on another machine, make its sitting skip the runs they hold; a warm start
+# whose parent came that way (metrics, no checkpoint) is skipped with the fix named: chain N8 -> N16 in one sitting.
 # Balancing cost of a run (an estimate, for the GPU assignment only): steps x (2K+1) for gradmem, x (K+1) for rmt, x 1
 # for llama and mamba.
 set -euo pipefail
@@ -642,6 +644,12 @@ run_job_list() {  # worker position: run its jobs one after the other; status 1 
                 init=$(json_field "${R_DIR[${R_PARENT[$i]}]}/all_results.json" "d.get('best_model_checkpoint') or ''")
                 if [ -z "$init" ]; then
                     echo "[gpu $worker] ${R_ID[$i]}: SKIPPED, ${R_DIR[${R_PARENT[$i]}]} has no best checkpoint to start from"
+                    mark_failed "$i"; continue
+                fi
+                if [ ! -d "$init" ]; then  # the parent's metrics were carried from another machine, its weights not
+                    echo "[gpu $worker] ${R_ID[$i]}: SKIPPED, its warm start $init is not on this machine (the metrics of" \
+                         "${R_ID[${R_PARENT[$i]}]} came from another sitting): delete ${R_DIR[${R_PARENT[$i]}]}/all_results.json" \
+                         "to train it here again in the same sitting"
                     mark_failed "$i"; continue
                 fi
             fi

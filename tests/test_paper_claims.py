@@ -1,14 +1,16 @@
 """scripts/run_paper_claims.sh, the comparison matrix: the DRY_RUN plan (cells, seeds, equal steps per N for every
 family, warm-start chains, lr sweeps, GPU balance), its commands read by the run scripts' own parsers (the recipe of
-each family, the cell in the saved arguments), the selection of one cell, bad settings rejected before any work with
-the variable and the fix named, the two phases of SWEEP_SEEDS (the sweep on its seeds, the lr chosen on valid, never on
+each family, the cell in the saved arguments), the selection of one cell, bad settings rejected before any work with the
+variable and the fix named, the two phases of SWEEP_SEEDS (the sweep on its seeds, the lr chosen on valid, never on
 test, and the other seeds' plan, the lr-choice file; phase-1 results faked on disk, runs stood in for), one tiny cell
 per family trained in this process from the plan's command, and one tiny real execution of the script (warm start, a
-failed run and its skipped dependant, results, a skip on re-run)."""
+failed run and its skipped dependant, results, a skip on re-run, a warm start whose checkpoint is not on the
+machine)."""
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -501,3 +503,15 @@ def test_tiny_real_execution_warm_start_failure_results_and_skip(tmp_path):
     assert again.returncode == 1
     for run in ("N8_gradmem_K1_ilr0.04_s1", "N16_gradmem_K1_ilr0.04_s1"):
         assert f"{run}: done before" in again.stdout
+
+    # Another machine: RUNS_DIR holds only the metrics kept for git; the N16 run is to be made again, but the
+    # checkpoint of its warm start is not there: skipped, naming the fix, instead of a run failing on a missing folder
+    shutil.rmtree(runs)
+    shutil.copytree(results / "runs", runs)
+    (runs / n16.relative_to(runs) / "all_results.json").unlink()
+    elsewhere = run_script(*tiny, check=False, **{**env, "ONLY": "gradmem"})
+    assert elsewhere.returncode == 1
+    assert "N8_gradmem_K1_ilr0.04_s1: done before" in elsewhere.stdout
+    assert (f"N16_gradmem_K1_ilr0.04_s1: SKIPPED, its warm start {n8_results['best_model_checkpoint']} is not on this "
+            "machine") in elsewhere.stdout
+    assert f"delete {n8}/all_results.json" in elsewhere.stdout
