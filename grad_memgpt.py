@@ -94,6 +94,7 @@ from modeling_utils import (
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
+    check_plain_logits,
     cli_names,
     command_line_args,
     get_backbone,
@@ -350,9 +351,7 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
         )
         self.model = self._build_backbone(config, attn)
         lm_config = self.model.config
-        for name in ("final_logit_softcapping", "logit_scale"):
-            if getattr(lm_config, name, None) not in (None, 1.0):
-                raise NotImplementedError(f"backbones with {name} are not supported (logits are computed from hidden states)")
+        check_plain_logits(lm_config)
         lm_config.use_cache = False
         self.pad_token_id = pad_token_id(lm_config)
         # Pass the backbone a ready causal mask instead of letting transformers build one (see _static_causal_mask):

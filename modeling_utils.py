@@ -143,6 +143,15 @@ def max_positions(config: PretrainedConfig) -> Optional[int]:
     return None
 
 
+def check_plain_logits(config: PretrainedConfig) -> None:
+    """The memory models compute logits from hidden states with the LM head alone: refuse a backbone whose forward
+    post-processes its logits (softcapping, a logit scale), which that would silently skip."""
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, name, None) not in (None, 1.0):
+            raise NotImplementedError(
+                f"backbones with {name} are not supported (logits are computed from hidden states)")
+
+
 def pad_token_id(config: PretrainedConfig) -> int:
     """The backbone's pad id (inputs are right-padded with it); eos when no pad id is set (as for GPT-2)."""
     for name in ("pad_token_id", "eos_token_id"):

@@ -52,6 +52,7 @@ from modeling_utils import (
     MemoryModelOutput,
     base_config_to_dict,
     build_causal_lm,
+    check_plain_logits,
     command_line_args,
     get_backbone,
     hidden_size,
@@ -179,9 +180,7 @@ class RMT2Segm(LoadsFully, PreTrainedModel):
             raise ValueError("RMT2SegmConfig needs exactly one of pretrained_model and base_config")
         self.model = self._build_backbone(config)
         lm_config = self.model.config
-        for name in ("final_logit_softcapping", "logit_scale"):
-            if getattr(lm_config, name, None) not in (None, 1.0):
-                raise NotImplementedError(f"backbones with {name} are not supported (logits are computed from hidden states)")
+        check_plain_logits(lm_config)
         lm_config.use_cache = False
         self.pad_token_id = pad_token_id(lm_config)
         d = hidden_size(self.model.config)

@@ -512,6 +512,14 @@ def test_invalid_options_fail_loudly(options, message):
         GradMemGPTConfig(**options)
 
 
+@pytest.mark.parametrize("name", ["final_logit_softcapping", "logit_scale"])
+def test_a_backbone_that_post_processes_its_logits_is_refused(name):
+    """The memory models take logits from the LM head alone; a softcap or logit scale would be skipped silently."""
+    with pytest.raises(NotImplementedError, match=name):
+        tiny_model(backbone_overrides={name: 30.0})
+    tiny_model(backbone_overrides={name: None})
+
+
 def test_a_write_lora_that_would_train_nothing_loads_but_is_refused_for_training():
     """The reference's scripts default to grad_mode none, so some of its write-LoRA checkpoints have configs whose
     adapters training cannot reach: such a model builds (to load and evaluate); the run scripts refuse to train it."""

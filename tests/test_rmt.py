@@ -321,6 +321,10 @@ def test_bad_options_fail_loudly():
         RMT2Segm(RMT2SegmConfig())
     with pytest.raises(ValueError, match="unknown attn_implementation"):
         make_model(attn_implementation="flash_attn_typo")
+    softcapped = llama_config()
+    softcapped.final_logit_softcapping = 30.0  # logits come from the LM head alone: a softcap would be skipped
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        make_model(base=softcapped)
 
 
 def test_every_option_is_declared_once_and_the_config_and_the_command_line_agree():
