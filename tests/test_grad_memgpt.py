@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, GPT2Config, LlamaConfig, MistralConfig
 
-import grad_memgpt
 from grad_memgpt import GradMemGPT, GradMemGPTConfig, check_right_padding
 from modeling_utils import get_backbone
 
