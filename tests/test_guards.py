@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from fast_step import CapturedTrainStep
-from guards import CollapseRollback, GradNormSpikeGuard, restore_checkpoint_in_place
+from guards import CollapseRollback, GradNormSpikeGuard
 from test_fast_step import adamw, batch, params_of, tiny_model
 from training_loop import NonFiniteStepSkippingAdamW
 

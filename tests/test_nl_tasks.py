@@ -1,6 +1,5 @@
 """Natural-language tasks end to end on CPU: a tiny GPT-2 with a BPE tokenizer trained here (nothing downloaded)."""
 import json
-import os
 from pathlib import Path
 
 import pytest
