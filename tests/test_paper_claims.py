@@ -318,7 +318,7 @@ TWO_PHASE = dict(SWEEP_SEEDS="1", ONLY="gradmem rmt llama", K="2", NS="8 16", GP
 
 def fake_phase1_results(tmp_path):
     """The run folders of the phase-1 plan (named by the run scripts' parsers) with a run record and, as PHASE1 says,
-    an all_results.json; llama's (one lr, seeds 1-3) too. Returns the settings of the script."""
+    an all_results.json and the checkpoint it selected; llama's (one lr, seeds 1-3) too. Returns the script's settings."""
     env = dict(TWO_PHASE, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(tmp_path / "results"),
                DATA_DIR=str(tmp_path / "data"))
     rows, _, commands = parse_plan(run_script(DRY_RUN="1", **env).stdout)
@@ -329,7 +329,8 @@ def fake_phase1_results(tmp_path):
         result = PHASE1.get((sweep, r["n"]), {}).get(lr, (0.3, 0.3))
         folder.mkdir(parents=True)
         (folder / "run_config.json").write_text(json.dumps({"cli_args": saved}))
-        if result is not None:
+        if result is not None:  # a finished run, with its selected checkpoint (an empty folder) on the machine
+            (folder / "checkpoint-1").mkdir()
             (folder / "all_results.json").write_text(json.dumps(
                 {"eval_exact_match": result[0], "test_generated_exact_match": result[1], "global_step": r["steps"],
                  "best_model_checkpoint": str(folder / "checkpoint-1")}))
