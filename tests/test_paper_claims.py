@@ -318,7 +318,8 @@ TWO_PHASE = dict(SWEEP_SEEDS="1", ONLY="gradmem rmt llama", K="2", NS="8 16", GP
 
 def fake_phase1_results(tmp_path):
     """The run folders of the phase-1 plan (named by the run scripts' parsers) with a run record and, as PHASE1 says,
-    an all_results.json and the checkpoint it selected; llama's (one lr, seeds 1-3) too. Returns the script's settings."""
+    an all_results.json and the checkpoint it selected; llama's (one lr, seeds 1-3) too. Returns the script's
+    settings."""
     env = dict(TWO_PHASE, RUNS_DIR=str(tmp_path / "runs"), RESULTS_DIR=str(tmp_path / "results"),
                DATA_DIR=str(tmp_path / "data"))
     rows, _, commands = parse_plan(run_script(DRY_RUN="1", **env).stdout)
