@@ -13,6 +13,9 @@
 #            warmup RMT_WARMUP (the original RMT recipe: lr 1e-4, warmup 2000).
 #   llama    the full-context Llama (run_gpt2_on_kv_retrieval.py), 1024 positions, plain RoPE: reads the whole context
 #            (no memory, no K). Lr LLAMA_LRS, AdamW beta2 LLAMA_BETA2 (the full-context reference recipe's 5e-5, 0.98).
+#            The upper bound, trained until its valid exact match stops improving: up to LLAMA_STEPS_FACTOR times the
+#            step budget, stopped after LLAMA_PATIENCE evaluations without a better one (LLAMA_STEPS_FACTOR=1
+#            LLAMA_PATIENCE=0: the same budget as every other family).
 #   mamba    the full-context Mamba (run_gpt2_on_kv_retrieval.py --base_model mamba; training_backbone's local
 #            config, no K). Lr MAMBA_LRS (3e-4, what scripts/run_gpt_on_kv_retrieval.sh gives for Mamba).
 # A cell is (family, K, swept lr, N); each cell runs once per seed in SEEDS.
@@ -33,14 +36,15 @@
 # Runs, phase 1 + phase 2 (DRY_RUN counts, default sweeps, SWEEP_SEEDS=1): NS=8 24 + 12 instead of 60; NS="8 16"
 # 48 + 24 (up to 36 where N16 chooses another lr than N8) instead of 120; all four N 96 + 48 (up to 84) instead of 240.
 #
-# Every run: batch 64, clip 1.0, AdamW, lr constant after its family's warmup (INIT_WARMUP steps when warm-started,
-# for every family), exactly STEPS_N<n> optimizer steps (no wall-clock budget, no early stopping, no stop at a metric
-# value), evaluation every EVAL_STEPS steps on MAX_EVAL_SAMPLES valid samples with the best checkpoint selected on
-# valid exact match, the trainer's guards as they default (spike skipping, collapse rollback). After training every
-# run evaluates the selected checkpoint and, where it differs, the final one on valid and on the TEST split (N_TEST
-# samples of their own random stream), teacher-forced and with generated answers: all_results.json holds
-# test_generated_exact_match and final_test_generated_exact_match for every family. Runs at N16 (N32) warm-start
-# (--init_checkpoint) from the selected checkpoint of the same cell and seed at N8 (N16); N4 and N8 start from scratch.
+# Every run: batch 64, clip 1.0, AdamW, lr constant after its family's warmup (INIT_WARMUP steps when warm-started, for
+# every family), exactly STEPS_N<n> optimizer steps (no wall-clock budget, no early stopping, no stop at a metric value;
+# llama: the upper bound's budget above), evaluation every EVAL_STEPS steps on MAX_EVAL_SAMPLES valid samples with the
+# best checkpoint selected on valid exact match, the trainer's guards as they default (spike skipping, collapse
+# rollback). After training every run evaluates the selected checkpoint and, where it differs, the final one on valid
+# and on the TEST split (N_TEST samples of their own random stream), teacher-forced and with generated answers:
+# all_results.json holds test_generated_exact_match and final_test_generated_exact_match for every family. Runs at N16
+# (N32) warm-start (--init_checkpoint) from the selected checkpoint of the same cell and seed at N8 (N16); N4 and N8
+# start from scratch.
 #
 #   DRY_RUN=1 GPUS="0 1 2 3" bash scripts/run_paper_claims.sh   # the plan and every command; runs nothing
 #   GPUS="0 1 2 3" PRECISION=tf32 bash scripts/run_paper_claims.sh              # the whole matrix
@@ -60,6 +64,8 @@
 # Budgets, the same for every family:
 #   STEPS_N4 [5000]  STEPS_N8 [10000]  STEPS_N16 [20000]  STEPS_N32 [40000]   optimizer steps of each run at that N
 #   INIT_WARMUP [100]  warmup steps of every warm-started run
+#   but the full-context Llama's (the upper bound): LLAMA_STEPS_FACTOR [3] x those steps at most, LLAMA_PATIENCE [5]
+#   evaluations without a better valid exact match end it (0: never)
 # Each family's recipe:
 #   GRADMEM_LR [1e-3]  GRADMEM_WARMUP [300]  GRADMEM_BETA2 [0.999]
 #   GRADMEM_ILRS_K1 ["0.04 0.08 0.16"]  GRADMEM_ILRS_K2 ["0.02 0.04 0.08"]  GRADMEM_ILRS_K5 ["0.02 0.04 0.08"]
@@ -136,6 +142,8 @@ RMT_REC_WEIGHT=${RMT_REC_WEIGHT:-0.5}
 LLAMA_LRS=${LLAMA_LRS:-5e-5}
 LLAMA_WARMUP=${LLAMA_WARMUP:-2000}
 LLAMA_BETA2=${LLAMA_BETA2:-0.98}
+LLAMA_STEPS_FACTOR=${LLAMA_STEPS_FACTOR:-3}
+LLAMA_PATIENCE=${LLAMA_PATIENCE:-5}
 MAMBA_LRS=${MAMBA_LRS:-3e-4}
 MAMBA_WARMUP=${MAMBA_WARMUP:-2000}
 MAMBA_BETA2=${MAMBA_BETA2:-0.999}
@@ -240,9 +248,11 @@ for name in RMT_LRS LLAMA_LRS MAMBA_LRS; do
     family=${name%_LRS}; family=${family,,}
     if [ -z "$LRS" ] && has_word "$ONLY" "$family"; then check_lr_list "$name" "learning rates of $family"; fi
 done
-for name in STEPS_N4 STEPS_N8 STEPS_N16 STEPS_N32 EVAL_STEPS MAX_EVAL_SAMPLES N_VALID N_TEST; do
+for name in STEPS_N4 STEPS_N8 STEPS_N16 STEPS_N32 EVAL_STEPS MAX_EVAL_SAMPLES N_VALID N_TEST LLAMA_STEPS_FACTOR; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || fail "$name=${!name} must be a positive integer"
 done
+[[ "$LLAMA_PATIENCE" =~ ^[0-9]+$ ]] \
+    || fail "LLAMA_PATIENCE=$LLAMA_PATIENCE must be a number of evaluations (an integer >= 0; 0: no early stop)"
 for name in INIT_WARMUP GRADMEM_WARMUP RMT_WARMUP LLAMA_WARMUP MAMBA_WARMUP; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || fail "$name=${!name} must be a number of steps (an integer >= 0)"
 done
@@ -296,6 +306,10 @@ reset_plan() {
 }
 
 steps_of() { local name="STEPS_N$1"; echo "${!name}"; }
+cell_steps() {  # cell number, N -> the --max_steps of its runs at that N (llama, the upper bound: LLAMA_STEPS_FACTOR x)
+    if [ "${C_FAMILY[$1]}" = llama ]; then echo $(( $(steps_of "$2") * LLAMA_STEPS_FACTOR )); else steps_of "$2"; fi
+}
+run_steps() { cell_steps "${R_CELL[$1]}" "${R_N[$1]}"; }  # run number -> its --max_steps
 cost_factor() {  # cell number -> relative cost of one step (balancing only)
     case "${C_FAMILY[$1]}" in
         gradmem) echo $(( 2 * C_K[$1] + 1 )) ;;
@@ -311,7 +325,7 @@ add_run() {  # cell n seed parent -> appends a run, its number in LAST_RUN
 
 add_job() {  # run numbers of one job
     local cost=0 i
-    for i in "$@"; do cost=$(( cost + $(steps_of "${R_N[$i]}") * $(cost_factor "${R_CELL[$i]}") )); done
+    for i in "$@"; do cost=$(( cost + $(run_steps "$i") * $(cost_factor "${R_CELL[$i]}") )); done
     J_RUNS+=("$*"); J_COST+=("$cost")
 }
 
@@ -375,7 +389,7 @@ assign_gpus() {  # the costliest job first onto the GPU with the least summed co
 data_path() { echo "$DATA_DIR/N$1-K2V2-V62_$DATA_SIZE"; }
 
 run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
-    local i=$1 init=$2 c=${R_CELL[$1]} warmup beta2 lr
+    local i=$1 init=$2 c=${R_CELL[$1]} warmup beta2 lr patience=0
     local k=${C_K[$c]}
     case "${C_FAMILY[$c]}" in
         gradmem) CMD=(run_gradmemgpt_on_kv_retrieval.py --preset paper_kv --attn_implementation auto --K "$k"
@@ -386,7 +400,7 @@ run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
                   --attn_implementation sdpa)
              lr=${C_LR[$c]}; warmup=$RMT_WARMUP; beta2=$RMT_BETA2 ;;
         llama) CMD=(run_gpt2_on_kv_retrieval.py --base_model llama --max_position_embeddings 1024)
-               lr=${C_LR[$c]}; warmup=$LLAMA_WARMUP; beta2=$LLAMA_BETA2 ;;
+               lr=${C_LR[$c]}; warmup=$LLAMA_WARMUP; beta2=$LLAMA_BETA2; patience=$LLAMA_PATIENCE ;;
         mamba) CMD=(run_gpt2_on_kv_retrieval.py --base_model mamba)
                lr=${C_LR[$c]}; warmup=$MAMBA_WARMUP; beta2=$MAMBA_BETA2 ;;
         *) fail "internal: unknown family ${C_FAMILY[$c]}" ;;
@@ -396,9 +410,10 @@ run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
     CMD+=(--data_path "$(data_path "${R_N[$i]}")" --runs_dir "$RUNS_DIR"
           --n_layer 4 --n_head 4 --n_embd 128 --tokenizer_path ./tokenizers/kv_alphabet_62/
           --per_device_batch_size 64 --learning_rate "$lr" --adam_beta2 "$beta2"
-          --lr_scheduler_type constant_with_warmup --warmup_steps "$warmup" --max_steps "$(steps_of "${R_N[$i]}")"
+          --lr_scheduler_type constant_with_warmup --warmup_steps "$warmup" --max_steps "$(run_steps "$i")"
           --max_grad_norm 1.0 --eval_steps "$EVAL_STEPS" --logging_steps "$EVAL_STEPS"
-          --max_eval_samples "$MAX_EVAL_SAMPLES" --metric_for_best_model exact_match --early_stopping_patience 0
+          --max_eval_samples "$MAX_EVAL_SAMPLES" --metric_for_best_model exact_match
+          --early_stopping_patience "$patience"
           --stop_metric_value None --seed $(( 142 + R_SEED[i] )) "${PRECISION_ARGS[@]}")
     if [ -n "$init" ]; then CMD+=(--init_checkpoint "$init"); fi
     CMD+=("${EXTRA_ARGS[@]}")
@@ -413,7 +428,8 @@ print_plan() {  # title, what the runs are
     echo "$1: ${#R_ID[@]} runs ($2) in ${#J_RUNS[@]} jobs on" \
          "${#GPU_LIST[@]} GPU(s) x $WORKERS_PER_GPU worker(s); optimizer steps per run, every family:" \
          "N4 $STEPS_N4, N8 $STEPS_N8, N16 $STEPS_N16," \
-         "N32 $STEPS_N32; precision $PRECISION"
+         "N32 $STEPS_N32 (llama: up to x$LLAMA_STEPS_FACTOR, early stop after $LLAMA_PATIENCE evaluations" \
+         "without a better valid exact match; 0: none); precision $PRECISION"
     printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' gpu order N cell seed steps "init from"
     for g in "${!WORKER_GPU[@]}"; do
         order=0
@@ -423,7 +439,7 @@ print_plan() {  # title, what the runs are
                 init=-
                 if (( R_PARENT[i] >= 0 )); then init="best checkpoint of ${R_ID[${R_PARENT[$i]}]}"; fi
                 printf '%-5s %-5s %-4s %-28s %-5s %-7s %s\n' "${WORKER_NAME[g]}" "$order" "${R_N[$i]}" \
-                    "${C_NAME[${R_CELL[$i]}]}" "${R_SEED[$i]}" "$(steps_of "${R_N[$i]}")" "$init"
+                    "${C_NAME[${R_CELL[$i]}]}" "${R_SEED[$i]}" "$(run_steps "$i")" "$init"
             done
         done
     done
@@ -477,7 +493,7 @@ describe_phase2() {  # what phase 2 runs, before its lrs are chosen
         sweep=${C_SWEEP[$c]}
         if ! is_swept "$c" || [ -n "${counted[$sweep]:-}" ]; then continue; fi
         counted[$sweep]=1
-        for n in $NS; do cost=$(( cost + ${#seeds[@]} * $(steps_of "$n") * $(cost_factor "$c") )); done
+        for n in $NS; do cost=$(( cost + ${#seeds[@]} * $(cell_steps "$c" "$n") * $(cost_factor "$c") )); done
     done
     echo "plan, phase 2 of 2 (after phase 1): for each (family, K, N) of the $N_SWEEPS sweeps, the lr with the best" \
          "valid exact match in phase 1 (the selected checkpoint's eval_exact_match in all_results.json, the mean over" \

@@ -44,6 +44,11 @@ PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, 
            "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name, None),
            "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
 STEPS = {4: 5000, 8: 10000, 16: 20000, 32: 40000}
+LLAMA_STEPS_FACTOR, LLAMA_PATIENCE = 3, 5  # the full-context upper bound: trained until valid stops improving
+
+
+def planned_steps(cell: str, n: int) -> int:
+    return STEPS[n] * (LLAMA_STEPS_FACTOR if cell.startswith("llama") else 1)
 SWEEPS = {("gradmem", 1): "0.04 0.08 0.16", ("gradmem", 2): "0.02 0.04 0.08", ("gradmem", 5): "0.02 0.04 0.08",
           **{("rmt", k): "1e-4 3e-4 1e-3" for k in (1, 2, 5)}, ("llama", None): "5e-5", ("mamba", None): "3e-4"}
 # the default cells as the plan names them: family[_K<k>]_{ilr,lr}<lr as written>
@@ -116,7 +121,7 @@ def test_dry_run_plan_cells_seeds_equal_steps_and_chains(tmp_path):
 
     by_id = {run_id(r): r for r in rows}
     for r in rows:
-        assert r["steps"] == STEPS[r["n"]]  # the same step budget for every family at each N
+        assert r["steps"] == planned_steps(r["cell"], r["n"])  # one budget per N; the upper bound's is larger
         if r["n"] in (16, 32):  # warm start from the same cell and seed at the N before, just before it on its GPU
             parent = by_id[r["init"]]
             assert (parent["n"], parent["cell"], parent["seed"]) == (r["n"] // 2, r["cell"], r["seed"])
@@ -154,9 +159,11 @@ def test_dry_run_commands_recipes_and_saved_cells():
         (train, backbone, model, data), folder, saved = parse_command(argv)
         family = r["cell"].split("_")[0]
         # shared by every family
-        assert (train.per_device_batch_size, train.max_grad_norm, train.max_steps) == (64, 1.0, STEPS[r["n"]])
+        assert (train.per_device_batch_size, train.max_grad_norm, train.max_steps) == (
+            64, 1.0, planned_steps(r["cell"], r["n"]))
         assert (train.eval_steps, train.logging_steps, train.max_eval_samples) == (500, 500, 1000)
-        assert (train.metric_for_best_model, train.early_stopping_patience) == ("exact_match", 0)
+        assert (train.metric_for_best_model, train.early_stopping_patience) == (
+            "exact_match", LLAMA_PATIENCE if family == "llama" else 0)  # the upper bound stops when valid does not rise
         assert train.stop_metric_value is None and train.max_train_minutes is None  # steps only, no wall clock
         assert train.lr_scheduler_type == "constant_with_warmup" and train.seed == 142 + r["seed"]
         assert train.fp32 and train.tf32 and train.collapse_ratio == 0.5 and train.spike_factor == 10.0
@@ -192,6 +199,20 @@ def test_dry_run_commands_recipes_and_saved_cells():
     assert sweeps == {key: {float(lr) for lr in lrs.split()} for key, lrs in SWEEPS.items()}
 
 
+def test_the_upper_bounds_budget_is_set_apart_from_the_others():
+    out = run_script(DRY_RUN="1", ONLY="llama rmt", K="1", LRS="1e-4", NS="8", SEEDS="1", LLAMA_STEPS_FACTOR="1",
+                     LLAMA_PATIENCE="0").stdout
+    rows, _, commands = parse_plan(out)
+    for r in rows:  # LLAMA_STEPS_FACTOR=1 LLAMA_PATIENCE=0: the same budget as every family
+        (train, _, _, _), _, _ = parse_command(commands[run_id(r)])
+        assert (r["steps"], train.max_steps, train.early_stopping_patience) == (10000, 10000, 0)
+    out = run_script(DRY_RUN="1", ONLY="llama", NS="8", SEEDS="1", LLAMA_STEPS_FACTOR="2", LLAMA_PATIENCE="7").stdout
+    (row,), _, commands = parse_plan(out)
+    (train, _, _, _), _, _ = parse_command(commands[run_id(row)])
+    assert (row["steps"], train.max_steps, train.early_stopping_patience) == (20000, 20000, 7)
+    assert "llama: up to x2, early stop after 7 evaluations without a better valid exact match" in out
+
+
 def test_selection_of_cells():
     rows, _, commands = parse_plan(run_script(DRY_RUN="1", ONLY="rmt", K="2", LRS="3e-4", NS="8", SEEDS="1").stdout)
     assert [run_id(r) for r in rows] == ["N8_rmt_K2_lr3e-4_s1"]
@@ -202,7 +223,8 @@ def test_selection_of_cells():
                                        LLAMA_LRS="1e-4 5e-5").stdout)
     assert sorted(run_id(r) for r in rows) == sorted(f"N{n}_{c}_s2" for n in (8, 16) for c in (
         "llama_lr1e-4", "llama_lr5e-5", "mamba_lr3e-4"))
-    assert {r["steps"] for r in rows if r["n"] == 8} == {7}
+    assert {(r["cell"][:5], r["steps"]) for r in rows if r["n"] == 8} == {
+        ("mamba", 7), ("llama", 7 * LLAMA_STEPS_FACTOR)}
 
     rows, _, commands = parse_plan(run_script(DRY_RUN="1", ONLY="gradmem", K="3", GRADMEM_ILRS_K3="0.05", NS="4",
                                               SEEDS="1", GRADMEM_LR="5e-4").stdout)
@@ -228,6 +250,9 @@ def test_selection_of_cells():
     (dict(STEPS_N8="0"), "STEPS_N8=0 must be a positive integer"),
     (dict(STEPS_N16="2e4"), "STEPS_N16=2e4 must be a positive integer"),
     (dict(INIT_WARMUP="-1"), "INIT_WARMUP=-1 must be a number of steps"),
+    (dict(LLAMA_STEPS_FACTOR="1.5"), "LLAMA_STEPS_FACTOR=1.5 must be a positive integer"),
+    (dict(LLAMA_PATIENCE="-1"), "LLAMA_PATIENCE=-1 must be a number of evaluations (an integer >= 0; 0: no early "
+                                "stop)"),
     (dict(LLAMA_BETA2="1"), "LLAMA_BETA2=1 must be an AdamW beta2 in [0, 1)"),
     (dict(RMT_REC_WEIGHT="0"), "RMT_REC_WEIGHT=0 must be a positive number"),
     (dict(SEEDS="1 x"), "'x' is not a number"),
