@@ -11,7 +11,8 @@ What makes the step capturable (and what it changes):
   A new shape gets a graph of its own (up to `max_graphs`, then the step runs eagerly, with one log line). KV data
   of one N has one context length, so with the collator's padding to a multiple of 8 every batch has one shape.
 - No host synchronisation in the step: the model gets its causal mask as a ready 4D tensor
-  (`GradMemGPT.use_static_causal_mask`, same function as the mask transformers builds); model stats are tensors.
+  (`use_static_causal_mask` of modeling_utils.StaticCausalMask, same function as the mask transformers builds);
+  model stats are tensors. Models: GradMemGPT and RMT2Segm (each says with captured_step_problem() when it cannot).
 - Optimiser: the trainer's torch AdamW (or subclass), run with `capturable=True` (step counters on the GPU) and its
   learning rate held in a GPU tensor per param group. The scheduler's new value is copied into that tensor before
   every replay, so schedules work unchanged; the optimiser's state_dict keeps torch's AdamW format.
@@ -120,7 +121,7 @@ def fast_path_problem(model: torch.nn.Module, optimizer=None, *, gradient_accumu
 def _step_problem(model, optimizer, gradient_accumulation_steps: int = 1, world_size: int = 1) -> Optional[str]:
     """Why CapturedTrainStep's code (captured or eager) cannot run this training setup, on any device."""
     model_problem = getattr(model, "captured_step_problem", None)
-    if model_problem is None:  # the model's hook: a memory model that knows its step can be recorded (GradMemGPT)
+    if model_problem is None:  # the hook of a memory model whose step can be recorded (GradMemGPT, RMT2Segm)
         return f"captured steps are implemented for models with captured_step_problem(), not {type(model).__name__}"
     problem = model_problem()
     if problem is not None:
@@ -146,7 +147,7 @@ class CapturedTrainStep:
     graph per input shape (`use_cuda_graph=True`, CUDA only) or run eagerly with the same sync-free code (False; on
     the CPU, where AdamW cannot be capturable, the optimiser keeps its plain settings).
 
-    model:          a memory model with the captured_step_problem() hook (GradMemGPT) on CUDA, in train mode.
+    model:          a memory model with the captured_step_problem() hook (GradMemGPT, RMT2Segm) on CUDA, in train mode.
     optimizer:      torch.optim.AdamW (or subclass) over the model's trainable parameters; switched to capturable
                     with GPU learning-rate tensors (its state_dict format is unchanged).
     max_grad_norm:  clip the global L2 norm of the gradients to this (<= 0: no clipping).

@@ -92,12 +92,12 @@ import write_recompute
 from modeling_utils import (
     LoadsFully,
     MemoryModelOutput,
+    StaticCausalMask,
     base_config_to_dict,
     build_causal_lm,
     check_plain_logits,
     cli_names,
     command_line_args,
-    get_backbone,
     hidden_size,
     option,
     pad_token_id,
@@ -326,7 +326,7 @@ def check_right_padding(tokenizer) -> None:
         )
 
 
-class GradMemGPT(LoadsFully, PreTrainedModel):
+class GradMemGPT(LoadsFully, StaticCausalMask, PreTrainedModel):
     config_class = GradMemGPTConfig
     base_model_prefix = "grad_memgpt"
     main_input_name = "context_input_ids"
@@ -354,10 +354,6 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
         check_plain_logits(lm_config)
         lm_config.use_cache = False
         self.pad_token_id = pad_token_id(lm_config)
-        # Pass the backbone a ready causal mask instead of letting transformers build one (see _static_causal_mask):
-        # the same function, without host synchronisation. Off by default; fast_step turns it on for CUDA graphs.
-        self.use_static_causal_mask = False
-        self._causal_mask_cache = {}  # (length, device, dtype, attention) -> mask; WRITE and READ lengths differ
 
         d = hidden_size(lm_config)
         vocab_size = self.model.get_output_embeddings().weight.shape[0]
@@ -555,43 +551,6 @@ class GradMemGPT(LoadsFully, PreTrainedModel):
 
     # ----------------------------------------------------------------------------------------------------------------
     # building blocks
-
-    def _decoder_hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of the backbone's decoder stack: [B, T, d] -> [B, T, d]."""
-        kwargs = {}
-        if self.use_static_causal_mask:
-            kwargs["attention_mask"] = self._static_causal_mask(inputs_embeds)
-        return get_backbone(self.model)(inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
-
-    def _static_causal_mask(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """The causal mask [1, 1, T, T] as a ready 4D mask (cached per length, device, dtype and attention).
-
-        transformers returns a 4D mask as it is, which skips its mask construction: that construction checks the
-        position ids for packed sequences with a host synchronisation on every call, which a CUDA graph cannot
-        capture. The mask is what the attention implementation's own mask builder would make for this
-        right-padded causal batch: additive float (0 / dtype min) for "eager", bool (True = attend) for the
-        implementations built on transformers' sdpa mask (sdpa, exact_eager, fused_double_bwd, ...).
-        """
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
-
-        T, device, dtype = inputs_embeds.shape[1], inputs_embeds.device, inputs_embeds.dtype
-        key = (T, device, dtype, self.model.config._attn_implementation)
-        if key in self._causal_mask_cache:
-            return self._causal_mask_cache[key]
-        attn = self.model.config._attn_implementation
-        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(attn) if attn in ALL_MASK_ATTENTION_FUNCTIONS else None
-        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, T, T]
-        if builder is eager_mask:
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        elif builder is sdpa_mask:
-            mask = allowed
-        else:
-            raise ValueError(
-                f"use_static_causal_mask: attn_implementation {attn!r} does not take a 4D causal mask built like "
-                "transformers' eager or sdpa masks; use eager, exact_eager or fused_double_bwd"
-            )
-        self._causal_mask_cache[key] = mask
-        return mask
 
     def _layout(self, start, memory, end, token_embeds):
         """[start (C)] [memory (M)] [end (C)] [tokens (T)] -> [B, M + 2C + T, d]."""

@@ -178,6 +178,52 @@ def safetensors_files(folder: Path) -> list:
     return [folder / name for name in shards]
 
 
+class StaticCausalMask:
+    """Mixin for a memory model whose backbone (`self.model`) runs causal, right-padded sequences: `_decoder_hidden`
+    gives the backbone's final hidden states, with `use_static_causal_mask = True` (set by fast_step for CUDA graphs)
+    passing a ready 4D causal mask instead of letting transformers build one.
+
+    transformers returns a 4D mask as it is, which skips its mask construction: that construction checks the position
+    ids for packed sequences with a host synchronisation on every call, which a CUDA graph cannot capture. The mask is
+    what the attention implementation's own mask builder would make for a right-padded causal batch: additive float
+    (0 / dtype min) for "eager", bool (True = attend) for the implementations built on transformers' sdpa mask (sdpa,
+    exact_eager, fused_double_bwd, ...). Masks are cached per length, device, dtype and attention.
+    """
+
+    use_static_causal_mask = False
+
+    def _decoder_hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the backbone's decoder stack: [B, T, d] -> [B, T, d]."""
+        kwargs = {}
+        if self.use_static_causal_mask:
+            kwargs["attention_mask"] = self._static_causal_mask(inputs_embeds)
+        return get_backbone(self.model)(inputs_embeds=inputs_embeds, use_cache=False, **kwargs).last_hidden_state
+
+    def _static_causal_mask(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """The causal mask [1, 1, T, T] for this attention implementation (see the class docstring)."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+        cache = self.__dict__.setdefault("_causal_mask_cache", {})  # WRITE and READ lengths differ
+        T, device, dtype = inputs_embeds.shape[1], inputs_embeds.device, inputs_embeds.dtype
+        attn = self.model.config._attn_implementation
+        key = (T, device, dtype, attn)
+        if key in cache:
+            return cache[key]
+        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(attn) if attn in ALL_MASK_ATTENTION_FUNCTIONS else None
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, T, T]
+        if builder is eager_mask:
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        elif builder is sdpa_mask:
+            mask = allowed
+        else:
+            raise ValueError(
+                f"use_static_causal_mask: attn_implementation {attn!r} does not take a 4D causal mask built like "
+                "transformers' eager or sdpa masks; use eager, sdpa, exact_eager or fused_double_bwd"
+            )
+        cache[key] = mask
+        return mask
+
+
 class LoadsFully:
     """Mixin for a memory model (before PreTrainedModel in the bases): `from_pretrained` refuses a checkpoint that
     leaves a model tensor unloaded or holds tensors the model lacks (transformers would only log them and leave

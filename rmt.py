@@ -50,11 +50,11 @@ from attn_double_bwd import resolve_attn_implementation
 from modeling_utils import (
     LoadsFully,
     MemoryModelOutput,
+    StaticCausalMask,
     base_config_to_dict,
     build_causal_lm,
     check_plain_logits,
     command_line_args,
-    get_backbone,
     hidden_size,
     option,
     pad_token_id,
@@ -165,7 +165,7 @@ class RMT2SegmConfig(PretrainedConfig):
         return RMTOptions(**{name: getattr(self, name) for name in OPTION_NAMES})
 
 
-class RMT2Segm(LoadsFully, PreTrainedModel):
+class RMT2Segm(LoadsFully, StaticCausalMask, PreTrainedModel):
     config_class = RMT2SegmConfig
     base_model_prefix = "rmt"
     main_input_name = "context_input_ids"
@@ -256,6 +256,14 @@ class RMT2Segm(LoadsFully, PreTrainedModel):
         flag = getattr(type(self.model), "is_activation_checkpointing", None)  # transformers >= 5.2x
         return self.model.is_activation_checkpointing if flag is not None else self.model.is_gradient_checkpointing
 
+    def captured_step_problem(self) -> Optional[str]:
+        """Why fast_step.CapturedTrainStep cannot record this model's training step (None: it can). The step has no
+        host synchronisation (the write-out permutation and the losses are tensor ops; the causal mask is static
+        under the captured step)."""
+        if self.config.use_gradient_checkpointing:
+            return "gradient checkpointing is on (recomputation is not captured)"
+        return None
+
     # ----------------------------------------------------------------------------------------------- pieces
 
     @property
@@ -315,8 +323,6 @@ class RMT2Segm(LoadsFully, PreTrainedModel):
         cfg = self.config
         B, S = context_input_ids.shape
         M, C, P = cfg.n_mem_tokens, cfg.n_ctrl_tokens, self.n_prefix
-        backbone = get_backbone(self.model)
-
         real = context_input_ids != self.pad_token_id  # [B, S]
         context_lengths = real.sum(1)  # [B]
         context_embeds = self._embed(context_input_ids)  # [B, S, d]
@@ -335,12 +341,12 @@ class RMT2Segm(LoadsFully, PreTrainedModel):
             prefix = self._around(self._ctrl("write_st"), memory_in, self._ctrl("write_end"))  # [B, P, d]
             if k == cfg.K:
                 # the extra pass only scores how well memory_K reconstructs the context: no write-out slots needed
-                hidden = backbone(inputs_embeds=torch.cat([prefix, context_embeds], 1), use_cache=False)
-                rec_losses.append(self._rec_loss(hidden.last_hidden_state, context_input_ids, real))
+                hidden = self._decoder_hidden(torch.cat([prefix, context_embeds], 1))
+                rec_losses.append(self._rec_loss(hidden, context_input_ids, real))
                 break
             write_out = self._around(self._ctrl("write_st"), memory_in, None)  # [B, C + M, d]
             inputs = torch.cat([prefix, context_embeds, write_out], 1).gather(1, permutation)  # [B, P+S+C+M, d]
-            hidden = backbone(inputs_embeds=inputs, use_cache=False).last_hidden_state
+            hidden = self._decoder_hidden(inputs)
             if cfg.use_reconstruction_loss and k > 0:  # memory_0 is the learned init: nothing to reconstruct yet
                 rec_losses.append(self._rec_loss(hidden, context_input_ids, real))
             new_memory = hidden.gather(1, write_out_positions)  # [B, M, d]
@@ -367,7 +373,7 @@ class RMT2Segm(LoadsFully, PreTrainedModel):
         memory_in = self.read_mem_proj(memory) if self.read_mem_proj is not None else memory
         prefix = self._around(self._ctrl("read_st"), memory_in, self._ctrl("read_end"))  # [B, P, d]
         inputs = torch.cat([prefix, self._embed(query_input_ids)], 1)  # [B, P + Q, d]
-        hidden = get_backbone(self.model)(inputs_embeds=inputs, use_cache=False).last_hidden_state
+        hidden = self._decoder_hidden(inputs)
         return self.model.get_output_embeddings()(hidden[:, P - 1 : P - 1 + Q])  # [B, Q, V]
 
     def forward(

@@ -9,6 +9,7 @@ from transformers import LlamaConfig
 import fast_step
 from fast_step import CapturedTrainStep, fast_path_problem
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
+from rmt import RMT2Segm, RMT2SegmConfig
 
 VOCAB, PAD = 20, 0
 
@@ -23,6 +24,18 @@ def tiny_model(attn="eager", dtype=torch.float64, seed=0, width=32, **options):
                     add_inner_loss_to_outer=True, inner_loss_weight=0.5, attn_implementation=attn)
     defaults.update(options)
     return GradMemGPT(GradMemGPTConfig(base_config=base, **defaults)).to(dtype).train()
+
+
+def tiny_rmt(attn="sdpa", dtype=torch.float64, seed=0, width=32, **options):
+    """The comparison matrix's RMT (memory projection, reconstruction loss with its write head), K=2 writes."""
+    torch.manual_seed(seed)
+    base = LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=width // 4, pad_token_id=PAD,
+                       tie_word_embeddings=True)
+    defaults = dict(n_mem_tokens=2, K=2, mem_proj_mode="proj", use_mem_proj=True, use_reconstruction_loss=True,
+                    reconstruction_loss_weight=0.5, use_write_head=True, attn_implementation=attn)
+    defaults.update(options)
+    return RMT2Segm(RMT2SegmConfig(base_config=base, **defaults)).to(dtype).train()
 
 
 def batch(B=3, S=8, Q=6, seed=1, device="cpu"):
@@ -77,6 +90,24 @@ def test_static_causal_mask_gives_the_same_loss_and_gradients(attn):
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_static))
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_static_causal_mask_gives_rmt_the_same_loss_and_gradients(attn):
+    """RMT's WRITE (permuted write-out slots), reconstruction and READ passes with the static mask: the same numbers
+    as with the mask transformers builds (sdpa: its causal kernel against an explicit mask, so to rounding)."""
+    model = tiny_rmt(attn)
+    data = batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(**data).loss
+    grads = torch.autograd.grad(loss, params)
+    model.use_static_causal_mask = True
+    loss_static = model(**data).loss
+    grads_static = torch.autograd.grad(loss_static, params)
+    torch.testing.assert_close(loss_static, loss, rtol=1e-13, atol=0)
+    assert rel_err(grads_static, grads) < 1e-12
+    # the static masks were used, one per sequence length: WRITE P+S+C+M = 12, reconstruction P+S = 10, READ P+Q = 8
+    assert sorted(key[0] for key in model._causal_mask_cache) == [8, 10, 12]
+
+
 def test_eager_sync_free_step_equals_the_plain_step():
     reference, fast = tiny_model(), tiny_model()
     opt_ref, opt_fast = adamw(reference, weight_decay=0.01), adamw(fast, weight_decay=0.01)
@@ -120,6 +151,13 @@ def test_sync_free_step_with_the_recomputed_write_equals_the_plain_step():
     """recompute_write without dropout: fast_step takes it (the recomputation leaves the random state alone), and its
     steps equal the plain steps of the stored-graph model (float64)."""
     assert_sync_free_steps_equal_plain_steps(tiny_model(), tiny_model(recompute_write=True), params_rtol=1e-10)
+
+
+def test_sync_free_rmt_step_equals_the_plain_step():
+    """The forward-only baseline through the same step: K=2 writes, memory projection, reconstruction loss."""
+    assert fast_step._step_problem(tiny_rmt(), None) is None
+    assert "gradient checkpointing" in tiny_rmt(use_gradient_checkpointing=True).captured_step_problem()
+    assert_sync_free_steps_equal_plain_steps(tiny_rmt(), tiny_rmt(), params_rtol=1e-12)
 
 
 def test_non_finite_step_is_skipped_without_a_trace():
@@ -221,6 +259,28 @@ def test_captured_step_equals_eager_step(attn, lean_ops):
                 assert rel_err(grads, grads_ref) <= 1e-5
             assert rel_err(params_of(fast), params_of(reference)) < 1e-4
     assert len(step.recorded_shapes) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_captured_rmt_step_equals_eager_step(attn):
+    """The forward-only baseline recorded in a CUDA graph: first step within 1e-5 of the eager step (strict fp32),
+    parameters within 1e-4 after three steps with a changing learning rate; one graph for one shape."""
+    models = [tiny_rmt(attn, dtype=torch.float32, width=64).cuda() for _ in range(2)]
+    (reference, fast), (opt_ref, opt_fast) = models, [adamw(m, weight_decay=0.01) for m in models]
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, precision="fp32")
+    with fast_step.precision_flags("fp32"):
+        for i, lr in enumerate([1e-3, 3e-4, 1e-4]):
+            for opt in (opt_ref, opt_fast):
+                opt.param_groups[0]["lr"] = lr
+            data = batch(seed=i, device="cuda")
+            loss_ref, norm_ref = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
+            out = step(data)
+            if i == 0:
+                assert abs(out.loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+                assert abs(out.grad_norm.item() - norm_ref.item()) <= 1e-5 * norm_ref.item()
+            assert rel_err(params_of(fast), params_of(reference)) < 1e-4
+    assert len(step.recorded_shapes) == 1 and set(out.stats) >= {"target_loss", "rec_loss", "mem_norm_mean"}
 
 
 @pytest.mark.gpu
