@@ -1,11 +1,11 @@
 """scripts/run_paper_claims.sh, the comparison matrix: the DRY_RUN plan (cells, seeds, equal steps per N for every
-family, warm-start chains, lr sweeps, GPU balance), its commands read by the run scripts' own parsers (the recipe of
-each family, the cell in the saved arguments), the selection of one cell, bad settings rejected before any work with the
-variable and the fix named, the two phases of SWEEP_SEEDS (the sweep on its seeds, the lr chosen on valid, never on
-test, and the other seeds' plan, the lr-choice file; phase-1 results faked on disk, runs stood in for), one tiny cell
-per family trained in this process from the plan's command, and one tiny real execution of the script (warm start, a
-failed run and its skipped dependant, results, a skip on re-run, a warm start whose checkpoint is not on the
-machine)."""
+family but the full-context upper bound, warm-start chains, lr sweeps, GPU balance), its commands read by the run
+scripts' own parsers (the recipe of each family, the cell in the saved arguments), the selection of one cell, bad
+settings rejected before any work with the variable and the fix named, the two phases of SWEEP_SEEDS (the sweep on its
+seeds, the lr chosen on valid, never on test, and the other seeds' plan, the lr-choice file; phase-1 results faked on
+disk, runs stood in for), one tiny cell per family trained in this process from the plan's command, and one tiny real
+execution of the script (warm start, a failed run and its skipped dependant, results, a skip on re-run, a warm start
+whose checkpoint is not on the machine)."""
 import json
 import os
 import re
@@ -36,8 +36,9 @@ SCRIPT_SETTINGS = (
     "GPUS", "ONLY", "K", "LRS", "NS", "SEEDS", "STEPS_N4", "STEPS_N8", "STEPS_N16", "STEPS_N32", "INIT_WARMUP",
     "GRADMEM_LR", "GRADMEM_WARMUP", "GRADMEM_BETA2", "GRADMEM_ILRS_K1", "GRADMEM_ILRS_K2", "GRADMEM_ILRS_K5",
     "GRADMEM_ILRS_K3", "RMT_LRS", "RMT_WARMUP", "RMT_BETA2", "RMT_REC_WEIGHT", "LLAMA_LRS", "LLAMA_WARMUP",
-    "LLAMA_BETA2", "MAMBA_LRS", "MAMBA_WARMUP", "MAMBA_BETA2", "EVAL_STEPS", "MAX_EVAL_SAMPLES", "PRECISION",
-    "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST", "RUNS_DIR", "RESULTS_DIR", "PYTHON", "DRY_RUN", "SWEEP_SEEDS",
+    "LLAMA_BETA2", "LLAMA_STEPS_FACTOR", "LLAMA_PATIENCE", "MAMBA_LRS", "MAMBA_WARMUP", "MAMBA_BETA2", "EVAL_STEPS",
+    "MAX_EVAL_SAMPLES", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST", "RUNS_DIR", "RESULTS_DIR", "PYTHON",
+    "DRY_RUN", "SWEEP_SEEDS", "WORKERS_PER_GPU",
     "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32", "SEEDS_ABLATION", "MAX_STEPS")  # the last: refused
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\d+)\s+(.+)$")
 PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, PRESETS),
@@ -45,15 +46,16 @@ PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, 
            "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
 STEPS = {4: 5000, 8: 10000, 16: 20000, 32: 40000}
 LLAMA_STEPS_FACTOR, LLAMA_PATIENCE = 3, 5  # the full-context upper bound: trained until valid stops improving
-
-
-def planned_steps(cell: str, n: int) -> int:
-    return STEPS[n] * (LLAMA_STEPS_FACTOR if cell.startswith("llama") else 1)
 SWEEPS = {("gradmem", 1): "0.04 0.08 0.16", ("gradmem", 2): "0.02 0.04 0.08", ("gradmem", 5): "0.02 0.04 0.08",
           **{("rmt", k): "1e-4 3e-4 1e-3" for k in (1, 2, 5)}, ("llama", None): "5e-5", ("mamba", None): "3e-4"}
 # the default cells as the plan names them: family[_K<k>]_{ilr,lr}<lr as written>
 CELLS = {f"{family}{'' if k is None else f'_K{k}'}_{'ilr' if family == 'gradmem' else 'lr'}{lr}"
          for (family, k), lrs in SWEEPS.items() for lr in lrs.split()}
+
+
+def planned_steps(cell: str, n: int) -> int:
+    """--max_steps of a run of this cell at N: the step budget, LLAMA_STEPS_FACTOR times it for the upper bound."""
+    return STEPS[n] * (LLAMA_STEPS_FACTOR if cell.startswith("llama") else 1)
 
 
 def run_script(*args, check=True, **env):
