@@ -132,6 +132,12 @@ def assert_sync_free_steps_equal_plain_steps(reference, fast, params_rtol):
         assert rel_err(params_of(fast), params_of(reference)) < params_rtol
 
 
+@pytest.mark.parametrize("K", [1, 5])
+def test_sync_free_step_equals_the_plain_step_at_other_K(K):
+    """One WRITE step (the comparison matrix's K=1 cell) and five, besides the default two."""
+    assert_sync_free_steps_equal_plain_steps(tiny_model(K=K), tiny_model(K=K), params_rtol=1e-12)
+
+
 def test_sync_free_step_with_lean_ops_equals_the_plain_step():
     """(lean against eager ops in float64: tests/test_lean_ops.py; transformers runs float64 RMSNorm in float32)"""
     assert_sync_free_steps_equal_plain_steps(tiny_model(lean_ops=True), tiny_model(lean_ops=True), params_rtol=1e-12)

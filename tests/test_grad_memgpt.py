@@ -129,6 +129,7 @@ SECOND_ORDER_CASES = [
     ("llama", dict(lr=3.0, mem_proj_mode="proj", n_ctrl_tokens=1)),
     ("llama", dict(lr=3.0, mem_proj_mode="per_sample", use_write_head=True)),
     ("llama", dict(lr=0.05, use_adam=True, mem_proj_mode="per_sample", n_ctrl_tokens=1)),
+    ("llama", dict(lr=3.0, K=1, use_write_head=True, add_inner_loss_to_outer=True, inner_loss_weight=0.5)),  # K=1
     ("llama", dict(lr=3.0, K=3, inner_clip_norm=0.05, inner_clip_value=0.02, add_inner_loss_to_outer=True,
                    inner_loss_weight=0.5, use_write_head=True, n_ctrl_tokens=1, use_write_lora=True,
                    write_lora_r=2, write_lora_target_modules="q_proj,v_proj")),
