@@ -91,10 +91,11 @@ def test_driver_runs_a_real_tiny_stage(tmp_path, monkeypatch):
 
 def test_warm_up_stage_without_its_final_evaluation(tmp_path, monkeypatch):
     """final_evaluation=false (a warm-up stage): no test numbers; the stage's valid metrics are those its selected
-    checkpoint had when it was evaluated during training, so its threshold still decides whether it is done."""
+    checkpoint had when it was evaluated during training, so its threshold still decides whether it is done. A stage
+    option wins over the shared one of the same name (the preset's N2 evaluates fewer valid samples)."""
     import training_experiment
 
-    argv = ["--stages", "2:0.99:final_evaluation=false", "--out_dir", str(tmp_path / "out"), "--data_dir",
+    argv = ["--stages", "2:0.99:final_evaluation=false,max_eval_samples=4", "--out_dir", str(tmp_path / "out"), "--data_dir",
             str(tmp_path / "data"), "--data_size", "32", "--max_steps", "4", "--warmup_steps", "0", "--",
             "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size",
             "4", "--max_eval_samples", "8", "--eval_steps", "2", "--logging_steps", "1", "--report_to", "none",
@@ -109,6 +110,7 @@ def test_warm_up_stage_without_its_final_evaluation(tmp_path, monkeypatch):
     assert stage["eval_exact_match"] == logged["eval_exact_match"]
     assert not [key for key in stage if key.startswith(("test_", "final_eval_", "final_test_"))]
     assert state["best_model_checkpoint"] == str(tmp_path / "out" / "N2" / f"checkpoint-{step}")
+    assert json.loads((tmp_path / "out" / "N2" / "run_config.json").read_text())["cli_args"]["max_eval_samples"] == 4
 
 
 def test_selected_evaluation_of_a_run_never_evaluated_is_empty():
