@@ -95,8 +95,8 @@ def test_warm_up_stage_without_its_final_evaluation(tmp_path, monkeypatch):
     option wins over the shared one of the same name (the preset's N2 evaluates fewer valid samples)."""
     import training_experiment
 
-    argv = ["--stages", "2:0.99:final_evaluation=false,max_eval_samples=4", "--out_dir", str(tmp_path / "out"), "--data_dir",
-            str(tmp_path / "data"), "--data_size", "32", "--max_steps", "4", "--warmup_steps", "0", "--",
+    argv = ["--stages", "2:0.99:final_evaluation=false,max_eval_samples=4", "--out_dir", str(tmp_path / "out"),
+            "--data_dir", str(tmp_path / "data"), "--data_size", "32", "--max_steps", "4", "--warmup_steps", "0", "--",
             "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_mem_tokens", "2", "--per_device_batch_size",
             "4", "--max_eval_samples", "8", "--eval_steps", "2", "--logging_steps", "1", "--report_to", "none",
             "--metric_for_best_model", "eval_loss"]
