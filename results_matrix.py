@@ -16,7 +16,8 @@ matrix.md, matrix.json, k_scaling.png and matrix_curves_<task>.png (written by `
 - Problem runs (listed, never dropped: their numbers stay in the means), one or more of:
   unfinished  no readable all_results.json (running, crashed or killed; the newest checkpoint's step is shown);
   diverged    a non-finite loss logged while training (loss, eval_loss) or in all_results.json (eval_loss,
-              test_loss, final_eval_loss, final_test_loss);
+              test_loss, final_eval_loss, final_test_loss), or a logged gradient norm (before clipping) of at least
+              DIVERGED_GRAD_NORM (1e6; runs that learn log at most a few thousand);
   collapsed   the final checkpoint's valid exact match is below COLLAPSE_FRACTION (0.5) of the best one logged
               while training, that best being at least COLLAPSE_MIN_BEST (0.2);
   rolled back the trainer's collapse guard rolled the run back (all_results.json: rollbacks > 0);
@@ -39,6 +40,7 @@ from training_runs import family_of_arguments, setting
 
 COLLAPSE_FRACTION = 0.5  # a final valid exact match below this fraction of the best one logged ...
 COLLAPSE_MIN_BEST = 0.2  # ... that best being at least this much: collapsed
+DIVERGED_GRAD_NORM = 1e6  # a logged gradient norm (before clipping) this large: diverged
 LOSS_RESULTS = ("eval_loss", "test_loss", "final_eval_loss", "final_test_loss")
 MATRIX_ORDER = ("gradmem", "rmt", "llama", "mamba")  # families in this order, others after them
 GUARD_COUNTS = ("rollbacks", "spike_skipped_steps", "skipped_steps")  # what the trainer's guards did (all_results)
@@ -60,6 +62,7 @@ class MatrixRun:
     final_test_gen_em: float = math.nan
     final_is_selected: bool = True
     best_logged_valid_em: float = math.nan  # the best valid exact match logged while training
+    max_grad_norm: float = math.nan  # the largest gradient norm (before clipping) logged while training
     steps: Optional[int] = None  # global_step of the results, or the newest checkpoint's step when unfinished
     problems: list = field(default_factory=list)
     variant: str = ""  # filled by matrix_cells where one (task, family, K) has several settings
@@ -120,7 +123,9 @@ def run_problems(run: Run) -> list:
         return ["unfinished"]
     logged_losses = [r[key] for r in run.log_history for key in ("loss", "eval_loss") if key in r]
     result_losses = [metrics[key] for key in LOSS_RESULTS if _is_number(metrics.get(key))]
-    if any(not math.isfinite(v) for v in logged_losses + result_losses):
+    grad_norms = [r["grad_norm"] for r in run.log_history if _is_number(r.get("grad_norm"))]
+    if (any(not math.isfinite(v) for v in logged_losses + result_losses + grad_norms)
+            or any(v >= DIVERGED_GRAD_NORM for v in grad_norms)):
         problems.append("diverged")
     best = max((r["eval_exact_match"] for r in run.log_history if _is_number(r.get("eval_exact_match"))
                 and math.isfinite(r["eval_exact_match"])), default=math.nan)
@@ -155,6 +160,8 @@ def matrix_run(run: Run) -> Optional[MatrixRun]:
                                                                              "final_test_generated_exact_match")
     logged = [r["eval_exact_match"] for r in run.log_history if "eval_exact_match" in r]
     m.best_logged_valid_em = float(max(logged)) if logged else math.nan
+    norms = [r["grad_norm"] for r in run.log_history if _is_number(r.get("grad_norm")) and not math.isnan(r["grad_norm"])]
+    m.max_grad_norm = float(max(norms)) if norms else math.nan
     step = metrics.get("global_step")
     m.steps = int(step) if _is_number(step) else _newest_checkpoint_step(run.path)
     m.problems = run_problems(run)
@@ -243,7 +250,7 @@ def _markdown(head, rows) -> str:
 
 
 PROBLEM_COLUMNS = ("task", "cell", "seed", "problems", "steps", "best valid EM logged", "valid EM, final",
-                   "rollbacks", "spike-skipped steps", "non-finite skipped steps", "run folder")
+                   "largest gradient norm logged", "rollbacks", "spike-skipped steps", "non-finite skipped steps", "run folder")
 
 
 def problem_rows(cells: list) -> list:
@@ -254,7 +261,8 @@ def problem_rows(cells: list) -> list:
                 m = r.run.metrics
                 rows.append([cell.task, cell.label, str(r.seed), ", ".join(r.problems),
                              "-" if r.steps is None else str(r.steps), _fmt(r.best_logged_valid_em),
-                             _fmt(r.final_valid_em), *(str(m.get(key, "-")) for key in GUARD_COUNTS), str(r.run.path)])
+                             _fmt(r.final_valid_em), "-" if math.isnan(r.max_grad_norm) else f"{r.max_grad_norm:.3g}",
+                             *(str(m.get(key, "-")) for key in GUARD_COUNTS), str(r.run.path)])
     return rows
 
 
@@ -293,7 +301,7 @@ def matrix_markdown(cells: list, best: dict, runs_root, n_outside: int) -> str:
            _markdown(CELL_COLUMNS, [_cell_row(c, id(c) in chosen) for c in cells]),
            "\n## Diverged, collapsed, unfinished runs\n",
            "Rules (collect_results.py): unfinished = no all_results.json; diverged = a non-finite loss logged or in "
-           f"the results; collapsed = final valid EM below {COLLAPSE_FRACTION:g} x the best logged one (best >= "
+           f"the results, or a logged gradient norm (before clipping) >= {DIVERGED_GRAD_NORM:g}; collapsed = final valid EM below {COLLAPSE_FRACTION:g} x the best logged one (best >= "
            f"{COLLAPSE_MIN_BEST:g}); rolled back = the trainer's collapse guard acted; non-finite steps skipped = "
            "skipped_steps > 0. These runs stay in the means above.\n"]
     rows = problem_rows(cells)
@@ -308,7 +316,8 @@ def matrix_records(cells: list, best: dict) -> dict:
         return {"seed": r.seed, "path": str(r.run.path), "steps": r.steps, "valid_exact_match": _num(r.valid_em),
                 "test_generated_exact_match": _num(r.test_gen_em), "final_valid_exact_match": _num(r.final_valid_em),
                 "final_test_generated_exact_match": _num(r.final_test_gen_em), "final_is_selected": r.final_is_selected,
-                "best_logged_valid_exact_match": _num(r.best_logged_valid_em), "problems": r.problems,
+                "best_logged_valid_exact_match": _num(r.best_logged_valid_em),
+                "max_logged_grad_norm": _num(r.max_grad_norm), "problems": r.problems,
                 **{key: r.run.metrics.get(key) for key in GUARD_COUNTS}}
 
     return {"cells": [{"task": c.task, "n": c.n, "family": c.family, "K": c.K, "lr_name": c.lr_name, "lr": c.lr,

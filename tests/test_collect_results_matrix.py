@@ -139,18 +139,26 @@ def test_problem_runs_are_listed_and_kept(runs_root):
 
 
 def test_rules(tmp_path):
-    """Each rule on its own: a non-finite loss in the results is divergence; a final EM at half the best is not a
-    collapse, below it is; a best below COLLAPSE_MIN_BEST never collapses."""
-    def problems(result, **metrics):
+    """Each rule on its own: a non-finite loss in the results is divergence, and so is a logged gradient norm of 1e6
+    or more; a final EM at half the best is not a collapse, below it is; a best below COLLAPSE_MIN_BEST never
+    collapses."""
+    def problems(result, grad_norm=None, **metrics):
         run = write_run(tmp_path / str(len(list(tmp_path.iterdir()))), N8, "llama", None, 5e-5, 143, result)
         if metrics:
             data = json.loads((run / "all_results.json").read_text())
             (run / "all_results.json").write_text(json.dumps({**data, **metrics}))
+        if grad_norm is not None:
+            state = json.loads((run / "trainer_state.json").read_text())
+            state["log_history"][1]["grad_norm"] = grad_norm
+            (run / "trainer_state.json").write_text(json.dumps(state))
         (found,) = cr.find_runs(run.parent.parent.parent)
         return rm.run_problems(found)
 
     assert problems(dict(valid=0.5, test=0.5)) == []
     assert problems(dict(valid=0.5, test=0.5), final_test_loss=math.inf) == ["diverged"]
+    assert problems(dict(valid=0.5, test=0.5), grad_norm=9.9e5) == []
+    assert problems(dict(valid=0.5, test=0.5), grad_norm=1e6) == ["diverged"]
+    assert problems(dict(valid=0.5, test=0.5), grad_norm=math.inf) == ["diverged"]
     assert problems(dict(valid=0.8, test=0.8, final_valid=0.4, final_test=0.4)) == []
     assert problems(dict(valid=0.8, test=0.8, final_valid=0.39, final_test=0.4)) == ["collapsed"]
     assert problems(dict(valid=0.15, test=0.1, final_valid=0.0, final_test=0.0)) == []
