@@ -150,3 +150,31 @@ def test_write_diagnostics_exact_match_by_queried_position(checkpoint, monkeypat
     assert [n for *_, n in table] == [sum(1 <= p + 1 <= 3 for p in positions), sum(p + 1 >= 4 for p in positions)]
     with pytest.raises(SystemExit):
         diag.main([str(checkpoint), "--by_position", "3"])  # more groups than the 2 pairs
+
+
+def test_meta_gradient_norm_against_K_and_inner_lr(checkpoint):
+    """bench/kv_meta_grad.py: each row's gradient norm is that of the training loss with that K and inner lr,
+    computed here on its own; the checkpoint's settings come back; --init re-initialises from the configuration."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import kv_meta_grad
+
+    rows = kv_meta_grad.main([str(checkpoint), "--samples", "4", "--K", "1", "3", "--inner_lr", "0.5"])
+    assert [(r["K"], r["inner_lr"]) for r in rows] == [(1, 0.5), (3, 0.5)]
+    model = GradMemGPT.from_pretrained(str(checkpoint)).train()
+    assert (model.config.K, model.config.lr) == (2, 0.04)
+    batch = next(evaluate_kv_checkpoints.fresh_batches(AutoTokenizer.from_pretrained(str(checkpoint)), 2, 4, 1, 4))
+    model.config.K, model.config.lr = 3, 0.5
+    grads = torch.autograd.grad(model(**batch).loss, [p for p in model.parameters() if p.requires_grad],
+                                allow_unused=True)
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)).item()
+    assert rows[1]["grad_norm"] == pytest.approx(norm, rel=1e-5) and rows[1]["grad_norm"] != rows[0]["grad_norm"]
+    same = kv_meta_grad.main([str(checkpoint), "--init", "--seed", "0", "--samples", "4", "--K", "3", "--inner_lr",
+                              "0.5"])  # the fixture's weights came from seed 0
+    other = kv_meta_grad.main([str(checkpoint), "--init", "--seed", "1", "--samples", "4", "--K", "3", "--inner_lr",
+                               "0.5"])
+    assert same[0]["grad_norm"] == pytest.approx(norm, rel=1e-5) and other[0]["grad_norm"] != pytest.approx(norm)
+    with pytest.raises(SystemExit):
+        kv_meta_grad.main([str(checkpoint), "--K", "0"])
