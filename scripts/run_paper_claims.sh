@@ -33,8 +33,8 @@
 # larger N, but would leave N16 and N32 untuned. A sweep with a phase-1 run that failed, was skipped or has no valid
 # exact match chooses nothing: its phase 2 is skipped (reported, exit 1 at the end). DRY_RUN prints phase 1's plan and
 # what phase 2 will run; where phase-1 results are on disk (RUNS_DIR), the choice and phase 2's concrete plan too.
-# Runs, phase 1 + phase 2 (DRY_RUN counts, default sweeps, SWEEP_SEEDS=1): NS=8 26 + 12 instead of 66; NS="8 16"
-# 52 + 24 (up to 36 where N16 chooses another lr than N8) instead of 132; all four N 104 + 48 (up to 84) instead of 264.
+# Runs, phase 1 + phase 2 (DRY_RUN counts, default sweeps, SWEEP_SEEDS=1): NS=8 27 + 12 instead of 69; NS="8 16"
+# 54 + 24 (up to 36 where N16 chooses another lr than N8) instead of 138; all four N 108 + 48 (up to 84) instead of 276.
 #
 # Every run: batch 64, clip 1.0, AdamW, lr constant after its family's warmup (INIT_WARMUP steps when warm-started, for
 # every family), exactly STEPS_N<n> optimizer steps (no wall-clock budget, no early stopping, no stop at a metric value;
@@ -68,7 +68,7 @@
 #   evaluations without a better valid exact match end it (0: never)
 # Each family's recipe:
 #   GRADMEM_LR [1e-3]  GRADMEM_WARMUP [300]  GRADMEM_BETA2 [0.999]
-#   GRADMEM_ILRS_K1 ["0.04 0.08 0.16 0.32 0.8"]  GRADMEM_ILRS_K2 ["0.02 0.04 0.08"]  GRADMEM_ILRS_K5 ["0.02 0.04 0.08"]
+#   GRADMEM_ILRS_K1 ["0.04 0.08 0.16 0.32 0.8"]  GRADMEM_ILRS_K2 ["0.02 0.04 0.08"]  GRADMEM_ILRS_K5 ["0.04 0.08 0.3 2.0"]
 #       (another K needs its GRADMEM_ILRS_K<k>)
 #   RMT_LRS ["1e-4 3e-4 1e-3"]  RMT_WARMUP [2000]  RMT_BETA2 [0.999]  RMT_REC_WEIGHT [0.5] (GradMem's inner-loss weight)
 #   LLAMA_LRS ["5e-5"]  LLAMA_WARMUP [2000]  LLAMA_BETA2 [0.98]
@@ -134,7 +134,7 @@ GRADMEM_WARMUP=${GRADMEM_WARMUP:-300}
 GRADMEM_BETA2=${GRADMEM_BETA2:-0.999}
 GRADMEM_ILRS_K1=${GRADMEM_ILRS_K1:-"0.04 0.08 0.16 0.32 0.8"}
 GRADMEM_ILRS_K2=${GRADMEM_ILRS_K2:-"0.02 0.04 0.08"}
-GRADMEM_ILRS_K5=${GRADMEM_ILRS_K5:-"0.02 0.04 0.08"}
+GRADMEM_ILRS_K5=${GRADMEM_ILRS_K5:-"0.04 0.08 0.3 2.0"}
 RMT_LRS=${RMT_LRS:-"1e-4 3e-4 1e-3"}
 RMT_WARMUP=${RMT_WARMUP:-2000}
 RMT_BETA2=${RMT_BETA2:-0.999}

@@ -46,7 +46,7 @@ PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, 
            "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
 STEPS = {4: 5000, 8: 10000, 16: 20000, 32: 40000}
 LLAMA_STEPS_FACTOR, LLAMA_PATIENCE = 3, 5  # the full-context upper bound: trained until valid stops improving
-SWEEPS = {("gradmem", 1): "0.04 0.08 0.16 0.32 0.8", ("gradmem", 2): "0.02 0.04 0.08", ("gradmem", 5): "0.02 0.04 0.08",
+SWEEPS = {("gradmem", 1): "0.04 0.08 0.16 0.32 0.8", ("gradmem", 2): "0.02 0.04 0.08", ("gradmem", 5): "0.04 0.08 0.3 2.0",
           **{("rmt", k): "1e-4 3e-4 1e-3" for k in (1, 2, 5)}, ("llama", None): "5e-5", ("mamba", None): "3e-4"}
 # the default cells as the plan names them: family[_K<k>]_{ilr,lr}<lr as written>
 CELLS = {f"{family}{'' if k is None else f'_K{k}'}_{'ilr' if family == 'gradmem' else 'lr'}{lr}"
@@ -113,10 +113,10 @@ def cell_of_saved_arguments(saved, task):
 def test_dry_run_plan_cells_seeds_equal_steps_and_chains(tmp_path):
     out = run_script(DRY_RUN="1", GPUS="1 2 3", DATA_DIR=str(tmp_path / "data")).stdout
     rows, loads, commands = parse_plan(out)
-    assert len(CELLS) == 22
+    assert len(CELLS) == 23
     assert sorted((r["cell"], r["n"], r["seed"]) for r in rows) == sorted(
         (c, n, s) for c in CELLS for n in (4, 8, 16, 32) for s in (1, 2, 3))
-    assert set(commands) == {run_id(r) for r in rows} and len(rows) == 264
+    assert set(commands) == {run_id(r) for r in rows} and len(rows) == 276
     for n in (4, 8, 16, 32):  # missing datasets are announced, nothing is built
         assert f"would build {tmp_path}/data/N{n}-K2V2-V62_1M" in out
     assert not (tmp_path / "data").exists()
@@ -310,13 +310,13 @@ def test_two_phase_dry_run_phase1_runs_only_the_sweep_seeds(tmp_path):
     assert sorted((r["cell"], r["n"], r["seed"]) for r in rows) == sorted(
         [(c, n, 1) for c in swept for n in (8, 16)] + [(c, n, s) for c in CELLS - swept for n in (8, 16)
                                                         for s in (1, 2, 3)])
-    assert len(rows) == 52 and set(commands) == {run_id(r) for r in rows}
+    assert len(rows) == 54 and set(commands) == {run_id(r) for r in rows}
     by_id = {run_id(r): r for r in rows}
     for r in rows:
         if r["n"] == 16:
             parent = by_id[r["init"]]
             assert (parent["n"], parent["cell"], parent["seed"]) == (8, r["cell"], r["seed"])
-    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 52 runs (every lr of the 6 sweeps with more than one "
+    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 54 runs (every lr of the 6 sweeps with more than one "
                           "lr on the sweep seeds {1}, the cells of a single lr on seeds {1 2 3}; N in {8 16})")
     assert ("the lr with the best valid exact match in phase 1 (the selected checkpoint's eval_exact_match in "
             "all_results.json, the mean over the sweep seeds; ties: the smaller lr; no test metric is read) runs on "
@@ -324,8 +324,8 @@ def test_two_phase_dry_run_phase1_runs_only_the_sweep_seeds(tmp_path):
     assert "24 runs (cost 1800000) where a sweep chooses the same lr at every N, up to 36 where each N" in out
     assert "lr choice" not in out and not (tmp_path / "runs").exists()
 
-    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8").stdout  # the README's counts at N8: 26 + 12 runs
-    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 26 runs") and "12 runs (cost 600000) where" in out
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8").stdout  # the README's counts at N8: 27 + 12 runs
+    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 27 runs") and "12 runs (cost 600000) where" in out
     out = run_script(DRY_RUN="1", SWEEP_SEEDS="3 1", ONLY="rmt", K="1", NS="4").stdout
     assert sorted((r["cell"], r["seed"]) for r in parse_plan(out)[0]) == sorted(
         (f"rmt_K1_lr{lr}", s) for lr in ("1e-4", "3e-4", "1e-3") for s in (1, 3))
