@@ -116,6 +116,11 @@ def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
     return max(steps) if steps else None
 
 
+def logged_grad_norms(run: Run) -> list:
+    """The gradient norms (before clipping) the trainer logged, in order."""
+    return [r["grad_norm"] for r in run.log_history if _is_number(r.get("grad_norm"))]
+
+
 def run_problems(run: Run) -> list:
     """The problem flags of a run (see the module docstring for the rules)."""
     metrics, problems = run.metrics, []
@@ -123,7 +128,7 @@ def run_problems(run: Run) -> list:
         return ["unfinished"]
     logged_losses = [r[key] for r in run.log_history for key in ("loss", "eval_loss") if key in r]
     result_losses = [metrics[key] for key in LOSS_RESULTS if _is_number(metrics.get(key))]
-    grad_norms = [r["grad_norm"] for r in run.log_history if _is_number(r.get("grad_norm"))]
+    grad_norms = logged_grad_norms(run)
     if (any(not math.isfinite(v) for v in logged_losses + result_losses + grad_norms)
             or any(v >= DIVERGED_GRAD_NORM for v in grad_norms)):
         problems.append("diverged")
@@ -160,7 +165,7 @@ def matrix_run(run: Run) -> Optional[MatrixRun]:
                                                                              "final_test_generated_exact_match")
     logged = [r["eval_exact_match"] for r in run.log_history if "eval_exact_match" in r]
     m.best_logged_valid_em = float(max(logged)) if logged else math.nan
-    norms = [r["grad_norm"] for r in run.log_history if _is_number(r.get("grad_norm")) and not math.isnan(r["grad_norm"])]
+    norms = [v for v in logged_grad_norms(run) if not math.isnan(v)]
     m.max_grad_norm = float(max(norms)) if norms else math.nan
     step = metrics.get("global_step")
     m.steps = int(step) if _is_number(step) else _newest_checkpoint_step(run.path)
@@ -250,7 +255,8 @@ def _markdown(head, rows) -> str:
 
 
 PROBLEM_COLUMNS = ("task", "cell", "seed", "problems", "steps", "best valid EM logged", "valid EM, final",
-                   "largest gradient norm logged", "rollbacks", "spike-skipped steps", "non-finite skipped steps", "run folder")
+                   "largest gradient norm logged", "rollbacks", "spike-skipped steps", "non-finite skipped steps",
+                   "run folder")
 
 
 def problem_rows(cells: list) -> list:
@@ -301,9 +307,10 @@ def matrix_markdown(cells: list, best: dict, runs_root, n_outside: int) -> str:
            _markdown(CELL_COLUMNS, [_cell_row(c, id(c) in chosen) for c in cells]),
            "\n## Diverged, collapsed, unfinished runs\n",
            "Rules (collect_results.py): unfinished = no all_results.json; diverged = a non-finite loss logged or in "
-           f"the results, or a logged gradient norm (before clipping) >= {DIVERGED_GRAD_NORM:g}; collapsed = final valid EM below {COLLAPSE_FRACTION:g} x the best logged one (best >= "
-           f"{COLLAPSE_MIN_BEST:g}); rolled back = the trainer's collapse guard acted; non-finite steps skipped = "
-           "skipped_steps > 0. These runs stay in the means above.\n"]
+           f"the results, or a logged gradient norm (before clipping) >= {DIVERGED_GRAD_NORM:g}; collapsed = final "
+           f"valid EM below {COLLAPSE_FRACTION:g} x the best logged one (best >= {COLLAPSE_MIN_BEST:g}); rolled back = "
+           "the trainer's collapse guard acted; non-finite steps skipped = skipped_steps > 0. These runs stay in the "
+           "means above.\n"]
     rows = problem_rows(cells)
     out.append(_markdown(PROBLEM_COLUMNS, rows) if rows else "None.\n")
     return "\n".join(out)

@@ -46,8 +46,9 @@ PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, 
            "run_gpt2_on_kv_retrieval.py": (FullContextArgs, full_context_run_name, None)}
 STEPS = {4: 5000, 8: 10000, 16: 20000, 32: 40000}
 LLAMA_STEPS_FACTOR, LLAMA_PATIENCE = 3, 5  # the full-context upper bound: trained until valid stops improving
-SWEEPS = {("gradmem", 1): "0.04 0.08 0.16 0.32 0.8", ("gradmem", 2): "0.02 0.04 0.08", ("gradmem", 5): "0.04 0.08 0.3 2.0",
-          **{("rmt", k): "1e-4 3e-4 1e-3" for k in (1, 2, 5)}, ("llama", None): "5e-5", ("mamba", None): "3e-4"}
+SWEEPS = {("gradmem", 1): "0.04 0.08 0.16 0.32 0.8", ("gradmem", 2): "0.02 0.04 0.08",
+          ("gradmem", 5): "0.04 0.08 0.3 2.0", **{("rmt", k): "1e-4 3e-4 1e-3" for k in (1, 2, 5)},
+          ("llama", None): "5e-5", ("mamba", None): "3e-4"}
 # the default cells as the plan names them: family[_K<k>]_{ilr,lr}<lr as written>
 CELLS = {f"{family}{'' if k is None else f'_K{k}'}_{'ilr' if family == 'gradmem' else 'lr'}{lr}"
          for (family, k), lrs in SWEEPS.items() for lr in lrs.split()}
