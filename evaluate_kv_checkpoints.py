@@ -29,6 +29,11 @@ REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_ROOT = REPO_DIR / "results" / "kv_checkpoints"
 
 
+def folder_pairs(folder: Path) -> Optional[int]:
+    """The pairs per context of a checkpoint folder named N<pairs> (None where no number follows its first letter)."""
+    return int(folder.name[1:]) if folder.name[1:].isdigit() else None
+
+
 def checkpoint_folders(paths) -> list:
     """The checkpoint folders named (or, for a folder of N<n>/ folders, inside it), sorted by N."""
     folders = []
@@ -41,7 +46,7 @@ def checkpoint_folders(paths) -> list:
             raise FileNotFoundError(f"{path}: no checkpoint folder (config.json, model.safetensors, tokenizer) here")
     if not folders:
         raise FileNotFoundError(f"no checkpoint folders under {', '.join(map(str, paths))}")
-    return sorted(folders, key=lambda p: int(p.name[1:]) if p.name[1:].isdigit() else 0)
+    return sorted(folders, key=lambda p: folder_pairs(p) or 0)
 
 
 def load_for_evaluation(folder: Path) -> GradMemGPT:

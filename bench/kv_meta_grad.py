@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate_kv_checkpoints import fresh_batches  # noqa: E402
+from evaluate_kv_checkpoints import folder_pairs, fresh_batches  # noqa: E402
 from grad_memgpt import GradMemGPT  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv=None) -> list:
                         help="inner lrs (default: the checkpoint's)")
     args = parser.parse_args(argv)
     folder = Path(args.folder)
-    n_pairs = args.N or (int(folder.name[1:]) if folder.name[1:].isdigit() else None)
+    n_pairs = args.N or folder_pairs(folder)
     if n_pairs is None:
         parser.error(f"{folder}: name the pairs per context with --N (the folder is not named N<pairs>)")
     if min(args.K) < 1 or any(lr is not None and lr <= 0 for lr in args.inner_lr) or args.samples < 1:

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluate_kv_checkpoints import collated_batches, fresh_batches, fresh_samples, load_for_evaluation  # noqa: E402
+from evaluate_kv_checkpoints import (collated_batches, folder_pairs, fresh_batches, fresh_samples,  # noqa: E402
+                                     load_for_evaluation)
 from evaluation import generated_exact_match  # noqa: E402
 from training_collators import single_token_ids  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -116,7 +117,7 @@ def main(argv=None) -> list:
         parser.error(f"--K must be >= 1 (the loss without a WRITE is printed anyway), got {args.K}")
     folders = []
     for folder in map(Path, args.folders):
-        n_pairs = args.N or (int(folder.name[1:]) if folder.name[1:].isdigit() else None)
+        n_pairs = args.N or folder_pairs(folder)
         if n_pairs is None:
             parser.error(f"{folder}: name the pairs per context with --N (the folder is not named N<pairs>)")
         if args.by_position is not None and not 1 <= args.by_position <= n_pairs:
