@@ -188,7 +188,7 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
     lines = {}  # family -> {(run_name, variant): [(n, group)]}
     for g in groups:
         n = kv_task_n(g.task)
-        if n is not None:
+        if n is not None and not math.isnan(g.mean("eval_exact_match")):  # unfinished runs have no point to plot
             lines.setdefault(model_family(g.run_name), {}).setdefault((g.run_name, task_variant(g.task)), []).append((n, g))
     if not lines:
         return None

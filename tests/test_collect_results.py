@@ -126,6 +126,16 @@ def test_plot_grouping():
     assert list(found[list(found)[0]]) == ["first", "second"]
 
 
+def test_em_vs_n_leaves_out_groups_without_an_exact_match(tmp_path):
+    """A family whose only runs are unfinished (no exact match yet) gets no panel; with no point at all, no figure."""
+    def group(name, em):
+        return cr.Group("N8-K2V2-V62_1M", name, [1], {m: [em] for m in cr.METRICS}, {})
+
+    finished, unfinished = group(GRADMEM_K2, 0.5), group("mamba_L4D128_bs_64_lr_3e-04", math.nan)
+    assert cr.plot_em_vs_n([finished, unfinished], tmp_path).name == "em_vs_n.png"
+    assert cr.plot_em_vs_n([unfinished], tmp_path / "none") is None
+
+
 def test_write_summary_writes_table_json_and_pngs(runs_root, tmp_path):
     out = tmp_path / "summary"
     cr.main(["--runs", str(runs_root), "--out", str(out)])
