@@ -5,19 +5,21 @@
 #
 # Families, all on Llama L4 H4 D128 from scratch (Mamba: 4 layers, width 128) and K2V2-V62 data at N4, N8, N16, N32:
 #   gradmem  GradMem, `--preset paper_kv` (8 memory vectors, second order, write head, inner loss x0.5, outer AdamW lr
-#            GRADMEM_LR): K inner SGD steps of WRITE; the sweep is the inner lr (GRADMEM_ILRS_K<k> for each K).
+#            GRADMEM_LR_K<k> for each K): K inner SGD steps of WRITE; the sweep is the inner lr (GRADMEM_ILRS_K<k>).
+#            K=5 has outer lr 1e-4: at 1e-3 (K=1 and K=2's) every inner lr of its sweep diverged at N8.
 #   rmt      RMT (run_rmt_on_kv_retrieval.py), 8 memory vectors, write-side memory projection (mem_proj_mode proj), the
 #            reconstruction loss (weight RMT_REC_WEIGHT) with its own write head, sdpa attention. K is rmt.py's: K
 #            forward writes of the context, write k > 1 starting from the memory written by write k - 1 (the context is
 #            read K times; the reconstruction loss is averaged over the K writes). Sweep: the outer lr, RMT_LRS, with
 #            warmup RMT_WARMUP (the original RMT recipe: lr 1e-4, warmup 2000).
 #   llama    the full-context Llama (run_gpt2_on_kv_retrieval.py), 1024 positions, plain RoPE: reads the whole context
-#            (no memory, no K). Lr LLAMA_LRS, AdamW beta2 LLAMA_BETA2 (the full-context reference recipe's 5e-5, 0.98).
+#            (no memory, no K). Sweep: the lr, LLAMA_LRS (the full-context reference recipe's 5e-5, and the larger lrs
+#            swept for RMT), AdamW beta2 LLAMA_BETA2 (the reference recipe's 0.98).
 #            The upper bound, trained until its valid exact match stops improving: up to LLAMA_STEPS_FACTOR times the
 #            step budget, stopped after LLAMA_PATIENCE evaluations without a better one (LLAMA_STEPS_FACTOR=1
 #            LLAMA_PATIENCE=0: the same budget as every other family).
 #   mamba    the full-context Mamba (run_gpt2_on_kv_retrieval.py --base_model mamba; training_backbone's local
-#            config, no K). Lr MAMBA_LRS (3e-4, what scripts/run_gpt_on_kv_retrieval.sh gives for Mamba).
+#            config, no K). Sweep: the lr, MAMBA_LRS (around 3e-4, what scripts/run_gpt_on_kv_retrieval.sh gives).
 # A cell is (family, K, swept lr, N); each cell runs once per seed in SEEDS.
 #
 # Two phases (SWEEP_SEEDS set): the lr sweeps run on fewer seeds. Phase 1 runs every lr of each sweep (a family and K
@@ -33,8 +35,8 @@
 # larger N, but would leave N16 and N32 untuned. A sweep with a phase-1 run that failed, was skipped or has no valid
 # exact match chooses nothing: its phase 2 is skipped (reported, exit 1 at the end). DRY_RUN prints phase 1's plan and
 # what phase 2 will run; where phase-1 results are on disk (RUNS_DIR), the choice and phase 2's concrete plan too.
-# Runs, phase 1 + phase 2 (DRY_RUN counts, default sweeps, SWEEP_SEEDS=1): NS=8 27 + 12 instead of 69; NS="8 16"
-# 54 + 24 (up to 36 where N16 chooses another lr than N8) instead of 138; all four N 108 + 48 (up to 84) instead of 276.
+# Runs, phase 1 + phase 2 (DRY_RUN counts, default sweeps, SWEEP_SEEDS=1): NS=8 27 + 16 instead of 81; NS="8 16"
+# 54 + 32 (up to 48 where N16 chooses another lr than N8) instead of 162; all four N 108 + 64 (up to 112) instead of 324.
 #
 # Every run: batch 64, clip 1.0, AdamW, lr constant after its family's warmup (INIT_WARMUP steps when warm-started, for
 # every family), exactly STEPS_N<n> optimizer steps (no wall-clock budget, no early stopping, no stop at a metric value;
@@ -67,12 +69,12 @@
 #   but the full-context Llama's (the upper bound): LLAMA_STEPS_FACTOR [3] x those steps at most, LLAMA_PATIENCE [5]
 #   evaluations without a better valid exact match end it (0: never)
 # Each family's recipe:
-#   GRADMEM_LR [1e-3]  GRADMEM_WARMUP [300]  GRADMEM_BETA2 [0.999]
+#   GRADMEM_LR_K1 [1e-3]  GRADMEM_LR_K2 [1e-3]  GRADMEM_LR_K5 [1e-4]  GRADMEM_WARMUP [300]  GRADMEM_BETA2 [0.999]
 #   GRADMEM_ILRS_K1 ["0.04 0.08 0.16 0.32 0.8"]  GRADMEM_ILRS_K2 ["0.02 0.04 0.08"]  GRADMEM_ILRS_K5 ["0.04 0.08 0.3 2.0"]
-#       (another K needs its GRADMEM_ILRS_K<k>)
+#       (another K needs its GRADMEM_LR_K<k> and GRADMEM_ILRS_K<k>)
 #   RMT_LRS ["1e-4 3e-4 1e-3"]  RMT_WARMUP [2000]  RMT_BETA2 [0.999]  RMT_REC_WEIGHT [0.5] (GradMem's inner-loss weight)
-#   LLAMA_LRS ["5e-5"]  LLAMA_WARMUP [2000]  LLAMA_BETA2 [0.98]
-#   MAMBA_LRS ["3e-4"]  MAMBA_WARMUP [2000]  MAMBA_BETA2 [0.999]
+#   LLAMA_LRS ["5e-5 3e-4 1e-3"]  LLAMA_WARMUP [2000]  LLAMA_BETA2 [0.98]
+#   MAMBA_LRS ["1e-4 3e-4 1e-3"]  MAMBA_WARMUP [2000]  MAMBA_BETA2 [0.999]
 # The rest:
 #   GPUS ["0"] (one worker per GPU, warm-start chains stay on one GPU, jobs balanced by estimated cost)
 #   WORKERS_PER_GPU [1]  workers (runs at once) on each GPU, named <gpu>/<w> in the plan: small models leave a GPU
@@ -129,7 +131,9 @@ STEPS_N8=${STEPS_N8:-10000}
 STEPS_N16=${STEPS_N16:-20000}
 STEPS_N32=${STEPS_N32:-40000}
 INIT_WARMUP=${INIT_WARMUP:-100}
-GRADMEM_LR=${GRADMEM_LR:-1e-3}
+GRADMEM_LR_K1=${GRADMEM_LR_K1:-1e-3}
+GRADMEM_LR_K2=${GRADMEM_LR_K2:-1e-3}
+GRADMEM_LR_K5=${GRADMEM_LR_K5:-1e-4}
 GRADMEM_WARMUP=${GRADMEM_WARMUP:-300}
 GRADMEM_BETA2=${GRADMEM_BETA2:-0.999}
 GRADMEM_ILRS_K1=${GRADMEM_ILRS_K1:-"0.04 0.08 0.16 0.32 0.8"}
@@ -139,12 +143,12 @@ RMT_LRS=${RMT_LRS:-"1e-4 3e-4 1e-3"}
 RMT_WARMUP=${RMT_WARMUP:-2000}
 RMT_BETA2=${RMT_BETA2:-0.999}
 RMT_REC_WEIGHT=${RMT_REC_WEIGHT:-0.5}
-LLAMA_LRS=${LLAMA_LRS:-5e-5}
+LLAMA_LRS=${LLAMA_LRS:-"5e-5 3e-4 1e-3"}
 LLAMA_WARMUP=${LLAMA_WARMUP:-2000}
 LLAMA_BETA2=${LLAMA_BETA2:-0.98}
 LLAMA_STEPS_FACTOR=${LLAMA_STEPS_FACTOR:-3}
 LLAMA_PATIENCE=${LLAMA_PATIENCE:-5}
-MAMBA_LRS=${MAMBA_LRS:-3e-4}
+MAMBA_LRS=${MAMBA_LRS:-"1e-4 3e-4 1e-3"}
 MAMBA_WARMUP=${MAMBA_WARMUP:-2000}
 MAMBA_BETA2=${MAMBA_BETA2:-0.999}
 EVAL_STEPS=${EVAL_STEPS:-500}
@@ -244,6 +248,13 @@ elif has_word "$ONLY" gradmem; then
         check_lr_list "$name" "inner learning rates of GradMem K=$k"
     done
 fi
+if has_word "$ONLY" gradmem; then
+    for k in $K; do
+        name="GRADMEM_LR_K$k"
+        is_positive_number "${!name:-}" || fail "$name=${!name:-} must be a positive number: GradMem K=$k needs its" \
+                                               "outer (AdamW) lr, e.g. $name=1e-3"
+    done
+fi
 for name in RMT_LRS LLAMA_LRS MAMBA_LRS; do
     family=${name%_LRS}; family=${family,,}
     if [ -z "$LRS" ] && has_word "$ONLY" "$family"; then check_lr_list "$name" "learning rates of $family"; fi
@@ -256,7 +267,7 @@ done
 for name in INIT_WARMUP GRADMEM_WARMUP RMT_WARMUP LLAMA_WARMUP MAMBA_WARMUP; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || fail "$name=${!name} must be a number of steps (an integer >= 0)"
 done
-for name in GRADMEM_LR RMT_REC_WEIGHT; do
+for name in RMT_REC_WEIGHT; do
     is_positive_number "${!name}" || fail "$name=${!name} must be a positive number"
 done
 for name in GRADMEM_BETA2 RMT_BETA2 LLAMA_BETA2 MAMBA_BETA2; do
@@ -394,7 +405,7 @@ run_command() {  # run number, init checkpoint ("" = from scratch) -> CMD array
     case "${C_FAMILY[$c]}" in
         gradmem) CMD=(run_gradmemgpt_on_kv_retrieval.py --preset paper_kv --attn_implementation auto --K "$k"
                       --inner_lr "${C_LR[$c]}")
-                 lr=$GRADMEM_LR; warmup=$GRADMEM_WARMUP; beta2=$GRADMEM_BETA2 ;;
+                 lr=GRADMEM_LR_K$k; lr=${!lr}; warmup=$GRADMEM_WARMUP; beta2=$GRADMEM_BETA2 ;;
         rmt) CMD=(run_rmt_on_kv_retrieval.py --n_mem_tokens 8 --K "$k" --n_ctrl_tokens 0 --mem_proj_mode proj
                   --use_reconstruction_loss --reconstruction_loss_weight "$RMT_REC_WEIGHT" --use_write_head
                   --attn_implementation sdpa)

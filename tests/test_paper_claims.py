@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "run_paper_claims.sh"
 SCRIPT_SETTINGS = (
     "GPUS", "ONLY", "K", "LRS", "NS", "SEEDS", "STEPS_N4", "STEPS_N8", "STEPS_N16", "STEPS_N32", "INIT_WARMUP",
-    "GRADMEM_LR", "GRADMEM_WARMUP", "GRADMEM_BETA2", "GRADMEM_ILRS_K1", "GRADMEM_ILRS_K2", "GRADMEM_ILRS_K5",
+    "GRADMEM_LR_K1", "GRADMEM_LR_K2", "GRADMEM_LR_K5", "GRADMEM_LR_K3", "GRADMEM_WARMUP", "GRADMEM_BETA2", "GRADMEM_ILRS_K1", "GRADMEM_ILRS_K2", "GRADMEM_ILRS_K5",
     "GRADMEM_ILRS_K3", "RMT_LRS", "RMT_WARMUP", "RMT_BETA2", "RMT_REC_WEIGHT", "LLAMA_LRS", "LLAMA_WARMUP",
     "LLAMA_BETA2", "LLAMA_STEPS_FACTOR", "LLAMA_PATIENCE", "MAMBA_LRS", "MAMBA_WARMUP", "MAMBA_BETA2", "EVAL_STEPS",
     "MAX_EVAL_SAMPLES", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST", "RUNS_DIR", "RESULTS_DIR", "PYTHON",
@@ -48,7 +48,8 @@ STEPS = {4: 5000, 8: 10000, 16: 20000, 32: 40000}
 LLAMA_STEPS_FACTOR, LLAMA_PATIENCE = 3, 5  # the full-context upper bound: trained until valid stops improving
 SWEEPS = {("gradmem", 1): "0.04 0.08 0.16 0.32 0.8", ("gradmem", 2): "0.02 0.04 0.08",
           ("gradmem", 5): "0.04 0.08 0.3 2.0", **{("rmt", k): "1e-4 3e-4 1e-3" for k in (1, 2, 5)},
-          ("llama", None): "5e-5", ("mamba", None): "3e-4"}
+          ("llama", None): "5e-5 3e-4 1e-3", ("mamba", None): "1e-4 3e-4 1e-3"}
+GRADMEM_OUTER_LR = {1: 1e-3, 2: 1e-3, 5: 1e-4}  # K=5: at 1e-3 every inner lr diverged
 # the default cells as the plan names them: family[_K<k>]_{ilr,lr}<lr as written>
 CELLS = {f"{family}{'' if k is None else f'_K{k}'}_{'ilr' if family == 'gradmem' else 'lr'}{lr}"
          for (family, k), lrs in SWEEPS.items() for lr in lrs.split()}
@@ -114,10 +115,10 @@ def cell_of_saved_arguments(saved, task):
 def test_dry_run_plan_cells_seeds_equal_steps_and_chains(tmp_path):
     out = run_script(DRY_RUN="1", GPUS="1 2 3", DATA_DIR=str(tmp_path / "data")).stdout
     rows, loads, commands = parse_plan(out)
-    assert len(CELLS) == 23
+    assert len(CELLS) == 27
     assert sorted((r["cell"], r["n"], r["seed"]) for r in rows) == sorted(
         (c, n, s) for c in CELLS for n in (4, 8, 16, 32) for s in (1, 2, 3))
-    assert set(commands) == {run_id(r) for r in rows} and len(rows) == 276
+    assert set(commands) == {run_id(r) for r in rows} and len(rows) == 324
     for n in (4, 8, 16, 32):  # missing datasets are announced, nothing is built
         assert f"would build {tmp_path}/data/N{n}-K2V2-V62_1M" in out
     assert not (tmp_path / "data").exists()
@@ -178,7 +179,7 @@ def test_dry_run_commands_recipes_and_saved_cells():
         assert train.warmup_steps == (100 if r["n"] >= 16 else warmups[family])  # INIT_WARMUP for every family
         # each family's recipe
         if family == "gradmem":
-            assert (train.learning_rate, train.adam_beta2) == (1e-3, 0.999)
+            assert (train.learning_rate, train.adam_beta2) == (GRADMEM_OUTER_LR[model.K], 0.999)
             assert (model.n_mem_tokens, model.grad_mode, model.use_write_head, model.inner_loss_weight) == (
                 8, "second", True, 0.5)
             assert backbone.n_head == 4 and model.attn_implementation == "auto"
@@ -209,7 +210,8 @@ def test_the_upper_bounds_budget_is_set_apart_from_the_others():
     for r in rows:  # LLAMA_STEPS_FACTOR=1 LLAMA_PATIENCE=0: the same budget as every family
         (train, _, _, _), _, _ = parse_command(commands[run_id(r)])
         assert (r["steps"], train.max_steps, train.early_stopping_patience) == (10000, 10000, 0)
-    out = run_script(DRY_RUN="1", ONLY="llama", NS="8", SEEDS="1", LLAMA_STEPS_FACTOR="2", LLAMA_PATIENCE="7").stdout
+    out = run_script(DRY_RUN="1", ONLY="llama", LRS="5e-5", NS="8", SEEDS="1", LLAMA_STEPS_FACTOR="2",
+                     LLAMA_PATIENCE="7").stdout
     (row,), _, commands = parse_plan(out)
     (train, _, _, _), _, _ = parse_command(commands[run_id(row)])
     assert (row["steps"], train.max_steps, train.early_stopping_patience) == (20000, 20000, 7)
@@ -223,14 +225,14 @@ def test_selection_of_cells():
     assert (model.K, train.learning_rate, train.max_steps) == (2, 3e-4, 10000)
 
     rows, _, _ = parse_plan(run_script(DRY_RUN="1", ONLY="mamba llama", NS="8 16", SEEDS="2", STEPS_N8="7",
-                                       LLAMA_LRS="1e-4 5e-5").stdout)
+                                       LLAMA_LRS="1e-4 5e-5", MAMBA_LRS="3e-4").stdout)
     assert sorted(run_id(r) for r in rows) == sorted(f"N{n}_{c}_s2" for n in (8, 16) for c in (
         "llama_lr1e-4", "llama_lr5e-5", "mamba_lr3e-4"))
     assert {(r["cell"][:5], r["steps"]) for r in rows if r["n"] == 8} == {
         ("mamba", 7), ("llama", 7 * LLAMA_STEPS_FACTOR)}
 
     rows, _, commands = parse_plan(run_script(DRY_RUN="1", ONLY="gradmem", K="3", GRADMEM_ILRS_K3="0.05", NS="4",
-                                              SEEDS="1", GRADMEM_LR="5e-4").stdout)
+                                              SEEDS="1", GRADMEM_LR_K3="5e-4").stdout)
     assert [run_id(r) for r in rows] == ["N4_gradmem_K3_ilr0.05_s1"]
     (train, _, model, _), _, _ = parse_command(commands["N4_gradmem_K3_ilr0.05_s1"])
     assert (model.K, model.inner_lr, train.learning_rate) == (3, 0.05, 5e-4)
@@ -247,6 +249,9 @@ def test_selection_of_cells():
     (dict(K="2 2"), 'K="2 2" names 2 twice'),
     (dict(ONLY="gradmem", K="3"), 'GRADMEM_ILRS_K3 is not set: GradMem K=3 needs its inner-lr sweep, e.g. '
                                   'GRADMEM_ILRS_K3="0.02 0.04 0.08"'),
+    (dict(ONLY="gradmem", K="3", GRADMEM_ILRS_K3="0.05"), "GRADMEM_LR_K3= must be a positive number: GradMem K=3 needs "
+                                                          "its outer (AdamW) lr, e.g. GRADMEM_LR_K3=1e-3"),
+    (dict(GRADMEM_LR_K5="fast"), "GRADMEM_LR_K5=fast must be a positive number"),
     (dict(LRS="fast"), "LRS=\"fast\": 'fast' is not a positive number"),
     (dict(ONLY="rmt", RMT_LRS=" "), 'RMT_LRS is empty; list the learning rates of rmt to sweep'),
     (dict(GRADMEM_ILRS_K2="0.04 -1"), "'-1' is not a positive number"),
@@ -303,35 +308,36 @@ def test_bad_sweep_seeds_refused_before_anything_is_written(tmp_path):
 def test_two_phase_dry_run_phase1_runs_only_the_sweep_seeds(tmp_path):
     """Phase 1: every lr of a sweep on SWEEP_SEEDS only (its chains as without SWEEP_SEEDS), single-lr cells on every
     seed; phase 2 is described (seeds, rule, run counts), not planned, while no phase-1 result is on disk."""
-    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8 16", GPUS="0 1", RUNS_DIR=str(tmp_path / "runs")).stdout
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8 16", GPUS="0 1", RUNS_DIR=str(tmp_path / "runs"),
+                     LLAMA_LRS="5e-5").stdout  # llama: a single lr
     phase1, phase2 = split_phases(out)
     assert phase2 == ""
     rows, _, commands = parse_plan(phase1)
-    swept = {c for c in CELLS if c.startswith(("gradmem", "rmt"))}
+    swept = {c for c in CELLS if not c.startswith("llama")}
     assert sorted((r["cell"], r["n"], r["seed"]) for r in rows) == sorted(
-        [(c, n, 1) for c in swept for n in (8, 16)] + [(c, n, s) for c in CELLS - swept for n in (8, 16)
-                                                        for s in (1, 2, 3)])
+        [(c, n, 1) for c in swept for n in (8, 16)] + [("llama_lr5e-5", n, s) for n in (8, 16) for s in (1, 2, 3)])
     assert len(rows) == 54 and set(commands) == {run_id(r) for r in rows}
     by_id = {run_id(r): r for r in rows}
     for r in rows:
         if r["n"] == 16:
             parent = by_id[r["init"]]
             assert (parent["n"], parent["cell"], parent["seed"]) == (8, r["cell"], r["seed"])
-    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 54 runs (every lr of the 6 sweeps with more than one "
+    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 54 runs (every lr of the 7 sweeps with more than one "
                           "lr on the sweep seeds {1}, the cells of a single lr on seeds {1 2 3}; N in {8 16})")
     assert ("the lr with the best valid exact match in phase 1 (the selected checkpoint's eval_exact_match in "
             "all_results.json, the mean over the sweep seeds; ties: the smaller lr; no test metric is read) runs on "
             "seeds {2 3}") in out
-    assert "24 runs (cost 1800000) where a sweep chooses the same lr at every N, up to 36 where each N" in out
+    assert "28 runs (cost 1860000) where a sweep chooses the same lr at every N, up to 42 where each N" in out
     assert "lr choice" not in out and not (tmp_path / "runs").exists()
 
-    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8").stdout  # the README's counts at N8: 27 + 12 runs
-    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 27 runs") and "12 runs (cost 600000) where" in out
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", NS="8").stdout  # the README's counts at N8: 27 + 16 runs
+    assert out.startswith("plan, phase 1 of 2 (the lr sweeps): 27 runs") and "16 runs (cost 680000) where" in out
     out = run_script(DRY_RUN="1", SWEEP_SEEDS="3 1", ONLY="rmt", K="1", NS="4").stdout
     assert sorted((r["cell"], r["seed"]) for r in parse_plan(out)[0]) == sorted(
         (f"rmt_K1_lr{lr}", s) for lr in ("1e-4", "3e-4", "1e-3") for s in (1, 3))
     assert "runs on seeds {2}" in out and "1 runs (cost 10000) where" in out
-    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", ONLY="llama mamba", NS="8").stdout  # no sweep: every seed at once
+    out = run_script(DRY_RUN="1", SWEEP_SEEDS="1", ONLY="llama mamba", NS="8", LLAMA_LRS="5e-5",
+                     MAMBA_LRS="3e-4").stdout  # no sweep: every seed at once
     assert len(parse_plan(out)[0]) == 6 and "plan, phase 2 of 2: no runs (no sweep has more than one lr)" in out
 
 
@@ -341,7 +347,7 @@ PHASE1 = {("gradmem_K2", 8): {"0.02": (0.50, 0.99), "0.04": (0.70, 0.10), "0.08"
           ("gradmem_K2", 16): {"0.02": (0.30, 0.95), "0.04": (0.40, 0.90), "0.08": (0.60, 0.10)},
           ("rmt_K2", 8): {"1e-4": (0.50, 0.10), "3e-4": (0.50, 0.90), "1e-3": (0.40, 0.95)},  # a tie: the smaller
           ("rmt_K2", 16): {"1e-4": None, "3e-4": (0.20, 0.30), "1e-3": (0.10, 0.40)}}  # 1e-4: no results
-TWO_PHASE = dict(SWEEP_SEEDS="1", ONLY="gradmem rmt llama", K="2", NS="8 16", GPUS="0 1")
+TWO_PHASE = dict(SWEEP_SEEDS="1", ONLY="gradmem rmt llama", K="2", NS="8 16", GPUS="0 1", LLAMA_LRS="5e-5")  # one lr
 
 
 def fake_phase1_results(tmp_path):
