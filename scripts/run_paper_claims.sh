@@ -36,7 +36,7 @@
 # exact match chooses nothing: its phase 2 is skipped (reported, exit 1 at the end). DRY_RUN prints phase 1's plan and
 # what phase 2 will run; where phase-1 results are on disk (RUNS_DIR), the choice and phase 2's concrete plan too.
 # Runs, phase 1 + phase 2 (DRY_RUN counts, default sweeps, SWEEP_SEEDS=1): NS=8 27 + 16 instead of 81; NS="8 16"
-# 54 + 32 (up to 48 where N16 chooses another lr than N8) instead of 162; all four N 108 + 64 (up to 112) instead of 324.
+# 54 + 32 (up to 48 where N16 chooses another lr than N8) instead of 162; all four N 108 + 64 (up to 112) vs 324.
 #
 # Every run: batch 64, clip 1.0, AdamW, lr constant after its family's warmup (INIT_WARMUP steps when warm-started, for
 # every family), exactly STEPS_N<n> optimizer steps (no wall-clock budget, no early stopping, no stop at a metric value;
@@ -87,10 +87,11 @@
 # Run folders are the run scripts' own: RUNS_DIR/<data>/<run_name>/run_<142+s>; the saved arguments (run_config.json)
 # say which cell a run belongs to (collect_results.py reads them). Extra arguments go to every run and win over the
 # preset's. Logs: RUNS_DIR/logs/<run id>.log. Missing datasets DATA_DIR/N<n>-K2V2-V62_<DATA_SIZE> are built first. A
-# run whose all_results.json exists and whose record asks for the planned --max_steps is skipped; any other run is
-# started with its command, which resumes an unfinished run folder (or continues a finished one to a larger
-# --max_steps). A failed run is reported and its warm-started dependants are skipped; the others go on and the script
-# exits 1 at the end. Finally: collect_results.py --runs RUNS_DIR --out RESULTS_DIR --copy_metrics RESULTS_DIR/runs.
+# run whose all_results.json exists and whose record asks for the planned --max_steps is skipped (where some are, the
+# workers are balanced again on the runs left to do, and that plan printed); any other run is started with its
+# command, which resumes an unfinished run folder (or continues a finished one to a larger --max_steps). A failed run
+# is reported and its warm-started dependants are skipped; the others go on and the script exits 1 at the end.
+# Finally: collect_results.py --runs RUNS_DIR --out RESULTS_DIR --copy_metrics RESULTS_DIR/runs.
 # Those copied metrics, put into RUNS_DIR on another machine, make its sitting skip the runs they hold; a warm start
 # whose parent came that way (metrics, no checkpoint) is skipped with the fix named: chain N8 -> N16 in one sitting.
 # Balancing cost of a run (an estimate, for the GPU assignment only): steps x (2K+1) for gradmem, x (K+1) for rmt, x 1
@@ -657,8 +658,7 @@ run_job_list() {  # worker position: run its jobs one after the other; status 1 
     for j in ${G_JOBS[g]}; do
         for i in ${J_RUNS[j]}; do
             log="$RUNS_DIR/logs/${R_ID[$i]}.log"
-            if [ -f "${R_DIR[$i]}/all_results.json" ] && [ "$(json_field "${R_DIR[$i]}/run_config.json" \
-                    "d['cli_args']['max_steps']")" = "${R_MAX_STEPS[$i]}" ]; then
+            if run_done "$i"; then
                 echo "[gpu $worker] ${R_ID[$i]}: done before (${R_DIR[$i]}/all_results.json), skipped"
                 continue
             fi
@@ -700,8 +700,28 @@ run_job_list() {  # worker position: run its jobs one after the other; status 1 
 }
 
 N_BAD=0  # workers with a failed or skipped run, sweeps without a choice (+1 if choosing or collecting fails)
+run_done() {  # run number: its all_results.json is there, of a run with the planned --max_steps
+    [ -f "${R_DIR[$1]}/all_results.json" ] \
+        && [ "$(json_field "${R_DIR[$1]}/run_config.json" "d['cli_args']['max_steps']")" = "${R_MAX_STEPS[$1]}" ]
+}
+
+balance_runs_left() {  # after resolve_run_dirs: the jobs balanced again with the finished runs costing nothing
+    local j i done_runs=0
+    for j in "${!J_RUNS[@]}"; do
+        J_COST[j]=0
+        for i in ${J_RUNS[j]}; do
+            if run_done "$i"; then done_runs=$(( done_runs + 1 ))
+            else J_COST[j]=$(( J_COST[j] + $(run_steps "$i") * $(cost_factor "${R_CELL[$i]}") )); fi
+        done
+    done
+    (( done_runs > 0 )) || return 0
+    assign_gpus
+    print_plan "the same plan, balanced on the runs left to do ($done_runs done)" "the same runs"
+}
+
 run_plan() {  # one process per worker (WORKERS_PER_GPU per GPU), each running its jobs
     local g pid workers=()
+    balance_runs_left
     for g in "${!WORKER_GPU[@]}"; do
         [ -n "${G_JOBS[g]}" ] || continue
         run_job_list "$g" &

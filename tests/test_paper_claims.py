@@ -419,6 +419,8 @@ def test_two_phase_execution_writes_the_lr_choice_and_runs_phase2(tmp_path):
                for argv in map(str.split, (tmp_path / "python.calls").read_text().splitlines())]
     rmt, gradmem = "run_rmt_on_kv_retrieval.py", "run_gradmemgpt_on_kv_retrieval.py"
     assert started[0] == (rmt, "143", "N16", "1e-4")  # phase 1: the run without results, then phase 2
+    rebalanced = out[out.index("the same plan, balanced on the runs left to do (17 done): 18 runs"):]
+    assert "total cost: 60000 " in rebalanced.splitlines()[2 + 18 + 2]  # N16 RMT K=2 alone: 20000 steps x (K+1)
     assert sorted(started[1:]) == sorted((script, str(142 + s), n, lr) for s in (2, 3) for script, n, lr in (
         (gradmem, "N8-", "0.04"), (gradmem, "N8-", "0.08"), (rmt, "N8-", "1e-4")))
     assert "N16_rmt_K2_lr1e-4_s1: FAILED" in out
