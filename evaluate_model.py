@@ -24,6 +24,7 @@ import grad_memgpt  # noqa: F401  (registers GradMemGPT with AutoModel)
 import rmt  # noqa: F401  (registers RMT2Segm with AutoModel)
 from evaluation import generated_exact_match, keep_answer_texts
 from kv_dataset_utils import build_named_dataset
+from mamba_scan import use_parallel_scan
 from training_args import add_log_level_argument, run_cli, setup_logging
 from training_collators import (CausalLMCollator, MemoryModelCollator, make_compute_metrics,
                                 reduce_logits_to_predictions, single_token_ids)
@@ -58,6 +59,7 @@ def load_trained_model(path: str, device: Optional[str] = None) -> tuple:
     model_type = AutoConfig.from_pretrained(folder).model_type
     model_class = AutoModel if model_type in MEMORY_MODEL_TYPES else AutoModelForCausalLM
     model = model_class.from_pretrained(folder)
+    use_parallel_scan(model)  # Mamba's scan as in training (a no-op for other models)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "right"

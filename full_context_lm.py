@@ -9,6 +9,7 @@ from typing import Optional
 from transformers import AutoConfig
 
 from attn_double_bwd import head_dim_of, resolve_attn_implementation
+from mamba_scan import use_parallel_scan
 from modeling_utils import base_config_to_dict, build_causal_lm, max_positions
 from training_args import BackboneArgs
 from training_backbone import backbone_source, check_vocab_fits
@@ -46,7 +47,8 @@ def check_full_context_options(backbone_args: BackboneArgs, args: FullContextArg
 
 
 def build_full_context_lm(backbone_args: BackboneArgs, args: FullContextArgs, tokenizer):
-    """The causal LM from scratch (--base_model) or pretrained (--pretrained_model), cache off."""
+    """The causal LM from scratch (--base_model) or pretrained (--pretrained_model), cache off; a mamba's mixers scan
+    in parallel without mamba_ssm (mamba_scan.py; the same math and weights, not transformers' per-position loop)."""
     check_full_context_options(backbone_args, args)
     source = backbone_source(backbone_args, tokenizer)
     base_config = source.get("base_config")
@@ -60,6 +62,7 @@ def build_full_context_lm(backbone_args: BackboneArgs, args: FullContextArgs, to
     model = build_causal_lm(source.get("pretrained_model"),
                             None if base_config is None else base_config_to_dict(base_config), attn)
     model.config.use_cache = False
+    use_parallel_scan(model)  # a no-op for models without MambaMixer
     check_vocab_fits(model.get_input_embeddings().weight.shape[0], tokenizer)
     return model
 
