@@ -19,7 +19,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_env import git_commit  # noqa: E402
 from attn_double_bwd import exact_attention  # noqa: E402
 from attn_double_bwd.verify import attention_and_derivatives, make_case, rel_err  # noqa: E402
 
@@ -248,7 +248,7 @@ def main(argv=None):
         f"# Attention alone: forward / backward / double backward ({'causal' if causal else 'no mask'})",
         "",
         f"- card: {torch.cuda.get_device_name()}; {versions}",
-        f"- date: {datetime.date.today().isoformat()}; commit {_git_commit()}",
+        f"- date: {datetime.date.today().isoformat()}; commit {git_commit()}",
         f"- command: `python {' '.join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:]))}`",
         f"- shape: batch {B}, {Hq} query heads, {Hkv} key/value heads, head_dim {D}; "
         f"GRADMEM_ATTN_AUTOTUNE={os.environ.get('GRADMEM_ATTN_AUTOTUNE', '0')}",
@@ -268,15 +268,6 @@ def _version(pkg):
         return __import__(pkg).__version__
     except ImportError:
         return "not installed"
-
-
-def _git_commit():
-    if os.environ.get("GRADMEM_COMMIT"):  # machines that get a copy of the tree without .git
-        return os.environ["GRADMEM_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ collator does): N8 -> context 64 (57 real tokens), N16 -> 120 (113); query 16 (9
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_env import git_commit  # noqa: E402
 import kv_dataset_utils  # noqa: E402
 from figures import save_png  # noqa: E402
 from bench_step import paper_kv_model  # noqa: E402
@@ -234,7 +234,7 @@ def write_results(args, stages, log, reached, started):
              f"- card: {torch.cuda.get_device_name(0)}; torch {torch.__version__}, "
              f"transformers {__import__('transformers').__version__}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; git commit "
-             f"{os.environ.get('GIT_COMMIT', '?')}",
+             f"{git_commit()}",
              f"- command: `python {' '.join(sys.argv)}`",
              f"- recipe: batch {args.batch_size}, AdamW (betas 0.9, {args.adam_beta2:g}) lr {args.learning_rate:g} "
              f"(warmup {args.warmup_steps}, then constant); later stages lr {args.stage_learning_rate:g} (warmup "

@@ -13,10 +13,8 @@ relative difference of a parameter's gradient (max |g_scan - g_hf| / max |g_hf|)
 import argparse
 import copy
 import datetime
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_env import git_commit  # noqa: E402
 from mamba_scan import use_parallel_scan  # noqa: E402
 from training_args import BackboneArgs  # noqa: E402
 from training_backbone import build_backbone_config, load_tokenizer  # noqa: E402
@@ -118,7 +117,7 @@ def main(argv=None):
         "",
         f"- device: {name}; torch {torch.__version__}, transformers {transformers.__version__}, "
         f"python {platform.python_version()}",
-        f"- date: {datetime.date.today().isoformat()}; commit {_git_commit()}",
+        f"- date: {datetime.date.today().isoformat()}; commit {git_commit()}",
         f"- command: `python {' '.join([Path(sys.argv[0]).as_posix()] + (sys.argv[1:] if argv is None else argv))}`",
         f"- precision: {args.precision}; forward with labels + backward, median of {args.steps} steps after "
         f"{args.warmup} warm-up",
@@ -129,15 +128,6 @@ def main(argv=None):
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-
-
-def _git_commit():
-    if os.environ.get("GRADMEM_COMMIT"):  # machines that get a copy of the tree without .git
-        return os.environ["GRADMEM_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -35,10 +35,8 @@ both references run without lean ops.
 import argparse
 import copy
 import datetime
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -49,6 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_env import git_commit  # noqa: E402
 from fast_step import CapturedTrainStep, autocast_for, precision_flags  # noqa: E402
 from grad_memgpt import PRESETS, GradMemArgs, GradMemGPT, build_grad_memgpt  # noqa: E402
 
@@ -261,17 +260,10 @@ def header(args) -> str:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
-    commit = os.environ.get("GIT_COMMIT")  # set it where the copy of the tree has no .git
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-        except OSError:
-            commit = "?"
     device = torch.cuda.get_device_name(0)
     return (f"# GradMem training step, paper KV model\n\n- card: {device}\n- versions: "
             + ", ".join(f"{k} {v}" for k, v in versions.items())
-            + f"\n- git commit: {commit or '?'}\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+            + f"\n- git commit: {git_commit()}\n- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
             + f"\n- command: `python {' '.join(sys.argv)}`\n")
 
 
