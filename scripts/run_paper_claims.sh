@@ -104,8 +104,8 @@ fail() {
     exit 2
 }
 
-# Settings of the earlier wall-clock preset: refused, so that an old command line does not silently run the new matrix
-for name in BUDGET_N4 BUDGET_N8 BUDGET_N16 BUDGET_N32 SEEDS_ABLATION MAX_STEPS; do
+# Settings of earlier versions: refused, so that an old command line does not silently run the new matrix
+for name in BUDGET_N4 BUDGET_N8 BUDGET_N16 BUDGET_N32 SEEDS_ABLATION MAX_STEPS GRADMEM_LR; do
     if [ -n "${!name+set}" ]; then
         case "$name" in
             BUDGET_*) fail "$name is no longer read: every run has a step budget, the same for every family; set" \
@@ -114,6 +114,8 @@ for name in BUDGET_N4 BUDGET_N8 BUDGET_N16 BUDGET_N32 SEEDS_ABLATION MAX_STEPS; 
                                  "SEEDS; unset SEEDS_ABLATION" ;;
             MAX_STEPS) fail "MAX_STEPS is no longer read: set STEPS_N4 ... STEPS_N32 (or pass --max_steps as an extra" \
                             "argument for a smoke test); unset MAX_STEPS" ;;
+            GRADMEM_LR) fail "GRADMEM_LR is no longer read: each K has its own outer lr, GRADMEM_LR_K<k> (defaults:" \
+                             "K1, K2 1e-3, K5 1e-4); set those and unset GRADMEM_LR" ;;
         esac
     fi
 done

@@ -39,7 +39,7 @@ SCRIPT_SETTINGS = (
     "LLAMA_BETA2", "LLAMA_STEPS_FACTOR", "LLAMA_PATIENCE", "MAMBA_LRS", "MAMBA_WARMUP", "MAMBA_BETA2", "EVAL_STEPS",
     "MAX_EVAL_SAMPLES", "PRECISION", "DATA_DIR", "DATA_SIZE", "N_VALID", "N_TEST", "RUNS_DIR", "RESULTS_DIR", "PYTHON",
     "DRY_RUN", "SWEEP_SEEDS", "WORKERS_PER_GPU",
-    "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32", "SEEDS_ABLATION", "MAX_STEPS")  # the last: refused
+    "BUDGET_N4", "BUDGET_N8", "BUDGET_N16", "BUDGET_N32", "SEEDS_ABLATION", "MAX_STEPS", "GRADMEM_LR")  # the last: refused
 PLAN_ROW = re.compile(r"^(\S+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\d+)\s+(\d+)\s+(.+)$")
 PARSING = {"run_gradmemgpt_on_kv_retrieval.py": (GradMemArgs, gradmem_run_name, PRESETS),
            "run_rmt_on_kv_retrieval.py": (RMTArgs, rmt_run_name, None),
@@ -273,6 +273,7 @@ def test_selection_of_cells():
                           "STEPS_N8 (optimizer steps) and unset BUDGET_N8"),
     (dict(SEEDS_ABLATION="1"), "SEEDS_ABLATION is no longer read"),
     (dict(MAX_STEPS="100"), "MAX_STEPS is no longer read: set STEPS_N4 ... STEPS_N32"),
+    (dict(GRADMEM_LR="1e-4"), "GRADMEM_LR is no longer read: each K has its own outer lr, GRADMEM_LR_K<k>"),
     (dict(SWEEP_SEEDS="4"), 'SWEEP_SEEDS="4": seed 4 is not in SEEDS="1 2 3"; name seeds of SEEDS (the sweep runs on '
                             'them, the chosen lr on the others), e.g. SWEEP_SEEDS=1'),
     (dict(SEEDS="2 3", SWEEP_SEEDS="1"), 'seed 1 is not in SEEDS="2 3"'),
