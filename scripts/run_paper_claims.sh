@@ -331,6 +331,7 @@ cost_factor() {  # cell number -> relative cost of one step (balancing only)
         *) echo 1 ;;
     esac
 }
+run_cost() { echo $(( $(run_steps "$1") * $(cost_factor "${R_CELL[$1]}") )); }  # run number -> its balancing cost
 
 add_run() {  # cell n seed parent -> appends a run, its number in LAST_RUN
     LAST_RUN=${#R_ID[@]}
@@ -339,7 +340,7 @@ add_run() {  # cell n seed parent -> appends a run, its number in LAST_RUN
 
 add_job() {  # run numbers of one job
     local cost=0 i
-    for i in "$@"; do cost=$(( cost + $(run_steps "$i") * $(cost_factor "${R_CELL[$i]}") )); done
+    for i in "$@"; do cost=$(( cost + $(run_cost "$i") )); done
     J_RUNS+=("$*"); J_COST+=("$cost")
 }
 
@@ -713,7 +714,7 @@ balance_runs_left() {  # after resolve_run_dirs: the jobs balanced again with th
         J_COST[j]=0
         for i in ${J_RUNS[j]}; do
             if run_done "$i"; then done_runs=$(( done_runs + 1 ))
-            else J_COST[j]=$(( J_COST[j] + $(run_steps "$i") * $(cost_factor "${R_CELL[$i]}") )); fi
+            else J_COST[j]=$(( J_COST[j] + $(run_cost "$i") )); fi
         done
     done
     (( done_runs > 0 )) || return 0
