@@ -1,9 +1,10 @@
 """Collect the metrics of finished runs into a markdown table and PNG plots.
 
 Reads run folders `<runs>/<task>/<run_name>/run_<seed>/` as run_experiment writes them (run_config.json
-or a legacy config.json that holds cli_args, all_results.json, trainer_state.json; checkpoints and the model are not
-read), or copies of them that hold only those three files
-(`--copy_metrics results/runs` makes such copies, so the tables can be rebuilt from git).
+or a legacy config.json that holds cli_args, all_results.json, trainer_state.json; of a run that has not finished, its
+newest checkpoint's trainer_state.json, the log so far; the model is not read), or copies of them that hold only those
+three files (`--copy_metrics results/runs` makes such copies of the finished runs, so the tables can be rebuilt from
+git).
 Runs are grouped by (task = data folder, run_name); eval_exact_match / eval_token_accuracy are averaged over seeds,
 written as `mean (std) [per-seed values]` like the reference notebook (std over seeds with ddof=1; `nan` = a seed
 without all_results.json, e.g. still running or crashed; mean and std skip it). A malformed all_results.json or
@@ -11,7 +12,7 @@ trainer_state.json (not JSON, not a dict, a metric that is not a number, a bad l
 warning naming it, as if it were missing.
 
     python collect_results.py --runs runs --out results/summary          # summary.md, summary.json, *.png
-    python collect_results.py --runs runs --copy_metrics results/runs    # copy the three json files of every run
+    python collect_results.py --runs runs --copy_metrics results/runs    # the three json files of each finished run
 
 Plots (under --out): learning_curves_<task>.png (eval exact match vs step, one colour per run group, seeds thin,
 mean thick), em_vs_n.png (exact match vs N of the KV tasks, one panel per model family gradmem / rmt2segm /
@@ -253,13 +254,18 @@ def write_summary(runs_root, out_dir) -> dict:
 
 
 def copy_metrics(runs_root, dest) -> list:
-    """Copy the run record / all_results.json / trainer_state.json of every run to dest/<task>/<run_name>/run_<seed>/."""
+    """Copy the run record / all_results.json / trainer_state.json of every finished run (one with results) to
+    dest/<task>/<run_name>/run_<seed>/. Unfinished runs are left out: on another machine a copied record without a
+    checkpoint would be a run folder to start over in, its settings recorded by the code of its first attempt."""
     root, dest = Path(runs_root).resolve(), Path(dest).resolve()
     if dest == root or root in dest.parents:
         raise ValueError(f"--copy_metrics {dest} lies inside --runs {root}; copy to a folder outside it "
                          "(e.g. results/runs)")
     copied = []
     for run in find_runs(root):
+        if not run.metrics:
+            print(f"not copied (no results: unfinished, or a malformed all_results.json): {run.path}")
+            continue
         target = dest / run.path.relative_to(root)
         target.mkdir(parents=True, exist_ok=True)
         for name in run_files(run.path):
@@ -273,7 +279,7 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", default="runs", help="folder holding <task>/<run_name>/run_<seed>/ (default: runs)")
     parser.add_argument("--out", default=None, help="write summary.md, summary.json and the PNG plots here")
     parser.add_argument("--copy_metrics", default=None,
-                        help="copy the three json files of every run (not checkpoints) to this folder")
+                        help="copy the three json files of every finished run (not checkpoints) to this folder")
     args = parser.parse_args(argv)
     if args.out is None and args.copy_metrics is None:
         parser.error("nothing to do: give --out results/summary (table and plots) and/or --copy_metrics results/runs")

@@ -2,7 +2,8 @@
 reports share (collect_results.py: tables and plots per run group; results_matrix.py: the comparison matrix).
 
 A run folder holds what run_experiment writes (run_config.json or a legacy config.json that holds cli_args,
-all_results.json, trainer_state.json; checkpoints and the model are not read), or copies of those three files.
+all_results.json, trainer_state.json; of the checkpoints, only the newest one's trainer_state.json is read, the log so
+far of a run that has not finished; the model is not read), or copies of those three files.
 A malformed all_results.json or trainer_state.json (not JSON, not a dict, a metric that is not a number, a bad
 log_history) is skipped with a warning naming it, as if it were missing.
 """
@@ -102,13 +103,23 @@ def run_files(run_dir: Path) -> list:
     return names
 
 
+def trainer_state_file(run_dir: Path) -> Path:
+    """The trainer_state.json that holds a run's log: the run folder's own (written when training ends), or, in a run
+    still training or cut short (no all_results.json), its newest checkpoint's: the log so far."""
+    own = run_dir / "trainer_state.json"
+    if (run_dir / "all_results.json").exists():
+        return own
+    saved = [p for p in run_dir.glob("checkpoint-*/trainer_state.json") if p.parent.name.split("-")[1].isdigit()]
+    return max(saved, key=lambda p: int(p.parent.name.split("-")[1]), default=own)
+
+
 def read_run(path: Path) -> Run:
     """The run folder `<task>/<run_name>/run_<seed>` as a Run (metrics, log and arguments empty where missing)."""
     path = Path(path)
     return Run(task=path.parent.parent.name, run_name=path.parent.name,
                seed=int(RUN_DIR_PATTERN.fullmatch(path.name)[1]), path=path,
                metrics=read_results(path / "all_results.json"),
-               log_history=read_log_history(path / "trainer_state.json"), args=saved_arguments(path))
+               log_history=read_log_history(trainer_state_file(path)), args=saved_arguments(path))
 
 
 def find_runs(runs_root) -> list:

@@ -58,8 +58,11 @@ def write_run(root, task, family, K, lr, seed, result, name=None, **changed):
     run = root / task / (name or f"run_group_{family}_{K}_{lr:g}") / f"run_{seed}"
     run.mkdir(parents=True)
     (run / "run_config.json").write_text(json.dumps({"cli_args": saved_args(family, task, seed, lr, K, **changed)}))
-    if result is None:  # unfinished: a checkpoint, no results
-        (run / "checkpoint-300").mkdir()
+    if result is None:  # unfinished: no results, two checkpoints; the newest one's log is the log so far
+        for step, em in ((200, 0.20), (300, 0.35)):
+            (run / f"checkpoint-{step}").mkdir()
+            log = [{"step": 100, "loss": 2.0, "grad_norm": step / 10}, {"step": step, "eval_exact_match": em}]
+            (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": log}))
         return run
     best = max(result["valid"], result.get("final_valid", 0))
     history = [{"step": 0, "eval_exact_match": 0.0, "eval_loss": 3.0},
@@ -110,6 +113,7 @@ def test_cells_from_saved_arguments_with_per_seed_values(runs_root):
     assert unfinished.values("valid_em")[0] == 0.60 and math.isnan(unfinished.values("valid_em")[1])
     assert unfinished.mean("valid_em") == pytest.approx(0.60) and unfinished.finished == 1
     assert unfinished.runs[1].steps == 300 and unfinished.runs[1].problems == ["unfinished"]
+    assert unfinished.runs[1].best_logged_valid_em == 0.35 and unfinished.runs[1].max_grad_norm == 30.0
 
 
 def test_best_lr_is_chosen_on_valid_never_on_test(runs_root):
