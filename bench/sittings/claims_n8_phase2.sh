@@ -1,16 +1,23 @@
 # One sitting of the comparison matrix at N8 on one H200 (run from the repository root, resumable: run it again):
 # (a) phase 2 of GradMem and RMT at K=1 and K=2 (the lr chosen on seed 1, on seeds 2 and 3; 8 runs at once) and
-# (b) phase 1 and 2 of the full-context Llama and Mamba (6 runs at once, then their phase 2), side by side.
-# OUT: where the logs go; LIMIT: seconds the matrix may run (then its runs stop and resume in the next sitting).
+# (b) phase 1 and 2 of the full-context Llama and Mamba (6 runs at once, then their phase 2), side by side (as run on
+# 2026-12-03) or after (a) (SERIAL=1).
+# OUT: where the logs go; LIMIT: seconds the matrix may run (then its runs stop and resume in the next command on the
+# same machine). SERIAL=1: (a) first, with all of LIMIT, then (b) in what is left (14 at once made 7,000-10,000 steps
+# per run in a session's 1,600 s of command time, too few to finish: runs not finished when the machine goes back
+# start again from step 0 on the next one).
 set -u
-OUT=${OUT:-/tmp/sitting} LIMIT=${LIMIT:-520}
+OUT=${OUT:-/tmp/sitting} LIMIT=${LIMIT:-520} SERIAL=${SERIAL:-}
+start=$SECONDS
 mkdir -p "$OUT" runs/kv_matrix && cp -r results/kv_matrix/runs/. runs/kv_matrix/
 [ -d data/N8-K2V2-V62_1M ] || python3 kv_dataset_utils.py --name N8-K2V2-V62_1M --out data/N8-K2V2-V62_1M \
     --n_valid 5000 --n_test 2000 > "$OUT/data.log" 2>&1
 export NS=8 SEEDS="1 2 3" SWEEP_SEEDS=1 GPUS=0 PRECISION=tf32
 ONLY="gradmem rmt" K="1 2" WORKERS_PER_GPU=8 timeout "$LIMIT" bash scripts/run_paper_claims.sh > "$OUT/a.log" 2>&1 &
-ONLY="llama mamba" WORKERS_PER_GPU=6 RESULTS_DIR=/tmp/results_b timeout "$LIMIT" bash scripts/run_paper_claims.sh \
-    > "$OUT/b.log" 2>&1 &
+[ -n "$SERIAL" ] && wait
+left=$((LIMIT - (SECONDS - start)))
+[ "$left" -gt 30 ] && ONLY="llama mamba" WORKERS_PER_GPU=6 RESULTS_DIR=/tmp/results_b timeout "$left" \
+    bash scripts/run_paper_claims.sh > "$OUT/b.log" 2>&1 &
 wait
 pkill -f "[r]un_.*_on_kv_retrieval"
 tail -n 3 runs/kv_matrix/logs/*.log > "$OUT/progress.log" 2>&1
