@@ -5,9 +5,9 @@
 # OUT: where the logs go; LIMIT: seconds the matrix may run (then its runs stop and resume in the next command on the
 # same machine). SERIAL=1: (a) first, with all of LIMIT, then (b) in what is left (14 at once made 7,000-10,000 steps
 # per run in a session's 1,600 s of command time, too few to finish: runs not finished when the machine goes back
-# start again from step 0 on the next one).
+# start again from step 0 on the next one). B_ONLY: the families of (b) (e.g. "mamba": its three lrs, 10,000 steps).
 set -u
-OUT=${OUT:-/tmp/sitting} LIMIT=${LIMIT:-520} SERIAL=${SERIAL:-}
+OUT=${OUT:-/tmp/sitting} LIMIT=${LIMIT:-520} SERIAL=${SERIAL:-} B_ONLY=${B_ONLY:-"llama mamba"}
 start=$SECONDS
 mkdir -p "$OUT" runs/kv_matrix && cp -r results/kv_matrix/runs/. runs/kv_matrix/
 [ -d data/N8-K2V2-V62_1M ] || python3 kv_dataset_utils.py --name N8-K2V2-V62_1M --out data/N8-K2V2-V62_1M \
@@ -16,7 +16,7 @@ export NS=8 SEEDS="1 2 3" SWEEP_SEEDS=1 GPUS=0 PRECISION=tf32
 ONLY="gradmem rmt" K="1 2" WORKERS_PER_GPU=8 timeout "$LIMIT" bash scripts/run_paper_claims.sh > "$OUT/a.log" 2>&1 &
 [ -n "$SERIAL" ] && wait
 left=$((LIMIT - (SECONDS - start)))
-[ "$left" -gt 30 ] && ONLY="llama mamba" WORKERS_PER_GPU=6 RESULTS_DIR=/tmp/results_b timeout "$left" \
+[ "$left" -gt 30 ] && ONLY="$B_ONLY" WORKERS_PER_GPU=6 RESULTS_DIR=/tmp/results_b timeout "$left" \
     bash scripts/run_paper_claims.sh > "$OUT/b.log" 2>&1 &
 wait
 pkill -f "[r]un_.*_on_kv_retrieval"
