@@ -22,7 +22,8 @@ wait
 pkill -f "[r]un_.*_on_kv_retrieval"
 tail -n 3 runs/kv_matrix/logs/*.log > "$OUT/progress.log" 2>&1
 for f in json md; do  # each part's lr choice (phase 1 -> phase 2), for results/kv_matrix
-    cp results/kv_matrix/lr_choice.$f "$OUT/" 2>/dev/null; cp /tmp/results_b/lr_choice.$f "$OUT/lr_choice_b.$f" 2>/dev/null
+    cp results/kv_matrix/lr_choice.$f "$OUT/" 2>/dev/null
+    cp /tmp/results_b/lr_choice.$f "$OUT/lr_choice_b.$f" 2>/dev/null
 done
 # every run's metrics, records and logs; of the checkpoints only trainer_state.json (an unfinished run's log so far)
 find runs/kv_matrix -type f \( ! -path '*/checkpoint-*' -o -name trainer_state.json \) ! -name '*.safetensors' \
