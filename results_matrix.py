@@ -36,7 +36,7 @@ import numpy as np
 
 from run_metrics import (Run, _is_number, _pyplot, _safe, _series, kv_task_n, plot_mean_and_seeds,
                          plot_seeds_and_mean, read_run, save_figure)
-from training_runs import family_of_arguments, setting
+from training_runs import checkpoint_folders, checkpoint_step, family_of_arguments, setting
 
 COLLAPSE_FRACTION = 0.5  # a final valid exact match below this fraction of the best one logged ...
 COLLAPSE_MIN_BEST = 0.2  # ... that best being at least this much: collapsed
@@ -112,8 +112,8 @@ def _number(metrics: dict, key: str) -> float:
 
 
 def _newest_checkpoint_step(run_dir: Path) -> Optional[int]:
-    steps = [int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    return max(steps) if steps else None
+    folders = checkpoint_folders(run_dir)
+    return checkpoint_step(folders[-1]) if folders else None
 
 
 def logged_grad_norms(run: Run) -> list:

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from figures import save_png
-from training_runs import LEGACY_RUN_RECORD, RUN_RECORD, is_run_record, saved_arguments
+from training_runs import LEGACY_RUN_RECORD, RUN_RECORD, checkpoint_folders, is_run_record, saved_arguments
 
 METRICS = ("eval_token_accuracy", "eval_exact_match")
 RUN_FILES = (RUN_RECORD, "all_results.json", "trainer_state.json")
@@ -109,8 +109,8 @@ def trainer_state_file(run_dir: Path) -> Path:
     own = run_dir / "trainer_state.json"
     if (run_dir / "all_results.json").exists():
         return own
-    saved = [p for p in run_dir.glob("checkpoint-*/trainer_state.json") if p.parent.name.split("-")[1].isdigit()]
-    return max(saved, key=lambda p: int(p.parent.name.split("-")[1]), default=own)
+    saved = [f / "trainer_state.json" for f in checkpoint_folders(run_dir) if (f / "trainer_state.json").is_file()]
+    return saved[-1] if saved else own
 
 
 def read_run(path: Path) -> Run:

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from training_runs import checkpoint_folders, checkpoint_step
+
 logger = logging.getLogger("gradmem")
 
 
@@ -129,25 +131,15 @@ def _interrupted_save(folder: Path) -> bool:
     return not (folder / "trainer_state.json").exists() and not whole
 
 
-def _checkpoint_folders(run_dir: Path) -> list:
-    """checkpoint-<step> folders, oldest first."""
-    folders = [f for f in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f.is_dir() and f.name.split("-")[-1].isdigit()]
-    return sorted(folders, key=_step_of)
-
-
 def newest_usable_checkpoint(run_dir: Path) -> Optional[Path]:
-    return next((f for f in reversed(_checkpoint_folders(run_dir)) if checkpoint_problem(f) is None), None)
-
-
-def _step_of(folder: Path) -> int:
-    return int(folder.name.split("-")[-1])
+    return next((f for f in reversed(checkpoint_folders(run_dir)) if checkpoint_problem(f) is None), None)
 
 
 def resume_checkpoint(run_dir: Path) -> tuple:
     """(newest usable checkpoint or None, checkpoints interrupted while saving). Falls back past unusable newer
     checkpoints with a warning; raises, naming the file, when checkpoints exist but none can be resumed from."""
     usable, broken, interrupted = [], [], []
-    for folder in _checkpoint_folders(run_dir):
+    for folder in checkpoint_folders(run_dir):
         problem = checkpoint_problem(folder)
         if problem is None:
             usable.append(folder)
@@ -158,7 +150,7 @@ def resume_checkpoint(run_dir: Path) -> tuple:
             logger.warning("%s cannot be resumed from: %s. It is kept (not deleted)", folder, problem)
             broken.append((folder, problem))
     resume_from = usable[-1] if usable else None
-    newer = [(f, p) for f, p in broken if resume_from is None or _step_of(f) > _step_of(resume_from)]
+    newer = [(f, p) for f, p in broken if resume_from is None or checkpoint_step(f) > checkpoint_step(resume_from)]
     if newer and resume_from is None:
         raise ValueError(f"cannot resume {run_dir}: {newer[-1][1]}, and there is no earlier complete checkpoint. "
                          "Restore or delete that checkpoint, or pass --overwrite to start over")

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 RUN_RECORD = "run_config.json"  # the CLI record of a run (cli_args, versions, git commit); marks a run folder
 LEGACY_RUN_RECORD = "config.json"  # where runs written by older code keep their record (a dict with cli_args)
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR: a run's checkpoints are checkpoint-<step>/
 # Arguments that do not change what is trained: they may change when a run is resumed, and runs that differ only in
 # them (and in the seed, name and place) are runs of one setting.
 RESUMABLE_ARG_CHANGES = {
@@ -64,6 +65,18 @@ def find_run_record(run_dir: Path) -> Optional[Path]:
         if is_run_record(run_dir / name):
             return run_dir / name
     return None
+
+
+def checkpoint_folders(run_dir: Path) -> list:
+    """A run folder's checkpoint-<step> folders, oldest first."""
+    folders = [f for f in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}-*")
+               if f.is_dir() and f.name.split("-")[-1].isdigit()]
+    return sorted(folders, key=checkpoint_step)
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a checkpoint-<step> folder."""
+    return int(Path(folder).name.split("-")[-1])
 
 
 def saved_arguments(run_dir: Path) -> dict:

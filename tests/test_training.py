@@ -583,6 +583,20 @@ def test_corrupt_latest_checkpoint_falls_back_or_names_the_file(tmp_path, finish
         _run(tmp_path, exp="one", max_steps=6)
 
 
+def test_checkpoint_folders_oldest_first_as_transformers_names_them(tmp_path):
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    import training_runs
+
+    assert training_runs.CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR
+    for name in ("checkpoint-20", "checkpoint-3", "checkpoint-100", "checkpoint-tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-7").write_text("not a folder")
+    folders = training_runs.checkpoint_folders(tmp_path)
+    assert [f.name for f in folders] == ["checkpoint-3", "checkpoint-20", "checkpoint-100"]
+    assert [training_runs.checkpoint_step(f) for f in folders] == [3, 20, 100]
+
+
 def test_checkpoint_problems_name_the_file(tmp_path, finished_run):
     ckpt = finished_run / "checkpoint-6"
     assert training_checkpoints.checkpoint_problem(ckpt) is None
