@@ -1,0 +1,44 @@
+# One sitting of the comparison matrix at N8 on one GPU machine (run from the repository root; resumable: run it again
+# on the same machine and its runs go on from their checkpoints). Two parts, each a scripts/run_paper_claims.sh call
+# with SWEEP_SEEDS=1 (phase 1: every lr on seed 1; phase 2: the lr chosen on seed 1, on the other seeds of its SEEDS):
+#   (a) A_ONLY ["gradmem rmt"] at A_K ["1 2"] on A_SEEDS ["1 2 3"], A_WORKERS [8] runs at once;
+#   (b) B_ONLY ["llama mamba"] on B_SEEDS ["1 2 3"], B_WORKERS [6] runs at once; B_ONLY="" leaves (b) out.
+# A_SEEDS=1 runs phase 1 alone, so a sweep can be split over sittings (the recipe's variables pass through, e.g.
+# GRADMEM_ILRS_K5="0.3 2.0" RMT_LRS="1e-4 3e-4"); a later sitting with the whole sweep skips the finished runs.
+# The parts run side by side, or (b) after (a) with SERIAL=1. LIMIT [520]: seconds the sitting may run (then its runs
+# stop and resume in the next command on the same machine). Runs not finished when the machine is given back start
+# again from step 0 on the next one: plan a sitting that finishes (14 runs at once made 7,000-10,000 steps per run in a
+# session's 1,600 s of command time; six GradMem/RMT K=1/K=2 runs finished 10,000 steps in 12.5 minutes).
+# OUT: the logs (a.log, b.log, data.log, progress.log), lr_choice.{json,md} of (a), lr_choice_b.* of (b), runs.tgz (every
+# run's metrics and logs; of the checkpoints only trainer_state.json). DRY_RUN=1: the parts' plans, nothing run.
+#   SERIAL=1 B_ONLY=mamba OUT=$OUT bash bench/sittings/claims_n8.sh       # phase 2 at K=1, 2, then Mamba's sweep
+#   SERIAL=1 A_K=5 A_SEEDS=1 GRADMEM_ILRS_K5="0.3 2.0" RMT_LRS="1e-4 3e-4" B_ONLY= OUT=$OUT \
+#       bash bench/sittings/claims_n8.sh                                  # half of the K=5 sweeps, seed 1
+set -u
+OUT=${OUT:-/tmp/sitting} LIMIT=${LIMIT:-520} SERIAL=${SERIAL:-}
+A_ONLY=${A_ONLY-"gradmem rmt"} A_K=${A_K-"1 2"} A_SEEDS=${A_SEEDS-"1 2 3"} A_WORKERS=${A_WORKERS:-8}
+B_ONLY=${B_ONLY-"llama mamba"} B_SEEDS=${B_SEEDS-"1 2 3"} B_WORKERS=${B_WORKERS:-6}
+RUNS_DIR=${RUNS_DIR:-runs/kv_matrix} WORK=${WORK:-/tmp/claims_sitting}
+export RUNS_DIR NS=8 SWEEP_SEEDS=1 GPUS=0 PRECISION=tf32
+start=$SECONDS
+mkdir -p "$OUT" "$RUNS_DIR" && cp -r results/kv_matrix/runs/. "$RUNS_DIR/"
+[ -n "${DRY_RUN:-}" ] || [ -d data/N8-K2V2-V62_1M ] || python3 kv_dataset_utils.py --name N8-K2V2-V62_1M \
+    --out data/N8-K2V2-V62_1M --n_valid 5000 --n_test 2000 > "$OUT/data.log" 2>&1
+if [ -n "$A_ONLY" ]; then
+    ONLY="$A_ONLY" K="$A_K" SEEDS="$A_SEEDS" WORKERS_PER_GPU=$A_WORKERS RESULTS_DIR="$WORK/results_a" \
+        timeout "$LIMIT" bash scripts/run_paper_claims.sh > "$OUT/a.log" 2>&1 &
+    [ -n "$SERIAL" ] && wait
+fi
+left=$((LIMIT - (SECONDS - start)))
+[ -n "$B_ONLY" ] && [ "$left" -gt 30 ] && ONLY="$B_ONLY" SEEDS="$B_SEEDS" WORKERS_PER_GPU=$B_WORKERS \
+    RESULTS_DIR="$WORK/results_b" timeout "$left" bash scripts/run_paper_claims.sh > "$OUT/b.log" 2>&1 &
+wait
+pkill -f "[r]un_.*_on_kv_retrieval"
+tail -n 3 "$RUNS_DIR"/logs/*.log > "$OUT/progress.log" 2>&1
+for f in json md; do  # each part's lr choice (phase 1 -> phase 2), for results/kv_matrix
+    cp "$WORK/results_a/lr_choice.$f" "$OUT/" 2>/dev/null
+    cp "$WORK/results_b/lr_choice.$f" "$OUT/lr_choice_b.$f" 2>/dev/null
+done
+# every run's metrics, records and logs; of the checkpoints only trainer_state.json (an unfinished run's log so far)
+find "$RUNS_DIR" -type f \( ! -path '*/checkpoint-*' -o -name trainer_state.json \) ! -name '*.safetensors' \
+    ! -name '*.pt' ! -name '*.pth' ! -name '*.bin' | tar czf "$OUT/runs.tgz" -T -

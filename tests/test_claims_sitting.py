@@ -1,0 +1,45 @@
+"""bench/sittings/claims_n8.sh: each part's selection reaches scripts/run_paper_claims.sh (a sweep can be split over
+sittings, a part left out), the committed metrics are copied in first, and the runs are packed (DRY_RUN: plans only)."""
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_sitting(tmp_path, **env):
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "RUNS_DIR": str(tmp_path / "runs"),
+           "WORK": str(tmp_path / "work"), **env}
+    done = subprocess.run(["bash", "bench/sittings/claims_n8.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return tmp_path / "out"
+
+
+def planned_runs(log: Path) -> list:
+    """(cell, seed) of every run in the plans a run_paper_claims.sh log prints."""
+    rows = [line.split() for line in log.read_text().splitlines() if line.startswith("0/")]
+    return sorted((row[3], row[4]) for row in rows)
+
+
+def test_a_split_k5_sweep_on_seed_1_without_part_b(tmp_path):
+    out = run_sitting(tmp_path, SERIAL="1", A_K="5", A_SEEDS="1", GRADMEM_ILRS_K5="0.3 2.0", RMT_LRS="1e-4 3e-4",
+                      B_ONLY="")
+    assert planned_runs(out / "a.log") == [("gradmem_K5_ilr0.3", "1"), ("gradmem_K5_ilr2.0", "1"),
+                                           ("rmt_K5_lr1e-4", "1"), ("rmt_K5_lr3e-4", "1")]
+    assert not (out / "b.log").exists()
+    # the committed metrics were copied into RUNS_DIR first (so finished runs are skipped) and come back packed
+    committed = {p.relative_to(REPO / "results" / "kv_matrix" / "runs").as_posix()
+                 for p in (REPO / "results" / "kv_matrix" / "runs").rglob("all_results.json")}
+    assert committed
+    prefix = str(tmp_path / "runs").lstrip("/") + "/"  # tar drops the leading /
+    with tarfile.open(out / "runs.tgz") as tar:
+        packed = {name[len(prefix):] for name in tar.getnames() if name.endswith("all_results.json")}
+    assert committed <= packed
+
+
+def test_b_alone_runs_the_mamba_sweep(tmp_path):
+    out = run_sitting(tmp_path, A_ONLY="", B_ONLY="mamba")
+    assert not (out / "a.log").exists()
+    assert planned_runs(out / "b.log") == [("mamba_lr1e-3", "1"), ("mamba_lr1e-4", "1"), ("mamba_lr3e-4", "1")]
