@@ -11,8 +11,8 @@ matrix.md, matrix.json, k_scaling.png and matrix_curves_<task>.png (written by `
 - Best lr: per (task, family, K, variant), the lr whose cell has the best mean VALID exact match over the seeds every
   lr of the sweep finished (ties: the smaller lr); test numbers never choose. The whole sweep is shown as well.
 - k_scaling.png: test generated exact match against K, one panel per task (N), GradMem and RMT at their best lr per
-  K, the full-context LMs as horizontal lines. matrix_curves_<task>.png: valid exact match against step of each
-  (family, K) at its best lr.
+  K (GradMem: and its outer lr per K, chosen on valid too), the full-context LMs as horizontal lines.
+  matrix_curves_<task>.png: valid exact match against step of each (family, K) at its best lr.
 - Problem runs (listed, never dropped: their numbers stay in the means), one or more of:
   unfinished  no readable all_results.json (running, crashed or killed; the newest checkpoint's step is shown);
   diverged    a non-finite loss logged while training (loss, eval_loss) or in all_results.json (eval_loss,
@@ -199,28 +199,31 @@ def matrix_cells(runs: list) -> list:
 
 
 def best_lr_cells(cells: list, sweep_seeds: Optional[set] = None) -> dict:
-    """{(task, family, K, variant): the cell with the best mean valid exact match} over the seeds that every lr of
-    the sweep finished (all of a cell's finished seeds where the lrs share none), so that an lr run on more seeds
-    (the two-phase protocol's chosen one) is compared on the same seeds as the others; of those, only `sweep_seeds`
-    (run seeds) where given and shared: the protocol's phase 2 also runs other lrs on other seeds, as warm starts.
-    Ties: the smaller lr; cells without any finished seed are never chosen; a sweep with none is left out."""
+    """{(task, family, K, variant): the cell with the best mean valid exact match} (_best_on_shared_seeds) of each
+    sweep; cells without any finished seed are never chosen; a sweep with none is left out."""
     sweeps = {}
     for cell in cells:
         if cell.finished:
             sweeps.setdefault((cell.task, cell.family, cell.K, cell.variant), []).append(cell)
-    best = {}
-    for key, sweep in sweeps.items():
-        finished = [{r.seed for r in cell.runs if not math.isnan(r.valid_em)} for cell in sweep]
-        shared = set.intersection(*finished)
-        if sweep_seeds and shared & sweep_seeds:
-            shared &= sweep_seeds
+    return {key: _best_on_shared_seeds(sweep, sweep_seeds) for key, sweep in sweeps.items()}
 
-        def score(cell):
-            values = [r.valid_em for r in cell.runs if not math.isnan(r.valid_em) and (not shared or r.seed in shared)]
-            return sum(values) / len(values)
 
-        best[key] = max(sweep, key=lambda cell: (score(cell), -cell.lr))
-    return best
+def _best_on_shared_seeds(cells: list, sweep_seeds: Optional[set] = None) -> "Cell":
+    """The cell (each with a finished seed) with the best mean valid exact match over the seeds that all of them
+    finished (all of a cell's finished seeds where they share none), so that an lr run on more seeds (the two-phase
+    protocol's chosen one) is compared on the same seeds as the others; of those, only `sweep_seeds` (run seeds)
+    where given and shared: the protocol's phase 2 also runs other lrs on other seeds, as warm starts. Ties: the
+    smaller lr."""
+    finished = [{r.seed for r in cell.runs if not math.isnan(r.valid_em)} for cell in cells]
+    shared = set.intersection(*finished)
+    if sweep_seeds and shared & sweep_seeds:
+        shared &= sweep_seeds
+
+    def score(cell):
+        values = [r.valid_em for r in cell.runs if not math.isnan(r.valid_em) and (not shared or r.seed in shared)]
+        return sum(values) / len(values)
+
+    return max(cells, key=lambda cell: (score(cell), -cell.lr))
 
 
 def _fmt(value: float) -> str:
@@ -274,16 +277,33 @@ def problem_rows(cells: list) -> list:
 
 def k_scaling(best: dict) -> list:
     """The K-scaling points of best_lr_cells: per task and family, each K's best-lr cell (full-context LMs: their best
-    cell, K None)."""
-    points = []
+    cell, K None). GradMem's outer lr is part of its recipe per K (K=5 trains at a smaller one): where one (task,
+    family, K) has best cells at several outer lrs (variants that differ in learning_rate alone), its point is the one
+    chosen as the inner lr is, on valid exact match (_best_on_shared_seeds), and it joins the line of the other K."""
+    groups = {}
     for (task, family, K, variant), cell in best.items():
-        points.append({"task": task, "n": cell.n, "family": family, "K": K, "variant": variant, "lr": cell.lr,
-                       "lr_name": cell.lr_name, "test_generated_exact_match_mean": _num(cell.mean("test_gen_em")),
+        recipe = _without_outer_lr(variant) if cell.lr_name == "inner_lr" else variant
+        groups.setdefault((task, family, K, recipe), []).append(cell)
+    points = []
+    for (task, family, K, recipe), group in groups.items():
+        cell = _best_on_shared_seeds(group)
+        outer = cell.runs[0].run.args.get("learning_rate") if cell.lr_name == "inner_lr" else None
+        points.append({"task": task, "n": cell.n, "family": family, "K": K, "variant": recipe, "lr": cell.lr,
+                       "lr_name": cell.lr_name, "outer_lr": outer,
+                       "outer_lrs_compared": sorted(c.runs[0].run.args.get("learning_rate") for c in group)
+                       if len(group) > 1 else [],
+                       "test_generated_exact_match_mean": _num(cell.mean("test_gen_em")),
                        "test_generated_exact_match_per_seed": [_num(v) for v in cell.values("test_gen_em")],
                        "valid_exact_match_mean": _num(cell.mean("valid_em")),
-                       "seeds": [r.seed for r in cell.runs]})
+                       "seeds": [r.seed for r in cell.runs], "finished_seeds": cell.finished,
+                       "problems": sorted({p for r in cell.runs for p in r.problems})})
     return sorted(points, key=lambda p: (p["n"], p["task"], _family_order(p["family"]), p["family"], p["variant"],
                                          p["K"] or 0))
+
+
+def _without_outer_lr(variant: str) -> str:
+    """A variant's label (`learning_rate=0.001, warmup_steps=300`) without its outer lr."""
+    return ", ".join(part for part in variant.split(", ") if part and not part.startswith("learning_rate="))
 
 
 def _num(x: float):
@@ -337,9 +357,16 @@ def matrix_records(cells: list, best: dict) -> dict:
             "k_scaling": k_scaling(best)}
 
 
+def _point_note(p: dict) -> str:
+    """A K-scaling point's note: its lr (and outer lr where several were compared), finished seeds, problems."""
+    note = f"{p['lr']:g}" + (f", outer {p['outer_lr']:g}" if p["outer_lrs_compared"] else "")
+    return note + f" (n={p['finished_seeds']}" + "".join(f", {x}" for x in p["problems"]) + ")"
+
+
 def plot_k_scaling(best: dict, out_dir: Path) -> Optional[Path]:
     """k_scaling.png: test generated EM against K, one panel per task; GradMem and RMT at their best lr per K (mean ±
-    std over seeds, seeds as dots), full-context LMs as horizontal lines."""
+    std over seeds, seeds as dots; each point notes its lr, finished seeds and problems such as diverged), full-context
+    LMs as horizontal lines."""
     points = k_scaling(best)
     if not any(p["K"] is not None for p in points):
         return None
@@ -361,7 +388,8 @@ def plot_k_scaling(best: dict, out_dir: Path) -> Optional[Path]:
             if line[0]["K"] is None:  # full-context: one number for every K
                 y = line[0]["test_generated_exact_match_mean"]
                 if y is not None:
-                    ax.axhline(y, color=color, linestyle="--", linewidth=1, label=f"{label} (lr {line[0]['lr']:g})")
+                    ax.axhline(y, color=color, linestyle="--", linewidth=1,
+                               label=f"{label} (lr {_point_note(line[0])})")
                 continue
             line.sort(key=lambda p: p["K"])
             x = [p["K"] for p in line]
@@ -369,9 +397,9 @@ def plot_k_scaling(best: dict, out_dir: Path) -> Optional[Path]:
             means = plot_mean_and_seeds(ax, x, seeds, color, label)
             for xi, mean, p in zip(x, means, line):
                 if not np.isnan(mean):
-                    ax.annotate(f"{p['lr']:g}", (xi, mean), fontsize=6, textcoords="offset points", xytext=(3, 3))
+                    ax.annotate(_point_note(p), (xi, mean), fontsize=6, textcoords="offset points", xytext=(3, 3))
         ax.set_xticks(ks), ax.set_xlabel("K (WRITE steps / forward writes)"), ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=6, loc="lower left")
+        ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=6, loc="best")
     axes[0][0].set_ylabel("test generated exact match (best lr per K)")
     return save_figure(fig, out_dir / "k_scaling.png")
 

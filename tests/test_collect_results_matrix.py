@@ -284,3 +284,29 @@ def test_the_sweep_seeds_of_lr_choice_json_decide_after_phase_two(tmp_path):
     rm.write_matrix(runs, out, root)
     best = [c["lr"] for c in json.loads((out / "matrix.json").read_text())["cells"] if c["best_lr"]]
     assert best == [0.02]  # seed 143: 0.7 > 0.6
+
+
+def test_k_scaling_takes_each_k_at_its_best_outer_lr(runs_root):
+    """GradMem K=5 at two outer lrs (two variants): the point is the one with the better valid exact match (never
+    test), on the K=1/K=2 line (no variant), with its outer lr; the other outer lr's cell stays in the matrix."""
+    for seed, outer, valid, test in ((143, 1e-3, 0.01, 0.90), (143, 1e-4, 0.80, 0.20), (144, 1e-4, 0.70, 0.30)):
+        result = dict(valid=valid, test=test, **({"loss": math.nan} if outer == 1e-3 else {}))  # 1e-3 diverged
+        write_run(runs_root, N8, "gradmem", 5, 0.3, seed, result, name=f"k5_{outer:g}", learning_rate=outer)
+    cells = rm.matrix_cells(cr.find_runs(runs_root))
+    k5 = sorted(c.variant for c in cells if c.family == "gradmem" and c.K == 5)
+    assert k5 == ["learning_rate=0.0001", "learning_rate=0.001"]
+    points = rm.k_scaling(rm.best_lr_cells(cells))
+    gradmem = {p["K"]: p for p in points if p["n"] == 8 and p["family"] == "gradmem"}
+    assert sorted(gradmem) == [1, 2, 5] and {p["variant"] for p in gradmem.values()} == {""}
+    k5 = gradmem[5]
+    assert k5["outer_lr"] == 1e-4 and k5["outer_lrs_compared"] == [1e-4, 1e-3]
+    assert k5["test_generated_exact_match_per_seed"] == [0.20, 0.30] and k5["finished_seeds"] == 2
+    assert gradmem[2]["outer_lr"] == 1e-3 and gradmem[2]["outer_lrs_compared"] == []
+    assert rm._point_note(k5) == "0.3, outer 0.0001 (n=2)"
+
+
+def test_k_scaling_notes_a_diverged_point(runs_root):
+    write_run(runs_root, N8, "gradmem", 5, 0.04, 143, dict(valid=0.001, test=0.002, loss=math.nan), name="k5")
+    points = rm.k_scaling(rm.best_lr_cells(rm.matrix_cells(cr.find_runs(runs_root))))
+    (k5,) = [p for p in points if p["family"] == "gradmem" and p["K"] == 5]
+    assert k5["problems"] == ["diverged"] and rm._point_note(k5) == "0.04 (n=1, diverged)"

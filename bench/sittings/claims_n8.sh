@@ -9,8 +9,8 @@
 # stop and resume in the next command on the same machine). Runs not finished when the machine is given back start
 # again from step 0 on the next one: plan a sitting that finishes (14 runs at once made 7,000-10,000 steps per run in a
 # session's 1,600 s of command time; six GradMem/RMT K=1/K=2 runs finished 10,000 steps in 12.5 minutes).
-# OUT: the logs (a.log, b.log, data.log, progress.log), lr_choice.{json,md} of (a), lr_choice_b.* of (b), runs.tgz (every
-# run's metrics and logs; of the checkpoints only trainer_state.json). DRY_RUN=1: the parts' plans, nothing run.
+# OUT: the logs (a.log, b.log, data.log, progress.log), lr_choice.{json,md} of (a), lr_choice_b.* of (b), runs.tgz
+# (every run's metrics and logs; of the checkpoints only trainer_state.json). DRY_RUN=1: the parts' plans, nothing run.
 #   SERIAL=1 B_ONLY=mamba OUT=$OUT bash bench/sittings/claims_n8.sh       # phase 2 at K=1, 2, then Mamba's sweep
 #   SERIAL=1 A_K=5 A_SEEDS=1 GRADMEM_ILRS_K5="0.3 2.0" RMT_LRS="1e-4 3e-4" B_ONLY= OUT=$OUT \
 #       bash bench/sittings/claims_n8.sh                                  # half of the K=5 sweeps, seed 1
