@@ -12,7 +12,9 @@ What makes the step capturable (and what it changes):
   of one N has one context length, so with the collator's padding to a multiple of 8 every batch has one shape.
 - No host synchronisation in the step: the model gets its causal mask as a ready 4D tensor
   (`use_static_causal_mask` of modeling_utils.StaticCausalMask, same function as the mask transformers builds);
-  model stats are tensors. Models: GradMemGPT and RMT2Segm (each says with captured_step_problem() when it cannot).
+  model stats are tensors. Models: GradMemGPT and RMT2Segm (each says with captured_step_problem() when it cannot),
+  and the full-context Llama and Mamba through modeling_utils.FullContextStep (the causal mask alone on right-padded
+  batches: the same loss and gradients, see its docstring).
 - Optimiser: the trainer's torch AdamW (or subclass), run with `capturable=True` (step counters on the GPU) and its
   learning rate held in a GPU tensor per param group. The scheduler's new value is copied into that tensor before
   every replay, so schedules work unchanged; the optimiser's state_dict keeps torch's AdamW format.
@@ -68,6 +70,8 @@ from typing import Optional
 
 import torch
 
+from modeling_utils import FullContextStep
+
 logger = logging.getLogger("gradmem")
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -118,12 +122,18 @@ def fast_path_problem(model: torch.nn.Module, optimizer=None, *, gradient_accumu
     return _step_problem(model, optimizer, gradient_accumulation_steps, world_size)
 
 
+def step_module(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The module whose forward is the recorded step: a memory model itself (it has the captured_step_problem()
+    hook), a full-context Llama or Mamba wrapped in modeling_utils.FullContextStep; None for any other model."""
+    if hasattr(model, "captured_step_problem"):
+        return model
+    return FullContextStep(model) if FullContextStep.problem(model) is None else None
+
+
 def _step_problem(model, optimizer, gradient_accumulation_steps: int = 1, world_size: int = 1) -> Optional[str]:
     """Why CapturedTrainStep's code (captured or eager) cannot run this training setup, on any device."""
-    model_problem = getattr(model, "captured_step_problem", None)
-    if model_problem is None:  # the hook of a memory model whose step can be recorded (GradMemGPT, RMT2Segm)
-        return f"captured steps are implemented for models with captured_step_problem(), not {type(model).__name__}"
-    problem = model_problem()
+    module = step_module(model)
+    problem = FullContextStep.problem(model) if module is None else module.captured_step_problem()
     if problem is not None:
         return problem
     if gradient_accumulation_steps != 1:
@@ -147,7 +157,8 @@ class CapturedTrainStep:
     graph per input shape (`use_cuda_graph=True`, CUDA only) or run eagerly with the same sync-free code (False; on
     the CPU, where AdamW cannot be capturable, the optimiser keeps its plain settings).
 
-    model:          a memory model with the captured_step_problem() hook (GradMemGPT, RMT2Segm) on CUDA, in train mode.
+    model:          a memory model with the captured_step_problem() hook (GradMemGPT, RMT2Segm), or a full-context
+                    Llama or Mamba (run through modeling_utils.FullContextStep), on CUDA, in train mode.
     optimizer:      torch.optim.AdamW (or subclass) over the model's trainable parameters; switched to capturable
                     with GPU learning-rate tensors (its state_dict format is unchanged).
     max_grad_norm:  clip the global L2 norm of the gradients to this (<= 0: no clipping).
@@ -173,7 +184,8 @@ class CapturedTrainStep:
             raise ValueError(f"CapturedTrainStep cannot be used: {problem}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = step_module(model), optimizer
+        self.input_names = getattr(self.model, "step_input_names", INPUT_NAMES)
         self.max_grad_norm = float(max_grad_norm)
         self.precision = precision
         self.use_cuda_graph = use_cuda_graph
@@ -186,7 +198,7 @@ class CapturedTrainStep:
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         if {id(p) for p in self.params} != trainable:
             raise ValueError("the optimizer must hold exactly the model's trainable parameters")
-        model.use_static_causal_mask = True
+        self.model.use_static_causal_mask = True
         self._make_optimizer_capturable()
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
         self._skipped, self._consecutive, self._longest_run = zero.clone(), zero.clone(), zero.clone()
@@ -253,13 +265,13 @@ class CapturedTrainStep:
     # ------------------------------------------------------------------------------------------------------------
     # the step
 
-    def _body(self, context_input_ids, query_input_ids, labels):
+    def _body(self, **inputs):
         """The whole step, without host synchronisation. Returns (packed scalar outputs [3 + n_stats], stat names)."""
         for p in self.params:
             p.grad = None
         with precision_flags(self.precision):
             with autocast_for(self.precision):
-                out = self.model(context_input_ids=context_input_ids, query_input_ids=query_input_ids, labels=labels)
+                out = self.model(**inputs)
             loss = out.loss.float()
             loss.backward()
             if self.process_group is not None:
@@ -281,9 +293,10 @@ class CapturedTrainStep:
                 self._skipped.add_(skipped)
                 self._consecutive.mul_(skipped).add_(skipped)
                 torch.maximum(self._longest_run, self._consecutive, out=self._longest_run)
-                names = sorted(out.stats)
+                stats = getattr(out, "stats", None) or {}  # a full-context LM has none
+                names = sorted(stats)
                 packed = torch.stack([loss.detach(), grad_norm.float(), finite.float(), spike.float()]
-                                     + [out.stats[n].float() for n in names])
+                                     + [stats[n].float() for n in names])
         return packed, names
 
     def _average_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
@@ -301,13 +314,13 @@ class CapturedTrainStep:
         return values[-1].reshape(()).to(loss.dtype)
 
     def _shape_key(self, batch: dict) -> tuple:
-        missing = [n for n in INPUT_NAMES if batch.get(n) is None]
+        missing = [n for n in self.input_names if batch.get(n) is None]
         if missing:
-            raise ValueError(f"the batch lacks {missing}; a training step needs {INPUT_NAMES}")
-        return tuple((n, tuple(batch[n].shape), batch[n].dtype) for n in INPUT_NAMES)
+            raise ValueError(f"the batch lacks {missing}; a training step needs {self.input_names}")
+        return tuple((n, tuple(batch[n].shape), batch[n].dtype) for n in self.input_names)
 
     def _record(self, key: tuple, batch: dict):
-        static = {n: batch[n].to(self.device, copy=True) for n in INPUT_NAMES}
+        static = {n: batch[n].to(self.device, copy=True) for n in self.input_names}
         snapshot = self._snapshot()
         counters = [(t, t.clone()) for t in (self._skipped, self._consecutive, self._longest_run)]
         if self.spike_guard is not None:
@@ -336,17 +349,18 @@ class CapturedTrainStep:
             packed, names = self._body(**static)
         self._graphs[key] = (graph, static, packed, names)
         logger.info("fast_step: recorded a CUDA graph for input shapes %s (%s)",
-                    {n: tuple(static[n].shape) for n in INPUT_NAMES}, self.precision)
+                    {n: tuple(static[n].shape) for n in self.input_names}, self.precision)
 
     def __call__(self, batch: dict) -> StepOutput:
-        """One training step on `batch` (context_input_ids [B, S], query_input_ids [B, Q], labels [B, Q])."""
+        """One training step on `batch`: a memory model's context_input_ids [B, S], query_input_ids [B, Q] and labels
+        [B, Q], or a full-context LM's input_ids and labels [B, T] (other keys are not read)."""
         key = self._shape_key(batch)
         self._sync_lr()
         if self.use_cuda_graph and key not in self._graphs and len(self._graphs) < self.max_graphs:
             self._record(key, batch)
         if self.use_cuda_graph and key in self._graphs:
             graph, static, packed, names = self._graphs[key]
-            for n in INPUT_NAMES:
+            for n in self.input_names:
                 static[n].copy_(batch[n], non_blocking=True)
             graph.replay()
             packed = packed.clone()
@@ -355,7 +369,7 @@ class CapturedTrainStep:
                 self._eager_shapes.add(key)
                 logger.warning("fast_step: input shapes %s have no CUDA graph (%d recorded, max_graphs=%d): this "
                                "shape runs eagerly", {n: s for n, s, _ in key}, len(self._graphs), self.max_graphs)
-            packed, names = self._body(*(batch[n].to(self.device, non_blocking=True) for n in INPUT_NAMES))
+            packed, names = self._body(**{n: batch[n].to(self.device, non_blocking=True) for n in self.input_names})
         return StepOutput(loss=packed[0], grad_norm=packed[1], finite=packed[2], spike=packed[3],
                           stats={n: packed[4 + i] for i, n in enumerate(names)})
 

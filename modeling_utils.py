@@ -178,6 +178,17 @@ def safetensors_files(folder: Path) -> list:
     return [folder / name for name in shards]
 
 
+def static_mask_kind(attn_implementation: Optional[str]) -> Optional[str]:
+    """"eager" (additive float mask) or "sdpa" (bool mask): how transformers builds the 4D mask for this attention
+    implementation; None where it builds neither (then no ready 4D causal mask can stand in for it)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    if attn_implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+        return None
+    builder = ALL_MASK_ATTENTION_FUNCTIONS.get(attn_implementation)
+    return "eager" if builder is eager_mask else "sdpa" if builder is sdpa_mask else None
+
+
 class StaticCausalMask:
     """Mixin for a memory model whose backbone (`self.model`) runs causal, right-padded sequences: `_decoder_hidden`
     gives the backbone's final hidden states, with `use_static_causal_mask = True` (set by fast_step for CUDA graphs)
@@ -201,19 +212,17 @@ class StaticCausalMask:
 
     def _static_causal_mask(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """The causal mask [1, 1, T, T] for this attention implementation (see the class docstring)."""
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
-
         cache = self.__dict__.setdefault("_causal_mask_cache", {})  # WRITE and READ lengths differ
         T, device, dtype = inputs_embeds.shape[1], inputs_embeds.device, inputs_embeds.dtype
         attn = self.model.config._attn_implementation
         key = (T, device, dtype, attn)
         if key in cache:
             return cache[key]
-        builder = ALL_MASK_ATTENTION_FUNCTIONS.get(attn) if attn in ALL_MASK_ATTENTION_FUNCTIONS else None
+        kind = static_mask_kind(attn)
         allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, T, T]
-        if builder is eager_mask:
+        if kind == "eager":
             mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        elif builder is sdpa_mask:
+        elif kind == "sdpa":
             mask = allowed
         else:
             raise ValueError(
@@ -222,6 +231,52 @@ class StaticCausalMask:
             )
         cache[key] = mask
         return mask
+
+
+class FullContextStep(StaticCausalMask, nn.Module):
+    """The training step of a full-context causal LM (Llama, Mamba) for fast_step.CapturedTrainStep: `input_ids` and
+    `labels` of a right-padded batch (training_collators.CausalLMCollator's) -> the LM's output, its loss the mean
+    over the labelled tokens, as in the eager step.
+
+    The batch's 2D attention mask is not passed: transformers would build the 4D mask from it with host
+    synchronisations, which a CUDA graph cannot record. With right padding the causal mask alone gives every real
+    token the same attention (a pad comes after every real token of its row) and only the pads' outputs change, which
+    carry no label; so the loss and the gradients are those of the eager step. Attention models get the static
+    causal mask (StaticCausalMask); Mamba needs none (its scan is causal, the pads come last).
+    """
+
+    step_input_names = ("input_ids", "labels")
+    use_static_causal_mask = True
+    MODEL_TYPES = ("llama", "mamba")  # the full-context LMs whose step has been checked against the eager one
+
+    def __init__(self, lm: PreTrainedModel):
+        super().__init__()
+        self.model = lm
+
+    @classmethod
+    def problem(cls, lm) -> Optional[str]:
+        """Why `lm`'s step cannot be recorded this way (None: it can)."""
+        model_type = getattr(getattr(lm, "config", None), "model_type", None)
+        if model_type not in cls.MODEL_TYPES or not hasattr(lm, "get_input_embeddings"):
+            return (f"captured steps are implemented for the memory models and the full-context "
+                    f"{'/'.join(cls.MODEL_TYPES)} LMs, not {type(lm).__name__}")
+        if getattr(lm, "is_gradient_checkpointing", False):
+            return "gradient checkpointing is on (recomputation is not captured)"
+        attn = getattr(lm.config, "_attn_implementation", None)
+        if model_type != "mamba" and static_mask_kind(attn) is None:
+            return f"attn_implementation {attn!r} takes no ready 4D causal mask (eager and sdpa do)"
+        return None
+
+    def captured_step_problem(self) -> Optional[str]:
+        return self.problem(self.model)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        """input_ids, labels [B, T] (labels aligned with input_ids; the LM shifts them) -> the LM's output."""
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d]
+        kwargs = {}
+        if self.model.config.model_type != "mamba":
+            kwargs["attention_mask"] = self._static_causal_mask(inputs_embeds)  # [1, 1, T, T]
+        return self.model(inputs_embeds=inputs_embeds, labels=labels, use_cache=False, **kwargs)
 
 
 class LoadsFully:

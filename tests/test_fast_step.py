@@ -1,14 +1,18 @@
 """fast_step: the sync-free training step equals the plain eager step (CPU, float64), non-finite steps are skipped
 without a trace, the fallback reasons are clear; on a GPU (marked `gpu`), the CUDA-graph replay equals the eager step."""
+import contextlib
+import importlib.util
 import logging
 
 import pytest
 import torch
-from transformers import LlamaConfig
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
 import fast_step
 from fast_step import CapturedTrainStep, fast_path_problem
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
+from mamba_scan import use_parallel_scan
+from modeling_utils import FullContextStep
 from rmt import RMT2Segm, RMT2SegmConfig
 
 VOCAB, PAD = 20, 0
@@ -219,6 +223,103 @@ def test_fallback_reasons_and_errors():
         step({"context_input_ids": batch()["context_input_ids"]})
 
 
+def tiny_lm(kind="llama", attn="sdpa", dtype=torch.float64, seed=0, width=32):
+    """The matrix's full-context baselines, tiny: Llama (attention `attn`) or Mamba with the parallel scan."""
+    torch.manual_seed(seed)
+    if kind == "llama":
+        lm = LlamaForCausalLM(LlamaConfig(**{**tiny_llama(width).to_dict(), "tie_word_embeddings": False},
+                                          attn_implementation=attn))
+    else:
+        lm = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=width, state_size=4, num_hidden_layers=2,
+                                          expand=2, conv_kernel=4, pad_token_id=PAD))
+        assert use_parallel_scan(lm) == 2 or importlib.util.find_spec("mamba_ssm") is not None
+    lm.config.use_cache = False
+    return lm.to(dtype).train()
+
+
+def lm_batch(B=3, T=16, seed=1, device="cpu"):
+    """CausalLMCollator's layout: right-padded input_ids, attention_mask, labels on the target tokens only."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[0, T - 5:], attention_mask[0, T - 5:] = PAD, 0  # a shorter row, padded on the right
+    labels = torch.full_like(input_ids, -100)
+    labels[:, T - 9:T - 5] = input_ids[:, T - 9:T - 5]
+    return {name: t.to(device) for name, t in
+            (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels))}
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Any read of a tensor's value into Python (what a CUDA graph cannot record) raises."""
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(name):
+        def read(*args, **kwargs):
+            raise AssertionError(f"host read: Tensor.{name}")
+        return read
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, refuse(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("kind,attn", [("llama", "eager"), ("llama", "sdpa"), ("mamba", None)])
+def test_full_context_step_has_the_loss_and_gradients_of_the_padded_lm(kind, attn):
+    """The causal mask alone on a right-padded batch: the LM's loss and gradients with its 2D padding mask; and the
+    forward and backward read nothing back to the host (with its 2D mask, the sdpa Llama does)."""
+    lm = tiny_lm(kind, attn)
+    data = lm_batch()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    loss = lm(**data).loss
+    grads = torch.autograd.grad(loss, params)
+    with no_host_reads():
+        loss_step = FullContextStep(lm)(data["input_ids"], data["labels"]).loss
+        grads_step = torch.autograd.grad(loss_step, params)
+    torch.testing.assert_close(loss_step, loss, rtol=1e-12, atol=0)
+    assert rel_err(grads_step, grads) <= 1e-12
+    if attn == "sdpa":
+        with pytest.raises(AssertionError, match="host read"), no_host_reads():
+            lm(**data)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mamba"])
+def test_sync_free_lm_step_equals_the_plain_step(kind):
+    """The full-context LM through CapturedTrainStep (eager, float64) against the HF Trainer's step with the padding
+    mask: the same loss and parameters over two steps; the batch's attention_mask is not read."""
+    reference, fast = tiny_lm(kind), tiny_lm(kind)
+    opt_ref, opt_fast = adamw(reference), adamw(fast)
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, use_cuda_graph=False)
+    assert step.input_names == ("input_ids", "labels")
+    for i in range(2):
+        data = lm_batch(seed=i)
+        loss_ref, norm_ref = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
+        out = step(data)
+        assert torch.allclose(out.loss, loss_ref.to(out.loss.dtype), rtol=1e-12, atol=0)
+        assert torch.allclose(out.grad_norm.double(), norm_ref, rtol=1e-6)  # packed as fp32
+        assert rel_err(params_of(fast), params_of(reference)) < 1e-12 and out.stats == {}
+    with pytest.raises(ValueError, match="lacks"):
+        step({"input_ids": lm_batch()["input_ids"]})
+
+
+def test_other_lms_have_no_captured_step():
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    assert fast_step.step_module(gpt2) is None
+    assert "not GPT2LMHeadModel" in fast_step._step_problem(gpt2, adamw(gpt2))
+    lm = tiny_lm()
+    lm.config._attn_implementation = "flex_attention"  # its mask is a BlockMask, not a 4D tensor
+    assert "'flex_attention' takes no ready 4D causal mask" in fast_step._step_problem(lm, adamw(lm))
+    lm = tiny_lm()
+    (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
+    assert "gradient checkpointing" in fast_step._step_problem(lm, adamw(lm))
+    assert fast_step._step_problem(tiny_lm("mamba"), None) is None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # GPU: the recorded graph replays the eager step
 
@@ -369,3 +470,23 @@ def test_trainer_fast_step_matches_eager_steps(tmp_path, caplog):
     assert fast_metrics["global_step"] == eager_metrics["global_step"] == 3
     assert fast_metrics["skipped_steps"] == 0
     assert rel_err(params_of(fast_model), params_of(eager_model)) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("llama", "eager"), ("mamba", None)])
+def test_captured_lm_step_equals_eager_step(kind, attn):
+    """The full-context Llama and Mamba recorded in a CUDA graph: first step within 1e-5 of the eager step with the
+    padding mask (strict fp32), parameters within 1e-4 after three."""
+    reference, fast = (tiny_lm(kind, attn, dtype=torch.float32, width=64).cuda() for _ in range(2))
+    opt_ref, opt_fast = adamw(reference, weight_decay=0.01), adamw(fast, weight_decay=0.01)
+    step = CapturedTrainStep(fast, opt_fast, max_grad_norm=0.5, precision="fp32")
+    with fast_step.precision_flags("fp32"):
+        for i in range(3):
+            data = lm_batch(seed=i, device="cuda")
+            loss_ref, norm_ref = eager_step(reference, opt_ref, data, max_grad_norm=0.5)
+            out = step(data)
+            if i == 0:
+                assert abs(out.loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+                assert abs(out.grad_norm.item() - norm_ref.item()) <= 1e-5 * norm_ref.item()
+            assert rel_err(params_of(fast), params_of(reference)) < 1e-4
+    assert len(step.recorded_shapes) == 1
