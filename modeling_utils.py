@@ -1,5 +1,6 @@
-"""Pieces shared by the memory models (GradMem, RMT): the output contract, backbone loading and the declaration of
-their options.
+"""Pieces shared by the memory models (GradMem, RMT): the output contract, backbone loading, the static causal mask
+and the declaration of their options; and the full-context LMs' step for CUDA graphs (FullContextStep), which reuses
+that mask.
 
 Both memory models wrap any Hugging Face causal LM (the "backbone"), built either from a config (trained from
 scratch) or from a pretrained name/path, and return a `MemoryModelOutput` whose `logits[:, j]` predicts query token
