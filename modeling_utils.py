@@ -258,7 +258,7 @@ class FullContextStep(StaticCausalMask, nn.Module):
     def problem(cls, lm) -> Optional[str]:
         """Why `lm`'s step cannot be recorded this way (None: it can)."""
         model_type = getattr(getattr(lm, "config", None), "model_type", None)
-        if model_type not in cls.MODEL_TYPES or not hasattr(lm, "get_input_embeddings"):
+        if model_type not in cls.MODEL_TYPES or not type(lm).__name__.endswith("ForCausalLM"):
             return (f"captured steps are implemented for the memory models and the full-context "
                     f"{'/'.join(cls.MODEL_TYPES)} LMs, not {type(lm).__name__}")
         if getattr(lm, "is_gradient_checkpointing", False):

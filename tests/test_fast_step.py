@@ -312,6 +312,7 @@ def test_other_lms_have_no_captured_step():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
     assert fast_step.step_module(gpt2) is None
     assert "not GPT2LMHeadModel" in fast_step._step_problem(gpt2, adamw(gpt2))
+    assert "not LlamaModel" in fast_step._step_problem(tiny_lm().model, None)  # no LM head, no loss
     lm = tiny_lm()
     lm.config._attn_implementation = "flex_attention"  # its mask is a BlockMask, not a 4D tensor
     assert "'flex_attention' takes no ready 4D causal mask" in fast_step._step_problem(lm, adamw(lm))
