@@ -8,11 +8,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_sitting(tmp_path, **env):
+def run_sitting(tmp_path, *args, **env):
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "RUNS_DIR": str(tmp_path / "runs"),
            "WORK": str(tmp_path / "work"), **env}
-    done = subprocess.run(["bash", "bench/sittings/claims_n8.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(["bash", "bench/sittings/claims_n8.sh", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return tmp_path / "out"
 
@@ -39,7 +39,9 @@ def test_a_split_k5_sweep_on_seed_1_without_part_b(tmp_path):
     assert committed <= packed
 
 
-def test_b_alone_runs_the_mamba_sweep(tmp_path):
-    out = run_sitting(tmp_path, A_ONLY="", B_ONLY="mamba")
+def test_b_alone_runs_the_mamba_sweep_with_the_arguments_given(tmp_path):
+    out = run_sitting(tmp_path, "--fast_step", "off", A_ONLY="", B_ONLY="mamba")
     assert not (out / "a.log").exists()
     assert planned_runs(out / "b.log") == [("mamba_lr1e-3", "1"), ("mamba_lr1e-4", "1"), ("mamba_lr3e-4", "1")]
+    commands = [line for line in (out / "b.log").read_text().splitlines() if line.startswith("N8_mamba_")]
+    assert len(commands) == 3 and all(line.rstrip().endswith("--fast_step off") for line in commands)

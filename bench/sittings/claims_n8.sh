@@ -11,6 +11,7 @@
 # session's 1,600 s of command time; six GradMem/RMT K=1/K=2 runs finished 10,000 steps in 12.5 minutes).
 # OUT: the logs (a.log, b.log, data.log, progress.log), lr_choice.{json,md} of (a), lr_choice_b.* of (b), runs.tgz
 # (every run's metrics and logs; of the checkpoints only trainer_state.json). DRY_RUN=1: the parts' plans, nothing run.
+# Arguments go to every run of both parts (run_paper_claims.sh's extra arguments), e.g. --fast_step off.
 #   SERIAL=1 B_ONLY=mamba OUT=$OUT bash bench/sittings/claims_n8.sh       # phase 2 at K=1, 2, then Mamba's sweep
 #   SERIAL=1 A_K=5 A_SEEDS=1 GRADMEM_ILRS_K5="0.3 2.0" RMT_LRS="1e-4 3e-4" B_ONLY= OUT=$OUT \
 #       bash bench/sittings/claims_n8.sh                                  # half of the K=5 sweeps, seed 1
@@ -26,12 +27,12 @@ mkdir -p "$OUT" "$RUNS_DIR" && cp -r results/kv_matrix/runs/. "$RUNS_DIR/"
     --out data/N8-K2V2-V62_1M --n_valid 5000 --n_test 2000 > "$OUT/data.log" 2>&1
 if [ -n "$A_ONLY" ]; then
     ONLY="$A_ONLY" K="$A_K" SEEDS="$A_SEEDS" WORKERS_PER_GPU=$A_WORKERS RESULTS_DIR="$WORK/results_a" \
-        timeout "$LIMIT" bash scripts/run_paper_claims.sh > "$OUT/a.log" 2>&1 &
+        timeout "$LIMIT" bash scripts/run_paper_claims.sh "$@" > "$OUT/a.log" 2>&1 &
     [ -n "$SERIAL" ] && wait
 fi
 left=$((LIMIT - (SECONDS - start)))
 [ -n "$B_ONLY" ] && [ "$left" -gt 30 ] && ONLY="$B_ONLY" SEEDS="$B_SEEDS" WORKERS_PER_GPU=$B_WORKERS \
-    RESULTS_DIR="$WORK/results_b" timeout "$left" bash scripts/run_paper_claims.sh > "$OUT/b.log" 2>&1 &
+    RESULTS_DIR="$WORK/results_b" timeout "$left" bash scripts/run_paper_claims.sh "$@" > "$OUT/b.log" 2>&1 &
 wait
 pkill -f "[r]un_.*_on_kv_retrieval"
 tail -n 3 "$RUNS_DIR"/logs/*.log > "$OUT/progress.log" 2>&1
