@@ -34,8 +34,8 @@ from typing import Optional
 import numpy as np
 
 from results_matrix import write_matrix
-from run_metrics import (METRICS, _pyplot, _safe, _series, find_runs, kv_task_n, plot_mean_and_seeds,
-                         plot_seeds_and_mean, run_files, save_figure)
+from run_metrics import (LEGEND_ROW_INCHES, METRICS, _pyplot, _safe, _series, find_runs, kv_task_n, legend_below,
+                         plot_mean_and_seeds, plot_seeds_and_mean, run_files, save_figure)
 from training_runs import FAMILIES, model_family, setting
 
 METRIC_LABELS = {"eval_token_accuracy": "token_acc", "eval_exact_match": "exact_match"}
@@ -197,7 +197,8 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     families = [f for f in (*FAMILIES, "other") if f in lines]
-    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.5), squeeze=False, sharey=True)
+    height = 4.5 + LEGEND_ROW_INCHES * max(len(family_lines) for family_lines in lines.values())
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), height), squeeze=False, sharey=True)
     for ax, family in zip(axes[0], families):
         for i, ((name, variant), points) in enumerate(sorted(lines[family].items())):
             points.sort(key=lambda p: p[0])
@@ -205,7 +206,7 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
         ax.set_xscale("log", base=2), ax.set_xlabel("N (key-value pairs)"), ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(sorted({p[0] for pts in lines[family].values() for p in pts}))
         ax.xaxis.set_major_formatter(ScalarFormatter()), ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.grid(alpha=0.3), ax.set_title(family), ax.legend(fontsize=5, loc="lower left")
+        ax.grid(alpha=0.3), ax.set_title(family), legend_below(ax)
     axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
     return save_figure(fig, out_dir / "em_vs_n.png")
 
@@ -217,14 +218,15 @@ def plot_ablation(groups: list, option: str, out_dir: Path) -> Optional[Path]:
         return None
     plt = _pyplot()
     tasks = sorted({task for task, _ in found})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.5), squeeze=False, sharey=True)
+    height = 4.5 + LEGEND_ROW_INCHES * max(sum(t == task for t, _ in found) for task in tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), height), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         bases = [(base, vals) for (t, base), vals in found.items() if t == task]
         labels = sorted({v for _, vals in bases for v in vals}, key=_natural)
         for i, (base, vals) in enumerate(bases):
             _points_with_seeds(ax, [labels.index(v) for v in vals], list(vals.values()), f"C{i % 10}", base)
         ax.set_xticks(range(len(labels)), labels), ax.set_xlabel(option), ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), ax.legend(fontsize=5, loc="lower left")
+        ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), legend_below(ax)
     axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")
     return save_figure(fig, out_dir / f"ablation_{option}.png")
 

@@ -199,6 +199,15 @@ def plot_mean_and_seeds(ax, x, seed_values: list, color: str, label: str) -> lis
     return means
 
 
+def legend_below(ax, fontsize: int = 5) -> None:
+    """The axes' legend under the plot and its x label, outside it: a long legend inside would hide the points it
+    names (give the figure LEGEND_ROW_INCHES of height per legend entry)."""
+    ax.legend(fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+
+
+LEGEND_ROW_INCHES = 0.1  # one entry of legend_below's legend at fontsize 5
+
+
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write (110 dpi) and close a figure."""
     fig.tight_layout()
