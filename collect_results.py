@@ -35,7 +35,7 @@ import numpy as np
 
 from results_matrix import write_matrix
 from run_metrics import (LEGEND_ROW_INCHES, METRICS, _pyplot, _safe, _series, find_runs, kv_task_n, legend_below,
-                         plot_mean_and_seeds, plot_seeds_and_mean, run_files, save_figure)
+                         plot_mean_and_seeds, plot_seeds_and_mean, run_files, save_figure, series_style)
 from training_runs import FAMILIES, model_family, setting
 
 METRIC_LABELS = {"eval_token_accuracy": "token_acc", "eval_exact_match": "exact_match"}
@@ -172,7 +172,7 @@ def plot_learning_curves(runs: list, out_dir: Path) -> list:
             continue  # no eval records yet
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for i, (name, members) in enumerate(sorted(by_name.items())):
-            plot_seeds_and_mean(ax, [r.log_history for r in members], f"C{i % 10}", name)
+            plot_seeds_and_mean(ax, [r.log_history for r in members], series_style(i), name)
         ax.set_xlabel("step"), ax.set_ylabel("eval exact match"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
         ax.set_title(task, fontsize=10)
         ax.legend(fontsize=6, loc="lower right")
@@ -180,8 +180,8 @@ def plot_learning_curves(runs: list, out_dir: Path) -> list:
     return paths
 
 
-def _points_with_seeds(ax, x, groups: list, color: str, label: str, metric: str = "eval_exact_match") -> None:
-    plot_mean_and_seeds(ax, x, [[v for v in g.values[metric] if not math.isnan(v)] for g in groups], color, label)
+def _points_with_seeds(ax, x, groups: list, style: dict, label: str, metric: str = "eval_exact_match") -> None:
+    plot_mean_and_seeds(ax, x, [[v for v in g.values[metric] if not math.isnan(v)] for g in groups], style, label)
 
 
 def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
@@ -202,7 +202,8 @@ def plot_em_vs_n(groups: list, out_dir: Path) -> Optional[Path]:
     for ax, family in zip(axes[0], families):
         for i, ((name, variant), points) in enumerate(sorted(lines[family].items())):
             points.sort(key=lambda p: p[0])
-            _points_with_seeds(ax, [p[0] for p in points], [p[1] for p in points], f"C{i % 10}", f"{name} [{variant}]")
+            _points_with_seeds(ax, [p[0] for p in points], [p[1] for p in points], series_style(i),
+                               f"{name} [{variant}]")
         ax.set_xscale("log", base=2), ax.set_xlabel("N (key-value pairs)"), ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(sorted({p[0] for pts in lines[family].values() for p in pts}))
         ax.xaxis.set_major_formatter(ScalarFormatter()), ax.xaxis.set_minor_formatter(NullFormatter())
@@ -224,7 +225,7 @@ def plot_ablation(groups: list, option: str, out_dir: Path) -> Optional[Path]:
         bases = [(base, vals) for (t, base), vals in found.items() if t == task]
         labels = sorted({v for _, vals in bases for v in vals}, key=_natural)
         for i, (base, vals) in enumerate(bases):
-            _points_with_seeds(ax, [labels.index(v) for v in vals], list(vals.values()), f"C{i % 10}", base)
+            _points_with_seeds(ax, [labels.index(v) for v in vals], list(vals.values()), series_style(i), base)
         ax.set_xticks(range(len(labels)), labels), ax.set_xlabel(option), ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3), ax.set_title(task, fontsize=10), legend_below(ax)
     axes[0][0].set_ylabel("eval exact match (mean ± std over seeds)")

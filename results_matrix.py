@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 
 from run_metrics import (Run, _is_number, _pyplot, _safe, _series, kv_task_n, plot_mean_and_seeds,
-                         plot_seeds_and_mean, read_run, save_figure)
+                         plot_seeds_and_mean, read_run, save_figure, series_style)
 from training_runs import checkpoint_folders, checkpoint_step, family_of_arguments, setting
 
 COLLAPSE_FRACTION = 0.5  # a final valid exact match below this fraction of the best one logged ...
@@ -372,9 +372,9 @@ def plot_k_scaling(best: dict, out_dir: Path) -> Optional[Path]:
         return None
     plt = _pyplot()
     tasks = sorted({p["task"] for p in points}, key=lambda t: (kv_task_n(t), t))
-    colors = {}  # one colour per (family, variant) in every panel
+    styles = {}  # one style per (family, variant) in every panel
     for p in sorted(points, key=lambda p: (_family_order(p["family"]), p["family"], p["variant"])):
-        colors.setdefault((p["family"], p["variant"]), f"C{len(colors) % 10}")
+        styles.setdefault((p["family"], p["variant"]), series_style(len(styles)))
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False, sharey=True)
     for ax, task in zip(axes[0], tasks):
         lines = {}
@@ -384,17 +384,17 @@ def plot_k_scaling(best: dict, out_dir: Path) -> Optional[Path]:
         ks = sorted({p["K"] for p in points if p["task"] == task and p["K"] is not None})
         for (family, variant), line in sorted(lines.items(), key=lambda kv: (_family_order(kv[0][0]), kv[0])):
             label = family + (f" [{variant}]" if variant else "")
-            color = colors[(family, variant)]
+            style = styles[(family, variant)]
             if line[0]["K"] is None:  # full-context: one number for every K
                 y = line[0]["test_generated_exact_match_mean"]
                 if y is not None:
-                    ax.axhline(y, color=color, linestyle="--", linewidth=1,
+                    ax.axhline(y, color=style["color"], linestyle="--", linewidth=1,
                                label=f"{label} (lr {_point_note(line[0])})")
                 continue
             line.sort(key=lambda p: p["K"])
             x = [p["K"] for p in line]
             seeds = [[v for v in p["test_generated_exact_match_per_seed"] if v is not None] for p in line]
-            means = plot_mean_and_seeds(ax, x, seeds, color, label)
+            means = plot_mean_and_seeds(ax, x, seeds, style, label)
             for xi, mean, p in zip(x, means, line):
                 if not np.isnan(mean):
                     ax.annotate(_point_note(p), (xi, mean), fontsize=6, textcoords="offset points", xytext=(3, 3))
@@ -416,7 +416,7 @@ def plot_matrix_curves(best: dict, out_dir: Path) -> list:
             continue
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for i, cell in enumerate(chosen):
-            plot_seeds_and_mean(ax, [r.run.log_history for r in cell.runs], f"C{i % 10}", cell.label)
+            plot_seeds_and_mean(ax, [r.run.log_history for r in cell.runs], series_style(i), cell.label)
         ax.set_xlabel("step"), ax.set_ylabel("valid exact match"), ax.set_ylim(-0.02, 1.02), ax.grid(alpha=0.3)
         ax.set_title(f"{task}: best lr per (family, K)", fontsize=10), ax.legend(fontsize=6, loc="lower right")
         paths.append(save_figure(fig, out_dir / f"matrix_curves_{_safe(task)}.png"))

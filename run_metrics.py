@@ -174,28 +174,35 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def plot_seeds_and_mean(ax, log_histories: list, color: str, label: str) -> None:
-    """Valid exact match against step: each seed's curve thin, their mean per step thick (labelled with the seeds)."""
+def series_style(i: int) -> dict:
+    """Colour, line style and marker of a plot's i-th series: the ten colours of the cycle, then the same colours
+    dashed with squares, and so on, so that no two series of a legend look alike."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4], "marker": "osD^"[i // 10 % 4]}
+
+
+def plot_seeds_and_mean(ax, log_histories: list, style: dict, label: str) -> None:
+    """Valid exact match against step: each seed's curve thin, their mean per step thick (labelled with the seeds);
+    style: series_style's."""
     per_step = {}
     for history in log_histories:
         x, y = _series(history)
-        ax.plot(x, y, color=color, linewidth=0.7, alpha=0.5)
+        ax.plot(x, y, color=style["color"], linewidth=0.7, alpha=0.5)
         for step, value in zip(x, y):
             per_step.setdefault(step, []).append(value)
     if per_step:
         steps = sorted(per_step)
-        ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], color=color, linewidth=2,
-                label=f"{label} ({len(log_histories)} seeds)")
+        ax.plot(steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], color=style["color"],
+                linestyle=style["linestyle"], linewidth=2, label=f"{label} ({len(log_histories)} seeds)")
 
 
-def plot_mean_and_seeds(ax, x, seed_values: list, color: str, label: str) -> list:
+def plot_mean_and_seeds(ax, x, seed_values: list, style: dict, label: str) -> list:
     """At each x, the mean of its seeds' values with their std (ddof=1; none for one seed) as an error bar and every
-    seed as a dot. Returns the means (nan where x has no value)."""
+    seed as a dot; style: series_style's. Returns the means (nan where x has no value)."""
     means = [sum(v) / len(v) if v else math.nan for v in seed_values]
     stds = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in seed_values]
-    ax.errorbar(x, means, yerr=stds, color=color, marker="o", capsize=3, label=label)
+    ax.errorbar(x, means, yerr=stds, capsize=3, label=label, **style)
     for xi, v in zip(x, seed_values):
-        ax.scatter([xi] * len(v), v, color=color, s=8, alpha=0.5)
+        ax.scatter([xi] * len(v), v, color=style["color"], s=8, alpha=0.5)
     return means
 
 

@@ -195,3 +195,12 @@ def test_malformed_result_files_are_skipped_with_a_warning(runs_root, capsys):
     groups = by_key(cr.group_runs(list(runs.values())))
     assert math.isnan(groups[("N8-K2V2-V62_1M", RMT)].mean("eval_exact_match"))
     assert groups[("N16-K2V2-V62_1M", GRADMEM_K2)].values["eval_exact_match"] == [pytest.approx(0.8), 0.5]
+
+
+def test_no_two_series_of_a_plot_look_alike():
+    """More series than colours: after the ten colours of the cycle, the next ten are dashed with other markers."""
+    from run_metrics import series_style
+
+    styles = [series_style(i) for i in range(40)]
+    assert len({tuple(sorted(s.items())) for s in styles}) == 40
+    assert styles[10]["color"] == styles[0]["color"] and styles[10]["linestyle"] != styles[0]["linestyle"]
