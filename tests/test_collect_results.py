@@ -199,8 +199,6 @@ def test_malformed_result_files_are_skipped_with_a_warning(runs_root, capsys):
 
 def test_no_two_series_of_a_plot_look_alike():
     """More series than colours: after the ten colours of the cycle, the next ten are dashed with other markers."""
-    from run_metrics import series_style
-
-    styles = [series_style(i) for i in range(40)]
+    styles = [run_metrics.series_style(i) for i in range(40)]
     assert len({tuple(sorted(s.items())) for s in styles}) == 40
     assert styles[10]["color"] == styles[0]["color"] and styles[10]["linestyle"] != styles[0]["linestyle"]
