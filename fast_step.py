@@ -132,8 +132,8 @@ def step_module(model: torch.nn.Module) -> Optional[torch.nn.Module]:
 
 def _step_problem(model, optimizer, gradient_accumulation_steps: int = 1, world_size: int = 1) -> Optional[str]:
     """Why CapturedTrainStep's code (captured or eager) cannot run this training setup, on any device."""
-    module = step_module(model)
-    problem = FullContextStep.problem(model) if module is None else module.captured_step_problem()
+    hook = getattr(model, "captured_step_problem", None)  # a memory model's; a full-context LM is checked as wrapped
+    problem = hook() if hook is not None else FullContextStep.problem(model)
     if problem is not None:
         return problem
     if gradient_accumulation_steps != 1:
