@@ -287,11 +287,9 @@ def k_scaling(best: dict) -> list:
     points = []
     for (task, family, K, recipe), group in groups.items():
         cell = _best_on_shared_seeds(group)
-        outer = cell.runs[0].run.args.get("learning_rate") if cell.lr_name == "inner_lr" else None
         points.append({"task": task, "n": cell.n, "family": family, "K": K, "variant": recipe, "lr": cell.lr,
-                       "lr_name": cell.lr_name, "outer_lr": outer,
-                       "outer_lrs_compared": sorted(c.runs[0].run.args.get("learning_rate") for c in group)
-                       if len(group) > 1 else [],
+                       "lr_name": cell.lr_name, "outer_lr": _outer_lr(cell) if cell.lr_name == "inner_lr" else None,
+                       "outer_lrs_compared": sorted(map(_outer_lr, group)) if len(group) > 1 else [],
                        "test_generated_exact_match_mean": _num(cell.mean("test_gen_em")),
                        "test_generated_exact_match_per_seed": [_num(v) for v in cell.values("test_gen_em")],
                        "valid_exact_match_mean": _num(cell.mean("valid_em")),
@@ -299,6 +297,11 @@ def k_scaling(best: dict) -> list:
                        "problems": sorted({p for r in cell.runs for p in r.problems})})
     return sorted(points, key=lambda p: (p["n"], p["task"], _family_order(p["family"]), p["family"], p["variant"],
                                          p["K"] or 0))
+
+
+def _outer_lr(cell: "Cell") -> Optional[float]:
+    """The outer (model) lr a cell's runs trained with, from their saved arguments."""
+    return cell.runs[0].run.args.get("learning_rate")
 
 
 def _without_outer_lr(variant: str) -> str:
