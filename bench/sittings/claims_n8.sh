@@ -11,6 +11,8 @@
 # session's 1,600 s of command time; six GradMem/RMT K=1/K=2 runs finished 10,000 steps in 12.5 minutes).
 # OUT: the logs (a.log, b.log, data.log, progress.log), lr_choice.{json,md} of (a), lr_choice_b.* of (b), runs.tgz
 # (every run's metrics and logs; of the checkpoints only trainer_state.json). DRY_RUN=1: the parts' plans, nothing run.
+# MPS=1: the runs share the GPU through CUDA MPS (bench/_mps.sh; what it did in $OUT/mps.log; without MPS where it
+# cannot start).
 # Arguments go to every run of both parts (run_paper_claims.sh's extra arguments), e.g. --fast_step off.
 #   SERIAL=1 B_ONLY=mamba OUT=$OUT bash bench/sittings/claims_n8.sh       # phase 2 at K=1, 2, then Mamba's sweep
 #   SERIAL=1 A_K=5 A_SEEDS=1 GRADMEM_ILRS_K5="0.3 2.0" RMT_LRS="1e-4 3e-4" B_ONLY= OUT=$OUT \
@@ -23,6 +25,10 @@ RUNS_DIR=${RUNS_DIR:-runs/kv_matrix} WORK=${WORK:-/tmp/claims_sitting}
 export RUNS_DIR NS=8 SWEEP_SEEDS=1 GPUS=0 PRECISION=tf32
 start=$SECONDS
 mkdir -p "$OUT" "$RUNS_DIR" && cp -r results/kv_matrix/runs/. "$RUNS_DIR/"
+if [ -n "${MPS:-}" ] && [ -z "${DRY_RUN:-}" ]; then
+    source bench/_mps.sh
+    mps_start "${PYTHON:-python3}" > "$OUT/mps.log" 2>&1 && trap mps_stop EXIT
+fi
 [ -n "${DRY_RUN:-}" ] || [ -d data/N8-K2V2-V62_1M ] || python3 kv_dataset_utils.py --name N8-K2V2-V62_1M \
     --out data/N8-K2V2-V62_1M --n_valid 5000 --n_test 2000 > "$OUT/data.log" 2>&1
 if [ -n "$A_ONLY" ]; then
