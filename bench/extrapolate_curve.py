@@ -1,0 +1,80 @@
+"""Fit a training run's valid exact match against log(step) and extrapolate: at which step would the curve reach a
+target, and what does it predict for a continuation?
+
+    python bench/extrapolate_curve.py results/kv_capacity/seed_1_n96_ilr30/N96 --target 0.90 --at 20000 36000
+
+Reads the evaluations of each run folder's trainer_state.json (eval_exact_match per step; a step evaluated twice, as
+the last step is when the selected checkpoint is evaluated again after training, keeps its first evaluation), fits
+em = a + b ln(step) by least squares over the steps >= --from_step, and prints per run the fit, its gain per doubling
+of the steps, its RMS error, the step at which the fit reaches --target, and its value at the --at steps. This is an
+extrapolation, not a measurement: it says how many steps a curve of this shape would need, and a continuation of the
+run is what tests it.
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def evaluations(run_dir: Path) -> list:
+    """(step, valid exact match) of every evaluation in order, the first one where a step was evaluated twice."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    seen = {}
+    for entry in history:
+        if "eval_exact_match" in entry and entry["step"] not in seen:
+            seen[entry["step"]] = float(entry["eval_exact_match"])
+    return sorted(seen.items())
+
+
+def log_fit(points: list) -> tuple:
+    """Least-squares (a, b, rms) of em = a + b ln(step) over (step, em) points with step > 0."""
+    xs = [math.log(step) for step, _ in points]
+    ys = [em for _, em in points]
+    if len(points) < 2 or max(xs) == min(xs):
+        raise ValueError(f"a fit needs evaluations at two or more steps; got {len(points)} "
+                         "(lower --from_step, or pick a run with more evaluations)")
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    a = mean_y - b * mean_x
+    rms = math.sqrt(sum((a + b * x - y) ** 2 for x, y in zip(xs, ys)) / len(xs))
+    return a, b, rms
+
+
+def step_reaching(a: float, b: float, target: float):
+    """The step at which a + b ln(step) reaches target; None where the fit does not rise."""
+    return math.exp((target - a) / b) if b > 0 else None
+
+
+def report(run_dirs: list, target: float, from_step: int, at: list) -> str:
+    header = (f"| run | evaluations fitted (steps) | fit: valid EM = a + b ln(step) | per doubling | RMS error "
+              f"| fit reaches {target} at step | " + " | ".join(f"fit at step {s:,}" for s in at) + " |")
+    lines = [header, "|" + "---|" * (6 + len(at))]
+    for run_dir in run_dirs:
+        points = [(step, em) for step, em in evaluations(run_dir) if step >= max(from_step, 1)]
+        a, b, rms = log_fit(points)
+        reach = step_reaching(a, b, target)
+        lines.append(f"| {run_dir} | {len(points)} ({points[0][0]:,}-{points[-1][0]:,}) | {a:.3f} + {b:.4f} ln(step) "
+                     f"| {b * math.log(2):+.3f} | {rms:.3f} | {'never' if reach is None else f'{reach:,.0f}'} | "
+                     + " | ".join(f"{a + b * math.log(s):.3f}" for s in at) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", type=Path, nargs="+", help="run folders holding a trainer_state.json")
+    parser.add_argument("--target", type=float, default=0.90, help="the valid exact match to reach")
+    parser.add_argument("--from_step", type=int, default=1000, help="fit the evaluations from this step on")
+    parser.add_argument("--at", type=int, nargs="*", default=[], help="steps to print the fit's value at")
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        if not (run_dir / "trainer_state.json").is_file():
+            parser.error(f"{run_dir}: no trainer_state.json; pass a run folder (a stage folder such as "
+                         "results/kv_capacity/seed_1_n96_ilr30/N96)")
+    try:
+        print(report(args.run_dirs, args.target, args.from_step, args.at))
+    except ValueError as err:
+        parser.error(str(err))
+
+
+if __name__ == "__main__":
+    main()
