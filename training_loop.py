@@ -271,6 +271,21 @@ class GradMemTrainer(Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         return super().create_scheduler(int(num_training_steps / 0.9), optimizer)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """As the Trainer's, with the scheduler's last lrs saved as floats. The captured step (fast_step) holds each
+        group's lr as a GPU tensor, which the scheduler keeps as its last lrs; saved as they are, a checkpoint's
+        scheduler.pt loads only where a GPU is (the Trainer loads it with no map_location), so a run trained on a GPU
+        could not be resumed on a CPU machine."""
+        scheduler = self.lr_scheduler
+        last = getattr(scheduler, "_last_lr", None)
+        if last is not None:
+            scheduler._last_lr = [float(lr) for lr in last]
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            if last is not None:
+                scheduler._last_lr = last
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         stats = outputs.get("stats") if isinstance(outputs, dict) else None

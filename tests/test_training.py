@@ -768,3 +768,23 @@ def test_metrics_added_by_callbacks_reach_the_loggers(tmp_path):
                    data_name="kv_test", all_args=[DataArgs(data_path="kv_test")],
                    extra_callbacks=[LateMetric(), Recorder()])
     assert any(r.get("eval_late_score") == 0.25 for r in Recorder.logged)
+
+
+def test_the_scheduler_saves_its_last_lrs_as_floats(tmp_path):
+    """fast_step holds each group's lr as a (GPU) tensor and the scheduler keeps those as its last lrs: a scheduler.pt
+    holding GPU tensors loads only where a GPU is, so the trainer saves them as floats."""
+    from transformers import TrainingArguments
+
+    model = torch.nn.Linear(2, 2)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], lr_scheduler_type="linear", learning_rate=1e-3)
+    trainer = training_loop.GradMemTrainer(model=model, args=args)
+    trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = trainer.create_scheduler(100, trainer.optimizer)
+    trainer.optimizer.param_groups[0]["lr"] = torch.tensor(1e-3)  # what fast_step makes of it on a GPU
+    scheduler.step()
+    live = scheduler.get_last_lr()
+    assert isinstance(live[0], torch.Tensor)
+    trainer._save_optimizer_and_scheduler(str(tmp_path))
+    saved = torch.load(tmp_path / "scheduler.pt", weights_only=True)["_last_lr"]
+    assert type(saved[0]) is float and saved[0] == pytest.approx(float(live[0]))
+    assert scheduler.get_last_lr() is live  # saving left the live state as it was
