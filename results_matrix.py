@@ -275,28 +275,38 @@ def problem_rows(cells: list) -> list:
     return rows
 
 
-def k_scaling(best: dict) -> list:
-    """The K-scaling points of best_lr_cells: per task and family, each K's best-lr cell (full-context LMs: their best
-    cell, K None). GradMem's outer lr is part of its recipe per K (K=5 trains at a smaller one): where one (task,
-    family, K) has best cells at several outer lrs (variants that differ in learning_rate alone), its point is the one
-    chosen as the inner lr is, on valid exact match (_best_on_shared_seeds), and it joins the line of the other K."""
+def k_scaling_cells(best: dict) -> list:
+    """(cell, the cells it was chosen from) per K-scaling point: per task and family, each K's best-lr cell
+    (full-context LMs: their best cell, K None). GradMem's outer lr is part of its recipe per K (K=5 trains at a
+    smaller one): where one (task, family, K) has best cells at several outer lrs (variants that differ in
+    learning_rate alone), its point is the one chosen as the inner lr is, on valid exact match (_best_on_shared_seeds),
+    and it joins the line of the other K. Ordered as the matrix is."""
     groups = {}
     for (task, family, K, variant), cell in best.items():
         recipe = _without_outer_lr(variant) if cell.lr_name == "inner_lr" else variant
         groups.setdefault((task, family, K, recipe), []).append(cell)
-    points = []
-    for (task, family, K, recipe), group in groups.items():
-        cell = _best_on_shared_seeds(group)
-        points.append({"task": task, "n": cell.n, "family": family, "K": K, "variant": recipe, "lr": cell.lr,
-                       "lr_name": cell.lr_name, "outer_lr": _outer_lr(cell) if cell.lr_name == "inner_lr" else None,
-                       "outer_lrs_compared": sorted(map(_outer_lr, group)) if len(group) > 1 else [],
-                       "test_generated_exact_match_mean": _num(cell.mean("test_gen_em")),
-                       "test_generated_exact_match_per_seed": [_num(v) for v in cell.values("test_gen_em")],
-                       "valid_exact_match_mean": _num(cell.mean("valid_em")),
-                       "seeds": [r.seed for r in cell.runs], "finished_seeds": cell.finished,
-                       "problems": sorted({p for r in cell.runs for p in r.problems})})
-    return sorted(points, key=lambda p: (p["n"], p["task"], _family_order(p["family"]), p["family"], p["variant"],
-                                         p["K"] or 0))
+    chosen = [(_best_on_shared_seeds(group), group) for group in groups.values()]
+    return sorted(chosen, key=lambda pair: (pair[0].n, pair[0].task, _family_order(pair[0].family), pair[0].family,
+                                            _recipe(pair[0]), pair[0].K or 0))
+
+
+def k_scaling(best: dict) -> list:
+    """The K-scaling points (k_scaling_cells) as records: the chosen lr, outer lr, per-seed and mean exact match."""
+    return [{"task": cell.task, "n": cell.n, "family": cell.family, "K": cell.K, "variant": _recipe(cell),
+             "lr": cell.lr, "lr_name": cell.lr_name,
+             "outer_lr": _outer_lr(cell) if cell.lr_name == "inner_lr" else None,
+             "outer_lrs_compared": sorted(map(_outer_lr, group)) if len(group) > 1 else [],
+             "test_generated_exact_match_mean": _num(cell.mean("test_gen_em")),
+             "test_generated_exact_match_per_seed": [_num(v) for v in cell.values("test_gen_em")],
+             "valid_exact_match_mean": _num(cell.mean("valid_em")),
+             "seeds": [r.seed for r in cell.runs], "finished_seeds": cell.finished,
+             "problems": sorted({p for r in cell.runs for p in r.problems})}
+            for cell, group in k_scaling_cells(best)]
+
+
+def _recipe(cell: "Cell") -> str:
+    """A cell's variant as its K-scaling line knows it: GradMem's without the outer lr (it is part of each K's recipe)."""
+    return _without_outer_lr(cell.variant) if cell.lr_name == "inner_lr" else cell.variant
 
 
 def _outer_lr(cell: "Cell") -> Optional[float]:
@@ -326,6 +336,9 @@ def matrix_markdown(cells: list, best: dict, runs_root, n_outside: int) -> str:
            "seeds of lr_choice.json where the two-phase protocol ran)\n",
            _markdown(CELL_COLUMNS, [_cell_row(c, True) for c in sorted(best.values(), key=lambda c: (
                c.n, c.task, _family_order(c.family), c.family, c.K or 0, c.variant))]),
+           "\n## K scaling (the points of k_scaling.png): per family and K its best lr; where a K has best cells at "
+           "several outer lrs (GradMem K=5), the one with the better valid EM\n",
+           _markdown(CELL_COLUMNS, [_cell_row(c) for c, _ in k_scaling_cells(best)]),
            "\n## Every cell (the whole sweep; **best** = chosen)\n",
            _markdown(CELL_COLUMNS, [_cell_row(c, id(c) in chosen) for c in cells]),
            "\n## Diverged, collapsed, unfinished runs\n",

@@ -303,6 +303,11 @@ def test_k_scaling_takes_each_k_at_its_best_outer_lr(runs_root):
     assert k5["test_generated_exact_match_per_seed"] == [0.20, 0.30] and k5["finished_seeds"] == 2
     assert gradmem[2]["outer_lr"] == 1e-3 and gradmem[2]["outer_lrs_compared"] == []
     assert rm._point_note(k5) == "0.3, outer 0.0001 (n=2)"
+    # matrix.md's K-scaling table holds the same points: K=5 at outer lr 1e-4 (both seeds), not the diverged 1e-3
+    table = rm.matrix_markdown(cells, rm.best_lr_cells(cells), runs_root, 0).split("## K scaling")[1]
+    table = table.split("## Every cell")[0]
+    assert "| 8 | gradmem [learning_rate=0.0001] | 5 | inner 0.3 | 143, 144 (2) | 0.7500 [0.8000, 0.7000] |" in table
+    assert "learning_rate=0.001]" not in table and table.count("| 8 | gradmem") == 3
 
 
 def test_k_scaling_notes_a_diverged_point(runs_root):
