@@ -1,5 +1,6 @@
-"""bench/sittings/claims_n8.sh: each part's selection reaches scripts/run_paper_claims.sh (a sweep can be split over
-sittings, a part left out), the committed metrics are copied in first, and the runs are packed (DRY_RUN: plans only)."""
+"""bench/sittings/claims.sh: each part's selection reaches scripts/run_paper_claims.sh (a sweep can be split over
+sittings, a part left out, N16 chained from N8), the committed metrics are copied in first, and the runs are packed
+(DRY_RUN: plans only)."""
 import os
 import subprocess
 import tarfile
@@ -11,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_sitting(tmp_path, *args, **env):
     env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "RUNS_DIR": str(tmp_path / "runs"),
            "WORK": str(tmp_path / "work"), **env}
-    done = subprocess.run(["bash", "bench/sittings/claims_n8.sh", *args], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run(["bash", "bench/sittings/claims.sh", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return tmp_path / "out"
@@ -45,3 +46,11 @@ def test_b_alone_runs_the_mamba_sweep_with_the_arguments_given(tmp_path):
     assert planned_runs(out / "b.log") == [("mamba_lr1e-3", "1"), ("mamba_lr1e-4", "1"), ("mamba_lr3e-4", "1")]
     commands = [line for line in (out / "b.log").read_text().splitlines() if line.startswith("N8_mamba_")]
     assert len(commands) == 3 and all(line.rstrip().endswith("--fast_step off") for line in commands)
+
+
+def test_ns_chains_n16_from_n8(tmp_path):
+    out = run_sitting(tmp_path, NS="8 16", A_ONLY="gradmem", A_K="2", A_SEEDS="1", GRADMEM_ILRS_K2="0.04", B_ONLY="")
+    rows = [line.split() for line in (out / "a.log").read_text().splitlines() if line.startswith("0/")]
+    assert sorted((row[2], row[3]) for row in rows) == [("16", "gradmem_K2_ilr0.04"), ("8", "gradmem_K2_ilr0.04")]
+    n16 = next(row for row in rows if row[2] == "16")
+    assert " ".join(n16[6:]) == "best checkpoint of N8_gradmem_K2_ilr0.04_s1"  # the N8 run of its cell and seed
