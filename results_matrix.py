@@ -305,7 +305,7 @@ def k_scaling(best: dict) -> list:
 
 
 def _recipe(cell: "Cell") -> str:
-    """A cell's variant as its K-scaling line knows it: GradMem's without the outer lr (it is part of each K's recipe)."""
+    """A cell's variant as its K-scaling line knows it: GradMem's without the outer lr (part of each K's recipe)."""
     return _without_outer_lr(cell.variant) if cell.lr_name == "inner_lr" else cell.variant
 
 

@@ -12,7 +12,8 @@
 # 500 s; six GradMem/RMT K=1/K=2 runs finished 10,000 steps in 12.5 minutes).
 # Carried in, copied into RUNS_DIR first: results/kv_matrix/runs/ (the finished runs' metrics: those runs are
 # skipped) and, where it exists, results/kv_matrix/weights/ (selected checkpoints' weights of earlier sittings,
-# restored from git history: the warm starts of N16 runs whose N8 parents trained elsewhere; results/kv_matrix/README.md).
+# restored from git history: the warm starts of N16 runs whose N8 parents trained elsewhere; see
+# results/kv_matrix/README.md).
 # OUT, at most 8 files (what a device call brings back): the logs (a.log, b.log, data.log, progress.log, mps.log),
 # lr_choice.tgz (lr_choice.{json,md} of (a), lr_choice_b.* of (b)), runs.tgz (every run's metrics and logs; of the
 # checkpoints only trainer_state.json) and weights.tgz (the selected checkpoint's model.safetensors of every run
