@@ -2,18 +2,21 @@
 target, and what does it predict for a continuation?
 
     python bench/extrapolate_curve.py results/kv_capacity/seed_1_n96_ilr30/N96 --target 0.90 --at 20000 36000
+    python bench/extrapolate_curve.py runs/kv_capacity/seed_1_n96_ilr30/N96 --fit_until 10000   # test a prediction
 
 Reads the evaluations of each run folder's trainer_state.json (eval_exact_match per step; a step evaluated twice, as
 the last step is when the selected checkpoint is evaluated again after training, keeps its first evaluation), fits
 em = a + b ln(step) by least squares over the steps >= --from_step, and prints per run the fit, its gain per doubling
 of the steps, its RMS error, the step at which the fit reaches --target, and its value at the --at steps. This is an
 extrapolation, not a measurement: it says how many steps a curve of this shape would need, and a continuation of the
-run is what tests it.
+run is what tests it. --fit_until STEP fits the evaluations up to STEP only and compares the later ones with the
+fit's prediction (their count and steps, mean measured, mean predicted, mean difference).
 """
 import argparse
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 
 def evaluations(run_dir: Path) -> list:
@@ -45,17 +48,27 @@ def step_reaching(a: float, b: float, target: float):
     return math.exp((target - a) / b) if b > 0 else None
 
 
-def report(run_dirs: list, target: float, from_step: int, at: list) -> str:
-    header = (f"| run | evaluations fitted (steps) | fit: valid EM = a + b ln(step) | per doubling | RMS error "
-              f"| fit reaches {target} at step | " + " | ".join(f"fit at step {s:,}" for s in at) + " |")
-    lines = [header, "|" + "---|" * (6 + len(at))]
+def report(run_dirs: list, target: float, from_step: int, at: list, fit_until: Optional[int] = None) -> str:
+    columns = ["run", "evaluations fitted (steps)", "fit: valid EM = a + b ln(step)", "per doubling", "RMS error",
+               f"fit reaches {target} at step", *(f"fit at step {s:,}" for s in at)]
+    if fit_until is not None:
+        columns += ["later evaluations (steps)", "measured, mean", "predicted, mean", "measured - predicted"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for run_dir in run_dirs:
         points = [(step, em) for step, em in evaluations(run_dir) if step >= max(from_step, 1)]
-        a, b, rms = log_fit(points)
+        fitted = [p for p in points if fit_until is None or p[0] <= fit_until]
+        a, b, rms = log_fit(fitted)
         reach = step_reaching(a, b, target)
-        lines.append(f"| {run_dir} | {len(points)} ({points[0][0]:,}-{points[-1][0]:,}) | {a:.3f} + {b:.4f} ln(step) "
-                     f"| {b * math.log(2):+.3f} | {rms:.3f} | {'never' if reach is None else f'{reach:,.0f}'} | "
-                     + " | ".join(f"{a + b * math.log(s):.3f}" for s in at) + " |")
+        row = [str(run_dir), f"{len(fitted)} ({fitted[0][0]:,}-{fitted[-1][0]:,})", f"{a:.3f} + {b:.4f} ln(step)",
+               f"{b * math.log(2):+.3f}", f"{rms:.3f}", "never" if reach is None else f"{reach:,.0f}",
+               *(f"{a + b * math.log(s):.3f}" for s in at)]
+        if fit_until is not None:
+            later = points[len(fitted):]
+            measured = sum(em for _, em in later) / len(later) if later else None
+            predicted = sum(a + b * math.log(step) for step, _ in later) / len(later) if later else None
+            row += ([f"{len(later)} ({later[0][0]:,}-{later[-1][0]:,})", f"{measured:.3f}", f"{predicted:.3f}",
+                     f"{measured - predicted:+.3f}"] if later else ["none", "-", "-", "-"])
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -65,13 +78,15 @@ def main(argv=None):
     parser.add_argument("--target", type=float, default=0.90, help="the valid exact match to reach")
     parser.add_argument("--from_step", type=int, default=1000, help="fit the evaluations from this step on")
     parser.add_argument("--at", type=int, nargs="*", default=[], help="steps to print the fit's value at")
+    parser.add_argument("--fit_until", type=int, default=None,
+                        help="fit the evaluations up to this step only; compare the later ones with the fit")
     args = parser.parse_args(argv)
     for run_dir in args.run_dirs:
         if not (run_dir / "trainer_state.json").is_file():
             parser.error(f"{run_dir}: no trainer_state.json; pass a run folder (a stage folder such as "
                          "results/kv_capacity/seed_1_n96_ilr30/N96)")
     try:
-        print(report(args.run_dirs, args.target, args.from_step, args.at))
+        print(report(args.run_dirs, args.target, args.from_step, args.at, args.fit_until))
     except ValueError as err:
         parser.error(str(err))
 

@@ -43,3 +43,13 @@ def test_too_few_evaluations_and_a_missing_record_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ec.main([str(tmp_path)])
     assert "no trainer_state.json" in capsys.readouterr().err
+
+
+def test_fit_until_compares_the_later_evaluations_with_the_prediction(tmp_path):
+    a, b = 0.1, 0.05
+    points = [(step, a + b * math.log(step)) for step in range(1000, 10001, 1000)]
+    points[-1] = (10000, points[-1][1] + 0.1)  # the last evaluation 0.1 above the curve: mean difference 0.1 / 5
+    run = write_run(tmp_path / "run", points)
+    row = ec.report([run], 0.9, 1000, [], fit_until=5000).splitlines()[2]
+    assert "| 5 (1,000-5,000) |" in row and "| 5 (6,000-10,000) |" in row and row.endswith("| +0.020 |")
+    assert ec.report([run], 0.9, 1000, [], fit_until=10000).splitlines()[2].endswith("| none | - | - | - |")
