@@ -282,9 +282,8 @@ def k_scaling_cells(best: dict) -> list:
     learning_rate alone), its point is the one chosen as the inner lr is, on valid exact match (_best_on_shared_seeds),
     and it joins the line of the other K. Ordered as the matrix is."""
     groups = {}
-    for (task, family, K, variant), cell in best.items():
-        recipe = _without_outer_lr(variant) if cell.lr_name == "inner_lr" else variant
-        groups.setdefault((task, family, K, recipe), []).append(cell)
+    for (task, family, K, _), cell in best.items():
+        groups.setdefault((task, family, K, _recipe(cell)), []).append(cell)
     chosen = [(_best_on_shared_seeds(group), group) for group in groups.values()]
     return sorted(chosen, key=lambda pair: (pair[0].n, pair[0].task, _family_order(pair[0].family), pair[0].family,
                                             _recipe(pair[0]), pair[0].K or 0))
