@@ -9,9 +9,12 @@
 # cannot reach the daemon it runs a process without MPS). Where the daemon is missing or the check fails it says why,
 # quits the daemon and returns 1 with the environment as it was: the runs then share the GPU without MPS. mps_stop
 # quits the daemon.
-_mps_ctl() {  # one command to the daemon under MPS_DIR (10 s at most)
-    echo "$1" | CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log" \
-        timeout 10 nvidia-cuda-mps-control
+_mps_env() {  # a command with the daemon's folders under MPS_DIR
+    env CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log" "$@"
+}
+
+_mps_ctl() {  # one command to the daemon (10 s at most)
+    echo "$1" | _mps_env timeout 10 nvidia-cuda-mps-control
 }
 
 mps_start() {
@@ -21,12 +24,11 @@ mps_start() {
     mkdir -p "$MPS_DIR/pipe" "$MPS_DIR/log"
     local pid_file="$MPS_DIR/pipe/nvidia-cuda-mps-control.pid"  # the daemon writes it
     if ! { [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; }; then
-        CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log" nvidia-cuda-mps-control -d \
+        _mps_env nvidia-cuda-mps-control -d \
             || { echo "mps: nvidia-cuda-mps-control -d failed; the runs share the GPU without MPS" >&2; return 1; }
     fi
     local check="import torch; x = torch.ones(8, device='cuda'); assert (x + 1).sum().item() == 16"
-    if CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log" \
-            timeout "${MPS_CHECK_S:-60}" "$1" -c "$check"; then
+    if _mps_env timeout "${MPS_CHECK_S:-60}" "$1" -c "$check"; then
         local servers
         servers=$(_mps_ctl get_server_list 2>/dev/null)
         export CUDA_MPS_PIPE_DIRECTORY="$MPS_DIR/pipe" CUDA_MPS_LOG_DIRECTORY="$MPS_DIR/log"
