@@ -4,8 +4,8 @@ target, and what does it predict for a continuation?
     python bench/extrapolate_curve.py results/kv_capacity/seed_1_n96_ilr30/N96 --target 0.90 --at 20000 36000
     python bench/extrapolate_curve.py runs/kv_capacity/seed_1_n96_ilr30/N96 --fit_until 10000   # test a prediction
 
-Reads the evaluations made while training from each run folder's trainer_state.json (a run still training: its newest
-checkpoint's; eval_exact_match per step, a step evaluated twice keeps its first evaluation), fits
+Reads the evaluations of each run folder's trainer_state.json (eval_exact_match per step; a step evaluated twice, as
+the last step is when the selected checkpoint is evaluated again after training, keeps its first evaluation), fits
 em = a + b ln(step) by least squares over the steps >= --from_step, and prints per run the fit, its gain per doubling
 of the steps, its RMS error, the step at which the fit reaches --target, and its value at the --at steps. This is an
 extrapolation, not a measurement: it says how many steps a curve of this shape would need, and a continuation of the
@@ -13,21 +13,17 @@ run is what tests it. --fit_until STEP fits the evaluations up to STEP only and 
 fit's prediction (their count and steps, mean measured, mean predicted, mean difference).
 """
 import argparse
+import json
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from run_metrics import read_log_history, trainer_state_file  # noqa: E402
-
 
 def evaluations(run_dir: Path) -> list:
-    """(step, valid exact match) of every evaluation made while training, in order (read_log_history leaves out the
-    selected checkpoint's evaluation after training), the first one where a step was evaluated twice."""
+    """(step, valid exact match) of every evaluation in order, the first one where a step was evaluated twice."""
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     seen = {}
-    for entry in read_log_history(trainer_state_file(run_dir)):
+    for entry in history:
         if "eval_exact_match" in entry and entry["step"] not in seen:
             seen[entry["step"]] = float(entry["eval_exact_match"])
     return sorted(seen.items())
@@ -86,7 +82,7 @@ def main(argv=None):
                         help="fit the evaluations up to this step only; compare the later ones with the fit")
     args = parser.parse_args(argv)
     for run_dir in args.run_dirs:
-        if not trainer_state_file(run_dir).is_file():
+        if not (run_dir / "trainer_state.json").is_file():
             parser.error(f"{run_dir}: no trainer_state.json; pass a run folder (a stage folder such as "
                          "results/kv_capacity/seed_1_n96_ilr30/N96)")
     try:
