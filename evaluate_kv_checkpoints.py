@@ -39,14 +39,17 @@ def checkpoint_folders(paths) -> list:
     folders = []
     for path in map(Path, paths):
         if (path / "config.json").is_file():
+            if folder_pairs(path) is None:
+                raise ValueError(f"{path}: the folder's name must give the pairs per context its samples need, "
+                                 f"N<pairs> (N96 for 96 pairs): copy or rename it")
             folders.append(path)
         elif path.is_dir():
-            folders += [p for p in path.glob("N*") if (p / "config.json").is_file()]
+            folders += [p for p in path.glob("N*") if (p / "config.json").is_file() and folder_pairs(p)]
         else:
             raise FileNotFoundError(f"{path}: no checkpoint folder (config.json, model.safetensors, tokenizer) here")
     if not folders:
         raise FileNotFoundError(f"no checkpoint folders under {', '.join(map(str, paths))}")
-    return sorted(folders, key=lambda p: folder_pairs(p) or 0)
+    return sorted(folders, key=folder_pairs)
 
 
 def load_for_evaluation(folder: Path) -> GradMemGPT:
@@ -88,7 +91,7 @@ def evaluate_folder(folder: Path, samples: int, data_seed: int, batch_size: int,
         model.config.eval_lr = inner_lr
     K, inner_lr = model.write_steps()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    n_pairs = int(folder.name[1:])
+    n_pairs = folder_pairs(folder)
     batches = fresh_batches(tokenizer, n_pairs, samples, data_seed, batch_size)
     started = time.time()
     metrics = generated_exact_match(model, batches, single_token_ids(tokenizer, ("!", "|")))

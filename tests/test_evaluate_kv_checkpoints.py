@@ -178,3 +178,16 @@ def test_meta_gradient_norm_against_K_and_inner_lr(checkpoint):
     assert same[0]["grad_norm"] == pytest.approx(norm, rel=1e-5) and other[0]["grad_norm"] != pytest.approx(norm)
     with pytest.raises(SystemExit):
         kv_meta_grad.main([str(checkpoint), "--K", "0"])
+
+
+def test_a_folder_whose_name_gives_no_pairs_is_refused_before_loading(tmp_path):
+    """The fresh samples' pairs per context come from the folder name (N<pairs>); another name is a clear error."""
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="N<pairs>"):
+        evaluate_kv_checkpoints.checkpoint_folders([tmp_path / "best"])
+    (tmp_path / "N12").mkdir()
+    (tmp_path / "N12" / "config.json").write_text("{}")
+    (tmp_path / "Notes").mkdir()
+    (tmp_path / "Notes" / "config.json").write_text("{}")
+    assert evaluate_kv_checkpoints.checkpoint_folders([tmp_path]) == [tmp_path / "N12"]
