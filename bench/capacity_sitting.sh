@@ -21,6 +21,8 @@
 #   PREPARE ["64 96"]    KV datasets data/N<n>-K2V2-V62_1M built before the jobs start
 #   STATE ["OUT_DIR/N96 ..."] stage folders whose latest checkpoint (full state, to resume elsewhere) and
 #                        selected checkpoint (weights and config) are packed as state_<k>.tar / best_<k>.tar
+#   MINUTES [unset]      every job's MINUTES replaced by this one (a session's last command given the device time
+#                        that is left, with the jobs file of the commands before it)
 #   DRY_RUN [unset]      check the jobs file (every job's STAGES parsed as the curriculum parses them) and COPY, print
 #                        the jobs per GPU, run nothing
 # Wheels the machine lacks (datasets, dill, multiprocess) are installed from .whl/ when it exists.
@@ -31,6 +33,9 @@ OUT=${OUT:-runs/sitting}
 PYTHON=${PYTHON:-python3}
 [ -f "$JOBS" ] \
     || { echo "JOBS=$JOBS: no such file; write one job per line: GPU MINUTES VAR=value ... [-- args]" >&2; exit 2; }
+[[ -z "${MINUTES:-}" || "$MINUTES" =~ ^[0-9]*\.?[0-9]+$ ]] \
+    || { echo "MINUTES=$MINUTES: give every job's training minutes as a number (e.g. MINUTES=8.5), or leave it unset" >&2
+         exit 2; }
 
 # read and check every job before anything runs: GPU_OF, MIN_OF, REST_OF (the rest of the line), OUT_DIRS (empty
 # for a command job)
@@ -38,6 +43,7 @@ GPU_OF=(); MIN_OF=(); REST_OF=(); OUT_DIRS=()
 while IFS= read -r line || [ -n "$line" ]; do
     [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
     read -r gpu minutes rest <<<"$line"
+    [ -n "${MINUTES:-}" ] && minutes=$MINUTES
     [[ "$gpu" =~ ^[0-9]+$ ]] || { echo "$JOBS: '$line': the first field must be a GPU index" >&2; exit 2; }
     [[ "$minutes" =~ ^[0-9]*\.?[0-9]+$ ]] \
         || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }

@@ -28,13 +28,13 @@ json.dump({{"invocations": [{{"stages": [stage]}}]}}, open(os.path.join(out, "cu
 """
 
 
-def run_sitting(tmp_path, jobs: str):
+def run_sitting(tmp_path, jobs: str, **extra_env):
     stub = tmp_path / "python_stub"
     stub.write_text(STUB.format(python=os.sys.executable))
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "sitting.jobs").write_text(jobs)
     env = {**os.environ, "JOBS": str(tmp_path / "sitting.jobs"), "OUT": str(tmp_path / "out"), "PYTHON": str(stub),
-           "CALLS": str(tmp_path / "calls.jsonl")}
+           "CALLS": str(tmp_path / "calls.jsonl"), **extra_env}
     return subprocess.run(["bash", str(REPO / "bench" / "capacity_sitting.sh")], env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -124,3 +124,16 @@ def test_every_committed_jobs_file_checks_and_bad_stages_are_refused(tmp_path):
                           env={**os.environ, "JOBS": str(tmp_path / "bad.jobs"), "OUT": str(tmp_path / "out")},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "its STAGES do not parse" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_minutes_replaces_every_jobs_budget_and_a_bad_value_is_refused(tmp_path):
+    """MINUTES=<m> gives every job m minutes of training instead of its line's (a session's last command fills the
+    device time left); a value that is no number stops the sitting before anything runs."""
+    done = run_sitting(tmp_path, f'0 7.8 SEED=1 OUT_DIR={tmp_path / "runs" / "a"} STAGES="96:0.90:K=5"\n',
+                       MINUTES="8.6")
+    assert done.returncode == 0, done.stderr
+    (call,) = map(json.loads, (tmp_path / "calls.jsonl").read_text().splitlines())
+    assert "--time_budget_minutes 8.6" in " ".join(call["args"])
+    refused = run_sitting(tmp_path, f'0 7.8 SEED=1 OUT_DIR={tmp_path / "runs" / "b"}\n', MINUTES="9m")
+    assert refused.returncode == 2 and "MINUTES=9m: give every job's training minutes as a number" in refused.stderr
+    assert not (tmp_path / "runs" / "b").exists()
