@@ -21,8 +21,8 @@
 #   PREPARE ["64 96"]    KV datasets data/N<n>-K2V2-V62_1M built before the jobs start
 #   STATE ["OUT_DIR/N96 ..."] stage folders whose latest checkpoint (full state, to resume elsewhere) and
 #                        selected checkpoint (weights and config) are packed as state_<k>.tar / best_<k>.tar
-#   MINUTES [unset]      every job's MINUTES replaced by this one (a session's last command given the device time
-#                        that is left, with the jobs file of the commands before it)
+#   MINUTES [unset]      every job's MINUTES replaced by this one (from the same jobs file, a session's later
+#                        commands train for the device time they have, the first one less)
 #   DRY_RUN [unset]      check the jobs file (every job's STAGES parsed as the curriculum parses them) and COPY, print
 #                        the jobs per GPU, run nothing
 # Wheels the machine lacks (datasets, dill, multiprocess) are installed from .whl/ when it exists.
