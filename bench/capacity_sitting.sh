@@ -33,7 +33,8 @@ OUT=${OUT:-runs/sitting}
 PYTHON=${PYTHON:-python3}
 [ -f "$JOBS" ] \
     || { echo "JOBS=$JOBS: no such file; write one job per line: GPU MINUTES VAR=value ... [-- args]" >&2; exit 2; }
-[[ -z "${MINUTES:-}" || "$MINUTES" =~ ^[0-9]*\.?[0-9]+$ ]] \
+is_minutes() { [[ "$1" =~ ^[0-9]*\.?[0-9]+$ ]]; }
+[ -z "${MINUTES:-}" ] || is_minutes "$MINUTES" \
     || { echo "MINUTES=$MINUTES: give every job's training minutes as a number (e.g. MINUTES=8.5), or leave it unset" >&2
          exit 2; }
 
@@ -43,10 +44,9 @@ GPU_OF=(); MIN_OF=(); REST_OF=(); OUT_DIRS=()
 while IFS= read -r line || [ -n "$line" ]; do
     [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
     read -r gpu minutes rest <<<"$line"
-    [ -n "${MINUTES:-}" ] && minutes=$MINUTES
     [[ "$gpu" =~ ^[0-9]+$ ]] || { echo "$JOBS: '$line': the first field must be a GPU index" >&2; exit 2; }
-    [[ "$minutes" =~ ^[0-9]*\.?[0-9]+$ ]] \
-        || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }
+    is_minutes "$minutes" || { echo "$JOBS: '$line': the second field must be minutes" >&2; exit 2; }
+    [ -n "${MINUTES:-}" ] && minutes=$MINUTES
     if [[ "$rest" == "!"* ]]; then  # a command job
         [ -n "${rest#!}" ] || { echo "$JOBS: '$line': no command after !" >&2; exit 2; }
         GPU_OF+=("$gpu"); MIN_OF+=("$minutes"); REST_OF+=("$rest"); OUT_DIRS+=("")
