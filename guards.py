@@ -10,7 +10,9 @@ Two guards, each counted and logged whenever it acts:
   about window / 2 steps instead of being skipped forever.
 - `CollapseRollback` (every evaluation): when the selection metric falls below `ratio` x its best value (once the
   best is at least `min_best`), or the evaluation loss is not finite, the model and optimiser go back to the best
-  checkpoint and the learning rate is multiplied by `lr_factor`; after `max_rollbacks` the run stops.
+  checkpoint and the learning rate is multiplied by `lr_factor`; after `max_rollbacks` the run stops. A run resumed
+  on another machine may lack its best checkpoint: it rolls back to the best saved one that was not collapsed, and
+  stops when there is none (training on from a collapse only wastes the GPU and overwrites the good checkpoints).
 """
 import logging
 import math
@@ -117,6 +119,26 @@ class CollapseRollback(TrainerCallback):
         self.best = value if self.best is None else max(self.best, value)
         return None
 
+    def rollback_target(self, args, state) -> Optional[Path]:
+        """The best checkpoint; when it is not on disk (a run resumed on another machine), the saved checkpoint whose
+        recorded metric is best and not itself collapsed; None when there is neither."""
+        if state.best_model_checkpoint and Path(state.best_model_checkpoint).is_dir():
+            return Path(state.best_model_checkpoint)
+        if args is None:
+            return None
+        recorded = {r["step"]: r[self.key] for r in state.log_history
+                    if r.get(self.key) is not None and "step" in r and math.isfinite(r[self.key])}
+        usable = []
+        for folder in Path(args.output_dir).glob("checkpoint-*"):
+            step = folder.name.rsplit("-", 1)[-1]
+            value = recorded.get(int(step)) if step.isdigit() else None
+            if value is None or not (folder / "model.safetensors").is_file():
+                continue
+            if self.ratio_test and self.best is not None and value < self.ratio * self.best:
+                continue
+            usable.append((value if self.ratio_test else -value, int(step), folder))
+        return max(usable)[2] if usable else None
+
     def on_evaluate(self, args, state, control, metrics=None, model=None, optimizer=None, lr_scheduler=None,
                     **kwargs):
         if state.global_step == 0 or not metrics:
@@ -124,9 +146,12 @@ class CollapseRollback(TrainerCallback):
         reason = self.collapsed(metrics)
         if reason is None:
             return
-        best = state.best_model_checkpoint
-        if best is None or not Path(best).is_dir():
-            logger.warning("collapse at step %d (%s) but no best checkpoint to roll back to", state.global_step, reason)
+        best = self.rollback_target(args, state)
+        if best is None:
+            logger.warning("collapse at step %d (%s) and no saved checkpoint to roll back to (the best one, %s, is not "
+                           "on disk, nor another that was not collapsed): stopping", state.global_step, reason,
+                           state.best_model_checkpoint)
+            control.should_training_stop = True
             return
         if self.rollbacks >= self.max_rollbacks:
             logger.warning("collapse at step %d (%s) after %d rollbacks: stopping", state.global_step, reason,

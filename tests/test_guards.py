@@ -150,3 +150,29 @@ def test_collapse_needs_a_real_best_and_loss_metrics_only_watch_finiteness():
                {"rollback": 1, "step": 200}, {"eval_exact_match": 0.6, "step": 300}]
     resumed.on_train_begin(None, SimpleNamespace(log_history=history), None)
     assert resumed.rollbacks == 1 and resumed.best == 0.7
+
+
+def test_a_resumed_run_without_its_best_checkpoint_rolls_back_to_the_best_saved_one_or_stops(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    good = model.weight.detach().clone()
+    for step in (300, 400):  # what a resumed run keeps on disk: its newest checkpoints, not the best (step 100)
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file({k: v + step for k, v in model.state_dict().items()},
+                  str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    history = [{"eval_exact_match": 0.9, "step": 100}, {"eval_exact_match": 0.8, "step": 300},
+               {"eval_exact_match": 0.6, "step": 400}]
+    rollback = CollapseRollback("exact_match", ratio=0.5)
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(global_step=500, best_model_checkpoint=None, log_history=history)
+    rollback.on_train_begin(args, state, None)
+    control = SimpleNamespace(should_training_stop=False)
+    rollback.on_evaluate(args, state, control, metrics={"eval_exact_match": 0.1}, model=model)
+    assert rollback.rollbacks == 1 and state.log_history[-1]["from_checkpoint"] == "checkpoint-300"
+    assert torch.equal(model.weight, good + 300) and not control.should_training_stop
+    # a checkpoint whose own value was collapsed (0.4 < 0.5 x 0.9) is no target: with none left the run stops
+    history[1]["eval_exact_match"] = history[2]["eval_exact_match"] = 0.4
+    rollback.on_evaluate(args, state, control, metrics={"eval_exact_match": 0.1}, model=model)
+    assert control.should_training_stop and rollback.rollbacks == 1
+    # the best checkpoint, when it is on disk, is the target whatever else is saved
+    state.best_model_checkpoint = str(tmp_path / "checkpoint-400")
+    assert rollback.rollback_target(args, state) == tmp_path / "checkpoint-400"
