@@ -6,9 +6,10 @@ Per seed and stage: the steps and the wall time until the stage's valid exact ma
 from the start of the first stage, summed over sittings; datasets are built before the clock starts), the same less
 every stage's final evaluations so far (the selected and final checkpoints on valid and test: measurement after a
 stage, which another process could do; "-" for records without their timings), the selected
-checkpoint's valid and test exact match (generated answers, test split never used for selection), the final
-checkpoint's where it differs, and the guards' interventions (steps skipped as gradient-norm spikes, rollbacks).
-Unfinished, budget-spent and collapsed stages are listed as such. Continuations of a seed (another recipe started
+checkpoint's valid and test exact match (generated answers, test split never used for selection; over all sittings of
+a stage: a later sitting that selected nothing better leaves an earlier one's selection), the final checkpoint's where
+it differs, and the guards' interventions (steps skipped as gradient-norm spikes, rollbacks). Unfinished, budget-spent
+and collapsed stages are listed as such. Continuations of a seed (another recipe started
 from one of its checkpoints) live in seed_<s>_<variant>/ folders and are listed after it.
 """
 import argparse
@@ -20,6 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from figures import save_png  # noqa: E402
+
+
+COLLAPSE_RATIO = 0.5  # a final checkpoint below this x the selected one's valid exact match has collapsed (as the
+# trainer's default --collapse_ratio)
 
 
 def cli_args(stage_dir: Path) -> dict:
@@ -35,7 +40,7 @@ def cli_args(stage_dir: Path) -> dict:
 def stage_rows(seed_dir: Path) -> list:
     """One row per stage of a seed, from curriculum.json (wall time) and the stage's all_results.json."""
     record = json.loads((seed_dir / "curriculum.json").read_text())
-    rows, elapsed, seen = [], 0.0, {}
+    rows, elapsed, seen, best_sitting = [], 0.0, {}, {}
     test_s = 0.0  # the final evaluations so far (valid and test of the selected and final checkpoints); None: unknown
     for invocation in record["invocations"]:
         offset = elapsed
@@ -46,19 +51,27 @@ def stage_rows(seed_dir: Path) -> list:
             seen[entry["stage"]] = {**entry, "wall_s": wall, "threshold": entry["threshold"],
                                     "wall_s_without_tests": None if test_s is None else wall - test_s}
             elapsed = wall
+            if entry.get("eval_exact_match", -1) > best_sitting.get(entry["stage"], {}).get("eval_exact_match", -1):
+                best_sitting[entry["stage"]] = entry
     for name, entry in seen.items():
         results = json.loads((seed_dir / name / "all_results.json").read_text())
         history = json.loads((seed_dir / name / "trainer_state.json").read_text())["log_history"]
         args = cli_args(seed_dir / name)
+        selected, final_test = results, results.get("final_test_generated_exact_match")
+        earlier = best_sitting.get(name, {})
+        if earlier.get("eval_exact_match", -1) > results["eval_exact_match"]:  # an earlier sitting's selection was
+            selected = earlier  # better than any checkpoint since: the run's selection on valid, the newest is final
+            final_test = final_test if final_test is not None else results.get("test_generated_exact_match")
         rows.append({"stage": name, "N": int(name[1:]), "threshold": entry["threshold"], "K": args.get("K"),
                      "inner_lr": args.get("inner_lr"), "eval_K": args.get("eval_K"),
                      "eval_inner_lr": args.get("eval_inner_lr"), "max_steps": args.get("max_steps"),
                      "max_rollbacks": args.get("max_rollbacks", 3),
                      "steps": results["global_step"], "wall_s": entry["wall_s"],
                      "wall_s_without_tests": entry["wall_s_without_tests"],
-                     "valid": results["eval_exact_match"], "test": results.get("test_generated_exact_match"),
-                     "final_test": results.get("final_test_generated_exact_match"),
-                     "done": results["eval_exact_match"] >= entry["threshold"],
+                     "valid": selected["eval_exact_match"], "test": selected.get("test_generated_exact_match"),
+                     "final_test": final_test,
+                     "final_valid": results.get("final_eval_exact_match", results["eval_exact_match"]),
+                     "done": selected["eval_exact_match"] >= entry["threshold"],
                      "spikes": results.get("spike_skipped_steps", 0), "rollbacks": results.get("rollbacks", 0),
                      "curve": [(r["step"], r["eval_exact_match"]) for r in history
                                if "eval_exact_match" in r and "step" in r and "train_runtime" not in r]})
@@ -99,6 +112,8 @@ def summary(root: Path) -> str:
             test = "- (warm-up stage: not evaluated)" if r["test"] is None else f"{r['test']:.4f}"
             outcome = ("yes" if r["done"] else
                        f"**no: collapsed {r['rollbacks']} times, stopped**" if r["rollbacks"] >= r["max_rollbacks"] else
+                       f"**no: collapsed (final checkpoint: valid {r['final_valid']:.4f})**"
+                       if r["final_valid"] < COLLAPSE_RATIO * r["valid"] else
                        f"**no: step budget ({r['max_steps']}) spent**" if r["steps"] >= (r["max_steps"] or 1e18) else
                        "**no (unfinished)**")
             without = "-" if r["wall_s_without_tests"] is None else f"{r['wall_s_without_tests']:.0f} s"

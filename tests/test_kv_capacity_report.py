@@ -74,3 +74,16 @@ def test_a_folder_without_runs_is_refused_before_anything_is_written(tmp_path, c
         kv_capacity_report.main([str(tmp_path)])
     assert "holds no run folder" in capsys.readouterr().err
     assert not (tmp_path / "summary.md").exists()
+
+
+def test_a_later_sitting_that_collapsed_keeps_the_earlier_selection_and_is_marked(tmp_path):
+    seed = tmp_path / "seed_1_n96"
+    stage(seed / "N96", 0.01, 3000, 0.02)  # the newest sitting: it selected nothing better, its final collapsed
+    sittings = ((0.70, 0.69), (0.76, 0.72), (0.01, 0.02))  # (valid, test) each sitting selected
+    record = {"invocations": [{"stages": [{"stage": "N96", "threshold": 0.9, "end_s": 100.0, "eval_exact_match": e,
+                                           "test_generated_exact_match": t}]} for e, t in sittings]}
+    (seed / "curriculum.json").write_text(json.dumps(record))
+    (row,) = kv_capacity_report.stage_rows(seed)
+    assert (row["valid"], row["test"], row["final_test"], row["done"]) == (0.76, 0.72, 0.02, False)
+    assert ("| seed_1_n96 | N96 | 2 / 0.04 | **no: collapsed (final checkpoint: valid 0.0100)** (0.9) | 3000 | 300 s | - "
+            "| 0.7600 | 0.7200 | 0.0200 |") in kv_capacity_report.summary(tmp_path)
