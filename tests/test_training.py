@@ -788,3 +788,22 @@ def test_the_scheduler_saves_its_last_lrs_as_floats(tmp_path):
     saved = torch.load(tmp_path / "scheduler.pt", weights_only=True)["_last_lr"]
     assert type(saved[0]) is float and saved[0] == pytest.approx(float(live[0]))
     assert scheduler.get_last_lr() is live  # saving left the live state as it was
+
+
+def test_a_resumed_run_whose_best_checkpoint_is_gone_rolls_back_to_a_saved_one(tmp_path, finished_run, monkeypatch):
+    """Resumed on another machine, the trainer forgets a best checkpoint it cannot find: a collapse then rolls back to
+    the checkpoint still saved (here the resumed one), through the real Trainer's arguments and state."""
+    import guards
+
+    shutil.rmtree(finished_run / "checkpoint-3")
+    state_file = finished_run / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_model_checkpoint"] = str(finished_run / "checkpoint-3")  # what a record from another machine names
+    state_file.write_text(json.dumps(state))
+    forced = iter(["forced collapse"])  # the first evaluation after resuming collapses, none after it
+    monkeypatch.setattr(guards.CollapseRollback, "collapsed", lambda self, metrics: next(forced, None))
+    metrics = _run(tmp_path, max_steps=12)
+    history = json.loads((finished_run / "trainer_state.json").read_text())["log_history"]
+    (record,) = [r for r in history if "rollback" in r]
+    assert (record["step"], record["from_checkpoint"], record["lr_scale"]) == (9, "checkpoint-6", 0.5)
+    assert metrics["rollbacks"] == 1 and metrics["global_step"] == 12
