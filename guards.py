@@ -148,9 +148,8 @@ class CollapseRollback(TrainerCallback):
             return
         best = self.rollback_target(args, state)
         if best is None:
-            logger.warning("collapse at step %d (%s) and no saved checkpoint to roll back to (the best one, %s, is not "
-                           "on disk, nor another that was not collapsed): stopping", state.global_step, reason,
-                           state.best_model_checkpoint)
+            logger.warning("collapse at step %d (%s) and no checkpoint to roll back to (the best one is not on disk, "
+                           "nor another saved one that was not collapsed): stopping", state.global_step, reason)
             control.should_training_stop = True
             return
         if self.rollbacks >= self.max_rollbacks:

@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from figures import save_png  # noqa: E402
 
 
-COLLAPSE_RATIO = 0.5  # a final checkpoint below this x the selected one's valid exact match has collapsed (as the
-# trainer's default --collapse_ratio)
+COLLAPSE_RATIO = 0.5  # a final valid exact match below this x the selected one's: collapsed (the trainer's default)
 
 
 def cli_args(stage_dir: Path) -> dict:
