@@ -9,12 +9,14 @@ the last step is when the selected checkpoint is evaluated again after training,
 em = a + b ln(step) by least squares over the steps >= --from_step, and prints per run the fit, its gain per doubling
 of the steps, its RMS error, the step at which the fit reaches --target, and its value at the --at steps. This is an
 extrapolation, not a measurement: it says how many steps a curve of this shape would need, and a continuation of the
-run is what tests it. --fit_until STEP fits the evaluations up to STEP only and compares the later ones with the
-fit's prediction (their count and steps, mean measured, mean predicted, mean difference).
+run is what tests it. --fit_until STEP fits the evaluations up to STEP only and compares the later ones (up to
+--compare_until, where given) with the fit's prediction (their count and steps, mean and median measured, mean
+predicted, mean difference).
 """
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -48,11 +50,13 @@ def step_reaching(a: float, b: float, target: float):
     return math.exp((target - a) / b) if b > 0 else None
 
 
-def report(run_dirs: list, target: float, from_step: int, at: list, fit_until: Optional[int] = None) -> str:
+def report(run_dirs: list, target: float, from_step: int, at: list, fit_until: Optional[int] = None,
+           compare_until: Optional[int] = None) -> str:
     columns = ["run", "evaluations fitted (steps)", "fit: valid EM = a + b ln(step)", "per doubling", "RMS error",
                f"fit reaches {target} at step", *(f"fit at step {s:,}" for s in at)]
     if fit_until is not None:
-        columns += ["later evaluations (steps)", "measured, mean", "predicted, mean", "measured - predicted"]
+        columns += ["later evaluations (steps)", "measured, mean", "measured, median", "predicted, mean",
+                    "measured - predicted"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for run_dir in run_dirs:
         points = [(step, em) for step, em in evaluations(run_dir) if step >= max(from_step, 1)]
@@ -63,11 +67,15 @@ def report(run_dirs: list, target: float, from_step: int, at: list, fit_until: O
                f"{b * math.log(2):+.3f}", f"{rms:.3f}", "never" if reach is None else f"{reach:,.0f}",
                *(f"{a + b * math.log(s):.3f}" for s in at)]
         if fit_until is not None:
-            later = points[len(fitted):]
-            measured = sum(em for _, em in later) / len(later) if later else None
-            predicted = sum(a + b * math.log(step) for step, _ in later) / len(later) if later else None
-            row += ([f"{len(later)} ({later[0][0]:,}-{later[-1][0]:,})", f"{measured:.3f}", f"{predicted:.3f}",
-                     f"{measured - predicted:+.3f}"] if later else ["none", "-", "-", "-"])
+            later = [p for p in points[len(fitted):] if compare_until is None or p[0] <= compare_until]
+            if later:
+                measured = statistics.mean(em for _, em in later)
+                predicted = statistics.mean(a + b * math.log(step) for step, _ in later)
+                row += [f"{len(later)} ({later[0][0]:,}-{later[-1][0]:,})", f"{measured:.3f}",
+                        f"{statistics.median(em for _, em in later):.3f}", f"{predicted:.3f}",
+                        f"{measured - predicted:+.3f}"]
+            else:
+                row += ["none", "-", "-", "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -80,13 +88,18 @@ def main(argv=None):
     parser.add_argument("--at", type=int, nargs="*", default=[], help="steps to print the fit's value at")
     parser.add_argument("--fit_until", type=int, default=None,
                         help="fit the evaluations up to this step only; compare the later ones with the fit")
+    parser.add_argument("--compare_until", type=int, default=None,
+                        help="with --fit_until: compare the later evaluations up to this step only")
     args = parser.parse_args(argv)
+    if args.compare_until is not None and (args.fit_until is None or args.compare_until <= args.fit_until):
+        parser.error(f"--compare_until {args.compare_until} needs --fit_until below it (the evaluations after "
+                     "--fit_until and up to --compare_until are compared with the fit)")
     for run_dir in args.run_dirs:
         if not (run_dir / "trainer_state.json").is_file():
             parser.error(f"{run_dir}: no trainer_state.json; pass a run folder (a stage folder such as "
                          "results/kv_capacity/seed_1_n96_ilr30/N96)")
     try:
-        print(report(args.run_dirs, args.target, args.from_step, args.at, args.fit_until))
+        print(report(args.run_dirs, args.target, args.from_step, args.at, args.fit_until, args.compare_until))
     except ValueError as err:
         parser.error(str(err))
 

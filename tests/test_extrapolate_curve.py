@@ -1,5 +1,6 @@
 """bench/extrapolate_curve.py: the log-step fit recovers a curve of that shape exactly, keeps the first evaluation of a
-step evaluated twice, says 'never' for a curve that does not rise, and refuses input it cannot fit."""
+step evaluated twice, says 'never' for a curve that does not rise, compares later evaluations (up to a step) with the
+prediction, and refuses input it cannot fit."""
 import json
 import math
 
@@ -52,4 +53,10 @@ def test_fit_until_compares_the_later_evaluations_with_the_prediction(tmp_path):
     run = write_run(tmp_path / "run", points)
     row = ec.report([run], 0.9, 1000, [], fit_until=5000).splitlines()[2]
     assert "| 5 (1,000-5,000) |" in row and "| 5 (6,000-10,000) |" in row and row.endswith("| +0.020 |")
-    assert ec.report([run], 0.9, 1000, [], fit_until=10000).splitlines()[2].endswith("| none | - | - | - |")
+    assert ec.report([run], 0.9, 1000, [], fit_until=10000).splitlines()[2].endswith("| none | - | - | - | - |")
+    # up to --compare_until only: the step-10,000 evaluation above the curve is left out, the rest lie on it
+    window = ec.report([run], 0.9, 1000, [], fit_until=5000, compare_until=9000).splitlines()[2]
+    median = a + b * (math.log(7000) + math.log(8000)) / 2  # of the four evaluations at 6,000-9,000
+    assert "| 4 (6,000-9,000) |" in window and f"| {median:.3f} |" in window and window.endswith("| +0.000 |")
+    with pytest.raises(SystemExit):
+        ec.main([str(run), "--compare_until", "9000"])
