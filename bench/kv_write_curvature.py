@@ -8,7 +8,9 @@ evaluate_kv_checkpoints.py draws them), on the CPU, this finds per sample and WR
 by power iteration on Hessian-vector products (double backward, eager attention) and prints per step: lr x
 lambda_max and lr x lambda_min (median and extremes over the samples), the largest step gain rho = max |1 - lr lambda|,
 the share of samples with rho > 1, and per sample the product of the K gains (a bound of the WRITE's amplification).
-Plain SGD WRITEs on the memory only (no inner Adam, clipping or per-sample projection).
+The power iteration's Rayleigh quotients lie inside the spectrum (lambda_max at most the true one, lambda_min at least),
+so with few --iterations the gains printed are lower bounds. Plain SGD WRITEs on the memory only (no inner Adam,
+clipping or per-sample projection).
 
     python bench/kv_write_curvature.py results/kv_checkpoints/N64 results/kv_checkpoints/N96 --samples 50
 """
