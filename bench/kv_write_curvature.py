@@ -22,26 +22,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate_kv_checkpoints import fresh_batches, folder_pairs  # noqa: E402
-from grad_memgpt import GradMemGPT  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+import kv_write_diagnostics as diagnostics  # noqa: E402
+from evaluate_kv_checkpoints import fresh_batches  # noqa: E402
 
 
 def load(folder: Path, K=None, inner_lr=None):
-    """(model in eval mode with eager attention, which has a double backward everywhere; its tokenizer), writing with
-    K steps at inner_lr (default: the checkpoint's own). Refuses a WRITE this analysis does not describe."""
-    model = GradMemGPT.from_pretrained(str(folder)).eval()
+    """(model writing with K steps at inner_lr, default the checkpoint's own, with eager attention, which has a double
+    backward everywhere; its tokenizer). Refuses a WRITE this analysis does not describe."""
+    model, tokenizer = diagnostics.load(folder, K, inner_lr)
     model.model.set_attn_implementation("eager")
     config = model.config
     if config.use_adam or config.inner_clip_value is not None or config.inner_clip_norm is not None \
             or config.mem_proj_mode == "per_sample":
         raise SystemExit(f"{folder}: its WRITE is not plain SGD on the memory (inner Adam, clipping or per-sample "
                          "projection); this analysis covers m <- m - lr grad L(m) only")
-    model.config.eval_K = model.write_steps()[0] if K is None else K
-    if inner_lr is not None:
-        model.config.eval_lr = inner_lr
-    return model, AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer
 
 
 def extreme_eigenvalues(hvp, shape, dtype, iterations: int, generator: torch.Generator) -> tuple:
@@ -116,23 +113,13 @@ def spread(values: list) -> str:
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", help="KV checkpoint folders (named N<pairs> unless --N is given)")
-    parser.add_argument("--N", type=int, default=None, help="pairs per context (default: from the folder name)")
-    parser.add_argument("--samples", type=int, default=50)
-    parser.add_argument("--data_seed", type=int, default=1, help="generator seed of the fresh samples (training: 0)")
-    parser.add_argument("--batch_size", type=int, default=25)
+    diagnostics.sample_arguments(parser)
     parser.add_argument("--iterations", type=int, default=30, help="power iterations per eigenvalue")
     parser.add_argument("--K", type=int, default=None, help="WRITE steps (default: the checkpoint's)")
-    parser.add_argument("--inner_lr", type=float, default=None, help="inner lr (default: the checkpoint's)")
     args = parser.parse_args(argv)
     if args.K is not None and args.K < 1 or args.iterations < 2:
         parser.error(f"need --K >= 1 and --iterations >= 2, got {args.K} and {args.iterations}")
-    folders = []
-    for folder in map(Path, args.folders):
-        n_pairs = args.N or folder_pairs(folder)
-        if n_pairs is None:
-            parser.error(f"{folder}: name the pairs per context with --N (the folder is not named N<pairs>)")
-        folders.append((folder, n_pairs))
+    folders = diagnostics.checkpoint_pairs(parser, args)
     print("| checkpoint | K / inner lr | WRITE step | lr x lambda_max: median [min, max] | lr x lambda_min | "
           "gain max abs(1 - lr lambda): median [min, max] | samples with gain > 1 |")
     print("|---|---|---|---|---|---|---|")

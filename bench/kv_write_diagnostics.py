@@ -101,28 +101,40 @@ def diagnose(folder: Path, n_pairs: int, samples: int, data_seed: int, batch_siz
             **{when: {role: s / max(n, 1) for role, (s, n) in by_role.items()} for when, by_role in totals.items()}}
 
 
-def main(argv=None) -> list:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a WRITE analysis on fresh KV samples: checkpoints, pairs per context, samples, inner lr."""
     parser.add_argument("folders", nargs="+", help="KV checkpoint folders (named N<pairs> unless --N is given)")
     parser.add_argument("--N", type=int, default=None, help="pairs per context (default: from the folder name)")
     parser.add_argument("--samples", type=int, default=50)
     parser.add_argument("--data_seed", type=int, default=1, help="generator seed of the fresh samples (training: 0)")
     parser.add_argument("--batch_size", type=int, default=25)
-    parser.add_argument("--K", type=int, nargs="+", default=[None], help="WRITE steps (default: the checkpoint's)")
     parser.add_argument("--inner_lr", type=float, default=None, help="inner lr (default: the checkpoint's)")
-    parser.add_argument("--by_position", type=int, default=None, metavar="GROUPS",
-                        help="also the generated exact match by the queried pair's position, in GROUPS equal groups")
-    args = parser.parse_args(argv)
-    if any(K is not None and K < 1 for K in args.K):
-        parser.error(f"--K must be >= 1 (the loss without a WRITE is printed anyway), got {args.K}")
+
+
+def checkpoint_pairs(parser: argparse.ArgumentParser, args) -> list:
+    """[(folder, pairs per context)] of the folders named; refused where the pairs are not known."""
     folders = []
     for folder in map(Path, args.folders):
         n_pairs = args.N or folder_pairs(folder)
         if n_pairs is None:
             parser.error(f"{folder}: name the pairs per context with --N (the folder is not named N<pairs>)")
+        folders.append((folder, n_pairs))
+    return folders
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample_arguments(parser)
+    parser.add_argument("--K", type=int, nargs="+", default=[None], help="WRITE steps (default: the checkpoint's)")
+    parser.add_argument("--by_position", type=int, default=None, metavar="GROUPS",
+                        help="also the generated exact match by the queried pair's position, in GROUPS equal groups")
+    args = parser.parse_args(argv)
+    if any(K is not None and K < 1 for K in args.K):
+        parser.error(f"--K must be >= 1 (the loss without a WRITE is printed anyway), got {args.K}")
+    folders = checkpoint_pairs(parser, args)
+    for folder, n_pairs in folders:
         if args.by_position is not None and not 1 <= args.by_position <= n_pairs:
             parser.error(f"--by_position must be between 1 and the {n_pairs} pairs of {folder}, got {args.by_position}")
-        folders.append((folder, n_pairs))
     print("| checkpoint | K / inner lr | " + " | ".join(f"{r} loss: no WRITE -> after" for r in ROLES) + " |")
     print("|---|---|" + "---|" * len(ROLES))
     rows = []

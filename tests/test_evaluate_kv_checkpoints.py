@@ -10,18 +10,24 @@ import evaluate_kv_checkpoints
 from grad_memgpt import GradMemGPT, GradMemGPTConfig
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
+def tiny_checkpoint(folder, hidden_size=16, **options):
+    """A one-layer KV GradMem checkpoint with its tokenizer saved in `folder` (K=2, inner lr 0.04 unless `options`
+    say otherwise)."""
     tokenizer = AutoTokenizer.from_pretrained("tokenizers/kv_alphabet_62")
-    backbone = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+    backbone = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                            bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(0)
-    folder = tmp_path / "N2"  # the folder name says how many pairs
-    GradMemGPT(GradMemGPTConfig(base_config=backbone, n_mem_tokens=2, K=2, lr=0.04)).save_pretrained(folder)
+    GradMemGPT(GradMemGPTConfig(base_config=backbone, n_mem_tokens=2, **{"K": 2, "lr": 0.04, **options})
+               ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return tiny_checkpoint(tmp_path / "N2")  # the folder name says how many pairs
 
 
 def test_write_settings_are_replaced_per_row(checkpoint, monkeypatch, capsys):

@@ -2,23 +2,13 @@
 Hessian (checked against the full Hessian in float64), along the model's own WRITE, and refuses other WRITEs."""
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig
 
 from bench import kv_write_curvature as kc
-from grad_memgpt import GradMemGPT, GradMemGPTConfig
+from test_evaluate_kv_checkpoints import tiny_checkpoint
 
 
 def tiny(tmp_path, **options):
-    tokenizer = AutoTokenizer.from_pretrained("tokenizers/kv_alphabet_62")
-    backbone = LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           bos_token_id=tokenizer.bos_token_id)
-    torch.manual_seed(0)
-    folder = tmp_path / "N2"
-    GradMemGPT(GradMemGPTConfig(base_config=backbone, n_mem_tokens=2, K=2, lr=0.5, **options)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_checkpoint(tmp_path / "N2", hidden_size=8, lr=0.5, **options)
 
 
 def test_power_iteration_finds_the_extreme_eigenvalues_of_each_write_step(tmp_path):
