@@ -15,9 +15,9 @@ def tiny_checkpoint(folder, hidden_size=16, **options):
     say otherwise)."""
     tokenizer = AutoTokenizer.from_pretrained("tokenizers/kv_alphabet_62")
     backbone = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                           bos_token_id=tokenizer.bos_token_id)
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                           max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     torch.manual_seed(0)
     GradMemGPT(GradMemGPTConfig(base_config=backbone, n_mem_tokens=2, **{"K": 2, "lr": 0.04, **options})
                ).save_pretrained(folder)
