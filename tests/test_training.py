@@ -807,3 +807,27 @@ def test_a_resumed_run_whose_best_checkpoint_is_gone_rolls_back_to_a_saved_one(t
     (record,) = [r for r in history if "rollback" in r]
     assert (record["step"], record["from_checkpoint"], record["lr_scale"]) == (9, "checkpoint-6", 0.5)
     assert metrics["rollbacks"] == 1 and metrics["global_step"] == 12
+
+
+def test_a_resumed_run_rolls_back_to_a_best_checkpoint_of_weights_alone(tmp_path, finished_run, monkeypatch):
+    """A best checkpoint put back as its weights alone (a shipped model, no optimizer or trainer state) is kept as the
+    best, is not resumed from, and is what a collapse rolls back to."""
+    import guards
+
+    best = finished_run / "checkpoint-3"
+    for path in best.iterdir():
+        if path.name != "model.safetensors":
+            path.unlink()
+    state_file = finished_run / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_model_checkpoint"] = str(best)
+    state_file.write_text(json.dumps(state))
+    forced = iter(["forced collapse"])
+    monkeypatch.setattr(guards.CollapseRollback, "collapsed", lambda self, metrics: next(forced, None))
+    metrics = _run(tmp_path, max_steps=12)
+    config = json.loads((finished_run / "run_config.json").read_text())
+    assert config["resumed_from"].endswith("checkpoint-6")
+    history = json.loads((finished_run / "trainer_state.json").read_text())["log_history"]
+    (record,) = [r for r in history if "rollback" in r]
+    assert (record["step"], record["from_checkpoint"]) == (9, "checkpoint-3")
+    assert metrics["global_step"] == 12
