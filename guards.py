@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
+from training_runs import checkpoint_folders, checkpoint_step
+
 logger = logging.getLogger("gradmem")
 
 
@@ -129,14 +131,13 @@ class CollapseRollback(TrainerCallback):
         recorded = {r["step"]: r[self.key] for r in state.log_history
                     if r.get(self.key) is not None and "step" in r and math.isfinite(r[self.key])}
         usable = []
-        for folder in Path(args.output_dir).glob("checkpoint-*"):
-            step = folder.name.rsplit("-", 1)[-1]
-            value = recorded.get(int(step)) if step.isdigit() else None
+        for folder in checkpoint_folders(args.output_dir):
+            value = recorded.get(checkpoint_step(folder))
             if value is None or not (folder / "model.safetensors").is_file():
                 continue
             if self.ratio_test and self.best is not None and value < self.ratio * self.best:
                 continue
-            usable.append((value if self.ratio_test else -value, int(step), folder))
+            usable.append((value if self.ratio_test else -value, checkpoint_step(folder), folder))
         return max(usable)[2] if usable else None
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, optimizer=None, lr_scheduler=None,
