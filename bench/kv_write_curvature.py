@@ -71,17 +71,18 @@ def write_curvature(model, context_input_ids: torch.Tensor, pad_id: int, iterati
         embeds = model.get_input_embeddings()(context_input_ids)
     memory = model._initial_fast_weights(context_input_ids.shape[0])[0].detach()
     generator = torch.Generator().manual_seed(seed)
-    steps = []
-    for _ in range(K):
+    steps, state = [], []
+    for k in range(K):
         m = memory.clone().requires_grad_()
-        losses = model._inner_loss([m], embeds, context_input_ids, token_mask, n_tokens)  # [B]
-        (grad,) = torch.autograd.grad(losses.sum(), m, create_graph=True)
+        # the model's own WRITE step, its inner gradient kept differentiable
+        (memory,), state, _, (grad,) = model._write_step(k, lr, context_input_ids, token_mask, n_tokens, [m], state,
+                                                         embeds, create_graph=True)
 
         def hvp(v):  # per sample: the samples' memories are independent, so the sum's Hessian is block diagonal
             return torch.autograd.grad(grad, m, v, retain_graph=True)[0].detach()
 
         steps.append(extreme_eigenvalues(hvp, m.shape, m.dtype, iterations, generator))
-        memory = (m - lr * grad).detach()
+        memory = memory.detach()
     return steps
 
 
