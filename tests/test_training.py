@@ -790,21 +790,30 @@ def test_the_scheduler_saves_its_last_lrs_as_floats(tmp_path):
     assert scheduler.get_last_lr() is live  # saving left the live state as it was
 
 
+def _resume_with_a_forced_collapse(tmp_path, run_dir, recorded_best, monkeypatch):
+    """Resume run_dir (saved at steps 3 and 6) to step 12 with `recorded_best` as the best checkpoint its newest
+    state names, the first evaluation after resuming (step 9) a collapse: (metrics, the one rollback record)."""
+    import guards
+
+    state_file = run_dir / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["best_model_checkpoint"] = str(recorded_best)
+    state_file.write_text(json.dumps(state))
+    forced = iter(["forced collapse"])
+    monkeypatch.setattr(guards.CollapseRollback, "collapsed", lambda self, metrics: next(forced, None))
+    metrics = _run(tmp_path, max_steps=12)
+    assert json.loads((run_dir / "run_config.json").read_text())["resumed_from"].endswith("checkpoint-6")
+    history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+    (record,) = [r for r in history if "rollback" in r]
+    return metrics, record
+
+
 def test_a_resumed_run_whose_best_checkpoint_is_gone_rolls_back_to_a_saved_one(tmp_path, finished_run, monkeypatch):
     """Resumed on another machine, the trainer forgets a best checkpoint it cannot find: a collapse then rolls back to
     the checkpoint still saved (here the resumed one), through the real Trainer's arguments and state."""
-    import guards
-
-    shutil.rmtree(finished_run / "checkpoint-3")
-    state_file = finished_run / "checkpoint-6" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state["best_model_checkpoint"] = str(finished_run / "checkpoint-3")  # what a record from another machine names
-    state_file.write_text(json.dumps(state))
-    forced = iter(["forced collapse"])  # the first evaluation after resuming collapses, none after it
-    monkeypatch.setattr(guards.CollapseRollback, "collapsed", lambda self, metrics: next(forced, None))
-    metrics = _run(tmp_path, max_steps=12)
-    history = json.loads((finished_run / "trainer_state.json").read_text())["log_history"]
-    (record,) = [r for r in history if "rollback" in r]
+    shutil.rmtree(finished_run / "checkpoint-3")  # what a record from another machine names
+    metrics, record = _resume_with_a_forced_collapse(tmp_path, finished_run, finished_run / "checkpoint-3",
+                                                     monkeypatch)
     assert (record["step"], record["from_checkpoint"], record["lr_scale"]) == (9, "checkpoint-6", 0.5)
     assert metrics["rollbacks"] == 1 and metrics["global_step"] == 12
 
@@ -812,22 +821,10 @@ def test_a_resumed_run_whose_best_checkpoint_is_gone_rolls_back_to_a_saved_one(t
 def test_a_resumed_run_rolls_back_to_a_best_checkpoint_of_weights_alone(tmp_path, finished_run, monkeypatch):
     """A best checkpoint put back as its weights alone (a shipped model, no optimizer or trainer state) is kept as the
     best, is not resumed from, and is what a collapse rolls back to."""
-    import guards
-
     best = finished_run / "checkpoint-3"
     for path in best.iterdir():
         if path.name != "model.safetensors":
             path.unlink()
-    state_file = finished_run / "checkpoint-6" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    state["best_model_checkpoint"] = str(best)
-    state_file.write_text(json.dumps(state))
-    forced = iter(["forced collapse"])
-    monkeypatch.setattr(guards.CollapseRollback, "collapsed", lambda self, metrics: next(forced, None))
-    metrics = _run(tmp_path, max_steps=12)
-    config = json.loads((finished_run / "run_config.json").read_text())
-    assert config["resumed_from"].endswith("checkpoint-6")
-    history = json.loads((finished_run / "trainer_state.json").read_text())["log_history"]
-    (record,) = [r for r in history if "rollback" in r]
+    metrics, record = _resume_with_a_forced_collapse(tmp_path, finished_run, best, monkeypatch)
     assert (record["step"], record["from_checkpoint"]) == (9, "checkpoint-3")
     assert metrics["global_step"] == 12
