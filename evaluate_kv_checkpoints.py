@@ -123,11 +123,12 @@ def main(argv=None) -> list:
         parser.error("need --samples >= 1 and --data_seed >= 1 (seed 0 made the training, valid and test data)")
     if any(k is not None and k < 1 for k in args.K) or any(lr is not None and lr <= 0 for lr in args.inner_lr):
         parser.error("--K takes integers >= 1 and --inner_lr numbers > 0")
+    folders = checkpoint_folders(args.paths)  # a wrong path fails here, before the table starts
     torch.manual_seed(0)
     rows = []
     print("| checkpoint | N | trained K / inner lr | test K / inner lr | generated exact match (fresh test) | samples | "
           "at training: valid / test | CPU s |\n|---|---|---|---|---|---|---|---|", flush=True)
-    for folder in checkpoint_folders(args.paths):
+    for folder in folders:
         for K, inner_lr in itertools.product(args.K, args.inner_lr):
             row = evaluate_folder(folder, args.samples, args.data_seed, args.batch_size, K, inner_lr)
             p = row["provenance"]

@@ -197,3 +197,14 @@ def test_a_folder_whose_name_gives_no_pairs_is_refused_before_loading(tmp_path):
     (tmp_path / "Notes").mkdir()
     (tmp_path / "Notes" / "config.json").write_text("{}")
     assert evaluate_kv_checkpoints.checkpoint_folders([tmp_path]) == [tmp_path / "N12"]
+
+
+def test_a_wrong_folder_among_several_fails_before_the_table_starts(tmp_path, capsys):
+    """main resolves every folder first: a misnamed one is an error with no half-written table before it."""
+    (tmp_path / "N12").mkdir()
+    (tmp_path / "N12" / "config.json").write_text("{}")
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="N<pairs>"):
+        evaluate_kv_checkpoints.main([str(tmp_path / "N12"), str(tmp_path / "best")])
+    assert capsys.readouterr().out == ""
