@@ -28,7 +28,8 @@ SEED=${SEED:-1}
 # 44-67 s and N32 at 166-200 s (test 0.955-0.9905), against 31-38 s, 53-71 s and 141-288 s with it. Training N32 with
 # K=5 at inner lr 0.08 collapsed 2 of 3 seeds. N64 trains with K=5 at inner lr 0.08 (seed 1: 0.95 after 9,200 steps);
 # N96 with K=5 at inner lr 0.3, the best of 0.08 / 0.12 / 0.2 / 0.3 / 0.6 / 1.2 (one seed each; at 0.3 valid 0.762 at
-# step 19,000, then diverged from step 24,300; none reached 0.90). N2 runs with the spike guard off: with it on, it
+# step 19,000, then a plateau and a divergence from 24,300; run again from 19,324, rolled back to 19,000 by the collapse
+# guard at half the lr, valid 0.779 at 24,400; none reached 0.90). N2 runs with the spike guard off: with it on, it
 # skipped 100-112 of N2's 700-1,000 steps and rolled back twice in 3 seeds; off, N2 took 700-800 steps, 15-18 s against
 # 20-21 s (3 seeds each, lean ops, one H200). N2 is a warm-up: no evaluation after it (no test numbers; its valid exact
 # match is the one its selected checkpoint had during training), which took 2 s of the 30 s to N8 (warm machine). N8
