@@ -82,6 +82,7 @@ def ingest(tgz: Path, run_dir: str, results_dir: Path) -> list:
                              "before")
         if members and log_text.startswith(members[-1]):  # a later command of the session ingested last time
             log_text = log_text[len(members[-1]):]
+        results_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for name, member in sorted(files.items()):
             target = results_dir / name
