@@ -561,12 +561,27 @@ def lr_choice_markdown(records: list, sweep_seeds: list, other_seeds: list) -> s
 
 
 def write_lr_choice(records: list, out_dir, sweep_seeds: list, other_seeds: list) -> list:
-    """lr_choice.md and lr_choice.json under out_dir."""
+    """lr_choice.md and lr_choice.json under out_dir. The sweeps of an lr_choice.json already there on the same sweep
+    seeds that these records do not choose again (another family, K or N) are kept, and its other seeds joined, so
+    that runs of the protocol over parts of the matrix (one K per sitting) add up to one record."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    before = json.loads((out / "lr_choice.json").read_text()) if (out / "lr_choice.json").is_file() else {}
+    if before.get("sweep_seeds") == [int(s) for s in sweep_seeds]:
+        chosen_again = {(r["sweep"], r["n"]) for r in records}
+        records = sorted([r for r in before["sweeps"] if (r["sweep"], r["n"]) not in chosen_again] + records,
+                         key=lambda r: (r["n"], r["family"], -1 if r["K"] is None else r["K"]))
+        other_seeds = sorted({int(s) for s in other_seeds} | set(before["other_seeds"]))
+    sweep_seeds, other_seeds = [str(s) for s in sweep_seeds], [str(s) for s in other_seeds]
     (out / "lr_choice.md").write_text(lr_choice_markdown(records, sweep_seeds, other_seeds))
     (out / "lr_choice.json").write_text(json.dumps(
         {"sweep_seeds": [int(s) for s in sweep_seeds], "other_seeds": [int(s) for s in other_seeds],
          "rule": "per (N, family, K): the best mean valid exact match (selected checkpoint) over the sweep seeds; "
                  "ties: the smaller lr; test metrics not read", "sweeps": records}, indent=2))
     return [out / "lr_choice.md", out / "lr_choice.json"]
+
+
+def merge_lr_choice(path, out_dir) -> list:
+    """The sweeps of the lr_choice.json at path into out_dir's (write_lr_choice: a sweep chosen in both is path's)."""
+    choice = json.loads(Path(path).read_text())
+    return write_lr_choice(choice["sweeps"], out_dir, choice["sweep_seeds"], choice["other_seeds"])

@@ -1,10 +1,13 @@
 """bench/sittings/claims.sh: each part's selection reaches scripts/run_paper_claims.sh (a sweep can be split over
-sittings, a part left out, N16 chained from N8), the committed metrics are copied in first, and the runs are packed
-(DRY_RUN: plans only)."""
+sittings, a part left out, N16 chained from N8), the committed metrics are copied in first, and the runs and the lr
+choices are packed (DRY_RUN: plans only)."""
+import json
 import os
 import subprocess
 import tarfile
 from pathlib import Path
+
+import results_matrix as rm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +57,18 @@ def test_ns_chains_n16_from_n8(tmp_path):
     assert sorted((row[2], row[3]) for row in rows) == [("16", "gradmem_K2_ilr0.04"), ("8", "gradmem_K2_ilr0.04")]
     n16 = next(row for row in rows if row[2] == "16")
     assert " ".join(n16[6:]) == "best checkpoint of N8_gradmem_K2_ilr0.04_s1"  # the N8 run of its cell and seed
+
+
+def test_the_lr_choices_come_back_as_one_record(tmp_path):
+    """The committed lr_choice.json goes in first; part (b)'s choice is merged into it, so that lr_choice.tgz holds
+    every sweep's choice (results/kv_matrix's file is replaced by it)."""
+    committed = json.loads((REPO / "results" / "kv_matrix" / "lr_choice.json").read_text())
+    mamba = {"sweep": "mamba", "family": "mamba", "K": None, "n": 8, "chosen": "3e-4", "problems": [],
+             "lrs": [{"lr": "3e-4", "valid_exact_match_mean": 0.5, "runs": [{"seed": 143, "valid_exact_match": 0.5}]}]}
+    rm.write_lr_choice([mamba], tmp_path / "work" / "results_b", ["1"], ["2", "3"])
+    out = run_sitting(tmp_path, A_ONLY="", B_ONLY="mamba")
+    with tarfile.open(out / "lr_choice.tgz") as tar:
+        assert sorted(tar.getnames()) == ["lr_choice.json", "lr_choice.md"]
+        choice = json.loads(tar.extractfile("lr_choice.json").read())
+    assert [r for r in choice["sweeps"] if r["sweep"] != "mamba"] == committed["sweeps"]
+    assert [r["chosen"] for r in choice["sweeps"] if r["sweep"] == "mamba"] == ["3e-4"]

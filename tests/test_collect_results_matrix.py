@@ -258,6 +258,37 @@ def test_lr_sweep_choice_on_the_mean_valid_of_the_sweep_seeds(tmp_path):
     assert "## Sweeps without a choice" in md and "on the sweep seeds 1 2" in md and "other seeds: 3." in md
 
 
+def choice_record(sweep, n, chosen, valid):
+    family, K = sweep.split("_K") if "_K" in sweep else (sweep, None)
+    lrs = [{"lr": lr, "valid_exact_match_mean": v, "runs": [{"run": "r", "seed": 143, "valid_exact_match": v}]}
+           for lr, v in valid.items()]
+    return {"sweep": sweep, "family": family, "K": None if K is None else int(K), "n": n, "chosen": chosen,
+            "problems": [], "lrs": lrs}
+
+
+def test_lr_choices_of_later_sittings_add_up_to_one_record(tmp_path):
+    """A sitting over one K keeps the choices of the others on the same sweep seeds (its own replace theirs, never
+    twice), joins the other seeds, and merge_lr_choice adds a second part's file; other sweep seeds start anew."""
+    k2 = choice_record("gradmem_K2", 8, "0.04", {"0.04": 0.98, "0.08": 0.97})
+    rm.write_lr_choice([k2, choice_record("rmt_K2", 8, "1e-4", {"1e-4": 0.04})], tmp_path, ["1"], ["2", "3"])
+    rm.write_lr_choice([choice_record("gradmem_K5", 8, "0.3", {"0.3": 0.998})], tmp_path, [1], [2])
+    rm.write_lr_choice([choice_record("gradmem_K5", 8, "2.0", {"0.3": 0.9, "2.0": 0.99})], tmp_path, ["1"], ["2"])
+    part_b = tmp_path / "b"
+    rm.write_lr_choice([choice_record("mamba", 8, "3e-4", {"3e-4": 0.1})], part_b, ["1"], ["2", "3"])
+    rm.merge_lr_choice(part_b / "lr_choice.json", tmp_path)
+    choice = json.loads((tmp_path / "lr_choice.json").read_text())
+    assert [(r["sweep"], r["chosen"]) for r in choice["sweeps"]] == [
+        ("gradmem_K2", "0.04"), ("gradmem_K5", "2.0"), ("mamba", "3e-4"), ("rmt_K2", "1e-4")]
+    assert (choice["sweep_seeds"], choice["other_seeds"]) == ([1], [2, 3])
+    md = (tmp_path / "lr_choice.md").read_text()
+    assert "| 8 | gradmem | 2 | inner 0.04 | 0.9800 [143: 0.9800] | **chosen** |" in md
+    assert "| 8 | gradmem | 5 | inner 2.0 | 0.9900 [143: 0.9900] | **chosen** |" in md
+    assert md.count("| 8 | gradmem | 5 |") == 2 and "on the other seeds: 2 3" in md
+    rm.write_lr_choice([choice_record("rmt_K5", 8, "3e-4", {"3e-4": 0.1})], tmp_path, ["1", "2"], ["3"])
+    choice = json.loads((tmp_path / "lr_choice.json").read_text())
+    assert [r["sweep"] for r in choice["sweeps"]] == ["rmt_K5"] and choice["sweep_seeds"] == [1, 2]
+
+
 def test_best_lr_is_compared_on_the_seeds_every_lr_has(tmp_path):
     """After the two-phase protocol the chosen lr has more seeds than the others: the lrs are compared on the seeds
     they share, so the chosen one stays chosen when its extra seeds are worse (over all its seeds 0.04 would lose)."""

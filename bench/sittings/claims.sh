@@ -15,7 +15,8 @@
 # restored from git history: the warm starts of N16 runs whose N8 parents trained elsewhere; see
 # results/kv_matrix/README.md).
 # OUT, at most 8 files (what a device call brings back): the logs (a.log, b.log, data.log, progress.log, mps.log),
-# lr_choice.tgz (lr_choice.{json,md} of (a), lr_choice_b.* of (b)), runs.tgz (every run's metrics and logs; of the
+# lr_choice.tgz (lr_choice.{json,md}: results/kv_matrix/lr_choice.json with the choices of (a) and (b) merged in,
+# results_matrix.write_lr_choice's rule; copy both to results/kv_matrix), runs.tgz (every run's metrics and logs; of the
 # checkpoints only trainer_state.json) and weights.tgz (the selected checkpoint's model.safetensors of every run
 # finished in this sitting, up to WEIGHTS_MB [15] MB; progress.log names those left out). DRY_RUN=1: the parts'
 # plans, nothing run. MPS=1: the runs share the GPU through CUDA MPS (bench/_mps.sh; what it did in $OUT/mps.log;
@@ -31,7 +32,9 @@ B_ONLY=${B_ONLY-"llama mamba"} B_SEEDS=${B_SEEDS-"1 2 3"} B_WORKERS=${B_WORKERS:
 RUNS_DIR=${RUNS_DIR:-runs/kv_matrix} WORK=${WORK:-/tmp/claims_sitting}
 export RUNS_DIR NS PYTHON SWEEP_SEEDS=1 GPUS=0 PRECISION=tf32
 start=$SECONDS
-mkdir -p "$OUT" "$RUNS_DIR" "$WORK" && cp -r results/kv_matrix/runs/. "$RUNS_DIR/"
+mkdir -p "$OUT" "$RUNS_DIR" "$WORK/results_a" && cp -r results/kv_matrix/runs/. "$RUNS_DIR/"
+# the lr choices so far, which (a) adds its own to (and (b)'s at the end); -n: a resumed sitting keeps what it wrote
+if [ -f results/kv_matrix/lr_choice.json ]; then cp -n results/kv_matrix/lr_choice.{json,md} "$WORK/results_a/"; fi
 if [ -d results/kv_matrix/weights ]; then cp -r results/kv_matrix/weights/. "$RUNS_DIR/"; fi
 touch "$WORK/sitting_start"  # runs whose all_results.json is newer finished in this sitting
 if [ -n "${MPS:-}" ] && [ -z "${DRY_RUN:-}" ]; then
@@ -53,13 +56,14 @@ left=$((LIMIT - (SECONDS - start)))
 wait
 pkill -f "[r]un_.*_on_kv_retrieval"
 tail -n 3 "$RUNS_DIR"/logs/*.log > "$OUT/progress.log" 2>&1
-# each part's lr choice (phase 1 -> phase 2), for results/kv_matrix
-mkdir -p "$WORK/lr_choice"
-for f in json md; do
-    cp "$WORK/results_a/lr_choice.$f" "$WORK/lr_choice/" 2>/dev/null
-    cp "$WORK/results_b/lr_choice.$f" "$WORK/lr_choice/lr_choice_b.$f" 2>/dev/null
-done
-if [ -n "$(ls "$WORK/lr_choice")" ]; then tar czf "$OUT/lr_choice.tgz" -C "$WORK/lr_choice" .; fi
+# the lr choices (phase 1 -> phase 2): the earlier ones with (a)'s and (b)'s, for results/kv_matrix
+if [ -f "$WORK/results_b/lr_choice.json" ]; then
+    "$PYTHON" -c 'import sys, results_matrix as rm; rm.merge_lr_choice(*sys.argv[1:])' \
+        "$WORK/results_b/lr_choice.json" "$WORK/results_a" >> "$OUT/progress.log" 2>&1
+fi
+if [ -f "$WORK/results_a/lr_choice.json" ]; then
+    tar czf "$OUT/lr_choice.tgz" -C "$WORK/results_a" lr_choice.json lr_choice.md
+fi
 # every run's metrics, records and logs; of the checkpoints only trainer_state.json (an unfinished run's log so far)
 find "$RUNS_DIR" -type f \( ! -path '*/checkpoint-*' -o -name trainer_state.json \) ! -name '*.safetensors' \
     ! -name '*.pt' ! -name '*.pth' ! -name '*.bin' | tar czf "$OUT/runs.tgz" -T -
